@@ -1,0 +1,209 @@
+"""The public functions: :func:`linear_attention` and :func:`emit`."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import feature_maps
+from .config import interpreting
+from .feature_maps import FeatureMap
+from .ops import custom  # noqa: F401  (registers torch.ops.lintx.*)
+from .reference import linear_attention_torch
+from .spec import DTYPES, KernelSpec
+
+__all__ = ["linear_attention", "emit", "BACKENDS"]
+
+BACKENDS = ("auto", "triton", "torch")
+# The generated kernels keep a [BT, M] and an [M, BV] tile on chip; beyond this they would spill.
+MAX_TRITON_DIM = 256
+
+
+def _check_inputs(q, k, v, fm: FeatureMap, causal, initial_state, scale, eps, backend):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must have 4 dimensions {'[B, T, H, D]' if name != 'v' else '[B, T, H, DV]'}, "
+                f"got shape {tuple(t.shape)}"
+            )
+        if t.dtype not in DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have the same shape [B, T, H, D], got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"v must be [B, T, H, DV] with B, T, H of q, got q {tuple(q.shape)} and v {tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.shape[-1] == 0 or v.shape[-1] == 0:
+        raise ValueError(f"head dims must be >= 1, got D = {q.shape[-1]}, DV = {v.shape[-1]}")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
+        raise ValueError(f"eps must be a real number >= 0, got {eps!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if initial_state is None:
+        return
+    if not causal:
+        raise ValueError("initial_state is only defined for causal=True (non-causal attention has no prefix)")
+    if not (isinstance(initial_state, (tuple, list)) and len(initial_state) == 2):
+        raise TypeError(f"initial_state must be a pair (S_0, z_0), got {type(initial_state).__name__}")
+    B, _, H, D = q.shape
+    M, DV = fm.feature_dim(D), v.shape[-1]
+    for name, t, shape in (("S_0", initial_state[0], (B, H, M, DV)), ("z_0", initial_state[1], (B, H, M))):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"initial_state {name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(
+                f"initial_state {name} must have shape {list(shape)} ([B, H, M{', DV' if name == 'S_0' else ''}] with "
+                f"M = {M} features of map {fm.name!r}), got {tuple(t.shape)}"
+            )
+        if t.dtype != torch.float32:
+            raise TypeError(f"initial_state {name} must be float32, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"initial_state {name} is on {t.device}, q on {q.device}")
+
+
+def _pick_backend(backend: str, q: Tensor) -> str:
+    if backend == "auto":
+        return "triton" if (q.is_cuda or interpreting()) else "torch"
+    if backend == "triton" and not (q.is_cuda or interpreting()):
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 in the environment before the first "
+            f"call to run the kernels in Triton's CPU interpreter; got tensors on {q.device}. "
+            f"Use backend='torch' or 'auto' on CPU."
+        )
+    return backend
+
+
+def linear_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    feature_map: Union[str, FeatureMap] = "elu",
+    causal: bool = True,
+    normalize: bool = True,
+    scale: float = 1.0,
+    eps: float = 1e-6,
+    initial_state: Optional[tuple[Tensor, Tensor]] = None,
+    return_state: bool = False,
+    backend: str = "auto",
+):
+    r"""Linear attention of "Transformers are RNNs" with the feature map fused into the kernels.
+
+    With a = phi(q), b = phi(k) applied per head vector:
+    S_t = S_0 + \sum_{s<=t} b_s v_s^T, z_t = z_0 + \sum_{s<=t} b_s,
+    o_t = scale a_t^T S_t / (scale a_t^T z_t + eps) (``normalize``) or scale a_t^T S_t.
+
+    Args:
+        q (torch.Tensor): queries of shape ``[B, T, H, D]``.
+        k (torch.Tensor): keys of shape ``[B, T, H, D]``.
+        v (torch.Tensor): values of shape ``[B, T, H, DV]``; DV may differ from D.
+            q, k, v share one dtype (float32, float16, bfloat16) and one device.
+        feature_map (str | FeatureMap): ``"elu"`` (elu(x) + 1, default), ``"relu"``,
+            ``"identity"``, or a :class:`lintx_triton.feature_maps.FeatureMap`. M is its
+            feature width (M = D for these three).
+        causal (bool): each position attends to itself and the past (default ``True``),
+            or to every position.
+        normalize (bool): divide by the normalizer (default ``True``).
+        scale (float): factor on phi(q)^T phi(k). Default: ``1.0``.
+        eps (float): added to the normalizer. Default: ``1e-6``.
+        initial_state (tuple[torch.Tensor, torch.Tensor] | None): ``(S_0 [B, H, M, DV], z_0 [B, H, M])``
+            in float32, the state of a preceding segment (causal only). Default: ``None`` (zeros).
+        return_state (bool): also return the final state ``(S_T, z_T)`` in float32. Default: ``False``.
+        backend (str): ``"auto"`` (Triton on CUDA tensors or under ``TRITON_INTERPRET=1``, the chunked
+            PyTorch implementation on CPU otherwise), ``"triton"`` or ``"torch"``.
+
+    Returns:
+        o (torch.Tensor): ``[B, T, H, DV]`` in the inputs' dtype, and ``(S_T, z_T)`` when ``return_state``.
+
+    Examples::
+
+        >>> import torch, lintx_triton as lx
+        >>> q, k = torch.randn(2, 100, 4, 32), torch.randn(2, 100, 4, 32)
+        >>> v = torch.randn(2, 100, 4, 48)
+        >>> o = lx.linear_attention(q, k, v)                       # elu(x) + 1, causal, normalized
+        >>> o1, state = lx.linear_attention(q[:, :60], k[:, :60], v[:, :60], return_state=True)
+        >>> o2 = lx.linear_attention(q[:, 60:], k[:, 60:], v[:, 60:], initial_state=state)
+        >>> torch.allclose(torch.cat([o1, o2], 1), o, atol=1e-5)
+        True
+    """
+    fm = feature_maps.resolve(feature_map)
+    _check_inputs(q, k, v, fm, causal, initial_state, scale, eps, backend)
+    backend = _pick_backend(backend, q)
+    S0, z0 = initial_state if initial_state is not None else (None, None)
+    if backend == "torch":
+        o, (S, z) = linear_attention_torch(
+            q, k, v, fm, causal=causal, normalize=normalize, scale=float(scale), eps=float(eps),
+            initial_state=initial_state,
+        )
+    else:
+        if max(q.shape[-1], v.shape[-1], fm.feature_dim(q.shape[-1])) > MAX_TRITON_DIM:
+            raise ValueError(
+                f"the Triton kernels take D, DV and M up to {MAX_TRITON_DIM}, got D = {q.shape[-1]}, "
+                f"DV = {v.shape[-1]}, M = {fm.feature_dim(q.shape[-1])}; use backend='torch'"
+            )
+        o, _, S, z = torch.ops.lintx.linear_attention_fwd(
+            q, k, v, S0, z0, fm.name, bool(causal), bool(normalize), float(scale), float(eps)
+        )
+    return (o, (S, z)) if return_state else o
+
+
+def emit(
+    spec: Optional[KernelSpec] = None,
+    *,
+    feature_map: Union[str, FeatureMap] = "elu",
+    causal: bool = True,
+    normalize: bool = True,
+    dtype: torch.dtype = torch.bfloat16,
+    head_dim: int = 64,
+    value_dim: Optional[int] = None,
+    initial_state: bool = False,
+    dot_fp32: Optional[bool] = None,
+) -> str:
+    """The generated Triton source for a kernel variant: every kernel that runs for it.
+
+    Args:
+        spec (KernelSpec | None): a full spec; when given, the keyword arguments are ignored.
+        feature_map, causal, normalize: as in :func:`linear_attention`.
+        dtype (torch.dtype): the inputs' dtype. Default: ``torch.bfloat16``.
+        head_dim (int): D. Default: ``64``.
+        value_dim (int | None): DV. Default: ``head_dim``.
+        initial_state (bool): whether the variant reads (S_0, z_0). Default: ``False``.
+        dot_fp32 (bool | None): products on fp32 operands; default: as a call on a GPU would pick
+            (True for float32 only).
+
+    Examples::
+
+        >>> import lintx_triton as lx
+        >>> src = lx.emit(feature_map="relu", head_dim=64)
+        >>> "tl.maximum(x, 0.0)" in src
+        True
+    """
+    from .codegen import render
+
+    if spec is None:
+        if dtype not in DTYPES:
+            raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        fm = feature_maps.resolve(feature_map)
+        spec = KernelSpec(
+            feature_map=fm.name,
+            causal=bool(causal),
+            normalize=bool(normalize),
+            dtype=DTYPES[dtype],
+            head_dim=int(head_dim),
+            value_dim=int(value_dim if value_dim is not None else head_dim),
+            has_initial_state=bool(initial_state),
+            dot_fp32=(dtype == torch.float32) if dot_fp32 is None else bool(dot_fp32),
+        )
+    return render(spec)

@@ -1,0 +1,68 @@
+"""The on-disk cache of generated kernel modules.
+
+A generated module is written once to ``<cache dir>/kernels/<spec key>.py`` and
+imported from there (Triton reads a kernel's source from its file). The cache
+directory is ``$LINTX_TRITON_CACHE_DIR``, else ``~/.cache/lintx_triton``. Keys
+hash the spec, the feature map's source and the generator version, so a stale
+file is never reused.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from types import ModuleType
+
+from ..spec import KernelSpec
+from .render import render
+
+__all__ = ["cache_dir", "load", "source_path"]
+
+_LOCK = threading.Lock()
+_MODULES: dict[tuple[str, str, bool], ModuleType] = {}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LINTX_TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lintx_triton")
+    return Path(root) / "kernels"
+
+
+def source_path(spec: KernelSpec) -> Path:
+    return cache_dir() / f"{spec.key()}.py"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def load(spec: KernelSpec) -> ModuleType:
+    """The imported kernel module of ``spec``, generating it on first use."""
+    # Triton decides interpreted vs compiled when a kernel is decorated: key on it too.
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    path = source_path(spec)
+    mkey = (spec.key(), str(path), interpret)
+    mod = _MODULES.get(mkey)
+    if mod is not None:
+        return mod
+    with _LOCK:
+        mod = _MODULES.get(mkey)
+        if mod is not None:
+            return mod
+        src = render(spec)
+        if not path.exists() or path.read_text() != src:
+            _write_atomic(path, src)
+        name = f"lintx_triton_generated_{spec.key()}_{int(interpret)}"
+        ispec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(ispec)
+        sys.modules[name] = mod
+        ispec.loader.exec_module(mod)
+        _MODULES[mkey] = mod
+        return mod

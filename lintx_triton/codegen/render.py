@@ -1,0 +1,34 @@
+"""Spec -> Triton source. The whole code generator is a substitution into one template."""
+
+from __future__ import annotations
+
+from string import Template
+
+from ..spec import GENERATOR_VERSION, KernelSpec
+from .template import TEMPLATE
+
+__all__ = ["render"]
+
+_ELEM = {"float32": "tl.float32", "float16": "tl.float16", "bfloat16": "tl.bfloat16"}
+
+
+def render(spec: KernelSpec) -> str:
+    """The Triton source of every kernel of ``spec``, as one Python module."""
+    fm = spec.fmap
+    return Template(TEMPLATE).substitute(
+        GENERATOR_VERSION=GENERATOR_VERSION,
+        SPEC=repr(spec),
+        KEY=spec.key(),
+        D=spec.head_dim,
+        DV=spec.value_dim,
+        M=spec.feature_dim,
+        BD=spec.block_d,
+        BM=spec.block_m,
+        BDV=spec.block_dv,
+        IS_CAUSAL=spec.causal,
+        NORMALIZE=spec.normalize,
+        HAS_H0=spec.has_initial_state,
+        DOT_FP32=spec.dot_fp32,
+        ELEM=_ELEM[spec.dtype],
+        FEATURE_MAP=fm.triton_source(),
+    )

@@ -1,0 +1,1 @@
+"""Launchers and the torch.library registrations (``torch.ops.lintx.*``)."""

@@ -1,0 +1,133 @@
+"""The ``lintx`` torch.library custom ops: forward, backward, their fake kernels and autograd.
+
+``custom_op`` rather than ``triton_op``: under the CPU interpreter
+``triton_op``/``wrap_triton`` cannot trace (FakeTensor data pointer error),
+while an opaque ``custom_op`` with a fake kernel works everywhere and keeps
+``torch.compile(fullgraph=True)`` free of graph breaks.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import feature_maps
+from ..config import config_for, interpreting
+from ..spec import DTYPES, KernelSpec
+from .launch import chunk_bwd, chunk_fwd
+
+__all__ = ["make_spec", "linear_attention_fwd", "linear_attention_bwd"]
+
+F32 = torch.float32
+
+
+def make_spec(feature_map: str, q: Tensor, v: Tensor, causal: bool, normalize: bool, has_initial_state: bool) -> KernelSpec:
+    dtype = DTYPES[q.dtype]
+    # The interpreter's bf16 arithmetic is wrong (Triton's open bug): keep its products in fp32.
+    dot_fp32 = dtype == "float32" or (dtype == "bfloat16" and interpreting())
+    return KernelSpec(
+        feature_map=feature_map,
+        causal=causal,
+        normalize=normalize,
+        dtype=dtype,
+        head_dim=q.shape[-1],
+        value_dim=v.shape[-1],
+        has_initial_state=has_initial_state,
+        dot_fp32=dot_fp32,
+    )
+
+
+def _state_shapes(q: Tensor, v: Tensor, feature_map: str):
+    B, _, H, D = q.shape
+    M = feature_maps.get(feature_map).feature_dim(D)
+    return (B, H, M, v.shape[-1]), (B, H, M)
+
+
+@torch.library.custom_op("lintx::linear_attention_fwd", mutates_args=())
+def linear_attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    initial_S: Optional[Tensor],
+    initial_z: Optional[Tensor],
+    feature_map: str,
+    causal: bool,
+    normalize: bool,
+    scale: float,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> o [B, T, H, DV], den [B, H, T] fp32 (shape [0] unnormalized), S_T [B, H, M, DV], z_T [B, H, M]."""
+    spec = make_spec(feature_map, q, v, causal, normalize, initial_S is not None)
+    B, T, H, _ = q.shape
+    cfg = config_for(spec, B * H, T, q.device)
+    h0 = initial_S.contiguous() if initial_S is not None else None
+    z0 = initial_z.contiguous() if initial_z is not None else None
+    return chunk_fwd(spec, cfg, q.contiguous(), k.contiguous(), v.contiguous(), h0, z0, scale, eps)
+
+
+@linear_attention_fwd.register_fake
+def _(q, k, v, initial_S, initial_z, feature_map, causal, normalize, scale, eps):
+    B, T, H, _ = q.shape
+    s_shape, z_shape = _state_shapes(q, v, feature_map)
+    o = q.new_empty(B, T, H, v.shape[-1])
+    den = q.new_empty((B, H, T) if normalize else (0,), dtype=F32)
+    return o, den, q.new_empty(s_shape, dtype=F32), q.new_empty(z_shape, dtype=F32)
+
+
+@torch.library.custom_op("lintx::linear_attention_bwd", mutates_args=())
+def linear_attention_bwd(
+    do: Tensor,
+    dS: Optional[Tensor],
+    dz: Optional[Tensor],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    den: Tensor,
+    initial_S: Optional[Tensor],
+    initial_z: Optional[Tensor],
+    feature_map: str,
+    causal: bool,
+    normalize: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> dq, dk, dv (input dtype), dS_0 [B, H, M, DV], dz_0 [B, H, M] (fp32)."""
+    spec = make_spec(feature_map, q, v, causal, normalize, initial_S is not None)
+    B, T, H, _ = q.shape
+    cfg = config_for(spec, B * H, T, q.device)
+    c = lambda t: t.contiguous() if t is not None else None  # noqa: E731
+    return chunk_bwd(spec, cfg, c(do), c(dS), c(dz), c(q), c(k), c(v), c(o), c(den), c(initial_S), c(initial_z), scale)
+
+
+@linear_attention_bwd.register_fake
+def _(do, dS, dz, q, k, v, o, den, initial_S, initial_z, feature_map, causal, normalize, scale):
+    s_shape, z_shape = _state_shapes(q, v, feature_map)
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        torch.empty_like(k, memory_format=torch.contiguous_format),
+        torch.empty_like(v, memory_format=torch.contiguous_format),
+        q.new_empty(s_shape, dtype=F32),
+        q.new_empty(z_shape, dtype=F32),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, initial_S, initial_z, feature_map, causal, normalize, scale, eps = inputs
+    o, den, _, _ = output
+    ctx.save_for_backward(q, k, v, o, den, initial_S, initial_z)
+    ctx.args = (feature_map, causal, normalize, scale)
+
+
+def _backward(ctx, do, dden, dS, dz):
+    q, k, v, o, den, initial_S, initial_z = ctx.saved_tensors
+    dq, dk, dv, dS0, dz0 = torch.ops.lintx.linear_attention_bwd(
+        do, dS, dz, q, k, v, o, den, initial_S, initial_z, *ctx.args
+    )
+    if initial_S is None:
+        dS0 = dz0 = None
+    return dq, dk, dv, dS0, dz0, None, None, None, None, None
+
+
+linear_attention_fwd.register_autograd(_backward, setup_context=_setup_context)

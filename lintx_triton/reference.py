@@ -1,0 +1,132 @@
+"""PyTorch implementations: the float64 reference and the O(T) chunked ``torch`` backend.
+
+:func:`linear_attention_reference` is written straight from the equations
+(prefix sums of outer products, O(T * M * DV) memory): it is what every kernel
+is checked against, never fast. :func:`linear_attention_torch` is the chunked
+algorithm of the kernels in plain PyTorch (fp32, differentiable by autograd):
+the ``backend="torch"`` path on CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .feature_maps import FeatureMap
+
+__all__ = ["linear_attention_reference", "linear_attention_torch"]
+
+
+def linear_attention_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    fm: FeatureMap,
+    *,
+    causal: bool = True,
+    normalize: bool = True,
+    scale: float = 1.0,
+    eps: float = 1e-6,
+    initial_state: Optional[tuple[Tensor, Tensor]] = None,
+    absolute: bool = False,
+    dtype: torch.dtype = torch.float64,
+):
+    """The equations, evaluated in ``dtype`` (float64 by default).
+
+    S_t = S_0 + sum_{s<=t} phi(k_s) v_s^T,  z_t = z_0 + sum_{s<=t} phi(k_s),
+    num_t = scale * phi(q_t)^T S_t,  den_t = scale * phi(q_t)^T z_t + eps,
+    o_t = num_t / den_t if normalize else num_t (causal=False: sums over every s).
+
+    With ``absolute=True`` every factor is replaced by its absolute value
+    (|phi(q)|, |phi(k)|, |v|, |S_0|, |z_0|): the result bounds the magnitude of
+    the terms that are summed, which is what a rounding-error bound scales with.
+
+    Returns ``o [B, T, H, DV], (S_T [B, H, M, DV], z_T [B, H, M]), num, den``
+    (num and den as [B, T, H, DV] and [B, T, H]).
+    """
+    a = fm.reference(q.to(dtype))  # [B, T, H, M]
+    b = fm.reference(k.to(dtype))
+    vv = v.to(dtype)
+    B, T, H, M = a.shape
+    DV = v.shape[-1]
+    if initial_state is not None:
+        S0, z0 = (x.to(dtype) for x in initial_state)
+    else:
+        S0 = a.new_zeros(B, H, M, DV)
+        z0 = a.new_zeros(B, H, M)
+    if absolute:
+        a, b, vv, S0, z0 = (x.abs() for x in (a, b, vv, S0, z0))
+    kv = torch.einsum("bthm,bthv->bthmv", b, vv)
+    if causal:
+        S = S0[:, None] + kv.cumsum(1)  # [B, T, H, M, DV]
+        z = z0[:, None] + b.cumsum(1)  # [B, T, H, M]
+    else:
+        S = (S0 + kv.sum(1))[:, None].expand(B, T, H, M, DV)
+        z = (z0 + b.sum(1))[:, None].expand(B, T, H, M)
+    num = scale * torch.einsum("bthm,bthmv->bthv", a, S)
+    den = scale * torch.einsum("bthm,bthm->bth", a, z) + eps
+    o = num / den[..., None] if normalize else num
+    S_T = S0 + kv.sum(1)
+    z_T = z0 + b.sum(1)
+    return o, (S_T, z_T), num, den
+
+
+def linear_attention_torch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    fm: FeatureMap,
+    *,
+    causal: bool = True,
+    normalize: bool = True,
+    scale: float = 1.0,
+    eps: float = 1e-6,
+    initial_state: Optional[tuple[Tensor, Tensor]] = None,
+    chunk: int = 64,
+):
+    """The chunked algorithm in PyTorch, fp32, O(T) memory; differentiable.
+
+    Returns ``o [B, T, H, DV]`` in the inputs' dtype and ``(S_T, z_T)`` in fp32.
+    """
+    B, T, H, _ = q.shape
+    DV = v.shape[-1]
+    f32 = torch.float32
+    a = fm.reference(q.to(f32)).transpose(1, 2)  # [B, H, T, M]
+    b = fm.reference(k.to(f32)).transpose(1, 2)
+    vv = v.to(f32).transpose(1, 2)  # [B, H, T, DV]
+    M = a.shape[-1]
+    if initial_state is not None:
+        S0, z0 = (x.to(f32) for x in initial_state)
+    else:
+        S0 = a.new_zeros(B, H, M, DV)
+        z0 = a.new_zeros(B, H, M)
+    if T == 0:
+        return q.new_empty(B, 0, H, DV), (S0, z0)
+    if not causal:
+        S = S0 + b.transpose(-1, -2) @ vv
+        z = z0 + b.sum(2)
+        num = scale * (a @ S)
+        den = scale * (a @ z[..., None]).squeeze(-1) + eps
+    else:
+        C = chunk
+        N = -(-T // C)
+        pad = N * C - T
+        if pad:
+            a, b, vv = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (a, b, vv))
+        a, b, vv = (x.reshape(B, H, N, C, x.shape[-1]) for x in (a, b, vv))
+        kv = b.transpose(-1, -2) @ vv  # [B, H, N, M, DV] chunk sums
+        ks = b.sum(3)  # [B, H, N, M]
+        S_incl = S0[:, :, None] + kv.cumsum(2)
+        z_incl = z0[:, :, None] + ks.cumsum(2)
+        S_c = S_incl - kv  # state before each chunk
+        z_c = z_incl - ks
+        P = (a @ b.transpose(-1, -2)).tril()  # [B, H, N, C, C]
+        num = scale * (P @ vv + a @ S_c)
+        den = scale * (P.sum(-1) + (a * z_c[:, :, :, None, :]).sum(-1)) + eps
+        num = num.reshape(B, H, N * C, DV)[:, :, :T]
+        den = den.reshape(B, H, N * C)[:, :, :T]
+        S, z = S_incl[:, :, -1], z_incl[:, :, -1]
+    o = num / den[..., None] if normalize else num
+    return o.transpose(1, 2).to(q.dtype), (S, z)

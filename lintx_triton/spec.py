@@ -1,0 +1,107 @@
+"""What a generated kernel module is specialized on.
+
+A :class:`KernelSpec` is everything that is baked into the generated Triton
+source as a compile-time constant. Block sizes, warps and the choice between the
+fused and the chunk-parallel path are *not* in the spec: they are launch-time
+choices (:mod:`lintx_triton.config`), so one generated module serves every
+config an autotuner may try.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import feature_maps
+
+__all__ = ["KernelSpec", "GENERATOR_VERSION", "DTYPES"]
+
+# Bump when the templates or the renderer change: it is part of every cache key.
+GENERATOR_VERSION = 1
+
+DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """A kernel variant.
+
+    Args:
+        feature_map: registered name of the feature map.
+        causal: causal (prefix-sum) or full attention.
+        normalize: divide by the fused normalizer ``scale * phi(q)^T z + eps``.
+        dtype: the inputs' dtype, ``"float32" | "float16" | "bfloat16"``.
+        head_dim: D, the width of q and k.
+        value_dim: DV, the width of v and o.
+        has_initial_state: whether (S_0, z_0) are read.
+        dot_fp32: do every matrix product on fp32 operands (IEEE, not TF32). True
+            for float32 inputs, and for bfloat16 under the Triton interpreter whose
+            bf16 arithmetic is wrong; otherwise products take operands in the
+            input dtype with fp32 accumulation.
+    """
+
+    feature_map: str
+    causal: bool
+    normalize: bool
+    dtype: str
+    head_dim: int
+    value_dim: int
+    has_initial_state: bool
+    dot_fp32: bool
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES.values():
+            raise ValueError(f"dtype must be one of {sorted(DTYPES.values())}, got {self.dtype!r}")
+        for name in ("head_dim", "value_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.has_initial_state and not self.causal:
+            raise ValueError("an initial state is only defined for causal attention")
+
+    @property
+    def fmap(self) -> feature_maps.FeatureMap:
+        return feature_maps.get(self.feature_map)
+
+    @property
+    def feature_dim(self) -> int:
+        """M."""
+        return self.fmap.feature_dim(self.head_dim)
+
+    @property
+    def block_d(self) -> int:
+        """BD: D padded to a power of two, at least 16 (the smallest tl.dot side)."""
+        return max(16, _next_pow2(self.head_dim))
+
+    @property
+    def block_m(self) -> int:
+        return max(16, _next_pow2(self.feature_dim))
+
+    @property
+    def block_dv(self) -> int:
+        return max(16, _next_pow2(self.value_dim))
+
+    def key(self) -> str:
+        """Stable hash of the spec, the feature map's source and the generator version."""
+        text = repr(sorted(asdict(self).items())) + self.fmap.source_hash() + f"v{GENERATOR_VERSION}"
+        return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+    def tag(self) -> str:
+        """A readable name, e.g. ``elu-causal-norm-bfloat16-D64-DV64``."""
+        return "-".join(
+            [
+                self.feature_map,
+                "causal" if self.causal else "full",
+                "norm" if self.normalize else "raw",
+                self.dtype,
+                f"D{self.head_dim}",
+                f"DV{self.value_dim}",
+            ]
+            + (["h0"] if self.has_initial_state else [])
+            + (["fp32dot"] if self.dot_fp32 and self.dtype != "float32" else [])
+        )
