@@ -29,7 +29,8 @@ class Config:
     Args:
         chunk: BT, tokens per chunk in the forward (a power of two >= 16).
         bwd_chunk: BT of the backward, chosen separately (it holds more tiles).
-        block_v: BV, the value block of the forward and of the chunk sums.
+        block_v: BV, the value block of the forward.
+        bwd_block_v: BV of the backward.
         num_warps, num_stages: Triton launch options (ignored by the interpreter).
         path: ``"fused"`` (one program per (value block, batch*head) carries the
             state through every chunk) or ``"chunked"`` (chunk sums, a scan,
@@ -40,13 +41,14 @@ class Config:
     chunk: int = 64
     bwd_chunk: int = 64
     block_v: int = 64
+    bwd_block_v: int = 64
     num_warps: int = 4
     num_stages: int = 2
     path: str = "chunked"
     source: str = "heuristic"
 
     def __post_init__(self):
-        for name in ("chunk", "bwd_chunk", "block_v"):
+        for name in ("chunk", "bwd_chunk", "block_v", "bwd_block_v"):
             val = getattr(self, name)
             if val < 16 or val & (val - 1):
                 raise ValueError(f"Config.{name} must be a power of two >= 16, got {val}")
@@ -81,25 +83,31 @@ def override(**fields):
 
 
 def _heuristic(spec: KernelSpec, batch_heads: int, T: int, device: torch.device) -> Config:
-    block_v = min(64, spec.block_dv)
     if interpreting() or device.type != "cuda":
         # The interpreter runs one program at a time: small chunks keep every test multi-chunk.
-        return Config(chunk=16, bwd_chunk=16, block_v=min(32, spec.block_dv), num_warps=4, num_stages=1,
+        bv = min(32, spec.block_dv)
+        return Config(chunk=16, bwd_chunk=16, block_v=bv, bwd_block_v=bv, num_warps=4, num_stages=1,
                       path="chunked")
+    # Chosen from the sm_90 cubins (Triton 3.9, compiled on a CPU, read with cuobjdump/nvdisasm): these
+    # are the largest tiles with no register spill and HGMMA products in the forward. At D = DV = 64:
+    # forward 8 warps, BT 64, BV 64 -> 214 registers (4 warps: 255 + a 64-byte stack); backward BT 64
+    # spills at any width, BT 32 / BV 64 / 8 warps -> 193 registers. At 128: forward BV 32 -> 192
+    # registers; backward only BT 16 / BV 32 / 8 warps stays spill-free (188 registers).
     wide = max(spec.block_m, spec.block_dv) > 64
+    block_v = min(32 if wide else 64, spec.block_dv)
     programs = batch_heads * -(-spec.value_dim // block_v)
     # The fused path runs one program per (value block, batch*head): measured on an H200, 512 such
-    # programs ran T = 1k in 0.149 ms but 16 programs took 1.74 ms at T = 32k (bench/RESULTS.md's
-    # anchors). Fuse only when the launch fills every multiprocessor at least twice over.
+    # programs ran T = 1k in 0.149 ms but 16 programs took 1.74 ms at T = 32k (the anchors in
+    # shared/anchors/h200.md). Fuse only when the launch fills every multiprocessor twice over.
     fill = programs >= 2 * _sm_count(device.index or 0)
-    path = "fused" if spec.causal and fill else "chunked"
     return Config(
         chunk=64,
-        bwd_chunk=32 if wide else 64,
+        bwd_chunk=16 if wide else 32,
         block_v=block_v,
-        num_warps=8 if wide else 4,
+        bwd_block_v=min(32 if wide else 64, spec.block_dv),
+        num_warps=8,
         num_stages=2,
-        path=path,
+        path="fused" if spec.causal and fill else "chunked",
     )
 
 

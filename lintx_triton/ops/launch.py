@@ -133,7 +133,7 @@ def chunk_bwd(spec: KernelSpec, cfg: Config, do, dht, dzt, q, k, v, o, den, h0, 
             dz0.zero_()
         return dq, dk, dv, dh0, dz0
     mod = load(spec)
-    BT, BV = cfg.bwd_chunk, cfg.block_v
+    BT, BV = cfg.bwd_chunk, cfg.bwd_block_v
     NT = _cdiv(T, BT)
     opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if spec.normalize:

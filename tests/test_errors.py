@@ -1,0 +1,58 @@
+"""Bad input raises a clear ValueError / TypeError naming the argument, before any kernel runs."""
+
+import pytest
+import torch
+
+import lintx_triton as lx
+
+q = torch.randn(2, 5, 3, 8)
+v = torch.randn(2, 5, 3, 6)
+S0, z0 = torch.zeros(2, 3, 8, 6), torch.zeros(2, 3, 8)
+
+BAD = {
+    "q-rank": (dict(q=torch.randn(5, 3, 8)), ValueError, r"q must have 4 dimensions.*\(5, 3, 8\)"),
+    "k-shape": (dict(k=torch.randn(2, 5, 3, 7)), ValueError, r"q and k must have the same shape"),
+    "v-length": (dict(v=torch.randn(2, 4, 3, 6)), ValueError, r"v must be \[B, T, H, DV\]"),
+    "v-heads": (dict(v=torch.randn(2, 5, 2, 6)), ValueError, r"v must be \[B, T, H, DV\]"),
+    "int-dtype": (dict(q=torch.ones(2, 5, 3, 8, dtype=torch.int32)), TypeError, r"q must be float32, float16 or bfloat16"),
+    "float64": (dict(v=v.double()), TypeError, r"v must be float32, float16 or bfloat16"),
+    "mixed-dtype": (dict(v=v.half()), TypeError, r"share one dtype"),
+    "not-tensor": (dict(k=[1, 2]), TypeError, r"k must be a torch.Tensor"),
+    "meta-device": (dict(v=torch.empty(2, 5, 3, 6, device="meta")), ValueError, r"one device"),
+    "unknown-map": (dict(feature_map="softmax"), ValueError, r"unknown feature_map 'softmax'.*elu"),
+    "map-type": (dict(feature_map=3), TypeError, r"feature_map must be a name"),
+    "backend": (dict(backend="cuda"), ValueError, r"backend must be one of"),
+    "eps": (dict(eps=-1.0), ValueError, r"eps must be a real number >= 0"),
+    "scale": (dict(scale="1"), TypeError, r"scale must be a real number"),
+    "state-not-pair": (dict(initial_state=S0), TypeError, r"initial_state must be a pair"),
+    "state-S-shape": (dict(initial_state=(torch.zeros(2, 3, 8, 5), z0)), ValueError, r"S_0 must have shape \[2, 3, 8, 6\].*\(2, 3, 8, 5\)"),
+    "state-z-shape": (dict(initial_state=(S0, torch.zeros(2, 3))), ValueError, r"z_0 must have shape \[2, 3, 8\]"),
+    "state-dtype": (dict(initial_state=(S0.half(), z0)), TypeError, r"S_0 must be float32"),
+    "state-noncausal": (dict(initial_state=(S0, z0), causal=False), ValueError, r"only defined for causal=True"),
+    "zero-head-dim": (dict(q=torch.randn(2, 5, 3, 0), k=torch.randn(2, 5, 3, 0)), ValueError, r"head dims must be >= 1"),
+}
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("name", list(BAD), ids=list(BAD))
+def test_bad_input_raises(name, backend):
+    changes, exc, pattern = BAD[name]
+    args = dict(q=q, k=q, v=v, backend=backend)
+    args.update(changes)
+    with pytest.raises(exc, match=pattern):
+        lx.linear_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+
+
+def test_too_wide_for_the_kernels():
+    wide = torch.randn(1, 3, 1, 300)
+    with pytest.raises(ValueError, match=r"up to 256.*backend='torch'"):
+        lx.linear_attention(wide, wide, wide, backend="triton")
+    assert lx.linear_attention(wide, wide, wide, backend="torch").shape == (1, 3, 1, 300)
+
+
+def test_bad_config_override():
+    with pytest.raises(TypeError, match="unknown Config fields"):
+        with lx.config.override(chunks=16):
+            pass
+    with pytest.raises(ValueError, match="power of two"):
+        lx.Config(chunk=24)

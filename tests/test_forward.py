@@ -1,0 +1,89 @@
+"""Forward properties: every backend and path against the float64 reference."""
+
+import pytest
+import torch
+from hypothesis import given, note
+from hypothesis import strategies as st
+
+import lintx_triton as lx
+from helpers import TOL, assert_forward_close, case_id, cases, make_inputs, reference, run
+
+
+def _check_state(c, got, q, k, v, state):
+    _, (S_ref, z_ref), _, _ = reference(c, q, k, v, state)
+    _, (S_abs, z_abs), _, _ = reference(c, q, k, v, state, absolute=True)
+    for name, x, ref, bound in (("S_T", got[0], S_ref, S_abs), ("z_T", got[1], z_ref, z_abs)):
+        assert x.dtype == torch.float32 and x.shape == ref.shape, (name, x.dtype, x.shape)
+        err = (x.double() - ref).abs()
+        assert (err <= TOL[c["dtype"]] * bound + 1e-30).all(), f"{name}: worst err {err.max().item():.3e}"
+
+
+@given(c=cases(), path=st.sampled_from(["chunked", "fused"]), chunk=st.sampled_from([16, 32]))
+def test_triton_forward_matches_reference(c, path, chunk):
+    note(case_id(c))
+    q, k, v, state = make_inputs(c)
+    with lx.config.override(path=path, chunk=chunk):
+        o, st_ = run(c, q, k, v, state, backend="triton", return_state=True)
+    assert_forward_close(c, o, q, k, v, state)
+    _check_state(c, st_, q, k, v, state)
+
+
+@given(c=cases())
+def test_torch_backend_matches_reference(c):
+    note(case_id(c))
+    q, k, v, state = make_inputs(c)
+    o, st_ = run(c, q, k, v, state, backend="torch", return_state=True)
+    assert_forward_close(c, o, q, k, v, state)
+    _check_state(c, st_, q, k, v, state)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_non_contiguous_inputs(backend, causal):
+    c = dict(B=2, T=21, H=3, D=16, DV=24, dtype="float32", feature_map="elu", causal=causal, normalize=True,
+             initial_state=False, scale=1.0, seed=3)
+    q, k, v, _ = make_inputs(c)
+    # [B, H, T, D] storage viewed as [B, T, H, D]; and a strided slice of a wider v
+    qn = q.transpose(1, 2).contiguous().transpose(1, 2)
+    kn = torch.stack([k, torch.zeros_like(k)], dim=-1).flatten(-2)[..., ::2]
+    vn = torch.cat([v, torch.zeros_like(v)], dim=-1)[..., : c["DV"]]
+    assert not (qn.is_contiguous() or kn.is_contiguous() or vn.is_contiguous())
+    o = run(c, qn, kn, vn, None, backend=backend)
+    assert_forward_close(c, o, q, k, v, None)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("return_state", [False, True])
+def test_empty_sequence(backend, return_state):
+    q = torch.randn(2, 0, 3, 8)
+    v = torch.randn(2, 0, 3, 5)
+    out = lx.linear_attention(q, q, v, backend=backend, return_state=return_state)
+    o = out[0] if return_state else out
+    assert o.shape == (2, 0, 3, 5) and o.dtype == q.dtype
+    if return_state:
+        S, z = out[1]
+        assert S.shape == (2, 3, 8, 5) and z.shape == (2, 3, 8)
+        assert (S == 0).all() and (z == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_empty_sequence_passes_state_through(backend):
+    q = torch.randn(1, 0, 2, 4)
+    v = torch.randn(1, 0, 2, 3)
+    S0, z0 = torch.rand(1, 2, 4, 3), torch.rand(1, 2, 4)
+    _, (S, z) = lx.linear_attention(q, q, v, initial_state=(S0, z0), return_state=True, backend=backend)
+    torch.testing.assert_close(S, S0)
+    torch.testing.assert_close(z, z0)
+
+
+def test_auto_backend_on_cpu(monkeypatch):
+    """auto: Triton under the interpreter, the PyTorch path on CPU otherwise; both give the same output."""
+    c = dict(B=1, T=9, H=2, D=8, DV=8, dtype="float32", feature_map="elu", causal=True, normalize=True,
+             initial_state=False, scale=1.0, seed=0)
+    q, k, v, _ = make_inputs(c)
+    o_interp = lx.linear_attention(q, k, v)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    o_cpu = lx.linear_attention(q, k, v)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        lx.linear_attention(q, k, v, backend="triton")
+    torch.testing.assert_close(o_interp, o_cpu, rtol=1e-5, atol=1e-5)
