@@ -19,7 +19,8 @@ def _grads(c, backend, path="chunked", chunk=16, final_state_grad=True):
     with lx.config.override(path=path, bwd_chunk=chunk):
         o, (S, z) = run(c, q, k, v, state, backend=backend, return_state=True)
     g = torch.Generator().manual_seed(c["seed"] + 1)
-    do = torch.randn(o.shape, generator=g)
+    # the op receives do in o's dtype: round it once so that every evaluation sees the same do
+    do = torch.randn(o.shape, generator=g).to(o.dtype).float()
     dS = torch.randn(S.shape, generator=g) if final_state_grad else torch.zeros(S.shape)
     dz = torch.randn(z.shape, generator=g) if final_state_grad else torch.zeros(z.shape)
     leaves = [q, k, v] + (list(state) if state is not None else [])
