@@ -17,7 +17,7 @@ import torch
 
 from .spec import KernelSpec
 
-__all__ = ["Config", "config_for", "override", "interpreting"]
+__all__ = ["Config", "config_for", "gpu_heuristic", "override", "interpreting"]
 
 PATHS = ("fused", "chunked")
 
@@ -31,7 +31,8 @@ class Config:
         bwd_chunk: BT of the backward, chosen separately (it holds more tiles).
         block_v: BV, the value block of the forward.
         bwd_block_v: BV of the backward.
-        num_warps, num_stages: Triton launch options (ignored by the interpreter).
+        num_warps, num_stages: Triton launch options of the forward (ignored by the interpreter).
+        bwd_num_warps: num_warps of the backward.
         path: ``"fused"`` (one program per (value block, batch*head) carries the
             state through every chunk) or ``"chunked"`` (chunk sums, a scan,
             then all chunks in parallel). Non-causal attention is always chunked.
@@ -43,6 +44,7 @@ class Config:
     block_v: int = 64
     bwd_block_v: int = 64
     num_warps: int = 4
+    bwd_num_warps: int = 4
     num_stages: int = 2
     path: str = "chunked"
     source: str = "heuristic"
@@ -86,30 +88,43 @@ def _heuristic(spec: KernelSpec, batch_heads: int, T: int, device: torch.device)
     if interpreting() or device.type != "cuda":
         # The interpreter runs one program at a time: small chunks keep every test multi-chunk.
         bv = min(32, spec.block_dv)
-        return Config(chunk=16, bwd_chunk=16, block_v=bv, bwd_block_v=bv, num_warps=4, num_stages=1,
-                      path="chunked")
-    # Chosen from the sm_90 cubins (Triton 3.9, compiled on a CPU, read with cuobjdump/nvdisasm): these
-    # are the largest tiles with no register spill and HGMMA products in the forward. At D = DV = 64:
-    # forward 8 warps, BT 64, BV 64 -> 214 registers (4 warps: 255 + a 64-byte stack); backward BT 64
-    # spills at any width, BT 32 / BV 64 / 8 warps -> 193 registers. At 128: forward BV 32 -> 192
-    # registers; backward only BT 16 / BV 32 / 8 warps stays spill-free (188 registers).
+        return Config(chunk=16, bwd_chunk=16, block_v=bv, bwd_block_v=bv, num_warps=4, bwd_num_warps=4,
+                      num_stages=1, path="chunked")
+    return gpu_heuristic(spec, batch_heads, _sm_count(device.index or 0))
+
+
+def gpu_heuristic(spec: KernelSpec, batch_heads: int, sm_count: int) -> Config:
+    """The default GPU config for a GPU with ``sm_count`` multiprocessors (no GPU needed to ask)."""
+    # Chosen from sm_90 cubins compiled on a CPU (Triton 3.9, read with cuobjdump/nvdisasm; the table is
+    # bench/SM90_REPORT.md, made by `python bench/sm90_report.py`): the largest tiles without register
+    # spills, with HGMMA products in the bf16/fp16 forward. At D = DV = 64 the bf16 forward at 8 warps,
+    # BT 64, BV 64 takes 215-222 registers (4 warps: 255 and a stack). The backward holds ~6 tiles at
+    # once: BT 64 spills at any width; BT 32 / BV 64 / 8 warps takes 193 registers. At 128 every backward
+    # config spills a little (least: BT 16 / BV 32 / 4 warps, 32 bytes of stack) until the backward is
+    # split in two kernels. IEEE fp32 products run on the FMA units and need far smaller tiles.
     wide = max(spec.block_m, spec.block_dv) > 64
-    block_v = min(32 if wide else 64, spec.block_dv)
+    if spec.dtype == "float32":
+        chunk, block_v = (16, 16) if wide else (32, 16)
+        bwd_chunk, bwd_block_v, bwd_warps = (16, 16, 8) if wide else (32, 32, 8)
+    else:
+        chunk, block_v = 64, (32 if wide else 64)
+        bwd_chunk, bwd_block_v, bwd_warps = (16, 32, 4) if wide else (32, 64, 8)
+    block_v = min(block_v, spec.block_dv)
     programs = batch_heads * -(-spec.value_dim // block_v)
     # The fused path runs one program per (value block, batch*head): measured on an H200, 512 such
     # programs ran T = 1k in 0.149 ms but 16 programs took 1.74 ms at T = 32k (the anchors in
     # shared/anchors/h200.md). Fuse only when the launch fills every multiprocessor twice over.
-    fill = programs >= 2 * _sm_count(device.index or 0)
+    fill = programs >= 2 * sm_count
     return Config(
-        chunk=64,
-        bwd_chunk=16 if wide else 32,
+        chunk=chunk,
+        bwd_chunk=bwd_chunk,
         block_v=block_v,
-        bwd_block_v=min(32 if wide else 64, spec.block_dv),
+        bwd_block_v=min(bwd_block_v, spec.block_dv),
         num_warps=8,
+        bwd_num_warps=bwd_warps,
         num_stages=2,
         path="fused" if spec.causal and fill else "chunked",
     )
-
 
 def config_for(spec: KernelSpec, batch_heads: int, T: int, device: torch.device | str = "cuda") -> Config:
     """The config a call with this spec and shape will launch with, and (``.source``) where it came from."""

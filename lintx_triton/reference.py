@@ -57,7 +57,9 @@ def linear_attention_reference(
         S0 = a.new_zeros(B, H, M, DV)
         z0 = a.new_zeros(B, H, M)
     if absolute:
-        a, b, vv, S0, z0 = (x.abs() for x in (a, b, vv, S0, z0))
+        # |x| whose derivative is +-1 also at 0 (torch's abs has 0 there): the bound's gradient must
+        # not vanish where a factor happens to be 0
+        a, b, vv, S0, z0 = (x * torch.where(x >= 0, 1.0, -1.0).to(x.dtype) for x in (a, b, vv, S0, z0))
     kv = torch.einsum("bthm,bthv->bthmv", b, vv)
     if causal:
         S = S0[:, None] + kv.cumsum(1)  # [B, T, H, M, DV]

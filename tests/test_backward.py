@@ -1,17 +1,19 @@
 """Gradients of q, k, v and the initial state against float64 autograd through the reference.
 
-normalize=True is drawn only with elu + 1, whose features are positive: with signed or
-vanishing features the normalizer can approach eps and the gradient is ill-conditioned
-(a property of the math, not of the kernels; the forward tests cover those maps with an
-error bound that accounts for it).
+Each element is held to a bound scaled by the magnitudes of the terms its exact value sums
+(helpers.grad_bound). The bound is first order: it holds while rounding moves the normalizer by a
+small fraction of itself. identity + normalize breaks that (its normalizer, a signed sum, passes
+through 0: the README says to use it unnormalized), so its gradients are not drawn here; its forward
+is tested, and relu, whose normalizer can be exactly eps, is drawn normalized.
 """
 
+import pytest
 import torch
 from hypothesis import assume, given, note
 from hypothesis import strategies as st
 
 import lintx_triton as lx
-from helpers import assert_grads_close, case_id, cases, make_inputs, reference, run
+from helpers import assert_grads_close, case_id, cases, grad_bound, make_inputs, reference, run
 
 
 def _grads(c, backend, path="chunked", chunk=16, final_state_grad=True):
@@ -33,29 +35,24 @@ def _grads(c, backend, path="chunked", chunk=16, final_state_grad=True):
     rloss = (ro * do.double()).sum() + (rS * dS.double()).sum() + (rz * dz.double()).sum()
     want = torch.autograd.grad(rloss, ref_leaves)
 
-    dt = q.dtype
-    naive_leaves = [x.detach().to(dt).requires_grad_() for x in leaves]
-    nstate = tuple(naive_leaves[3:]) if state is not None else None
-    no, (nS, nz), _, _ = reference(c, *naive_leaves[:3], nstate, dtype=dt)
-    nloss = (no * do.to(dt)).sum() + (nS * dS.to(dt)).sum() + (nz * dz.to(dt)).sum()
-    naive = torch.autograd.grad(nloss, naive_leaves)
-    return got, want, naive, ["q", "k", "v", "S_0", "z_0"][: len(leaves)]
+    bounds = grad_bound(c, leaves, do, dS, dz)
+    return got, want, bounds, ["q", "k", "v", "S_0", "z_0"][: len(leaves)]
 
 
 @given(c=cases(), chunk=st.sampled_from([16, 32]), final_state_grad=st.booleans())
 def test_triton_gradients(c, chunk, final_state_grad):
-    assume(c["feature_map"] == "elu" or not c["normalize"])
+    assume(not (c["feature_map"] == "identity" and c["normalize"]))
     note(case_id(c))
-    got, want, naive, names = _grads(c, "triton", chunk=chunk, final_state_grad=final_state_grad)
-    assert_grads_close(c, got, want, naive, names)
+    got, want, bounds, names = _grads(c, "triton", chunk=chunk, final_state_grad=final_state_grad)
+    assert_grads_close(c, got, want, bounds, names)
 
 
 @given(c=cases())
 def test_torch_backend_gradients(c):
-    assume(c["feature_map"] == "elu" or not c["normalize"])
+    assume(not (c["feature_map"] == "identity" and c["normalize"]))
     note(case_id(c))
-    got, want, naive, names = _grads(c, "torch")
-    assert_grads_close(c, got, want, naive, names)
+    got, want, bounds, names = _grads(c, "torch")
+    assert_grads_close(c, got, want, bounds, names)
 
 
 def test_gradient_only_through_output():
@@ -68,7 +65,9 @@ def test_gradient_only_through_output():
     ref_leaves = [x.detach().double().requires_grad_() for x in (q, k, v, *state)]
     ro = reference(c, *ref_leaves[:3], tuple(ref_leaves[3:]))[0]
     want = torch.autograd.grad(ro.sum(), ref_leaves)
-    assert_grads_close(c, got, want, want, ["q", "k", "v", "S_0", "z_0"])
+    zero_s, zero_z = torch.zeros_like(state[0]), torch.zeros_like(state[1])
+    bounds = grad_bound(c, [q, k, v, *state], torch.ones_like(ro), zero_s, zero_z)
+    assert_grads_close(c, got, want, bounds, ["q", "k", "v", "S_0", "z_0"])
 
 
 def test_torch_gradcheck_float64_torch_backend():
@@ -86,3 +85,33 @@ def test_torch_gradcheck_float64_torch_backend():
 
     assert torch.autograd.gradcheck(f, (q, k, v))
     assert linear_attention_torch(q.float(), k.float(), v.float(), feature_maps.get("elu"))[0].shape == (1, 7, 1, 3)
+
+
+@pytest.mark.parametrize(
+    "dtype, normalize",
+    # unnormalized float16 is left out: its output a^T S itself exceeds fp16's range
+    [("float16", True), ("bfloat16", True), ("float32", True), ("bfloat16", False), ("float32", False)],
+)
+def test_long_prefix_keeps_fp16_in_range(dtype, normalize):
+    """A state as a ~10^6-token prefix leaves: S and den far outside fp16's range (max 65504).
+
+    Products take do (not do / den, which would underflow) and states divided by their largest
+    magnitude, so float16 stays finite and accurate where a naive cast would give inf or 0.
+    """
+    c = dict(B=1, T=23, H=2, D=16, DV=24, dtype=dtype, feature_map="elu", causal=True, normalize=normalize,
+             initial_state=True, scale=1.0, seed=11)
+    q, k, v, state = make_inputs(c)
+    state = tuple((x * 2e5).requires_grad_() for x in state)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    o, (S, z) = lx.linear_attention(q, k, v, initial_state=state, normalize=normalize, return_state=True,
+                                    backend="triton")
+    assert S.abs().max() > 1e6 and torch.isfinite(o).all()
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(0)).to(o.dtype).float()
+    got = torch.autograd.grad((o.float() * do).sum(), [q, k, v, *state])
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v, *state)]
+    ro = reference(c, *leaves[:3], tuple(leaves[3:]))[0]
+    want = torch.autograd.grad((ro * do.double()).sum(), leaves, allow_unused=True)  # z_0 is unused unnormalized
+    want = [w if w is not None else torch.zeros_like(x) for w, x in zip(want, leaves)]
+    zs, zz = torch.zeros_like(state[0]), torch.zeros_like(state[1])
+    bounds = grad_bound(c, [q, k, v, *state], do, zs, zz)
+    assert_grads_close(c, got, want, bounds, ["q", "k", "v", "S_0", "z_0"])

@@ -43,10 +43,16 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def load(spec: KernelSpec) -> ModuleType:
-    """The imported kernel module of ``spec``, generating it on first use."""
+def load(spec: KernelSpec, interpret: bool | None = None) -> ModuleType:
+    """The imported kernel module of ``spec``, generating it on first use.
+
+    ``interpret``: decorate for Triton's interpreter or for compilation; default: as
+    ``TRITON_INTERPRET`` says. (:mod:`lintx_triton.compile_report` asks for compiled
+    kernels even inside an interpreted test run.)
+    """
     # Triton decides interpreted vs compiled when a kernel is decorated: key on it too.
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if interpret is None:
+        interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     path = source_path(spec)
     mkey = (spec.key(), str(path), interpret)
     mod = _MODULES.get(mkey)
@@ -63,6 +69,14 @@ def load(spec: KernelSpec) -> ModuleType:
         ispec = importlib.util.spec_from_file_location(name, path)
         mod = importlib.util.module_from_spec(ispec)
         sys.modules[name] = mod
-        ispec.loader.exec_module(mod)
+        saved = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+        try:
+            ispec.loader.exec_module(mod)
+        finally:
+            if saved is None:
+                del os.environ["TRITON_INTERPRET"]
+            else:
+                os.environ["TRITON_INTERPRET"] = saved
         _MODULES[mkey] = mod
         return mod

@@ -29,6 +29,7 @@ def render(spec: KernelSpec) -> str:
         NORMALIZE=spec.normalize,
         HAS_H0=spec.has_initial_state,
         DOT_FP32=spec.dot_fp32,
+        WIDE_TF32=spec.dtype == "float16" and not spec.dot_fp32,
         ELEM=_ELEM[spec.dtype],
         FEATURE_MAP=fm.triton_source(),
     )

@@ -135,7 +135,7 @@ def chunk_bwd(spec: KernelSpec, cfg: Config, do, dht, dzt, q, k, v, o, den, h0, 
     mod = load(spec)
     BT, BV = cfg.bwd_chunk, cfg.bwd_block_v
     NT = _cdiv(T, BT)
-    opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    opts = dict(num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages)
     if spec.normalize:
         g = torch.empty(B, H, T, dtype=F32, device=q.device)
         mod.bwd_kernel_g[(NT, B * H)](o, do, den, g, T, H=H, BT=BT, **opts)
