@@ -120,15 +120,15 @@ def linear_attention_torch(
         a, b, vv = (x.reshape(B, H, N, C, x.shape[-1]) for x in (a, b, vv))
         kv = b.transpose(-1, -2) @ vv  # [B, H, N, M, DV] chunk sums
         ks = b.sum(3)  # [B, H, N, M]
-        S_incl = S0[:, :, None] + kv.cumsum(2)
-        z_incl = z0[:, :, None] + ks.cumsum(2)
-        S_c = S_incl - kv  # state before each chunk
-        z_c = z_incl - ks
+        # the state before each chunk: an exclusive prefix sum (not S_incl - kv, which leaves rounding
+        # noise where the exact state is 0)
+        S_c = S0[:, :, None] + torch.cat([torch.zeros_like(kv[:, :, :1]), kv[:, :, :-1]], 2).cumsum(2)
+        z_c = z0[:, :, None] + torch.cat([torch.zeros_like(ks[:, :, :1]), ks[:, :, :-1]], 2).cumsum(2)
         P = (a @ b.transpose(-1, -2)).tril()  # [B, H, N, C, C]
         num = scale * (P @ vv + a @ S_c)
         den = scale * (P.sum(-1) + (a * z_c[:, :, :, None, :]).sum(-1)) + eps
         num = num.reshape(B, H, N * C, DV)[:, :, :T]
         den = den.reshape(B, H, N * C)[:, :, :T]
-        S, z = S_incl[:, :, -1], z_incl[:, :, -1]
+        S, z = S_c[:, :, -1] + kv[:, :, -1], z_c[:, :, -1] + ks[:, :, -1]
     o = num / den[..., None] if normalize else num
     return o.transpose(1, 2).to(q.dtype), (S, z)

@@ -13,30 +13,12 @@ from hypothesis import assume, given, note
 from hypothesis import strategies as st
 
 import lintx_triton as lx
-from helpers import assert_grads_close, case_id, cases, grad_bound, make_inputs, reference, run
+from helpers import assert_grads_close, case_id, cases, forward_and_grads, grad_bound, make_inputs, reference
 
 
 def _grads(c, backend, path="chunked", chunk=16, final_state_grad=True):
-    q, k, v, state = make_inputs(c, requires_grad=True)
     with lx.config.override(path=path, bwd_chunk=chunk):
-        o, (S, z) = run(c, q, k, v, state, backend=backend, return_state=True)
-    g = torch.Generator().manual_seed(c["seed"] + 1)
-    # the op receives do in o's dtype: round it once so that every evaluation sees the same do
-    do = torch.randn(o.shape, generator=g).to(o.dtype).float()
-    dS = torch.randn(S.shape, generator=g) if final_state_grad else torch.zeros(S.shape)
-    dz = torch.randn(z.shape, generator=g) if final_state_grad else torch.zeros(z.shape)
-    leaves = [q, k, v] + (list(state) if state is not None else [])
-    loss = (o.float() * do).sum() + (S * dS).sum() + (z * dz).sum()
-    got = torch.autograd.grad(loss, leaves)
-
-    ref_leaves = [x.detach().double().requires_grad_() for x in leaves]
-    rstate = tuple(ref_leaves[3:]) if state is not None else None
-    ro, (rS, rz), _, _ = reference(c, *ref_leaves[:3], rstate)
-    rloss = (ro * do.double()).sum() + (rS * dS.double()).sum() + (rz * dz.double()).sum()
-    want = torch.autograd.grad(rloss, ref_leaves)
-
-    bounds = grad_bound(c, leaves, do, dS, dz)
-    return got, want, bounds, ["q", "k", "v", "S_0", "z_0"][: len(leaves)]
+        return forward_and_grads(c, backend, final_state_grad=final_state_grad)
 
 
 @given(c=cases(), chunk=st.sampled_from([16, 32]), final_state_grad=st.booleans())

@@ -6,16 +6,11 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 
 import lintx_triton as lx
-from helpers import TOL, assert_forward_close, case_id, cases, make_inputs, reference, run
+from helpers import assert_forward_close, case_id, cases, check_state, make_inputs, run
 
 
 def _check_state(c, got, q, k, v, state):
-    _, (S_ref, z_ref), _, _ = reference(c, q, k, v, state)
-    _, (S_abs, z_abs), _, _ = reference(c, q, k, v, state, absolute=True)
-    for name, x, ref, bound in (("S_T", got[0], S_ref, S_abs), ("z_T", got[1], z_ref, z_abs)):
-        assert x.dtype == torch.float32 and x.shape == ref.shape, (name, x.dtype, x.shape)
-        err = (x.double() - ref).abs()
-        assert (err <= TOL[c["dtype"]] * bound + 1e-30).all(), f"{name}: worst err {err.max().item():.3e}"
+    check_state(c, got, q, k, v, state)
 
 
 @given(c=cases(), path=st.sampled_from(["chunked", "fused"]), chunk=st.sampled_from([16, 32]))

@@ -1,0 +1,91 @@
+"""The `lintx` command line: fuzz (passing and failing), emit, info."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from click.testing import CliRunner
+
+from lintx_triton.cli import main
+
+BAD_MAP = textwrap.dedent('''
+    import lintx_triton as lx
+    # phi in Triton adds 0.01 that the reference does not: every check must catch it
+    lx.feature_maps.register(lx.feature_maps.ElementwiseFeatureMap(
+        name="off_by_a_bit", phi="x + 0.01", vjp="g", reference=lambda x: x), overwrite=True)
+''')
+
+
+def test_fuzz_passes_and_reports_json():
+    r = CliRunner().invoke(main, ["fuzz", "-n", "2", "--map", "elu", "--dtype", "fp32", "--kernel", "forward",
+                                  "--normalize", "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    res = data["results"]
+    assert {x["backend"] for x in res} == {"triton", "torch"} and {x["state"] for x in res} == {True, False}
+    assert all(x["status"] == "ok" and x["examples"] == 2 and 0 <= x["worst"] <= 1 for x in res)
+
+
+def test_fuzz_table_backward():
+    r = CliRunner().invoke(main, ["fuzz", "-n", "2", "--map", "relu", "--dtype", "bf16", "--kernel", "backward",
+                                  "--backend", "triton", "--raw", "--no-state"])
+    assert r.exit_code == 0, r.output
+    assert "backward" in r.stdout and "relu" in r.stdout and "ok" in r.stdout
+
+
+def test_fuzz_failure_is_shrunk_to_a_snippet_that_reproduces(tmp_path):
+    (tmp_path / "badmap_mod.py").write_text(BAD_MAP)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        r = CliRunner().invoke(main, ["fuzz", "-n", "5", "--map", "off_by_a_bit", "--dtype", "fp32", "--kernel",
+                                      "forward", "--backend", "triton", "--raw", "--no-state", "--import", "badmap_mod",
+                                      "--json"])
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert r.exit_code == 1, r.output
+    (res,) = json.loads(r.stdout)["results"]
+    assert res["status"] == "FAIL" and "EquivalenceError" in res["error"]
+    # shrunk: the smallest shape hypothesis can reach still fails
+    assert res["case"]["T"] == 1 and res["case"]["B"] == 1 and res["case"]["H"] == 1
+    script = tmp_path / "repro.py"
+    script.write_text(res["snippet"])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode != 0 and "EquivalenceError" in out.stderr, out.stderr[-2000:]
+
+
+def test_fuzz_usage_errors():
+    r = CliRunner().invoke(main, ["fuzz", "--map", "nope"])
+    assert r.exit_code == 2 and "unknown feature map" in r.output and "elu" in r.output
+    r = CliRunner().invoke(main, ["fuzz", "--dtype", "int8"])
+    assert r.exit_code == 2 and "bf16" in r.output
+
+
+def test_emit_prints_and_writes(tmp_path):
+    r = CliRunner().invoke(main, ["emit", "--map", "relu", "--dtype", "fp16", "-D", "48", "-DV", "80"])
+    assert r.exit_code == 0, r.output
+    assert "tl.maximum(x, 0.0)" in r.stdout and "D = tl.constexpr(48)" in r.stdout and "DV = tl.constexpr(80)" in r.stdout
+    r = CliRunner().invoke(main, ["emit", "--full", "--raw", "--out", str(tmp_path / "k")])
+    assert r.exit_code == 0, r.output
+    (f,) = (tmp_path / "k").iterdir()
+    # under the interpreter a bf16 call upcasts its products: the tag says so (-fp32dot)
+    assert f.name.startswith("elu-full-raw-bfloat16-D64-DV64") and "def chunk_fwd_kernel_o(" in f.read_text()
+    r = CliRunner().invoke(main, ["emit", "--full", "--initial-state"])
+    assert r.exit_code == 2 and "--causal" in r.output
+
+
+def test_info_json():
+    r = CliRunner().invoke(main, ["info", "-B", "2", "-T", "100", "-D", "128", "--dtype", "bf16", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["device"] == "cpu" and d["triton_interpret"] is True and d["auto_backend"] == "triton"
+    assert d["shape"]["D"] == 128 and d["config"]["path"] in ("fused", "chunked") and d["config_source"] == "heuristic"
+    assert d["kernel_cache"].endswith("kernels")
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run([sys.executable, "-m", "lintx_triton", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "fuzz" in out.stdout and "emit" in out.stdout and "info" in out.stdout
