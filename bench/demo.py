@@ -68,7 +68,7 @@ def check(device: torch.device) -> bool:
 
 def speed(device: torch.device, Ts, heads: int, dim: int, tokens: int, dtype: torch.dtype) -> None:
     backend = "triton" if device.type == "cuda" else "torch"
-    reps = 20 if device.type == "cuda" else 3
+    reps = 20 if device.type == "cuda" else 5
     print(f"\nspeed: backend={backend} on {device.type if device.type == 'cpu' else torch.cuda.get_device_name(device)}, "
           f"{dtype}, H={heads}, D=DV={dim}, B*T={tokens}, elu+1, normalized, median ms")
     print(f"  {'T':>6} {'B':>4} {'lintx fwd':>10} {'lintx fwd+bwd':>14} {'SDPA fwd':>9} {'SDPA fwd+bwd':>13}")
