@@ -3,6 +3,7 @@
     lintx fuzz --examples 20 --map elu --dtype bf16     # property tests on this device
     lintx emit --map relu --dtype fp16 --head-dim 64    # the generated Triton source
     lintx info --json                                   # versions, device, backend, config, cache
+    lintx resources --dtype bf16 -D 128 --arch 90      # registers/spills/HGMMA of each kernel, no GPU
 
 Also ``python -m lintx_triton ...``.
 """
@@ -60,7 +61,7 @@ def _check_maps(maps):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lintx_triton")
 def main():
-    """lintx_triton's command line: fuzz, emit, info."""
+    """lintx_triton's command line: fuzz, emit, info, resources."""
 
 
 # ---------------------------------------------------------------- fuzz
@@ -379,6 +380,57 @@ def info(feature_map, causal, normalize, dtype, head_dim, value_dim, imports, ba
     for k, v in data.items():
         table.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
     Console(width=None if sys.stdout.isatty() else 120).print(table)
+
+
+# ---------------------------------------------------------------- resources
+
+@main.command()
+@_spec_options
+@click.option("--arch", default=90, show_default=True, type=click.Choice(["80", "90", "100"]), help="sm_ARCH")
+@click.option("--sm-count", default=132, show_default=True, type=click.IntRange(1),
+              help="multiprocessors, for the default config's choice of path")
+@click.option("--json", "as_json", is_flag=True)
+def resources(feature_map, causal, normalize, dtype, head_dim, value_dim, imports, arch, sm_count, as_json):
+    """Compile every kernel of a variant for a GPU target on this machine (no GPU needed) and report
+    registers, stack, spill instructions (LDL/STL), shared memory, HGMMA/HMMA counts and occupancy.
+
+    \b
+    Examples:
+      lintx resources --dtype bf16 -D 64
+      lintx resources --map relu --dtype fp16 -D 128 --arch 80 --json
+    """
+    # compiling for a target: the kernels must not be decorated for the interpreter
+    os.environ["TRITON_INTERPRET"] = "0"
+    import triton
+
+    from .compile_report import STAGES, kernel_resources
+    from .config import gpu_heuristic
+
+    _import_modules(imports)
+    spec = _make_spec(feature_map, causal, normalize, dtype, head_dim, value_dim)
+    cfg = gpu_heuristic(spec, batch_heads=4 * sm_count, sm_count=sm_count)
+    rows = []
+    for label, kernel, backward, flags in STAGES:
+        if kernel == "chunk_fwd_kernel_o" and flags.get("FUSED") and not spec.causal:
+            continue
+        r = kernel_resources(spec, kernel, cfg, arch=int(arch), backward=backward, **flags)
+        rows.append(dict(r.as_dict(), stage=label, spills=r.spills, BT=cfg.bwd_chunk if backward else cfg.chunk,
+                         BV=cfg.bwd_block_v if backward else cfg.block_v))
+    if as_json:
+        click.echo(json.dumps({"spec": asdict(spec), "arch": int(arch), "triton": triton.__version__,
+                               "config": {k: v for k, v in asdict(cfg).items()}, "kernels": rows}, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{spec.tag()} on sm_{arch} (Triton {triton.__version__}, compiled on this machine)")
+    cols = ("stage", "BT", "BV", "num_warps", "registers", "stack", "spill_loads", "spill_stores", "shared",
+            "hgmma", "hmma", "blocks_per_sm")
+    for col in cols:
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for r in rows:
+        table.add_row(*(str(r[c]) for c in cols), style="red" if r["spills"] else None)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
 if __name__ == "__main__":

@@ -89,3 +89,16 @@ def test_info_json():
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "lintx_triton", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "fuzz" in out.stdout and "emit" in out.stdout and "info" in out.stdout
+
+
+def test_resources_json_in_a_fresh_process():
+    # compiles for sm_90 on this CPU; a fresh process, since interpreted kernels patch triton.language
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    out = subprocess.run([sys.executable, "-m", "lintx_triton", "resources", "--dtype", "bf16", "-D", "64", "--json"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    d = json.loads(out.stdout)
+    stages = {k["stage"]: k for k in d["kernels"]}
+    assert len(stages) == 8 and d["arch"] == 90
+    assert stages["fwd output (fused)"]["hgmma"] > 0 and not stages["fwd output (fused)"]["spills"]
+    assert all(k["registers"] > 0 for k in d["kernels"])
