@@ -408,7 +408,7 @@ def resources(feature_map, causal, normalize, dtype, head_dim, value_dim, import
 
     _import_modules(imports)
     spec = _make_spec(feature_map, causal, normalize, dtype, head_dim, value_dim)
-    cfg = gpu_heuristic(spec, batch_heads=4 * sm_count, sm_count=sm_count)
+    cfg = gpu_heuristic(spec, batch_heads=4 * sm_count, sm_count=sm_count, arch=int(arch))
     rows = []
     for label, kernel, backward, flags in STAGES:
         if kernel == "chunk_fwd_kernel_o" and flags.get("FUSED") and not spec.causal:

@@ -31,7 +31,9 @@ TARGETS = {
     90: dict(regs=65536, smem=228 * 1024, warps=64, blocks=32),
     100: dict(regs=65536, smem=228 * 1024, warps=64, blocks=32),
 }
-KERNELS = ("chunk_kernel_h", "chunk_scan_kernel", "chunk_fwd_kernel_o", "bwd_kernel_g", "chunk_bwd_kernel_dqkv")
+KERNELS = ("chunk_kernel_h", "chunk_scan_kernel", "chunk_fwd_kernel_o", "bwd_kernel_g", "chunk_bwd_kernel_dq",
+           "chunk_bwd_kernel_dkv")
+_BWD_ONLY = ("bwd_kernel_g", "chunk_bwd_kernel_dq", "chunk_bwd_kernel_dkv")
 _TL = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 # pointer arguments holding the inputs' dtype; every other pointer is fp32
 _INPUT_PTRS = {"q", "k", "v", "o", "do", "dq", "dk", "dv", "x", "y"}
@@ -63,14 +65,16 @@ class KernelResources:
 def launch_constexprs(spec: KernelSpec, kernel: str, cfg: Config, *, backward: bool = False, heads: int = 16,
                       **flags) -> dict:
     """The launch-time constexprs the launchers pass to ``kernel`` under ``cfg`` (flags override)."""
-    BT = cfg.bwd_chunk if backward or kernel in ("bwd_kernel_g", "chunk_bwd_kernel_dqkv") else cfg.chunk
-    BV = cfg.bwd_block_v if backward or kernel == "chunk_bwd_kernel_dqkv" else cfg.block_v
+    bwd = backward or kernel in _BWD_ONLY
+    BT = cfg.bwd_chunk if bwd else cfg.chunk
+    BV = cfg.bwd_block_v if bwd else cfg.block_v
     base = {
         "chunk_kernel_h": dict(H=heads, BT=BT, BV=BV, BACKWARD=backward),
         "chunk_scan_kernel": dict(BT=BT, BMS=min(spec.block_m, 64), BV=BV, HAS_INIT=False, REVERSE=backward),
         "chunk_fwd_kernel_o": dict(H=heads, BT=BT, BV=BV, FUSED=cfg.path == "fused" and spec.causal),
         "bwd_kernel_g": dict(H=heads, BT=BT),
-        "chunk_bwd_kernel_dqkv": dict(H=heads, BT=BT, BV=BV),
+        "chunk_bwd_kernel_dq": dict(H=heads, BT=BT, BV=BV),
+        "chunk_bwd_kernel_dkv": dict(H=heads, BT=BT, BV=BV),
     }[kernel]
     base.update(flags)
     return base
@@ -118,7 +122,7 @@ def compile_for_target(spec: KernelSpec, kernel: str, constexprs: dict, *, arch:
 def kernel_resources(spec: KernelSpec, kernel: str, cfg: Config, *, arch: int = 90, backward: bool = False,
                      **flags) -> KernelResources:
     """Compile ``kernel`` of ``spec`` as ``cfg`` launches it and read its resources from the cubin."""
-    is_bwd = backward or kernel in ("bwd_kernel_g", "chunk_bwd_kernel_dqkv")
+    is_bwd = backward or kernel in _BWD_ONLY
     w = cfg.bwd_num_warps if is_bwd else cfg.num_warps
     compiled = compile_for_target(
         spec, kernel, launch_constexprs(spec, kernel, cfg, backward=backward, **flags),
@@ -163,7 +167,8 @@ STAGES = (
     ("bwd g", "bwd_kernel_g", True, {}),
     ("bwd chunk sums", "chunk_kernel_h", True, {}),
     ("bwd scan", "chunk_scan_kernel", True, {}),
-    ("bwd dq dk dv", "chunk_bwd_kernel_dqkv", True, {}),
+    ("bwd dq", "chunk_bwd_kernel_dq", True, {}),
+    ("bwd dk dv", "chunk_bwd_kernel_dkv", True, {}),
 )
 
 
@@ -175,7 +180,7 @@ def default_report(dtype: str = "bfloat16", dims=(64, 128), arch: int = 90, feat
     rows = []
     for d in dims:
         spec = KernelSpec(feature_map, True, True, dtype, d, d, False, dtype == "float32")
-        cfg = gpu_heuristic(spec, batch_heads=4 * sm_count, sm_count=sm_count)
+        cfg = gpu_heuristic(spec, batch_heads=4 * sm_count, sm_count=sm_count, arch=arch)
         for label, kernel, backward, flags in STAGES:
             r = kernel_resources(spec, kernel, cfg, arch=arch, backward=backward, **flags)
             rows.append(dict(r.as_dict(), stage=label, dtype=dtype, dim=d, feature_map=feature_map,

@@ -90,25 +90,38 @@ def _heuristic(spec: KernelSpec, batch_heads: int, T: int, device: torch.device)
         bv = min(32, spec.block_dv)
         return Config(chunk=16, bwd_chunk=16, block_v=bv, bwd_block_v=bv, num_warps=4, bwd_num_warps=4,
                       num_stages=1, path="chunked")
-    return gpu_heuristic(spec, batch_heads, _sm_count(device.index or 0))
+    index = device.index or 0
+    return gpu_heuristic(spec, batch_heads, _sm_count(index), arch=_arch(index))
 
 
-def gpu_heuristic(spec: KernelSpec, batch_heads: int, sm_count: int) -> Config:
-    """The default GPU config for a GPU with ``sm_count`` multiprocessors (no GPU needed to ask)."""
+@functools.lru_cache(maxsize=None)
+def _arch(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def gpu_heuristic(spec: KernelSpec, batch_heads: int, sm_count: int, arch: int = 90) -> Config:
+    """The default config on a GPU of compute capability ``arch`` (90: sm_90) with ``sm_count``
+    multiprocessors; no GPU is needed to ask."""
     # Chosen from sm_90 cubins compiled on a CPU (Triton 3.9, read with cuobjdump/nvdisasm; the table is
-    # bench/SM90_REPORT.md, made by `python bench/sm90_report.py`): the largest tiles without register
-    # spills, with HGMMA products in the bf16/fp16 forward. At D = DV = 64 the bf16 forward at 8 warps,
-    # BT 64, BV 64 takes 215-222 registers (4 warps: 255 and a stack). The backward holds ~6 tiles at
-    # once: BT 64 spills at any width; BT 32 / BV 64 / 8 warps takes 193 registers. At 128 every backward
-    # config spills a little (least: BT 16 / BV 32 / 4 warps, 32 bytes of stack) until the backward is
-    # split in two kernels. IEEE fp32 products run on the FMA units and need far smaller tiles.
+    # bench/COMPILE_REPORT.md, made by `python bench/compile_report.py`): the largest tiles without register
+    # spills, with HGMMA products. At D = DV = 64 the bf16 forward at 8 warps, BT 64, BV 64 takes
+    # 215-222 registers (4 warps: 255 and a stack). The backward's dq and (dk, dv) kernels at BT 64,
+    # BV 32, 8 warps take 147 and 240 registers; at D = 128 the (dk, dv) kernel still keeps a 128-byte
+    # stack (31 LDL), the least of the configs tried. IEEE fp32 products run on the FMA units and need
+    # far smaller tiles.
     wide = max(spec.block_m, spec.block_dv) > 64
     if spec.dtype == "float32":
         chunk, block_v = (16, 16) if wide else (32, 16)
         bwd_chunk, bwd_block_v, bwd_warps = (16, 16, 8) if wide else (32, 32, 8)
-    else:
+    elif arch >= 90:
         chunk, block_v = 64, (32 if wide else 64)
-        bwd_chunk, bwd_block_v, bwd_warps = (16, 32, 4) if wide else (32, 64, 8)
+        bwd_chunk, bwd_block_v, bwd_warps = 64, 32, 8
+    else:
+        # sm_80's mma layouts hold more registers: these tiles spilled there (bench/COMPILE_REPORT.md).
+        # BT 32 with BV 32 / 64 (D = 64) or 16 (D = 128) is spill-free but for the D = 128 (dk, dv).
+        chunk, block_v = 32, (16 if wide else 32)
+        bwd_chunk, bwd_block_v, bwd_warps = 32, (16 if wide else 64), 8
     block_v = min(block_v, spec.block_dv)
     programs = batch_heads * -(-spec.value_dim // block_v)
     # The fused path runs one program per (value block, batch*head): measured on an H200, 512 such

@@ -99,6 +99,6 @@ def test_resources_json_in_a_fresh_process():
     assert out.returncode == 0, out.stderr[-2000:]
     d = json.loads(out.stdout)
     stages = {k["stage"]: k for k in d["kernels"]}
-    assert len(stages) == 8 and d["arch"] == 90
+    assert len(stages) == 9 and d["arch"] == 90
     assert stages["fwd output (fused)"]["hgmma"] > 0 and not stages["fwd output (fused)"]["spills"]
     assert all(k["registers"] > 0 for k in d["kernels"])

@@ -11,7 +11,10 @@ from lintx_triton import codegen, feature_maps
 from lintx_triton.spec import KernelSpec
 from helpers import assert_forward_close, case_id, cases, make_inputs
 
-KERNELS = ["chunk_kernel_h", "chunk_scan_kernel", "chunk_fwd_kernel_o", "bwd_kernel_g", "chunk_bwd_kernel_dqkv"]
+KERNELS = [
+    "chunk_kernel_h", "chunk_scan_kernel", "chunk_fwd_kernel_o", "bwd_kernel_g", "chunk_bwd_kernel_dq",
+    "chunk_bwd_kernel_dkv",
+]
 
 
 @pytest.mark.parametrize("name", ["elu", "relu", "identity"])

@@ -321,9 +321,24 @@ def bwd_kernel_g(
     tl.store(g + p_den, -tl.sum(b_o * b_do, 1) / b_den, mask=m_t)
 
 
-# ---- backward: dq, dk, dv of one chunk, from S_c (state before) and dS_c (gradient after) ----
+@triton.jit
+def _bwd_program(T, H: tl.constexpr, BT: tl.constexpr):
+    # program (chunk, batch*head) -> its row offset, the chunk's token offsets and mask, and the index
+    # of its state in the [B*H, NT, ...] chunk-state buffers (of the total when not causal)
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    row0 = (i_bh // H).to(tl.int64) * T * H + i_bh % H
+    o_t = i_t * BT + tl.arange(0, BT)
+    if IS_CAUSAL:
+        i_s = i_bh.to(tl.int64) * tl.cdiv(T, BT) + i_t
+    else:
+        i_s = i_bh.to(tl.int64)
+    return i_bh, row0, o_t, o_t < T, i_s
+
+
+# ---- backward: dq of one chunk from S_c (the state before it). dq and (dk, dv) are two kernels:
+#      one kernel holding every tile spilled at BT = 64 (bench/NOTES.md) ----
 @triton.jit(do_not_specialize=["T"])
-def chunk_bwd_kernel_dqkv(
+def chunk_bwd_kernel_dq(
     q,  # [B, T, H, D]
     k,  # [B, T, H, D]
     v,  # [B, T, H, DV]
@@ -332,9 +347,56 @@ def chunk_bwd_kernel_dqkv(
     g,  # [B, H, T]    NORMALIZE only
     h,  # [B*H, NT, M, DV] S_c (causal) or [B, H, M, DV] the total (not causal)
     hz,  # [B*H, NT, M] / [B, H, M]
-    dh,  # as h: dS_c, the state gradient from every later token (and the final state)
-    dhz,  # as hz
     dq,  # [B, T, H, D] out
+    scale,
+    T,
+    H: tl.constexpr,
+    BT: tl.constexpr,
+    BV: tl.constexpr,
+):
+    i_bh, row0, o_t, m_t, i_s = _bwd_program(T, H, BT)
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_m = tl.arange(0, BM)
+    m_m = o_m < M
+    b_da = tl.zeros([BT, BM], dtype=tl.float32)  # do S^T, then dL/da without the factor scale
+    if IS_CAUSAL:
+        b_dA = tl.zeros([BT, BT], dtype=tl.float32)  # do v^T, then dL/d(a b^T)
+    for i_v in range(0, tl.cdiv(DV, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < DV
+        b_S = tl.load(h + (i_s * M + o_m[:, None]) * DV + o_v[None, :], mask=m_m[:, None] & m_v[None, :], other=0.0)
+        b_do = _load_rows(do, row0, o_t, m_t, o_v, m_v, H, DV)  # [BT, BV]
+        b_da += _mm_wide(b_do, tl.trans(b_S))
+        if IS_CAUSAL:
+            b_dA += _mm(b_do, tl.trans(_load_rows(v, row0, o_t, m_t, o_v, m_v, H, DV)))
+    if NORMALIZE:
+        p_t = i_bh.to(tl.int64) * T + o_t
+        b_rden = 1.0 / tl.load(den + p_t, mask=m_t, other=1.0)  # [BT]
+        b_g = tl.load(g + p_t, mask=m_t, other=0.0)
+        b_z = tl.load(hz + i_s * M + o_m, mask=m_m, other=0.0)  # [BM]
+        b_da = b_da * b_rden[:, None] + b_g[:, None] * b_z[None, :]
+    if IS_CAUSAL:
+        if NORMALIZE:
+            b_dA = b_dA * b_rden[:, None] + b_g[:, None]
+        b_dA = tl.where((o_t[:, None] >= o_t[None, :]) & m_t[:, None], b_dA, 0.0)
+        b_b = _features(_load_rows(k, row0, o_t, m_t, o_d, m_d, H, D), m_t, m_m)  # [BT, BM]
+        b_da += _mm_wide(b_dA, b_b)
+    b_xq = _load_rows(q, row0, o_t, m_t, o_d, m_d, H, D)
+    _store_rows(dq, tl.where(m_d[None, :], phi_vjp(b_xq, scale * b_da), 0.0), row0, o_t, m_t, o_d, m_d, H, D)
+
+
+# ---- backward: dk, dv of one chunk from dS_c (the state gradient after it) ----
+@triton.jit(do_not_specialize=["T"])
+def chunk_bwd_kernel_dkv(
+    q,  # [B, T, H, D]
+    k,  # [B, T, H, D]
+    v,  # [B, T, H, DV]
+    do,  # [B, T, H, DV]
+    den,  # [B, H, T]  NORMALIZE only
+    g,  # [B, H, T]    NORMALIZE only
+    dh,  # dS_c: the state gradient from every later token (and the final state)
+    dhz,
     dk,  # [B, T, H, D] out
     dv,  # [B, T, H, DV] out
     scale,
@@ -343,68 +405,42 @@ def chunk_bwd_kernel_dqkv(
     BT: tl.constexpr,
     BV: tl.constexpr,
 ):
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    NT = tl.cdiv(T, BT)
-    row0 = i_b.to(tl.int64) * T * H + i_h
-    o_t = i_t * BT + tl.arange(0, BT)
-    m_t = o_t < T
+    i_bh, row0, o_t, m_t, i_s = _bwd_program(T, H, BT)
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     o_m = tl.arange(0, BM)
     m_m = o_m < M
-    if IS_CAUSAL:
-        i_s = i_bh.to(tl.int64) * NT + i_t
-    else:
-        i_s = i_bh.to(tl.int64)
-    b_xq = _load_rows(q, row0, o_t, m_t, o_d, m_d, H, D)  # [BT, BD]
-    b_xk = _load_rows(k, row0, o_t, m_t, o_d, m_d, H, D)
-    b_a = _features(b_xq, m_t, m_m)  # [BT, BM]
-    b_b = _features(b_xk, m_t, m_m)
-    b_z = tl.load(hz + i_s * M + o_m, mask=m_m, other=0.0)  # [BM]
-    b_dz = tl.load(dhz + i_s * M + o_m, mask=m_m, other=0.0)
+    b_b = _features(_load_rows(k, row0, o_t, m_t, o_d, m_d, H, D), m_t, m_m)  # [BT, BM]
     if NORMALIZE:
         p_t = i_bh.to(tl.int64) * T + o_t
         b_rden = 1.0 / tl.load(den + p_t, mask=m_t, other=1.0)  # [BT]
-        b_g = tl.load(g + p_t, mask=m_t, other=0.0)
-    # With dn = do / den (dL/dnum), every product takes do itself and the rows are scaled by 1 / den
-    # afterwards in fp32: do / den would underflow fp16 once den grows with T.
-    b_da = tl.zeros([BT, BM], dtype=tl.float32)  # do S^T, then dL/da without the factor scale
-    b_db = tl.zeros([BT, BM], dtype=tl.float32)
     if IS_CAUSAL:
         m_c = (o_t[:, None] >= o_t[None, :]) & m_t[:, None]
+        b_a = _features(_load_rows(q, row0, o_t, m_t, o_d, m_d, H, D), m_t, m_m)  # [BT, BM]
         b_A = tl.where(m_c, _mm(b_a, tl.trans(b_b)), 0.0)  # [BT, BT] scores a b^T
         if NORMALIZE:
             b_A = b_A * b_rden[:, None]  # attention weights: dv's intra term is A^T do
         b_dA = tl.zeros([BT, BT], dtype=tl.float32)  # do v^T, then dL/d(a b^T)
+    b_db = tl.zeros([BT, BM], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(DV, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < DV
-        m_mv = m_m[:, None] & m_v[None, :]
-        p_s = (i_s * M + o_m[:, None]) * DV + o_v[None, :]
-        b_S = tl.load(h + p_s, mask=m_mv, other=0.0)  # [BM, BV]
-        b_dS = tl.load(dh + p_s, mask=m_mv, other=0.0)  # [BM, BV]
+        b_dS = tl.load(dh + (i_s * M + o_m[:, None]) * DV + o_v[None, :], mask=m_m[:, None] & m_v[None, :], other=0.0)
         b_v = _load_rows(v, row0, o_t, m_t, o_v, m_v, H, DV)  # [BT, BV]
-        b_do = _load_rows(do, row0, o_t, m_t, o_v, m_v, H, DV)
-        b_da += _mm_wide(b_do, tl.trans(b_S))
         b_db += _mm_wide(b_v, tl.trans(b_dS))
         b_dv = _mm_wide(b_b, b_dS)  # [BT, BV]
         if IS_CAUSAL:
+            b_do = _load_rows(do, row0, o_t, m_t, o_v, m_v, H, DV)
             b_dA += _mm(b_do, tl.trans(b_v))
             b_dv += scale * _mm_wide(tl.trans(b_A), b_do)
         _store_rows(dv, b_dv, row0, o_t, m_t, o_v, m_v, H, DV)
-    b_db += b_dz[None, :]
-    if NORMALIZE:
-        b_da = b_da * b_rden[:, None] + b_g[:, None] * b_z[None, :]
+    b_db += tl.load(dhz + i_s * M + o_m, mask=m_m, other=0.0)[None, :]
     if IS_CAUSAL:
         if NORMALIZE:
+            b_g = tl.load(g + p_t, mask=m_t, other=0.0)
             b_dA = b_dA * b_rden[:, None] + b_g[:, None]
         b_dA = tl.where(m_c, b_dA, 0.0)
-        b_da += _mm_wide(b_dA, b_b)
         b_db += scale * _mm_wide(tl.trans(b_dA), b_a)
-    b_da = scale * b_da
-    b_dq = tl.where(m_d[None, :], phi_vjp(b_xq, b_da), 0.0)
-    b_dk = tl.where(m_d[None, :], phi_vjp(b_xk, b_db), 0.0)
-    _store_rows(dq, b_dq, row0, o_t, m_t, o_d, m_d, H, D)
-    _store_rows(dk, b_dk, row0, o_t, m_t, o_d, m_d, H, D)
+    b_xk = _load_rows(k, row0, o_t, m_t, o_d, m_d, H, D)
+    _store_rows(dk, tl.where(m_d[None, :], phi_vjp(b_xk, b_db), 0.0), row0, o_t, m_t, o_d, m_d, H, D)
 '''

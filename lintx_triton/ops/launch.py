@@ -66,6 +66,13 @@ def _state_like(q: torch.Tensor, spec: KernelSpec):
     )
 
 
+def _pass_through(S, z, S_in, z_in):
+    """T = 0: the state leaves as it came in (zeros when none came)."""
+    if S_in is None:
+        return S.zero_(), z.zero_()
+    return S.copy_(S_in), z.copy_(z_in)
+
+
 def chunk_fwd(spec: KernelSpec, cfg: Config, q, k, v, h0, z0, scale: float, eps: float):
     """-> o [B, T, H, DV], den [B, H, T] (or [0] unnormalized), S_T [B, H, M, DV], z_T [B, H, M]."""
     B, T, H, _ = q.shape
@@ -74,13 +81,7 @@ def chunk_fwd(spec: KernelSpec, cfg: Config, q, k, v, h0, z0, scale: float, eps:
     den = torch.empty((B, H, T) if spec.normalize else (0,), dtype=F32, device=q.device)
     ht, zt = _state_like(q, spec)
     if T == 0:
-        if h0 is not None:
-            ht.copy_(h0)
-            zt.copy_(z0)
-        else:
-            ht.zero_()
-            zt.zero_()
-        return o, den, ht, zt
+        return (o, den) + _pass_through(ht, zt, h0, z0)
     mod = load(spec)
     BT, BV = cfg.chunk, cfg.block_v
     NT, NV = _cdiv(T, BT), _cdiv(DV, BV)
@@ -125,13 +126,7 @@ def chunk_bwd(spec: KernelSpec, cfg: Config, do, dht, dzt, q, k, v, o, den, h0, 
     if dzt is None and dht is not None:
         dzt = torch.zeros_like(dz0)
     if T == 0:
-        if dht is not None:
-            dh0.copy_(dht)
-            dz0.copy_(dzt)
-        else:
-            dh0.zero_()
-            dz0.zero_()
-        return dq, dk, dv, dh0, dz0
+        return (dq, dk, dv) + _pass_through(dh0, dz0, dht, dzt)
     mod = load(spec)
     BT, BV = cfg.bwd_chunk, cfg.bwd_block_v
     NT = _cdiv(T, BT)
@@ -146,7 +141,6 @@ def chunk_bwd(spec: KernelSpec, cfg: Config, do, dht, dzt, q, k, v, o, den, h0, 
     dh, dhz = _chunk_states(mod, spec, BT, BV, opts, q, do, den, g, dht, dzt, dh0, dz0, scale, backward=True)
     if not spec.causal:
         h, hz, dh, dhz = ht, zt, dh0, dz0
-    mod.chunk_bwd_kernel_dqkv[(NT, B * H)](
-        q, k, v, do, den, g, h, hz, dh, dhz, dq, dk, dv, scale, T, H=H, BT=BT, BV=BV, **opts
-    )
+    mod.chunk_bwd_kernel_dq[(NT, B * H)](q, k, v, do, den, g, h, hz, dq, scale, T, H=H, BT=BT, BV=BV, **opts)
+    mod.chunk_bwd_kernel_dkv[(NT, B * H)](q, k, v, do, den, g, dh, dhz, dk, dv, scale, T, H=H, BT=BT, BV=BV, **opts)
     return dq, dk, dv, dh0, dz0
