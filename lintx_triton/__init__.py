@@ -7,6 +7,8 @@ Public API::
     lintx_triton.linear_attention(q, k, v, *, feature_map="elu", causal=True, normalize=True,
                                   scale=1.0, eps=1e-6, initial_state=None, return_state=False,
                                   backend="auto")
+    lintx_triton.linear_attention_step(q, k, v, state)   # one token of the RNN form (and step_: in place)
+    lintx_triton.nn.LinearAttention   # a drop-in attention module: forward() and step()
     lintx_triton.emit(...)            # the generated Triton source of a variant
     lintx_triton.feature_maps         # elu, relu, identity, and user-defined maps
     lintx_triton.config_for(...)      # the launch config a call will use, and where it came from
@@ -16,10 +18,16 @@ device probing, no compilation (kernels are generated at their first call).
 """
 
 from . import feature_maps
-from .api import emit, linear_attention
+from . import nn
+from .api import emit, linear_attention, linear_attention_step, linear_attention_step_
 from .config import Config, config_for
 from .spec import KernelSpec
 
 __version__ = "0.1.0"
 
-__all__ = ["linear_attention", "emit", "feature_maps", "config_for", "Config", "KernelSpec", "__version__"]
+__all__ = [
+    "linear_attention",
+    "linear_attention_step",
+    "linear_attention_step_",
+    "nn",
+    "emit", "feature_maps", "config_for", "Config", "KernelSpec", "__version__"]

@@ -12,10 +12,10 @@ from . import feature_maps
 from .config import interpreting
 from .feature_maps import FeatureMap
 from .ops import custom  # noqa: F401  (registers torch.ops.lintx.*)
-from .reference import linear_attention_torch
+from .reference import linear_attention_step_torch, linear_attention_torch
 from .spec import DTYPES, KernelSpec
 
-__all__ = ["linear_attention", "emit", "BACKENDS"]
+__all__ = ["linear_attention", "linear_attention_step", "linear_attention_step_", "emit", "BACKENDS"]
 
 BACKENDS = ("auto", "triton", "torch")
 # The generated kernels keep a [BT, M] and an [M, BV] tile on chip; beyond this they would spill.
@@ -55,22 +55,25 @@ def _check_inputs(q, k, v, fm: FeatureMap, causal, initial_state, scale, eps, ba
         return
     if not causal:
         raise ValueError("initial_state is only defined for causal=True (non-causal attention has no prefix)")
-    if not (isinstance(initial_state, (tuple, list)) and len(initial_state) == 2):
-        raise TypeError(f"initial_state must be a pair (S_0, z_0), got {type(initial_state).__name__}")
     B, _, H, D = q.shape
-    M, DV = fm.feature_dim(D), v.shape[-1]
-    for name, t, shape in (("S_0", initial_state[0], (B, H, M, DV)), ("z_0", initial_state[1], (B, H, M))):
+    _check_state(initial_state, "initial_state", B, H, fm.feature_dim(D), v.shape[-1], fm, q.device)
+
+
+def _check_state(state, what, B, H, M, DV, fm, device):
+    if not (isinstance(state, (tuple, list)) and len(state) == 2):
+        raise TypeError(f"{what} must be a pair (S, z), got {type(state).__name__}")
+    for name, t, shape in (("S", state[0], (B, H, M, DV)), ("z", state[1], (B, H, M))):
         if not isinstance(t, Tensor):
-            raise TypeError(f"initial_state {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"{what} {name} must be a torch.Tensor, got {type(t).__name__}")
         if tuple(t.shape) != shape:
             raise ValueError(
-                f"initial_state {name} must have shape {list(shape)} ([B, H, M{', DV' if name == 'S_0' else ''}] with "
+                f"{what} {name} must have shape {list(shape)} ([B, H, M{', DV' if name == 'S' else ''}] with "
                 f"M = {M} features of map {fm.name!r}), got {tuple(t.shape)}"
             )
         if t.dtype != torch.float32:
-            raise TypeError(f"initial_state {name} must be float32, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"initial_state {name} is on {t.device}, q on {q.device}")
+            raise TypeError(f"{what} {name} must be float32, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{what} {name} is on {t.device}, q on {device}")
 
 
 def _pick_backend(backend: str, q: Tensor) -> str:
@@ -157,6 +160,114 @@ def linear_attention(
             q, k, v, S0, z0, fm.name, bool(causal), bool(normalize), float(scale), float(eps)
         )
     return (o, (S, z)) if return_state else o
+
+
+def _check_step(q, k, v, state, fm: FeatureMap, scale, eps, backend):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(
+                f"{name} must have 3 dimensions {'[B, H, D]' if name != 'v' else '[B, H, DV]'} (one token), "
+                f"got shape {tuple(t.shape)}"
+            )
+    # the [B, T, H, D] checks with T = 1 give the same messages for dtypes, devices and shapes
+    _check_inputs(q[:, None], k[:, None], v[:, None], fm, True, None, scale, eps, backend)
+    if state is not None:
+        B, H, D = q.shape
+        _check_state(state, "state", B, H, fm.feature_dim(D), v.shape[-1], fm, q.device)
+
+
+def linear_attention_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    state: Optional[tuple[Tensor, Tensor]] = None,
+    *,
+    feature_map: Union[str, FeatureMap] = "elu",
+    normalize: bool = True,
+    scale: float = 1.0,
+    eps: float = 1e-6,
+    backend: str = "auto",
+):
+    r"""One step of the RNN form: a new token's output and the updated state, in constant time.
+
+    S <- S + phi(k) v^T, z <- z + phi(k), o = scale phi(q)^T S / (scale phi(q)^T z + eps). T steps equal
+    one :func:`linear_attention` call with ``return_state=True`` over the same tokens, and a prefill's
+    state continues exactly.
+
+    Args:
+        q (torch.Tensor): the new token's queries ``[B, H, D]``.
+        k (torch.Tensor): its keys ``[B, H, D]``.
+        v (torch.Tensor): its values ``[B, H, DV]``.
+        state (tuple[torch.Tensor, torch.Tensor] | None): ``(S [B, H, M, DV], z [B, H, M])`` float32, or
+            ``None`` for an empty one. Not modified.
+        feature_map, normalize, scale, eps, backend: as in :func:`linear_attention`.
+
+    Returns:
+        o (torch.Tensor): ``[B, H, DV]`` in the inputs' dtype, and the new state ``(S, z)``.
+
+    Examples::
+
+        >>> import torch, lintx_triton as lx
+        >>> q, k, v = torch.randn(2, 10, 4, 32), torch.randn(2, 10, 4, 32), torch.randn(2, 10, 4, 32)
+        >>> o, state = lx.linear_attention(q[:, :9], k[:, :9], v[:, :9], return_state=True)   # prefill
+        >>> o_last, state = lx.linear_attention_step(q[:, 9], k[:, 9], v[:, 9], state)          # decode
+        >>> torch.allclose(o_last, lx.linear_attention(q, k, v)[:, 9], atol=1e-5)
+        True
+    """
+    fm = feature_maps.resolve(feature_map)
+    _check_step(q, k, v, state, fm, scale, eps, backend)
+    if _pick_backend(backend, q) == "torch":
+        return linear_attention_step_torch(q, k, v, fm, normalize=normalize, scale=float(scale), eps=float(eps),
+                                           state=state)
+    S, z = state if state is not None else (None, None)
+    o, S, z = torch.ops.lintx.linear_attention_step(q, k, v, S, z, fm.name, bool(normalize), float(scale),
+                                                    float(eps))
+    return o, (S, z)
+
+
+def linear_attention_step_(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    state: tuple[Tensor, Tensor],
+    *,
+    feature_map: Union[str, FeatureMap] = "elu",
+    normalize: bool = True,
+    scale: float = 1.0,
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> Tensor:
+    r""":func:`linear_attention_step` updating a preallocated state in place; returns o ``[B, H, DV]``.
+
+    The state ``(S [B, H, M, DV], z [B, H, M])`` must be contiguous float32 (start from zeros). The op
+    declares the mutation to torch.library, so it works under ``torch.compile``, and allocates only o,
+    so a whole decode loop can be captured in a CUDA graph.
+
+    Examples::
+
+        >>> import torch, lintx_triton as lx
+        >>> S, z = torch.zeros(2, 4, 32, 32), torch.zeros(2, 4, 32)
+        >>> for t in range(3):
+        ...     o = lx.linear_attention_step_(torch.randn(2, 4, 32), torch.randn(2, 4, 32), torch.randn(2, 4, 32), (S, z))
+        >>> o.shape
+        torch.Size([2, 4, 32])
+    """
+    fm = feature_maps.resolve(feature_map)
+    if state is None:
+        raise TypeError("linear_attention_step_ needs a preallocated state (S, z); use linear_attention_step for None")
+    _check_step(q, k, v, state, fm, scale, eps, backend)
+    S, z = state
+    if not (S.is_contiguous() and z.is_contiguous()):
+        raise ValueError("linear_attention_step_ updates the state in place: S and z must be contiguous")
+    if _pick_backend(backend, q) == "torch":
+        o, (S1, z1) = linear_attention_step_torch(q, k, v, fm, normalize=normalize, scale=float(scale),
+                                                  eps=float(eps), state=state)
+        S.copy_(S1)
+        z.copy_(z1)
+        return o
+    return torch.ops.lintx.linear_attention_step_(q, k, v, S, z, fm.name, bool(normalize), float(scale), float(eps))
 
 
 def emit(

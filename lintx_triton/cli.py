@@ -22,7 +22,7 @@ import click
 
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32",
                "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
-KERNELS = ("forward", "backward")
+KERNELS = ("forward", "backward", "decode")
 
 
 def _device():
@@ -96,7 +96,7 @@ SNIPPET = '''\
 import os
 {interp}import torch
 import lintx_triton as lx
-from lintx_triton.testing import check_forward, check_grads, check_state, forward_and_grads, make_inputs
+from lintx_triton.testing import check_forward, check_grads, check_state, decode_steps, forward_and_grads, make_inputs
 {imports}
 case = {case!r}
 {body}'''
@@ -110,13 +110,20 @@ check_forward(case, o, q, k, v, state)  # raises lintx_triton.testing.Equivalenc
 check_state(case, final_state, q, k, v, state)
 '''
 
+DECODE_BODY = '''q, k, v, state = make_inputs(case, device={device!r})
+o, final_state = decode_steps(case, q, k, v, state, {backend!r})  # one token at a time
+check_forward(case, o, q, k, v, state)  # raises lintx_triton.testing.EquivalenceError
+check_state(case, final_state, q, k, v, state)
+'''
+
 BACKWARD_BODY = '''got, want, bounds, names = forward_and_grads(case, {backend!r}, device={device!r})
 check_grads(case, got, want, bounds, names)  # raises lintx_triton.testing.EquivalenceError
 '''
 
 
 def _snippet(v: Variant, case: dict, device: str, imports) -> str:
-    body = (FORWARD_BODY if v.kernel == "forward" else BACKWARD_BODY).format(device=device, backend=v.backend)
+    body = {"forward": FORWARD_BODY, "backward": BACKWARD_BODY, "decode": DECODE_BODY}[v.kernel]
+    body = body.format(device=device, backend=v.backend)
     interp = 'os.environ.setdefault("TRITON_INTERPRET", "1")  # no GPU: Triton\'s interpreter\n' \
         if (device == "cpu" and v.backend == "triton") else ""
     imp = "".join(f"import {m}  # registers feature maps\n" for m in imports)
@@ -131,8 +138,10 @@ def _run_variant(v: Variant, examples: int, seed: int, device, imports) -> Resul
 
     res = Result(v)
     last: dict = {}
+    decode = v.kernel == "decode"
     strategy = testing.cases(maps=(v.feature_map,), dtypes=(v.dtype,), normalize=v.normalize,
-                             causal=True if v.state else None, initial_state=v.state)
+                             causal=True if (v.state or decode) else None, initial_state=v.state,
+                             t_values=(1, 2, 5, 9) if decode else testing.T_VALUES)
 
     @settings(max_examples=examples, deadline=None, database=None, print_blob=False,
               suppress_health_check=list(HealthCheck),
@@ -148,6 +157,10 @@ def _run_variant(v: Variant, examples: int, seed: int, device, imports) -> Resul
             o, st = api.linear_attention(q, k, v_, feature_map=c["feature_map"], causal=c["causal"],
                                          normalize=c["normalize"], scale=c["scale"], initial_state=state,
                                          return_state=True, backend=v.backend)
+            ratio = max(testing.check_forward(c, o, q, k, v_, state), testing.check_state(c, st, q, k, v_, state))
+        elif decode:
+            q, k, v_, state = testing.make_inputs(c, device=device)
+            o, st = testing.decode_steps(c, q, k, v_, state, v.backend)
             ratio = max(testing.check_forward(c, o, q, k, v_, state), testing.check_state(c, st, q, k, v_, state))
         else:
             got, want, bounds, names = testing.forward_and_grads(c, v.backend, device=device)
@@ -174,7 +187,8 @@ def _run_variant(v: Variant, examples: int, seed: int, device, imports) -> Resul
 @click.option("--map", "maps", multiple=True, help="feature map(s) [default: every registered map]")
 @click.option("--dtype", "dtypes", multiple=True, type=click.Choice(sorted(DTYPE_NAMES)),
               help="dtype(s) [default: all three]")
-@click.option("--kernel", "kernels", multiple=True, type=click.Choice(KERNELS), help="forward and/or backward")
+@click.option("--kernel", "kernels", multiple=True, type=click.Choice(KERNELS),
+              help="forward, backward and/or decode (the RNN-form step) [default: all]")
 @click.option("--backend", "backends", multiple=True, type=click.Choice(["triton", "torch"]),
               help="[default: triton on a GPU; triton (interpreter) and torch on a CPU]")
 @click.option("--normalize/--raw", "normalize", default=None, help="only normalized / unnormalized variants")
@@ -184,7 +198,8 @@ def _run_variant(v: Variant, examples: int, seed: int, device, imports) -> Resul
 def fuzz(examples, minutes, seed, maps, dtypes, kernels, backends, normalize, state, imports, as_json):
     """Property-test every kernel variant against the float64 reference on this device.
 
-    Each variant (kernel x backend x map x dtype x normalize x initial state) draws random shapes
+    Each variant (kernel: forward, backward or decode steps; x backend x map x dtype x normalize x
+    initial state) draws random shapes
     (T = 1, chunk boundaries, primes; D and DV not powers of two) and checks every output element,
     or gradient element, against a bound scaled by the magnitude of the terms it sums. A failure is
     shrunk to a minimal case and printed as a Python snippet that reproduces it; the exit code is 1.

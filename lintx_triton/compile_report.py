@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 from .codegen import load
 from .config import Config, gpu_heuristic
+from .ops.launch import DECODE_WARPS
 from .spec import DTYPES, KernelSpec
 
 __all__ = ["KernelResources", "kernel_resources", "launch_constexprs", "default_report", "KERNELS", "TARGETS", "STAGES"]
@@ -32,7 +33,7 @@ TARGETS = {
     100: dict(regs=65536, smem=228 * 1024, warps=64, blocks=32),
 }
 KERNELS = ("chunk_kernel_h", "chunk_scan_kernel", "chunk_fwd_kernel_o", "bwd_kernel_g", "chunk_bwd_kernel_dq",
-           "chunk_bwd_kernel_dkv")
+           "chunk_bwd_kernel_dkv", "decode_kernel_step")
 _BWD_ONLY = ("bwd_kernel_g", "chunk_bwd_kernel_dq", "chunk_bwd_kernel_dkv")
 _TL = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 # pointer arguments holding the inputs' dtype; every other pointer is fp32
@@ -75,6 +76,7 @@ def launch_constexprs(spec: KernelSpec, kernel: str, cfg: Config, *, backward: b
         "bwd_kernel_g": dict(H=heads, BT=BT),
         "chunk_bwd_kernel_dq": dict(H=heads, BT=BT, BV=BV),
         "chunk_bwd_kernel_dkv": dict(H=heads, BT=BT, BV=BV),
+        "decode_kernel_step": dict(BV=min(cfg.block_v, spec.block_dv), HAS_STATE=True),
     }[kernel]
     base.update(flags)
     return base
@@ -123,7 +125,7 @@ def kernel_resources(spec: KernelSpec, kernel: str, cfg: Config, *, arch: int = 
                      **flags) -> KernelResources:
     """Compile ``kernel`` of ``spec`` as ``cfg`` launches it and read its resources from the cubin."""
     is_bwd = backward or kernel in _BWD_ONLY
-    w = cfg.bwd_num_warps if is_bwd else cfg.num_warps
+    w = DECODE_WARPS if kernel == "decode_kernel_step" else cfg.bwd_num_warps if is_bwd else cfg.num_warps
     compiled = compile_for_target(
         spec, kernel, launch_constexprs(spec, kernel, cfg, backward=backward, **flags),
         arch=arch, num_warps=w, num_stages=cfg.num_stages,
@@ -169,6 +171,7 @@ STAGES = (
     ("bwd scan", "chunk_scan_kernel", True, {}),
     ("bwd dq", "chunk_bwd_kernel_dq", True, {}),
     ("bwd dk dv", "chunk_bwd_kernel_dkv", True, {}),
+    ("decode step", "decode_kernel_step", False, {}),
 )
 
 

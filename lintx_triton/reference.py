@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .feature_maps import FeatureMap
 
-__all__ = ["linear_attention_reference", "linear_attention_torch"]
+__all__ = ["linear_attention_reference", "linear_attention_torch", "linear_attention_step_torch"]
 
 
 def linear_attention_reference(
@@ -132,3 +132,28 @@ def linear_attention_torch(
         S, z = S_c[:, :, -1] + kv[:, :, -1], z_c[:, :, -1] + ks[:, :, -1]
     o = num / den[..., None] if normalize else num
     return o.transpose(1, 2).to(q.dtype), (S, z)
+
+
+def linear_attention_step_torch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    fm: FeatureMap,
+    *,
+    normalize: bool = True,
+    scale: float = 1.0,
+    eps: float = 1e-6,
+    state: Optional[tuple[Tensor, Tensor]] = None,
+):
+    """One token of the RNN form in PyTorch (fp32): q, k [B, H, D], v [B, H, DV] -> o, (S, z)."""
+    f32 = torch.float32
+    a = fm.reference(q.to(f32))  # [B, H, M]
+    b = fm.reference(k.to(f32))
+    S = b[..., :, None] * v.to(f32)[..., None, :]  # [B, H, M, DV]
+    z = b
+    if state is not None:
+        S = state[0] + S
+        z = state[1] + z
+    num = scale * torch.einsum("bhm,bhmv->bhv", a, S)
+    o = num / (scale * (a * z).sum(-1) + eps)[..., None] if normalize else num
+    return o.to(q.dtype), (S, z)

@@ -14,13 +14,13 @@ import torch
 from hypothesis import strategies as st
 
 from . import feature_maps
-from .api import linear_attention
+from .api import linear_attention, linear_attention_step, linear_attention_step_
 from .reference import linear_attention_reference
 
 __all__ = [
     "DTYPES", "TOL", "GTOL", "T_VALUES", "D_VALUES", "DV_VALUES", "cases", "case_id", "make_inputs",
     "reference", "forward_bound", "grad_bound", "check_forward", "check_state", "check_grads",
-    "forward_and_grads", "EquivalenceError",
+    "forward_and_grads", "decode_steps", "EquivalenceError",
 ]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -217,3 +217,23 @@ def forward_and_grads(c: dict, backend: str, device="cpu", final_state_grad: boo
     want = [w if w is not None else torch.zeros_like(x) for w, x in zip(want, ref_leaves)]
     bounds = grad_bound(c, leaves, do, dS, dz)
     return got, want, bounds, ["q", "k", "v", "S_0", "z_0"][: len(leaves)]
+
+
+def decode_steps(c: dict, q, k, v, state, backend: str, inplace: bool = False):
+    """The case's tokens one at a time through the RNN form; -> (o [B, T, H, DV], final state)."""
+    kw = dict(feature_map=c["feature_map"], normalize=c["normalize"], scale=c["scale"], backend=backend)
+    B, T, H, D = q.shape
+    outs = []
+    if inplace:
+        M = feature_maps.get(c["feature_map"]).feature_dim(D)
+        S = state[0].clone() if state else torch.zeros(B, H, M, v.shape[-1], device=q.device)
+        z = state[1].clone() if state else torch.zeros(B, H, M, device=q.device)
+        for t in range(T):
+            outs.append(linear_attention_step_(q[:, t], k[:, t], v[:, t], (S, z), **kw))
+        final = (S, z)
+    else:
+        final = state
+        for t in range(T):
+            o, final = linear_attention_step(q[:, t], k[:, t], v[:, t], final, **kw)
+            outs.append(o)
+    return torch.stack(outs, 1), final

@@ -99,6 +99,14 @@ def test_resources_json_in_a_fresh_process():
     assert out.returncode == 0, out.stderr[-2000:]
     d = json.loads(out.stdout)
     stages = {k["stage"]: k for k in d["kernels"]}
-    assert len(stages) == 9 and d["arch"] == 90
+    assert len(stages) == 10 and d["arch"] == 90
     assert stages["fwd output (fused)"]["hgmma"] > 0 and not stages["fwd output (fused)"]["spills"]
     assert all(k["registers"] > 0 for k in d["kernels"])
+
+
+def test_fuzz_decode_kernel():
+    r = CliRunner().invoke(main, ["fuzz", "-n", "2", "--kernel", "decode", "--map", "elu", "--dtype", "fp32",
+                                  "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)["results"]
+    assert {x["kernel"] for x in res} == {"decode"} and all(x["status"] == "ok" for x in res)

@@ -38,9 +38,10 @@ def test_sm90_forward_no_spills_and_hgmma(d, stage):
     assert r["shared"] <= 227 * 1024 and r["blocks_per_sm"] >= 1, r
 
 
-@pytest.mark.parametrize("stage", ["fwd scan", "bwd g", "bwd chunk sums", "bwd scan", "bwd dq", "bwd dk dv"])
-def test_sm90_other_stages_d64_no_spills(stage):
-    r = _report()[(64, stage)]
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("stage", ["fwd scan", "bwd g", "bwd chunk sums", "bwd scan", "decode step"])
+def test_sm90_other_stages_no_spills(d, stage):
+    r = _report()[(d, stage)]
     assert not r["spills"], r
 
 
@@ -49,6 +50,10 @@ def test_sm90_other_stages_d64_no_spills(stage):
 def test_sm90_backward_products_on_hgmma(d, stage):
     r = _report()[(d, stage)]
     assert r["hgmma"] > 0 and r["hmma"] == 0, r
+
+
+def test_sm90_backward_d64_no_spills():
+    assert not _report()[(64, "bwd dq")]["spills"] and not _report()[(64, "bwd dk dv")]["spills"]
 
 
 def test_sm90_backward_d128():

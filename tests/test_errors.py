@@ -25,9 +25,9 @@ BAD = {
     "eps": (dict(eps=-1.0), ValueError, r"eps must be a real number >= 0"),
     "scale": (dict(scale="1"), TypeError, r"scale must be a real number"),
     "state-not-pair": (dict(initial_state=S0), TypeError, r"initial_state must be a pair"),
-    "state-S-shape": (dict(initial_state=(torch.zeros(2, 3, 8, 5), z0)), ValueError, r"S_0 must have shape \[2, 3, 8, 6\].*\(2, 3, 8, 5\)"),
-    "state-z-shape": (dict(initial_state=(S0, torch.zeros(2, 3))), ValueError, r"z_0 must have shape \[2, 3, 8\]"),
-    "state-dtype": (dict(initial_state=(S0.half(), z0)), TypeError, r"S_0 must be float32"),
+    "state-S-shape": (dict(initial_state=(torch.zeros(2, 3, 8, 5), z0)), ValueError, r"initial_state S must have shape \[2, 3, 8, 6\].*\(2, 3, 8, 5\)"),
+    "state-z-shape": (dict(initial_state=(S0, torch.zeros(2, 3))), ValueError, r"initial_state z must have shape \[2, 3, 8\]"),
+    "state-dtype": (dict(initial_state=(S0.half(), z0)), TypeError, r"initial_state S must be float32"),
     "state-noncausal": (dict(initial_state=(S0, z0), causal=False), ValueError, r"only defined for causal=True"),
     "zero-head-dim": (dict(q=torch.randn(2, 5, 3, 0), k=torch.randn(2, 5, 3, 0)), ValueError, r"head dims must be >= 1"),
 }

@@ -443,4 +443,54 @@ def chunk_bwd_kernel_dkv(
         b_db += scale * _mm_wide(tl.trans(b_dA), b_a)
     b_xk = _load_rows(k, row0, o_t, m_t, o_d, m_d, H, D)
     _store_rows(dk, tl.where(m_d[None, :], phi_vjp(b_xk, b_db), 0.0), row0, o_t, m_t, o_d, m_d, H, D)
+
+
+# ---- decode: one token per (batch, head), the RNN form. S <- S + b v^T, z <- z + b, then
+#      o = scale a^T S / (scale a^T z + eps). One program per (batch, head) walks the value blocks, so
+#      reading z and writing it back cannot race even when S_out / z_out are S_in / z_in (in place).
+@triton.jit
+def decode_kernel_step(
+    q,  # [B, H, D]
+    k,  # [B, H, D]
+    v,  # [B, H, DV]
+    o,  # [B, H, DV] out
+    S_in,  # [B, H, M, DV] fp32 (HAS_STATE)
+    z_in,  # [B, H, M]
+    S_out,  # [B, H, M, DV] fp32 out (may be S_in)
+    z_out,  # [B, H, M] out (may be z_in)
+    scale,
+    eps,
+    BV: tl.constexpr,
+    HAS_STATE: tl.constexpr,
+):
+    i_bh = tl.program_id(0).to(tl.int64)
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_m = tl.arange(0, BM)
+    m_m = o_m < M
+    b_a = tl.where(m_m, phi(tl.load(q + i_bh * D + o_d, mask=m_d, other=0.0).to(tl.float32)), 0.0)  # [BM]
+    b_b = tl.where(m_m, phi(tl.load(k + i_bh * D + o_d, mask=m_d, other=0.0).to(tl.float32)), 0.0)
+    if HAS_STATE:
+        b_z = tl.load(z_in + i_bh * M + o_m, mask=m_m, other=0.0)
+    else:
+        b_z = tl.zeros([BM], dtype=tl.float32)
+    b_z += b_b
+    b_den = scale * tl.sum(b_a * b_z, 0) + eps
+    for i_v in range(0, tl.cdiv(DV, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < DV
+        m_mv = m_m[:, None] & m_v[None, :]
+        p_s = (i_bh * M + o_m[:, None]) * DV + o_v[None, :]
+        if HAS_STATE:
+            b_S = tl.load(S_in + p_s, mask=m_mv, other=0.0)  # [BM, BV]
+        else:
+            b_S = tl.zeros([BM, BV], dtype=tl.float32)
+        b_v = tl.load(v + i_bh * DV + o_v, mask=m_v, other=0.0).to(tl.float32)  # [BV]
+        b_S += b_b[:, None] * b_v[None, :]
+        b_num = scale * tl.sum(b_a[:, None] * b_S, 0)  # [BV]
+        if NORMALIZE:
+            b_num = b_num / b_den
+        tl.store(o + i_bh * DV + o_v, b_num.to(o.dtype.element_ty), mask=m_v)
+        tl.store(S_out + p_s, b_S, mask=m_mv)
+    tl.store(z_out + i_bh * M + o_m, b_z, mask=m_m)
 '''

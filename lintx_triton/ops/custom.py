@@ -16,9 +16,10 @@ from torch import Tensor
 from .. import feature_maps
 from ..config import config_for, interpreting
 from ..spec import DTYPES, KernelSpec
-from .launch import chunk_bwd, chunk_fwd
+from .launch import chunk_bwd, chunk_fwd, decode_step
 
-__all__ = ["make_spec", "linear_attention_fwd", "linear_attention_bwd"]
+__all__ = ["make_spec", "linear_attention_fwd", "linear_attention_bwd", "linear_attention_step",
+           "linear_attention_step_"]
 
 F32 = torch.float32
 
@@ -131,3 +132,71 @@ def _backward(ctx, do, dden, dS, dz):
 
 
 linear_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- decode (the RNN form): inference only, no autograd ----
+
+def _step_state_shapes(q: Tensor, v: Tensor, feature_map: str):
+    B, H, D = q.shape
+    M = feature_maps.get(feature_map).feature_dim(D)
+    return (B, H, M, v.shape[-1]), (B, H, M)
+
+
+def _step_config(spec, q):
+    B, H, _ = q.shape
+    return config_for(spec, B * H, 1, q.device)
+
+
+@torch.library.custom_op("lintx::linear_attention_step", mutates_args=())
+def linear_attention_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    S: Optional[Tensor],
+    z: Optional[Tensor],
+    feature_map: str,
+    normalize: bool,
+    scale: float,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One token: -> o [B, H, DV], the new S [B, H, M, DV] and z [B, H, M] (fp32)."""
+    spec = make_spec(feature_map, q, v, True, normalize, False)
+    s_shape, z_shape = _step_state_shapes(q, v, feature_map)
+    S_out = torch.empty(s_shape, dtype=F32, device=q.device)
+    z_out = torch.empty(z_shape, dtype=F32, device=q.device)
+    c = lambda t: t.contiguous() if t is not None else None  # noqa: E731
+    o = decode_step(spec, _step_config(spec, q), c(q), c(k), c(v), c(S), c(z), S_out, z_out, scale, eps)
+    return o, S_out, z_out
+
+
+@linear_attention_step.register_fake
+def _(q, k, v, S, z, feature_map, normalize, scale, eps):
+    s_shape, z_shape = _step_state_shapes(q, v, feature_map)
+    B, H, _ = q.shape
+    return q.new_empty(B, H, v.shape[-1]), q.new_empty(s_shape, dtype=F32), q.new_empty(z_shape, dtype=F32)
+
+
+@torch.library.custom_op("lintx::linear_attention_step_", mutates_args=("S", "z"))
+def linear_attention_step_(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    S: Tensor,
+    z: Tensor,
+    feature_map: str,
+    normalize: bool,
+    scale: float,
+    eps: float,
+) -> Tensor:
+    """One token, updating the contiguous fp32 state (S, z) in place: -> o [B, H, DV].
+
+    Nothing is allocated but o, so a decode loop can be captured in a CUDA graph."""
+    spec = make_spec(feature_map, q, v, True, normalize, False)
+    return decode_step(spec, _step_config(spec, q), q.contiguous(), k.contiguous(), v.contiguous(), S, z, S, z,
+                       scale, eps)
+
+
+@linear_attention_step_.register_fake
+def _(q, k, v, S, z, feature_map, normalize, scale, eps):
+    B, H, _ = q.shape
+    return q.new_empty(B, H, v.shape[-1])

@@ -13,9 +13,11 @@ from ..codegen import load
 from ..config import Config
 from ..spec import KernelSpec
 
-__all__ = ["chunk_fwd", "chunk_bwd"]
+__all__ = ["chunk_fwd", "chunk_bwd", "decode_step"]
 
 F32 = torch.float32
+# The decode kernel holds one [M, BV] state block and two vectors: 4 warps suffice.
+DECODE_WARPS = 4
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -144,3 +146,28 @@ def chunk_bwd(spec: KernelSpec, cfg: Config, do, dht, dzt, q, k, v, o, den, h0, 
     mod.chunk_bwd_kernel_dq[(NT, B * H)](q, k, v, do, den, g, h, hz, dq, scale, T, H=H, BT=BT, BV=BV, **opts)
     mod.chunk_bwd_kernel_dkv[(NT, B * H)](q, k, v, do, den, g, dh, dhz, dk, dv, scale, T, H=H, BT=BT, BV=BV, **opts)
     return dq, dk, dv, dh0, dz0
+
+
+def decode_step(spec: KernelSpec, cfg: Config, q, k, v, S_in, z_in, S_out, z_out, scale: float, eps: float):
+    """One token: q, k [B, H, D], v [B, H, DV] -> o [B, H, DV]; writes S_out, z_out (may be S_in, z_in)."""
+    B, H, _ = q.shape
+    o = torch.empty(B, H, spec.value_dim, dtype=q.dtype, device=q.device)
+    if B * H == 0:
+        return o
+    has_state = S_in is not None
+    load(spec).decode_kernel_step[(B * H,)](
+        q,
+        k,
+        v,
+        o,
+        S_in if has_state else S_out,
+        z_in if has_state else z_out,
+        S_out,
+        z_out,
+        scale,
+        eps,
+        BV=min(cfg.block_v, spec.block_dv),
+        HAS_STATE=has_state,
+        num_warps=DECODE_WARPS,
+    )
+    return o

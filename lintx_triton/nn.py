@@ -1,0 +1,116 @@
+"""Modules: :class:`LinearAttention`, multi-head linear attention with a training/prefill ``forward``
+and a constant-time generation ``step`` sharing one set of weights.
+
+Swapping it in for softmax attention in an existing model: replace the attention block
+(e.g. ``torch.nn.MultiheadAttention(E, H, batch_first=True)`` called as ``attn(x, x, x, is_causal=True)``)
+by ``LinearAttention(E, H)`` called as ``attn(x)``; no mask is needed (``causal=True`` is built in).
+For generation, run the prompt through ``forward(x, return_state=True)`` once per layer, keep each
+layer's state, and feed one token at a time through ``step(x_t, state)``: no KV cache, constant
+time and memory per token.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .api import linear_attention, linear_attention_step, linear_attention_step_
+from .feature_maps import FeatureMap
+
+__all__ = ["LinearAttention"]
+
+
+class LinearAttention(nn.Module):
+    """Multi-head linear attention (Katharopoulos et al., 2020).
+
+    Args:
+        embed_dim (int): model width E.
+        num_heads (int): heads H; E must be divisible by H unless ``head_dim`` is given.
+        feature_map (str | FeatureMap): as in :func:`lintx_triton.linear_attention`. Default: ``"elu"``.
+        causal (bool): Default: ``True``.
+        normalize (bool): Default: ``True``.
+        head_dim (int | None): D per head. Default: ``embed_dim // num_heads``.
+        value_dim (int | None): DV per head. Default: ``head_dim``.
+        bias (bool): biases in the projections. Default: ``True``.
+        eps (float): Default: ``1e-6``.
+        backend (str): Default: ``"auto"``.
+
+    Examples::
+
+        >>> import torch, lintx_triton as lx
+        >>> attn = lx.nn.LinearAttention(64, 4)
+        >>> x = torch.randn(2, 10, 64)
+        >>> y, state = attn(x[:, :9], return_state=True)     # training / prefill
+        >>> y_last, state = attn.step(x[:, 9], state)        # generation, one token
+        >>> torch.allclose(y_last, attn(x)[:, 9], atol=1e-5)
+        True
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        feature_map: Union[str, FeatureMap] = "elu",
+        causal: bool = True,
+        normalize: bool = True,
+        head_dim: Optional[int] = None,
+        value_dim: Optional[int] = None,
+        bias: bool = True,
+        eps: float = 1e-6,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if head_dim is None:
+            if embed_dim % num_heads:
+                raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}; pass head_dim")
+            head_dim = embed_dim // num_heads
+        value_dim = value_dim or head_dim
+        self.embed_dim, self.num_heads, self.head_dim, self.value_dim = embed_dim, num_heads, head_dim, value_dim
+        self.feature_map, self.causal, self.normalize, self.eps, self.backend = (
+            feature_map, causal, normalize, eps, backend
+        )
+        self.q_proj = nn.Linear(embed_dim, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(embed_dim, num_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(embed_dim, num_heads * value_dim, bias=bias)
+        self.out_proj = nn.Linear(num_heads * value_dim, embed_dim, bias=bias)
+
+    def _kw(self) -> dict:
+        return dict(feature_map=self.feature_map, normalize=self.normalize, eps=self.eps, backend=self.backend)
+
+    def _qkv(self, x: Tensor):
+        lead = x.shape[:-1]
+        q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(*lead, self.num_heads, self.head_dim)
+        v = self.v_proj(x).view(*lead, self.num_heads, self.value_dim)
+        return q, k, v
+
+    def forward(self, x: Tensor, state: Optional[tuple[Tensor, Tensor]] = None, return_state: bool = False):
+        """x ``[B, T, E]`` -> y ``[B, T, E]`` (and the final state ``(S, z)`` when ``return_state``)."""
+        q, k, v = self._qkv(x)
+        out = linear_attention(q, k, v, causal=self.causal, initial_state=state, return_state=return_state,
+                               **self._kw())
+        o, st = out if return_state else (out, None)
+        y = self.out_proj(o.reshape(*x.shape[:-1], self.num_heads * self.value_dim))
+        return (y, st) if return_state else y
+
+    def step(self, x: Tensor, state: Optional[tuple[Tensor, Tensor]] = None, inplace: bool = False):
+        """One token x ``[B, E]`` -> (y ``[B, E]``, new state); ``inplace`` updates ``state`` instead."""
+        if not self.causal:
+            raise ValueError("step() is the causal RNN form; this module was built with causal=False")
+        q, k, v = self._qkv(x)
+        if inplace:
+            o = linear_attention_step_(q, k, v, state, **self._kw())
+        else:
+            o, state = linear_attention_step(q, k, v, state, **self._kw())
+        return self.out_proj(o.reshape(x.shape[0], self.num_heads * self.value_dim)), state
+
+    def init_state(self, batch: int, device=None) -> tuple[Tensor, Tensor]:
+        """A zero state, for :meth:`step` with ``inplace=True``."""
+        from .feature_maps import resolve
+
+        M = resolve(self.feature_map).feature_dim(self.head_dim)
+        dev = device if device is not None else self.q_proj.weight.device
+        return (torch.zeros(batch, self.num_heads, M, self.value_dim, device=dev),
+                torch.zeros(batch, self.num_heads, M, device=dev))
