@@ -21,7 +21,7 @@ def test_pixel_digits_smoke(tmp_path):
     demo = _load("pixel_digits")
     out = tmp_path / "grid.png"
     # the PyTorch backend: the suite runs under TRITON_INTERPRET=1, where auto would interpret the kernels
-    rates = demo.main(["--train-seconds", "1", "--images", "2", "--out", str(out), "--backend", "torch"])
+    rates = demo.main(["--steps", "3", "--images", "2", "--out", str(out), "--backend", "torch"])
     assert out.exists() and out.stat().st_size > 1000
     assert len(rates) == 3 and all(r > 0 for r in rates.values())
 
