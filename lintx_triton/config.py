@@ -139,6 +139,7 @@ def gpu_heuristic(spec: KernelSpec, batch_heads: int, sm_count: int, arch: int =
         path="fused" if spec.causal and fill else "chunked",
     )
 
+
 def config_for(spec: KernelSpec, batch_heads: int, T: int, device: torch.device | str = "cuda") -> Config:
     """The config a call with this spec and shape will launch with, and (``.source``) where it came from."""
     device = torch.device(device)
