@@ -9,6 +9,7 @@ Public API::
                                   backend="auto")
     lintx_triton.linear_attention_step(q, k, v, state)   # one token of the RNN form (and step_: in place)
     lintx_triton.nn.LinearAttention   # a drop-in attention module: forward() and step()
+    lintx_triton.distributed.linear_attention(q, k, v, group)   # one sequence sharded over ranks
     lintx_triton.emit(...)            # the generated Triton source of a variant
     lintx_triton.feature_maps         # elu, relu, identity, and user-defined maps
     lintx_triton.config_for(...)      # the launch config a call will use, and where it came from
@@ -18,6 +19,7 @@ device probing, no compilation (kernels are generated at their first call).
 """
 
 from . import feature_maps
+from . import distributed
 from . import nn
 from .api import emit, linear_attention, linear_attention_step, linear_attention_step_
 from .config import Config, config_for
@@ -30,4 +32,5 @@ __all__ = [
     "linear_attention_step",
     "linear_attention_step_",
     "nn",
+    "distributed",
     "emit", "feature_maps", "config_for", "Config", "KernelSpec", "__version__"]
