@@ -1,0 +1,40 @@
+"""The offline tuner of lintx_triton's generated kernels.
+
+``python -m autotune`` (or ``lintx autotune``) tunes the forward, the backward and the decode step of a
+grid of specs and shapes on this machine's GPU and writes ``autotune/configs/<gpu>/<kernel>.json``,
+which :func:`lintx_triton.config_for` reads at run time. Nothing is tuned on a user's call unless
+``LINTX_TRITON_ONLINE_TUNE=1`` asks for it.
+
+    from autotune import Grid, tune
+    tune(Grid(dtypes=("bfloat16",), dims=((64, 64),)), out_dir="autotune/configs", budget_minutes=10)
+
+Modules: :mod:`autotune.space` (candidates, device limits, the pre-compile estimate),
+:mod:`autotune.prune` (pruning by compiling for the device's arch on the CPU),
+:mod:`autotune.measure` (the correctness gates and timers), :mod:`autotune.tuner` (the loop, the
+journal, the files), :mod:`autotune.online`, :mod:`autotune.cli`.
+"""
+
+from pathlib import Path
+
+from .measure import FUDGE, Workload, bench_timer, reference_check
+from .prune import MAX_SPILLS, compile_resources, prune_by_compile, resource_verdict
+from .space import SPACES, DeviceLimits, candidates, estimate_fits, kernel_fields
+from .tuner import (
+    DEFAULT_GRID,
+    Grid,
+    Task,
+    TaskResult,
+    spec_of,
+    tune,
+    write_config_file,
+)
+
+# The configs this package ships (lintx_triton.config.SHIPPED_CONFIG_DIR points here).
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+__all__ = [
+    "CONFIG_DIR", "DEFAULT_GRID", "FUDGE", "MAX_SPILLS", "SPACES", "DeviceLimits", "Grid", "Task", "TaskResult",
+    "Workload", "bench_timer", "candidates", "compile_resources", "estimate_fits", "kernel_fields",
+    "prune_by_compile", "reference_check", "resource_verdict", "spec_of", "tune",
+    "write_config_file",
+]
