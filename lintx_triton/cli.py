@@ -4,6 +4,7 @@
     lintx emit --map relu --dtype fp16 --head-dim 64    # the generated Triton source
     lintx info --json                                   # versions, device, backend, config, cache
     lintx resources --dtype bf16 -D 128 --arch 90      # registers/spills/HGMMA of each kernel, no GPU
+    lintx autotune --budget-minutes 9                  # tune the kernels on this GPU (python -m autotune)
 
 Also ``python -m lintx_triton ...``.
 """
@@ -61,7 +62,7 @@ def _check_maps(maps):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lintx_triton")
 def main():
-    """lintx_triton's command line: fuzz, emit, info, resources."""
+    """lintx_triton's command line: fuzz, emit, info, resources, autotune."""
 
 
 # ---------------------------------------------------------------- fuzz
@@ -211,7 +212,13 @@ def fuzz(examples, minutes, seed, maps, dtypes, kernels, backends, normalize, st
       lintx fuzz --import mymaps --map softplus --json
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
     from rich.table import Table
 
     _prepare_cpu_interpreter()
@@ -362,7 +369,7 @@ def info(feature_map, causal, normalize, dtype, head_dim, value_dim, imports, ba
 
     from . import __version__
     from .codegen import cache_dir
-    from .config import config_for, interpreting
+    from .config import config_for, interpreting, search_order
 
     _import_modules(imports)
     device = _device()
@@ -381,7 +388,7 @@ def info(feature_map, causal, normalize, dtype, head_dim, value_dim, imports, ba
                       feature_map=spec.feature_map),
         "config": {k: v for k, v in asdict(cfg).items() if k != "source"},
         "config_source": cfg.source,
-        "config_search": ["lintx_triton.config.override() blocks", "heuristic (lintx_triton/config.py)"],
+        "config_search": search_order(),
         "kernel_cache": str(kdir),
         "cached_kernels": len(list(kdir.glob("*.py"))) if kdir.exists() else 0,
     }
@@ -446,6 +453,21 @@ def resources(feature_map, causal, normalize, dtype, head_dim, value_dim, import
     for r in rows:
         table.add_row(*(str(r[c]) for c in cols), style="red" if r["spills"] else None)
     Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
+# ---------------------------------------------------------------- autotune
+
+@main.command(name="autotune", add_help_option=False,
+              context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def autotune_command(args):
+    """Tune the kernels on this GPU and write autotune/configs/<gpu>/<kernel>.json (see --help).
+
+    The offline tuner of the top-level ``autotune`` package, also ``python -m autotune``.
+    """
+    from autotune.cli import autotune
+
+    autotune.main(args=list(args), prog_name="lintx autotune")
 
 
 if __name__ == "__main__":
