@@ -212,13 +212,7 @@ def fuzz(examples, minutes, seed, maps, dtypes, kernels, backends, normalize, st
       lintx fuzz --import mymaps --map softplus --json
     """
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     _prepare_cpu_interpreter()
