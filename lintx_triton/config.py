@@ -268,7 +268,8 @@ def validate_config_file(data: dict) -> dict:
          "entries": [{"bucket": {Bucket fields}, "config": {KERNEL_FIELDS[kernel]: ...},
                       "ms": 0.149, "heuristic_ms": 0.2, "complete": true}, ...]}
 
-    Raises ValueError naming the first field that is wrong.
+    Raises ValueError naming the first field that is wrong (TypeError when ``data`` or its entries
+    are not an object and a list).
     """
     if not isinstance(data, dict):
         raise TypeError(f"a config file holds a JSON object, got {type(data).__name__}")
@@ -420,7 +421,9 @@ def _device_identity(index: int) -> tuple[str, tuple[int, int]]:
 
 
 _TUNED: dict = {}
-_IN_TUNER = threading.local()
+# Held while online tuning runs. Not thread-local: the tuner runs in a thread of its own, and its calls
+# must neither tune again nor be cached.
+_ONLINE_BUSY = threading.Lock()
 
 
 def clear_cache() -> None:
@@ -447,18 +450,18 @@ def _tuned(spec: KernelSpec, batch_heads: int, T: int, index: int) -> Config:
     name, capability = _device_identity(index)
     kernels = _kernels_of(T)
     matches = {k: lookup(spec, batch_heads, T, kernel=k, gpu_name=name, capability=capability) for k in kernels}
-    tuning = getattr(_IN_TUNER, "active", False)
-    if _online_tune() and not tuning:
-        far = [k for k, m in matches.items() if m is None or m.distance > ONLINE_TUNE_DISTANCE]
-        if far:
-            _IN_TUNER.active = True
+    if _online_tune() and not _ONLINE_BUSY.locked():
+        # a one-token call is tuned as the decode step only (its forward fields matter little there)
+        far = [k for k in (("decode",) if T == 1 else kernels)
+               if matches[k] is None or matches[k].distance > ONLINE_TUNE_DISTANCE]
+        if far and _ONLINE_BUSY.acquire(blocking=False):
             try:
                 # the tuner is imported only when asked for
                 from autotune.online import tune_call
 
                 tune_call(spec, batch_heads, T, torch.device("cuda", index), far, user_config_dir())
             finally:
-                _IN_TUNER.active = False
+                _ONLINE_BUSY.release()
             with _LOCK:
                 _FILE_CACHE.clear()
             matches = {k: lookup(spec, batch_heads, T, kernel=k, gpu_name=name, capability=capability)
@@ -473,7 +476,7 @@ def _tuned(spec: KernelSpec, batch_heads: int, T: int, index: int) -> Config:
     cfg = dataclasses.replace(cfg, block_v=min(cfg.block_v, spec.block_dv),
                               bwd_block_v=min(cfg.bwd_block_v, spec.block_dv),
                               source="; ".join(sources) if sources else "heuristic")
-    if not tuning:  # configs decided while tuning are not the ones calls will use afterwards
+    if not _ONLINE_BUSY.locked():  # configs decided while tuning are not the ones calls will use afterwards
         with _LOCK:
             if len(_TUNED) > 65536:  # a server seeing ever new lengths: keep memory bounded
                 _TUNED.clear()

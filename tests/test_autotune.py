@@ -10,6 +10,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -387,6 +388,12 @@ def test_online_tuning_only_when_asked(fake_gpu, tmp_path, monkeypatch):
 
     def fake_tune_call(spec, bh, T, device, kernels, user_dir):
         asked.append((bh, T, tuple(kernels)))
+        # the tuner's own calls, from a thread of its own as the real one runs, neither tune nor are cached
+        n = len(asked)
+        th = threading.Thread(target=lambda: lx.config_for(BF16, 64, 64, cuda))
+        th.start()
+        th.join()
+        assert len(asked) == n
         write_config_file(user_dir / "nvidia-h200" / "forward.json", header(), [entry(T=T, config=cfg_of(16))])
 
     monkeypatch.setattr(autotune.online, "tune_call", fake_tune_call)
@@ -398,6 +405,9 @@ def test_online_tuning_only_when_asked(fake_gpu, tmp_path, monkeypatch):
     assert asked == [(128, 1024, ("forward", "backward"))] and cfg.chunk == 16 and "user config" in cfg.source
     lx.config_for(BF16, 128, 1500, cuda)  # within a factor of 2 of a forward bucket: only the backward is missing
     assert asked[-1] == (128, 1500, ("backward",))
+    lx.config_for(BF16, 64, 64, cuda)  # the tuner's call above was not cached: this one tunes
+    lx.config_for(BF16, 128, 1, cuda)  # a decode step tunes the decode step only
+    assert asked[2:] == [(64, 64, ("forward", "backward")), (128, 1, ("decode",))]
 
 
 # ---------------------------------------------------------------- command line
