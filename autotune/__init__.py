@@ -19,15 +19,7 @@ from pathlib import Path
 from .measure import FUDGE, Workload, bench_timer, reference_check
 from .prune import MAX_SPILLS, compile_resources, prune_by_compile, resource_verdict
 from .space import SPACES, DeviceLimits, candidates, estimate_fits, kernel_fields
-from .tuner import (
-    DEFAULT_GRID,
-    Grid,
-    Task,
-    TaskResult,
-    spec_of,
-    tune,
-    write_config_file,
-)
+from .tuner import DEFAULT_GRID, Grid, Task, TaskResult, spec_of, tune, write_config_file
 
 # The configs this package ships (lintx_triton.config.SHIPPED_CONFIG_DIR points here).
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"

@@ -89,7 +89,7 @@ def candidates(kernel: str, spec: KernelSpec, base: Config, space: str | dict = 
     Value blocks wider than the padded DV and the fused path of non-causal attention (which always runs
     chunked) are dropped, and so is every duplicate.
     """
-    values = SPACES[space][kernel] if isinstance(space, str) else space[kernel]
+    values = (SPACES[space] if isinstance(space, str) else space).get(kernel, {})
     if set(values) != set(KERNEL_FIELDS[kernel]):
         raise ValueError(f"a {kernel} space must give values for {KERNEL_FIELDS[kernel]}, got {sorted(values)}")
     out = {tuple(kernel_fields(kernel, base).items()): base}

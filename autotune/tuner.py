@@ -290,13 +290,7 @@ def tune(grid: Grid | Iterable[Task] = DEFAULT_GRID, *, out_dir: str | os.PathLi
     Returns one :class:`TaskResult` per task.
     """
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     tasks = grid.tasks() if isinstance(grid, Grid) else list(grid)
     device = torch.device(device) if device is not None else torch.device("cuda") if torch.cuda.is_available() else None
