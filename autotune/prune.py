@@ -25,7 +25,7 @@ from lintx_triton.spec import KernelSpec
 
 from .space import DeviceLimits
 
-__all__ = ["MAX_SPILLS", "compile_resources", "prune_by_compile", "resource_verdict", "stages_of"]
+__all__ = ["MAX_SPILLS", "describe_error", "compile_resources", "prune_by_compile", "resource_verdict", "stages_of"]
 
 # Spill instructions (LDL + STL) tolerated across a candidate's kernels. The heuristic default of the
 # bf16 D = 128 backward keeps a 128-byte stack with 31 LDL / 31 STL on sm_90 (bench/NOTES.md) and is
@@ -110,11 +110,16 @@ def _worker_main() -> int:
     return 0
 
 
+def describe_error(e: Exception) -> str:
+    """An exception in one short line, for the journal and the files."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+
+
 def _safe_compile(job):
     try:
         return _compile_one(job).as_dict()
     except Exception as e:  # a candidate that does not compile is recorded, not fatal
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        return describe_error(e)
 
 
 _CHILD = "from autotune.prune import _worker_main; raise SystemExit(_worker_main())"

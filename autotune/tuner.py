@@ -25,20 +25,14 @@ from pathlib import Path
 import torch
 
 import lintx_triton
-from lintx_triton import feature_maps
-from lintx_triton.config import (
-    SCHEMA_VERSION,
-    Bucket,
-    Config,
-    gpu_heuristic,
-    gpu_key,
-    validate_config_file,
-)
+from lintx_triton import feature_maps, testing
+from lintx_triton.codegen import cache_dir
+from lintx_triton.config import SCHEMA_VERSION, Bucket, Config, gpu_heuristic, gpu_key, validate_config_file
 from lintx_triton.spec import GENERATOR_VERSION, KernelSpec
 
 from . import measure
 from .measure import FUDGE, Timer, Workload, reference_check
-from .prune import MAX_SPILLS, prune_by_compile
+from .prune import MAX_SPILLS, describe_error, prune_by_compile
 from .space import DeviceLimits, candidates, estimate_fits, kernel_fields
 
 __all__ = [
@@ -61,8 +55,7 @@ def spec_of(feature_map: str, causal: bool, normalize: bool, dtype: str, head_di
     """The spec a call with these settings builds (the products' precision as the op picks it)."""
     from lintx_triton.ops.custom import make_spec
 
-    dt = {v: k for k, v in lintx_triton.spec.DTYPES.items()}[dtype]
-    meta = lambda d: torch.empty(0, 0, 0, d, dtype=dt, device="meta")  # noqa: E731
+    meta = lambda d: torch.empty(0, 0, 0, d, dtype=testing.DTYPES[dtype], device="meta")  # noqa: E731
     return make_spec(feature_maps.get(feature_map).name, meta(head_dim), meta(value_dim), causal, normalize,
                      initial_state)
 
@@ -166,8 +159,7 @@ def environment(gpu: str) -> dict:
 
 
 def default_journal(gpu: str) -> Path:
-    root = os.environ.get("LINTX_TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lintx_triton")
-    return Path(root) / "autotune" / f"{gpu_key(gpu)}.jsonl"
+    return cache_dir().parent / "autotune" / f"{gpu_key(gpu)}.jsonl"
 
 
 def _ckey(kernel: str, cfg: Config | dict) -> str:
@@ -405,13 +397,9 @@ def _verdicts(t: Task, base: Config, cands: list[Config], jr: Journal, limits: D
         except AssertionError as e:  # testing.EquivalenceError
             add(cfg, "rejected", f"reference check: {str(e).splitlines()[0]}", resources=summary)
         except Exception as e:  # compile errors, out of resources: recorded, not fatal
-            add(cfg, "failed", _error(e), resources=summary)
+            add(cfg, "failed", describe_error(e), resources=summary)
         else:
             add(cfg, "ok", f"reference check: worst err / bound {worst:.3g}", resources=summary)
-
-
-def _error(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
 
 
 def _timed(t: Task, live: list[Config], jr: Journal, timer: Timer, workloads: dict, device, deadline):
@@ -435,7 +423,7 @@ def _timed(t: Task, live: list[Config], jr: Journal, timer: Timer, workloads: di
             try:
                 add(ck, "distance", distance=workload().distance(cfg), reason=None)
             except Exception as e:  # out of resources and the like: recorded, not fatal
-                add(ck, "distance", distance=None, reason=_error(e))
+                add(ck, "distance", distance=None, reason=describe_error(e))
     dists = [jr.distances[(t.kernel, bk, ck)]["distance"] for ck in keys]
     closest = min((d for d in dists if d is not None), default=None)
     for ck, cfg in zip(keys, live):
@@ -458,6 +446,6 @@ def _timed(t: Task, live: list[Config], jr: Journal, timer: Timer, workloads: di
             with lintx_triton.config.override(**kernel_fields(t.kernel, cfg)):
                 ms = timer(workload().timed(), cfg)
         except Exception as e:  # out of resources and the like: recorded, not fatal
-            yield ck, add(ck, "time", status="failed", ms=None, reason=_error(e))
+            yield ck, add(ck, "time", status="failed", ms=None, reason=describe_error(e))
             continue
         yield ck, add(ck, "time", status="ok", ms=float(ms), reason=None)

@@ -399,8 +399,9 @@ def user_config_dir() -> Path:
     root = os.environ.get(ENV_CONFIG_DIR)
     if root:
         return Path(root).expanduser()
-    cache = os.environ.get("LINTX_TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lintx_triton")
-    return Path(cache) / "configs"
+    from .codegen import cache_dir  # <cache>/kernels
+
+    return cache_dir().parent / "configs"
 
 
 @functools.cache
