@@ -396,7 +396,6 @@ def check_linear(impl: Impl, row: Row, inp: dict, window: int = 128) -> float:
         o, final = impl.attend(q, k, v, state, True) if row.mode == "prefill" else (impl.attend(q, k, v), None)
     if not torch.isfinite(o).all():
         raise CheckError("non-finite output", math.inf)
-    fm = feature_maps.get("elu")
     for b, h in _picks(row):
         def sl(x, t0, t1, b=b, h=h):  # [1, t1 - t0, 1, *] float64 on the CPU
             return x[b:b + 1, t0:t1, h:h + 1].detach().double().cpu()
@@ -407,7 +406,7 @@ def check_linear(impl: Impl, row: Row, inp: dict, window: int = 128) -> float:
         worst = max(worst, _ratio("o[:W]", o[b:b + 1, :W, h:h + 1], ref, bound, tol))
         # the last W tokens, the float64 state of the T - W before them carried in
         if T > W:
-            kk = fm.reference(k[b, :T - W, h].detach().double())  # [T - W, M] (on the device)
+            kk = phi(k[b, :T - W, h].detach().double())  # [T - W, M] (on the device)
             vv = v[b, :T - W, h].detach().double()
             S_pre, z_pre = (kk.T @ vv).cpu()[None, None], kk.sum(0).cpu()[None, None]
             S_abs = (kk.T @ vv.abs()).cpu()[None, None]
@@ -417,7 +416,7 @@ def check_linear(impl: Impl, row: Row, inp: dict, window: int = 128) -> float:
                                            (S_abs, z_pre))
             worst = max(worst, _ratio("o[T-W:]", o[b:b + 1, T - W:, h:h + 1], ref, bound, tol))
         if final is not None:  # prefill: the final state
-            kk = fm.reference(k[b, :, h].detach().double())
+            kk = phi(k[b, :, h].detach().double())
             vv = v[b, :, h].detach().double()
             S_ref = (kk.T @ vv).cpu() + st0[0][0, 0]
             S_bound = (kk.T @ vv.abs()).cpu() + st0[0][0, 0].abs()
