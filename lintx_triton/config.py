@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .spec import KernelSpec
+from .spec import KernelSpec, _next_pow2
 
 __all__ = [
     "ENV_CONFIG_DIR",
@@ -199,7 +199,8 @@ def gpu_key(name: str) -> str:
 
 
 def _width(n: int) -> int:
-    return max(16, 1 << max(n - 1, 0).bit_length())
+    """A width padded as the kernels pad it (KernelSpec.block_d, block_m, block_dv)."""
+    return max(16, _next_pow2(n))
 
 
 @dataclass(frozen=True)
