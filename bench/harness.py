@@ -664,7 +664,7 @@ def run(rows: Sequence[Row], impls: Sequence[Impl], device: torch.device, *, tim
     ``time_failures``: time cells whose check failed too (still marked "fail"; for a GPU session that
     must not come back without timings because a tolerance, never tried on that GPU, was missed).
 
-    Returns ``{"meta": ..., "results": [...]}``; ``ratios`` and ``targets`` are filled in by :func:`summarize`.
+    Returns ``{"meta": ..., "results": [...], "targets": [...], "ok": bool}`` (see :func:`summarize`).
     """
     start = time.perf_counter()
     out = dict(meta=dict(device_info(device), **(meta or {})), results=[])
@@ -682,12 +682,12 @@ def run(rows: Sequence[Row], impls: Sequence[Impl], device: torch.device, *, tim
         if why is not None:
             res.update(status="skip", reason=why)
         else:
-            if cur_key != row.key():
-                inp = None
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                inp, cur_key = make_inputs(row, device, seed), row.key()
             try:
+                if cur_key != row.key():
+                    inp, cur_key = None, None
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    inp, cur_key = make_inputs(row, device, seed), row.key()
                 res.update(run_cell(impl, row, inp, device, timing, window, time_failures))
             except torch.cuda.OutOfMemoryError as e:
                 res.update(status="skip", reason=f"out of memory: {str(e)[:200]}")
