@@ -51,6 +51,7 @@ def _check_inputs(q, k, v, fm: FeatureMap, causal, initial_state, scale, eps, ba
         raise ValueError(f"eps must be a real number >= 0, got {eps!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    fm.check_head_dim(q.shape[-1])
     if initial_state is None:
         return
     if not causal:
@@ -114,8 +115,9 @@ def linear_attention(
         v (torch.Tensor): values of shape ``[B, T, H, DV]``; DV may differ from D.
             q, k, v share one dtype (float32, float16, bfloat16) and one device.
         feature_map (str | FeatureMap): ``"elu"`` (elu(x) + 1, default), ``"relu"``,
-            ``"identity"``, or a :class:`lintx_triton.feature_maps.FeatureMap`. M is its
-            feature width (M = D for these three).
+            ``"identity"``, or a :class:`lintx_triton.feature_maps.FeatureMap` such as
+            ``lx.feature_maps.favor(D, num_features=M)``. M is its feature width (M = D for the
+            three named maps). A map's parameters (random projections) follow q's device.
         causal (bool): each position attends to itself and the past (default ``True``),
             or to every position.
         normalize (bool): divide by the normalizer (default ``True``).
@@ -157,7 +159,7 @@ def linear_attention(
                 f"DV = {v.shape[-1]}, M = {fm.feature_dim(q.shape[-1])}; use backend='torch'"
             )
         o, _, S, z = torch.ops.lintx.linear_attention_fwd(
-            q, k, v, S0, z0, fm.name, bool(causal), bool(normalize), float(scale), float(eps)
+            q, k, v, S0, z0, fm.parameters(q.device), fm.name, bool(causal), bool(normalize), float(scale), float(eps)
         )
     return (o, (S, z)) if return_state else o
 
@@ -222,8 +224,8 @@ def linear_attention_step(
         return linear_attention_step_torch(q, k, v, fm, normalize=normalize, scale=float(scale), eps=float(eps),
                                            state=state)
     S, z = state if state is not None else (None, None)
-    o, S, z = torch.ops.lintx.linear_attention_step(q, k, v, S, z, fm.name, bool(normalize), float(scale),
-                                                    float(eps))
+    o, S, z = torch.ops.lintx.linear_attention_step(q, k, v, S, z, fm.parameters(q.device), fm.name,
+                                                    bool(normalize), float(scale), float(eps))
     return o, (S, z)
 
 
@@ -267,7 +269,8 @@ def linear_attention_step_(
         S.copy_(S1)
         z.copy_(z1)
         return o
-    return torch.ops.lintx.linear_attention_step_(q, k, v, S, z, fm.name, bool(normalize), float(scale), float(eps))
+    return torch.ops.lintx.linear_attention_step_(q, k, v, S, z, fm.parameters(q.device), fm.name, bool(normalize),
+                                                  float(scale), float(eps))
 
 
 def emit(

@@ -40,14 +40,16 @@ def linear_attention_reference(
     o_t = num_t / den_t if normalize else num_t (causal=False: sums over every s).
 
     With ``absolute=True`` every factor is replaced by its absolute value
-    (|phi(q)|, |phi(k)|, |v|, |S_0|, |z_0|): the result bounds the magnitude of
-    the terms that are summed, which is what a rounding-error bound scales with.
+    (|v|, |S_0|, |z_0|, and :meth:`FeatureMap.magnitude` for phi: |phi|, or an envelope for
+    maps that cross zero): the result bounds the magnitude of the terms that are summed,
+    which is what a rounding-error bound scales with.
 
     Returns ``o [B, T, H, DV], (S_T [B, H, M, DV], z_T [B, H, M]), num, den``
     (num and den as [B, T, H, DV] and [B, T, H]).
     """
-    a = fm.reference(q.to(dtype))  # [B, T, H, M]
-    b = fm.reference(k.to(dtype))
+    phi = fm.magnitude if absolute else fm.features
+    a = phi(q.to(dtype), "query", stabilize=normalize)  # [B, T, H, M]
+    b = phi(k.to(dtype), "key")
     vv = v.to(dtype)
     B, T, H, M = a.shape
     DV = v.shape[-1]
@@ -59,7 +61,7 @@ def linear_attention_reference(
     if absolute:
         # |x| whose derivative is +-1 also at 0 (torch's abs has 0 there): the bound's gradient must
         # not vanish where a factor happens to be 0
-        a, b, vv, S0, z0 = (x * torch.where(x >= 0, 1.0, -1.0).to(x.dtype) for x in (a, b, vv, S0, z0))
+        vv, S0, z0 = (x * torch.where(x >= 0, 1.0, -1.0).to(x.dtype) for x in (vv, S0, z0))
     kv = torch.einsum("bthm,bthv->bthmv", b, vv)
     if causal:
         S = S0[:, None] + kv.cumsum(1)  # [B, T, H, M, DV]
@@ -95,8 +97,8 @@ def linear_attention_torch(
     B, T, H, _ = q.shape
     DV = v.shape[-1]
     f32 = torch.float32
-    a = fm.reference(q.to(f32)).transpose(1, 2)  # [B, H, T, M]
-    b = fm.reference(k.to(f32)).transpose(1, 2)
+    a = fm.features(q.to(f32), "query", stabilize=normalize).transpose(1, 2)  # [B, H, T, M]
+    b = fm.features(k.to(f32), "key").transpose(1, 2)
     vv = v.to(f32).transpose(1, 2)  # [B, H, T, DV]
     M = a.shape[-1]
     if initial_state is not None:
@@ -147,8 +149,8 @@ def linear_attention_step_torch(
 ):
     """One token of the RNN form in PyTorch (fp32): q, k [B, H, D], v [B, H, DV] -> o, (S, z)."""
     f32 = torch.float32
-    a = fm.reference(q.to(f32))  # [B, H, M]
-    b = fm.reference(k.to(f32))
+    a = fm.features(q.to(f32), "query", stabilize=normalize)  # [B, H, M]
+    b = fm.features(k.to(f32), "key")
     S = b[..., :, None] * v.to(f32)[..., None, :]  # [B, H, M, DV]
     z = b
     if state is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from string import Template
 
 from ..spec import GENERATOR_VERSION, KernelSpec
-from .template import TEMPLATE
+from .template import ELEMENTWISE_HELPERS, PROJECTED_HELPERS, TEMPLATE
 
 __all__ = ["render"]
 
@@ -30,6 +30,10 @@ def render(spec: KernelSpec) -> str:
         HAS_H0=spec.has_initial_state,
         DOT_FP32=spec.dot_fp32,
         WIDE_TF32=spec.dtype == "float16" and not spec.dot_fp32,
+        FEAT_TF32=spec.dtype == "float16" and not spec.dot_fp32 and fm.unbounded,
+        IN_SCALE=repr(float(getattr(fm, "input_scale", 1.0))),
         ELEM=_ELEM[spec.dtype],
         FEATURE_MAP=fm.triton_source(),
+        # a table, not a branch in the kernels: an elementwise map has no W to load
+        FEATURE_HELPERS=PROJECTED_HELPERS if fm.projected else ELEMENTWISE_HELPERS,
     )

@@ -1,16 +1,22 @@
 """Feature maps phi for linear attention, and the registry the kernels are generated from.
 
-Built in: ``"elu"`` (elu(x) + 1), ``"relu"`` and ``"identity"``. A user map is an
-:class:`ElementwiseFeatureMap` (two Triton expressions plus a PyTorch reference)
-passed to :func:`register`, or passed directly as ``feature_map=``.
+Built in: ``"elu"`` (elu(x) + 1), ``"relu"`` and ``"identity"``; random features
+:func:`favor` (FAVOR+, softmax kernel) and :func:`random_fourier` (Gaussian kernel).
+A user map is an :class:`ElementwiseFeatureMap` (two Triton expressions plus a PyTorch
+reference) or a :class:`ProjectedFeatureMap` (two Triton functions of x W plus a PyTorch
+twin), passed to :func:`register` or directly as ``feature_map=``.
 """
 
 from .base import ElementwiseFeatureMap, FeatureMap, available, get, register, resolve
 from .builtin import elu, identity, relu
+from .projected import ProjectedFeatureMap
+from .random import RandomFeatureMap, favor, random_fourier
 
 __all__ = [
     "FeatureMap",
     "ElementwiseFeatureMap",
+    "ProjectedFeatureMap",
+    "RandomFeatureMap",
     "register",
     "get",
     "available",
@@ -18,4 +24,6 @@ __all__ = [
     "elu",
     "relu",
     "identity",
+    "favor",
+    "random_fourier",
 ]

@@ -27,10 +27,43 @@ class FeatureMap:
     """Base class of all feature maps.
 
     Subclasses define ``name``, :meth:`feature_dim`, :meth:`reference` and the
-    Triton source the generator needs (:meth:`triton_source`).
+    Triton source the generator needs (:meth:`triton_source`). Two families exist:
+    elementwise maps (:class:`ElementwiseFeatureMap`, M = D) and projected maps
+    (:class:`~lintx_triton.feature_maps.ProjectedFeatureMap`: phi of x W, with W a
+    parameter tensor passed to the kernels), told apart by :attr:`projected`.
     """
 
     name: str
+    #: phi reads a parameter tensor (:meth:`parameters`) and is generated from ``phi_proj``.
+    projected: bool = False
+    #: phi(x) can leave fp16's range (exponential random features): fp16 products take TF32 operands.
+    unbounded: bool = False
+
+    def check_head_dim(self, head_dim: int) -> None:
+        """Raise ``ValueError`` if the map is not defined for head vectors of width ``head_dim``."""
+
+    def features(self, x: torch.Tensor, side: str = "key", stabilize: bool = False) -> torch.Tensor:
+        """phi in PyTorch as the kernels define it for queries (``side="query"``) or keys.
+
+        ``stabilize``: the per-query shift the kernels apply when normalizing (maps whose
+        features are exponentials divide each query's features by their largest; it cancels
+        in num / den). Elementwise maps ignore both arguments.
+        """
+        return self.reference(x)
+
+    def magnitude(self, x: torch.Tensor, side: str = "key", stabilize: bool = False) -> torch.Tensor:
+        """A differentiable bound on |phi(x)| for rounding-error bounds (the reference's ``absolute=True``).
+
+        Default |phi(x)|, with derivative +-1 also where phi(x) = 0. Maps whose features cross zero
+        as a smooth function of x (cos, sin) return an envelope that also covers the rounding of
+        their argument, and whose gradient bounds |dphi/dx|.
+        """
+        f = self.features(x, side, stabilize)
+        return f * torch.where(f >= 0, 1.0, -1.0).to(f.dtype)
+
+    def parameters(self, device) -> "torch.Tensor | None":
+        """The parameter tensor the kernels read (``None`` for elementwise maps)."""
+        return None
 
     def feature_dim(self, head_dim: int) -> int:
         """M, the width of phi(x) for head vectors of width ``head_dim``."""

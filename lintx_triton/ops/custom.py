@@ -53,6 +53,7 @@ def linear_attention_fwd(
     v: Tensor,
     initial_S: Optional[Tensor],
     initial_z: Optional[Tensor],
+    fm_params: Optional[Tensor],
     feature_map: str,
     causal: bool,
     normalize: bool,
@@ -65,11 +66,11 @@ def linear_attention_fwd(
     cfg = config_for(spec, B * H, T, q.device)
     h0 = initial_S.contiguous() if initial_S is not None else None
     z0 = initial_z.contiguous() if initial_z is not None else None
-    return chunk_fwd(spec, cfg, q.contiguous(), k.contiguous(), v.contiguous(), h0, z0, scale, eps)
+    return chunk_fwd(spec, cfg, q.contiguous(), k.contiguous(), v.contiguous(), h0, z0, fm_params, scale, eps)
 
 
 @linear_attention_fwd.register_fake
-def _(q, k, v, initial_S, initial_z, feature_map, causal, normalize, scale, eps):
+def _(q, k, v, initial_S, initial_z, fm_params, feature_map, causal, normalize, scale, eps):
     B, T, H, _ = q.shape
     s_shape, z_shape = _state_shapes(q, v, feature_map)
     o = q.new_empty(B, T, H, v.shape[-1])
@@ -89,6 +90,7 @@ def linear_attention_bwd(
     den: Tensor,
     initial_S: Optional[Tensor],
     initial_z: Optional[Tensor],
+    fm_params: Optional[Tensor],
     feature_map: str,
     causal: bool,
     normalize: bool,
@@ -99,11 +101,12 @@ def linear_attention_bwd(
     B, T, H, _ = q.shape
     cfg = config_for(spec, B * H, T, q.device)
     c = lambda t: t.contiguous() if t is not None else None  # noqa: E731
-    return chunk_bwd(spec, cfg, c(do), c(dS), c(dz), c(q), c(k), c(v), c(o), c(den), c(initial_S), c(initial_z), scale)
+    return chunk_bwd(spec, cfg, c(do), c(dS), c(dz), c(q), c(k), c(v), c(o), c(den), c(initial_S), c(initial_z),
+                     fm_params, scale)
 
 
 @linear_attention_bwd.register_fake
-def _(do, dS, dz, q, k, v, o, den, initial_S, initial_z, feature_map, causal, normalize, scale):
+def _(do, dS, dz, q, k, v, o, den, initial_S, initial_z, fm_params, feature_map, causal, normalize, scale):
     s_shape, z_shape = _state_shapes(q, v, feature_map)
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
@@ -115,20 +118,21 @@ def _(do, dS, dz, q, k, v, o, den, initial_S, initial_z, feature_map, causal, no
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, initial_S, initial_z, feature_map, causal, normalize, scale, eps = inputs
+    q, k, v, initial_S, initial_z, fm_params, feature_map, causal, normalize, scale, eps = inputs
     o, den, _, _ = output
-    ctx.save_for_backward(q, k, v, o, den, initial_S, initial_z)
+    ctx.save_for_backward(q, k, v, o, den, initial_S, initial_z, fm_params)
     ctx.args = (feature_map, causal, normalize, scale)
 
 
 def _backward(ctx, do, dden, dS, dz):
-    q, k, v, o, den, initial_S, initial_z = ctx.saved_tensors
+    q, k, v, o, den, initial_S, initial_z, fm_params = ctx.saved_tensors
     dq, dk, dv, dS0, dz0 = torch.ops.lintx.linear_attention_bwd(
-        do, dS, dz, q, k, v, o, den, initial_S, initial_z, *ctx.args
+        do, dS, dz, q, k, v, o, den, initial_S, initial_z, fm_params, *ctx.args
     )
     if initial_S is None:
         dS0 = dz0 = None
-    return dq, dk, dv, dS0, dz0, None, None, None, None, None
+    # the feature map's parameters are fixed (random features are redrawn, not trained)
+    return dq, dk, dv, dS0, dz0, None, None, None, None, None, None
 
 
 linear_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -154,6 +158,7 @@ def linear_attention_step(
     v: Tensor,
     S: Optional[Tensor],
     z: Optional[Tensor],
+    fm_params: Optional[Tensor],
     feature_map: str,
     normalize: bool,
     scale: float,
@@ -165,12 +170,12 @@ def linear_attention_step(
     S_out = torch.empty(s_shape, dtype=F32, device=q.device)
     z_out = torch.empty(z_shape, dtype=F32, device=q.device)
     c = lambda t: t.contiguous() if t is not None else None  # noqa: E731
-    o = decode_step(spec, _step_config(spec, q), c(q), c(k), c(v), c(S), c(z), S_out, z_out, scale, eps)
+    o = decode_step(spec, _step_config(spec, q), c(q), c(k), c(v), c(S), c(z), S_out, z_out, fm_params, scale, eps)
     return o, S_out, z_out
 
 
 @linear_attention_step.register_fake
-def _(q, k, v, S, z, feature_map, normalize, scale, eps):
+def _(q, k, v, S, z, fm_params, feature_map, normalize, scale, eps):
     s_shape, z_shape = _step_state_shapes(q, v, feature_map)
     B, H, _ = q.shape
     return q.new_empty(B, H, v.shape[-1]), q.new_empty(s_shape, dtype=F32), q.new_empty(z_shape, dtype=F32)
@@ -183,6 +188,7 @@ def linear_attention_step_(
     v: Tensor,
     S: Tensor,
     z: Tensor,
+    fm_params: Optional[Tensor],
     feature_map: str,
     normalize: bool,
     scale: float,
@@ -193,10 +199,10 @@ def linear_attention_step_(
     Nothing is allocated but o, so a decode loop can be captured in a CUDA graph."""
     spec = make_spec(feature_map, q, v, True, normalize, False)
     return decode_step(spec, _step_config(spec, q), q.contiguous(), k.contiguous(), v.contiguous(), S, z, S, z,
-                       scale, eps)
+                       fm_params, scale, eps)
 
 
 @linear_attention_step_.register_fake
-def _(q, k, v, S, z, feature_map, normalize, scale, eps):
+def _(q, k, v, S, z, fm_params, feature_map, normalize, scale, eps):
     B, H, _ = q.shape
     return q.new_empty(B, H, v.shape[-1])

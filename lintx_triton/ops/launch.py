@@ -24,7 +24,7 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _chunk_states(mod, spec, BT, BV, opts, x, y, den, g, init_h, init_z, final_h, final_z, scale, backward):
+def _chunk_states(mod, spec, BT, BV, opts, x, y, fm_w, den, g, init_h, init_z, final_h, final_z, scale, backward):
     """Chunk sums then a scan over them.
 
     Forward (x = k, y = v): h[c] becomes the state before chunk c, final_h the state after the last.
@@ -37,7 +37,7 @@ def _chunk_states(mod, spec, BT, BV, opts, x, y, den, g, init_h, init_z, final_h
     h = torch.empty(B * H, NT, M, DV, dtype=F32, device=x.device)
     hz = torch.empty(B * H, NT, M, dtype=F32, device=x.device)
     mod.chunk_kernel_h[(NT, NV, B * H)](
-        x, y, den, g, h, hz, scale, T, H=H, BT=BT, BV=BV, BACKWARD=backward, **opts
+        x, y, fm_w, den, g, h, hz, scale, T, H=H, BT=BT, BV=BV, BACKWARD=backward, **opts
     )
     BMS = min(spec.block_m, 64)
     has_init = init_h is not None
@@ -75,7 +75,12 @@ def _pass_through(S, z, S_in, z_in):
     return S.copy_(S_in), z.copy_(z_in)
 
 
-def chunk_fwd(spec: KernelSpec, cfg: Config, q, k, v, h0, z0, scale: float, eps: float):
+def _fm_arg(fm_params, q):
+    """The feature-map parameter pointer: elementwise maps read none, any tensor will do."""
+    return fm_params if fm_params is not None else q
+
+
+def chunk_fwd(spec: KernelSpec, cfg: Config, q, k, v, h0, z0, fm_params, scale: float, eps: float):
     """-> o [B, T, H, DV], den [B, H, T] (or [0] unnormalized), S_T [B, H, M, DV], z_T [B, H, M]."""
     B, T, H, _ = q.shape
     DV = spec.value_dim
@@ -90,14 +95,16 @@ def chunk_fwd(spec: KernelSpec, cfg: Config, q, k, v, h0, z0, scale: float, eps:
     opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     den_arg = den if spec.normalize else ht  # never read unnormalized: any valid pointer will do
     fused = cfg.path == "fused" and spec.causal
+    fm_w = _fm_arg(fm_params, q)
     if fused:
         h = hz = ht
     else:
-        h, hz = _chunk_states(mod, spec, BT, BV, opts, k, v, ht, ht, h0, z0, ht, zt, scale, backward=False)
+        h, hz = _chunk_states(mod, spec, BT, BV, opts, k, v, fm_w, ht, ht, h0, z0, ht, zt, scale, backward=False)
     mod.chunk_fwd_kernel_o[(1 if fused else NT, NV, B * H)](
         q,
         k,
         v,
+        fm_w,
         o,
         den_arg,
         h,
@@ -118,7 +125,7 @@ def chunk_fwd(spec: KernelSpec, cfg: Config, q, k, v, h0, z0, scale: float, eps:
     return o, den, ht, zt
 
 
-def chunk_bwd(spec: KernelSpec, cfg: Config, do, dht, dzt, q, k, v, o, den, h0, z0, scale: float):
+def chunk_bwd(spec: KernelSpec, cfg: Config, do, dht, dzt, q, k, v, o, den, h0, z0, fm_params, scale: float):
     """-> dq, dk, dv, dS_0 [B, H, M, DV], dz_0 [B, H, M]. ``dht``/``dzt`` (gradients of the final state) may be None."""
     B, T, H, _ = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -139,16 +146,19 @@ def chunk_bwd(spec: KernelSpec, cfg: Config, do, dht, dzt, q, k, v, o, den, h0, 
     else:
         den = g = dh0  # never read unnormalized
     ht, zt = _state_like(q, spec)  # recomputed final state: the total when not causal
-    h, hz = _chunk_states(mod, spec, BT, BV, opts, k, v, den, g, h0, z0, ht, zt, scale, backward=False)
-    dh, dhz = _chunk_states(mod, spec, BT, BV, opts, q, do, den, g, dht, dzt, dh0, dz0, scale, backward=True)
+    fm_w = _fm_arg(fm_params, q)
+    h, hz = _chunk_states(mod, spec, BT, BV, opts, k, v, fm_w, den, g, h0, z0, ht, zt, scale, backward=False)
+    dh, dhz = _chunk_states(mod, spec, BT, BV, opts, q, do, fm_w, den, g, dht, dzt, dh0, dz0, scale, backward=True)
     if not spec.causal:
         h, hz, dh, dhz = ht, zt, dh0, dz0
-    mod.chunk_bwd_kernel_dq[(NT, B * H)](q, k, v, do, den, g, h, hz, dq, scale, T, H=H, BT=BT, BV=BV, **opts)
-    mod.chunk_bwd_kernel_dkv[(NT, B * H)](q, k, v, do, den, g, dh, dhz, dk, dv, scale, T, H=H, BT=BT, BV=BV, **opts)
+    mod.chunk_bwd_kernel_dq[(NT, B * H)](q, k, v, fm_w, do, den, g, h, hz, dq, scale, T, H=H, BT=BT, BV=BV, **opts)
+    mod.chunk_bwd_kernel_dkv[(NT, B * H)](q, k, v, fm_w, do, den, g, dh, dhz, dk, dv, scale, T, H=H, BT=BT, BV=BV,
+                                          **opts)
     return dq, dk, dv, dh0, dz0
 
 
-def decode_step(spec: KernelSpec, cfg: Config, q, k, v, S_in, z_in, S_out, z_out, scale: float, eps: float):
+def decode_step(spec: KernelSpec, cfg: Config, q, k, v, S_in, z_in, S_out, z_out, fm_params, scale: float,
+                eps: float):
     """One token: q, k [B, H, D], v [B, H, DV] -> o [B, H, DV]; writes S_out, z_out (may be S_in, z_in)."""
     B, H, _ = q.shape
     o = torch.empty(B, H, spec.value_dim, dtype=q.dtype, device=q.device)
@@ -159,6 +169,7 @@ def decode_step(spec: KernelSpec, cfg: Config, q, k, v, S_in, z_in, S_out, z_out
         q,
         k,
         v,
+        _fm_arg(fm_params, q),
         o,
         S_in if has_state else S_out,
         z_in if has_state else z_out,
