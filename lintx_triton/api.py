@@ -22,23 +22,31 @@ BACKENDS = ("auto", "triton", "torch")
 MAX_TRITON_DIM = 256
 
 
-def _check_inputs(q, k, v, fm: FeatureMap, causal, initial_state, scale, eps, backend):
+_LAYOUTS = {"q": "[B, T, H, D]", "k": "[B, T, HKV, D]", "v": "[B, T, HKV, DV]"}
+
+
+def _check_inputs(q, k, v, fm: FeatureMap, causal, initial_state, scale, eps, backend, cu_seqlens=None,
+                  check_seqlens=True):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(
-                f"{name} must have 4 dimensions {'[B, T, H, D]' if name != 'v' else '[B, T, H, DV]'}, "
-                f"got shape {tuple(t.shape)}"
-            )
+            raise ValueError(f"{name} must have 4 dimensions {_LAYOUTS[name]}, got shape {tuple(t.shape)}")
         if t.dtype not in DTYPES:
             raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if q.shape != k.shape:
-        raise ValueError(f"q and k must have the same shape [B, T, H, D], got q {tuple(q.shape)} and k {tuple(k.shape)}")
-    if v.shape[:3] != q.shape[:3]:
+    if k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"k must be [B, T, HKV, D] with B, T, D of q {_LAYOUTS['q']}, got q {tuple(q.shape)} and "
+                         f"k {tuple(k.shape)}")
+    if v.shape[:3] != k.shape[:3]:
         raise ValueError(
-            f"v must be [B, T, H, DV] with B, T, H of q, got q {tuple(q.shape)} and v {tuple(v.shape)}"
+            f"v must be [B, T, HKV, DV] with B, T, HKV of k, got k {tuple(k.shape)} and v {tuple(v.shape)}"
         )
+    H, HKV = q.shape[2], k.shape[2]
+    if HKV == 0 and H == 0:
+        pass
+    elif HKV == 0 or H % HKV:
+        raise ValueError(f"q's heads H = {H} must be a multiple of k and v's heads HKV = {HKV} (grouped-query "
+                         f"attention: H / HKV query heads share a key/value head)")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -52,12 +60,36 @@ def _check_inputs(q, k, v, fm: FeatureMap, causal, initial_state, scale, eps, ba
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     fm.check_head_dim(q.shape[-1])
+    N = q.shape[0] if cu_seqlens is None else _check_seqlens(cu_seqlens, q, check_seqlens)
     if initial_state is None:
         return
     if not causal:
         raise ValueError("initial_state is only defined for causal=True (non-causal attention has no prefix)")
-    B, _, H, D = q.shape
-    _check_state(initial_state, "initial_state", B, H, fm.feature_dim(D), v.shape[-1], fm, q.device)
+    _check_state(initial_state, "initial_state", N, HKV, fm.feature_dim(q.shape[-1]), v.shape[-1], fm, q.device)
+
+
+def _check_seqlens(cu, q, check_values: bool) -> int:
+    """Validate packed-sequence offsets; -> N, the number of sequences. Values are read back only when
+    ``check_values`` and not while compiling or capturing a CUDA graph."""
+    if not isinstance(cu, Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32 or int64 (FlashAttention's convention), got {cu.dtype}")
+    if cu.dim() != 1 or cu.shape[0] < 1:
+        raise ValueError(f"cu_seqlens must be 1-D [N + 1] (0, then the cumulative lengths), got shape "
+                         f"{tuple(cu.shape)}")
+    if q.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens the sequences are packed along T: q must be [1, total_T, H, D], got "
+                         f"{tuple(q.shape)}")
+    if cu.device != q.device:
+        raise ValueError(f"cu_seqlens is on {cu.device}, q on {q.device}")
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    if check_values and not torch.compiler.is_compiling() and not capturing:
+        c = cu.cpu()
+        if c[0] != 0 or c[-1] != q.shape[1] or bool((c[1:] < c[:-1]).any()):
+            raise ValueError(f"cu_seqlens must start at 0, never decrease and end at total_T = {q.shape[1]}; got "
+                             f"{c.tolist() if c.numel() <= 16 else c}")
+    return cu.shape[0] - 1
 
 
 def _check_state(state, what, B, H, M, DV, fm, device):
@@ -102,6 +134,8 @@ def linear_attention(
     initial_state: Optional[tuple[Tensor, Tensor]] = None,
     return_state: bool = False,
     backend: str = "auto",
+    cu_seqlens: Optional[Tensor] = None,
+    check_seqlens: bool = True,
 ):
     r"""Linear attention of "Transformers are RNNs" with the feature map fused into the kernels.
 
@@ -111,8 +145,9 @@ def linear_attention(
 
     Args:
         q (torch.Tensor): queries of shape ``[B, T, H, D]``.
-        k (torch.Tensor): keys of shape ``[B, T, H, D]``.
-        v (torch.Tensor): values of shape ``[B, T, H, DV]``; DV may differ from D.
+        k (torch.Tensor): keys of shape ``[B, T, HKV, D]``; HKV divides H (grouped-query attention:
+            H / HKV query heads share a key/value head, read in place; multi-query when HKV = 1).
+        v (torch.Tensor): values of shape ``[B, T, HKV, DV]``; DV may differ from D.
             q, k, v share one dtype (float32, float16, bfloat16) and one device.
         feature_map (str | FeatureMap): ``"elu"`` (elu(x) + 1, default), ``"relu"``,
             ``"identity"``, or a :class:`lintx_triton.feature_maps.FeatureMap` such as
@@ -123,11 +158,20 @@ def linear_attention(
         normalize (bool): divide by the normalizer (default ``True``).
         scale (float): factor on phi(q)^T phi(k). Default: ``1.0``.
         eps (float): added to the normalizer. Default: ``1e-6``.
-        initial_state (tuple[torch.Tensor, torch.Tensor] | None): ``(S_0 [B, H, M, DV], z_0 [B, H, M])``
-            in float32, the state of a preceding segment (causal only). Default: ``None`` (zeros).
-        return_state (bool): also return the final state ``(S_T, z_T)`` in float32. Default: ``False``.
+        initial_state (tuple[torch.Tensor, torch.Tensor] | None): ``(S_0 [N, HKV, M, DV], z_0 [N, HKV, M])``
+            in float32, the state of a preceding segment (causal only); N = B, or the number of packed
+            sequences. Default: ``None`` (zeros).
+        return_state (bool): also return the final state ``(S_T, z_T)`` in float32, per sequence and
+            kv head. Default: ``False``.
         backend (str): ``"auto"`` (Triton on CUDA tensors or under ``TRITON_INTERPRET=1``, the chunked
             PyTorch implementation on CPU otherwise), ``"triton"`` or ``"torch"``.
+        cu_seqlens (torch.Tensor | None): packed sequences, FlashAttention's convention: q, k, v are
+            ``[1, total_T, H, *]`` and sequence n is tokens ``cu_seqlens[n] .. cu_seqlens[n+1]`` (int32 or
+            int64 ``[N + 1]`` on q's device; empty sequences allowed). No token attends across a boundary;
+            states are per sequence. The Triton path never reads these values on the host (works under
+            torch.compile and CUDA graphs). Default: ``None``.
+        check_seqlens (bool): check that cu_seqlens starts at 0, never decreases and ends at total_T
+            (one small device-to-host copy; skipped while compiling or capturing). Default: ``True``.
 
     Returns:
         o (torch.Tensor): ``[B, T, H, DV]`` in the inputs' dtype, and ``(S_T, z_T)`` when ``return_state``.
@@ -144,14 +188,15 @@ def linear_attention(
         True
     """
     fm = feature_maps.resolve(feature_map)
-    _check_inputs(q, k, v, fm, causal, initial_state, scale, eps, backend)
+    _check_inputs(q, k, v, fm, causal, initial_state, scale, eps, backend, cu_seqlens, check_seqlens)
     backend = _pick_backend(backend, q)
     S0, z0 = initial_state if initial_state is not None else (None, None)
     if backend == "torch":
-        o, (S, z) = linear_attention_torch(
-            q, k, v, fm, causal=causal, normalize=normalize, scale=float(scale), eps=float(eps),
-            initial_state=initial_state,
-        )
+        kw = dict(causal=causal, normalize=normalize, scale=float(scale), eps=float(eps))
+        if cu_seqlens is None:
+            o, (S, z) = linear_attention_torch(q, k, v, fm, initial_state=initial_state, **kw)
+        else:
+            o, (S, z) = _packed_torch(q, k, v, fm, cu_seqlens, initial_state, kw)
     else:
         if max(q.shape[-1], v.shape[-1], fm.feature_dim(q.shape[-1])) > MAX_TRITON_DIM:
             raise ValueError(
@@ -159,9 +204,26 @@ def linear_attention(
                 f"DV = {v.shape[-1]}, M = {fm.feature_dim(q.shape[-1])}; use backend='torch'"
             )
         o, _, S, z = torch.ops.lintx.linear_attention_fwd(
-            q, k, v, S0, z0, fm.parameters(q.device), fm.name, bool(causal), bool(normalize), float(scale), float(eps)
+            q, k, v, S0, z0, fm.parameters(q.device), cu_seqlens, fm.name, bool(causal), bool(normalize),
+            float(scale), float(eps)
         )
     return (o, (S, z)) if return_state else o
+
+
+def _packed_torch(q, k, v, fm, cu, initial_state, kw):
+    """The torch backend on packed sequences: one chunked call per sequence (reads cu on the host)."""
+    bounds = cu.tolist()
+    outs, states = [], []
+    for n, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+        init = tuple(x[n:n + 1] for x in initial_state) if initial_state is not None else None
+        o, st = linear_attention_torch(q[:, s:e], k[:, s:e], v[:, s:e], fm, initial_state=init, **kw)
+        outs.append(o)
+        states.append(st)
+    if not states:
+        M = fm.feature_dim(q.shape[-1])
+        empty = q.new_zeros(0, k.shape[2], M, v.shape[-1], dtype=torch.float32)
+        return q.new_empty(1, 0, q.shape[2], v.shape[-1]), (empty, empty[..., 0])
+    return torch.cat(outs, 1), (torch.cat([s[0] for s in states]), torch.cat([s[1] for s in states]))
 
 
 def _check_step(q, k, v, state, fm: FeatureMap, scale, eps, backend):
@@ -170,14 +232,14 @@ def _check_step(q, k, v, state, fm: FeatureMap, scale, eps, backend):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 3:
             raise ValueError(
-                f"{name} must have 3 dimensions {'[B, H, D]' if name != 'v' else '[B, H, DV]'} (one token), "
+                f"{name} must have 3 dimensions {_LAYOUTS[name].replace('T, ', '')} (one token), "
                 f"got shape {tuple(t.shape)}"
             )
     # the [B, T, H, D] checks with T = 1 give the same messages for dtypes, devices and shapes
     _check_inputs(q[:, None], k[:, None], v[:, None], fm, True, None, scale, eps, backend)
     if state is not None:
-        B, H, D = q.shape
-        _check_state(state, "state", B, H, fm.feature_dim(D), v.shape[-1], fm, q.device)
+        B, _, D = q.shape
+        _check_state(state, "state", B, k.shape[1], fm.feature_dim(D), v.shape[-1], fm, q.device)
 
 
 def linear_attention_step(
@@ -200,9 +262,9 @@ def linear_attention_step(
 
     Args:
         q (torch.Tensor): the new token's queries ``[B, H, D]``.
-        k (torch.Tensor): its keys ``[B, H, D]``.
-        v (torch.Tensor): its values ``[B, H, DV]``.
-        state (tuple[torch.Tensor, torch.Tensor] | None): ``(S [B, H, M, DV], z [B, H, M])`` float32, or
+        k (torch.Tensor): its keys ``[B, HKV, D]`` (HKV divides H).
+        v (torch.Tensor): its values ``[B, HKV, DV]``.
+        state (tuple[torch.Tensor, torch.Tensor] | None): ``(S [B, HKV, M, DV], z [B, HKV, M])`` float32, or
             ``None`` for an empty one. Not modified.
         feature_map, normalize, scale, eps, backend: as in :func:`linear_attention`.
 

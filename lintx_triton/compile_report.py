@@ -69,14 +69,16 @@ def launch_constexprs(spec: KernelSpec, kernel: str, cfg: Config, *, backward: b
     bwd = backward or kernel in _BWD_ONLY
     BT = cfg.bwd_chunk if bwd else cfg.chunk
     BV = cfg.bwd_block_v if bwd else cfg.block_v
+    heads = dict(H=heads, HKV=heads)
     base = {
-        "chunk_kernel_h": dict(H=heads, BT=BT, BV=BV, BACKWARD=backward),
-        "chunk_scan_kernel": dict(BT=BT, BMS=min(spec.block_m, 64), BV=BV, HAS_INIT=False, REVERSE=backward),
-        "chunk_fwd_kernel_o": dict(H=heads, BT=BT, BV=BV, FUSED=cfg.path == "fused" and spec.causal),
-        "bwd_kernel_g": dict(H=heads, BT=BT),
-        "chunk_bwd_kernel_dq": dict(H=heads, BT=BT, BV=BV),
-        "chunk_bwd_kernel_dkv": dict(H=heads, BT=BT, BV=BV),
-        "decode_kernel_step": dict(BV=min(cfg.block_v, spec.block_dv), HAS_STATE=True),
+        "chunk_kernel_h": dict(**heads, BT=BT, BV=BV, BACKWARD=backward, IS_VARLEN=False),
+        "chunk_scan_kernel": dict(HKV=heads["HKV"], BMS=min(spec.block_m, 64), BV=BV, HAS_INIT=False,
+                                  REVERSE=backward, IS_VARLEN=False),
+        "chunk_fwd_kernel_o": dict(**heads, BT=BT, BV=BV, FUSED=cfg.path == "fused" and spec.causal, IS_VARLEN=False),
+        "bwd_kernel_g": dict(H=heads["H"], BT=BT, IS_VARLEN=False),
+        "chunk_bwd_kernel_dq": dict(**heads, BT=BT, BV=BV, IS_VARLEN=False),
+        "chunk_bwd_kernel_dkv": dict(**heads, BT=BT, BV=BV, IS_VARLEN=False),
+        "decode_kernel_step": dict(**heads, BV=min(cfg.block_v, spec.block_dv), HAS_STATE=True),
     }[kernel]
     base.update(flags)
     return base
@@ -107,8 +109,10 @@ def compile_for_target(spec: KernelSpec, kernel: str, constexprs: dict, *, arch:
             sig[name], consts[name] = "constexpr", constexprs[name]
         elif name in ("scale", "eps"):
             sig[name] = "fp32"
-        elif name == "T":
+        elif name in ("T", "NT"):
             sig[name] = "i32"
+        elif name in ("cu", "cmap", "coffs"):
+            sig[name] = "*i32"
         else:
             sig[name] = "*" + (_TL[spec.dtype] if name in _INPUT_PTRS else "fp32")
     missing = [n for n, t in sig.items() if t == "constexpr" and n not in consts]

@@ -49,12 +49,13 @@ def linear_attention_reference(
     """
     phi = fm.magnitude if absolute else fm.features
     a = phi(q.to(dtype), "query", stabilize=normalize)  # [B, T, H, M]
-    b = phi(k.to(dtype), "key")
-    vv = v.to(dtype)
+    G = q.shape[2] // k.shape[2]  # grouped-query heads: each kv head serves G query heads
+    b = _repeat_heads(phi(k.to(dtype), "key"), G, 2)
+    vv = _repeat_heads(v.to(dtype), G, 2)
     B, T, H, M = a.shape
     DV = v.shape[-1]
     if initial_state is not None:
-        S0, z0 = (x.to(dtype) for x in initial_state)
+        S0, z0 = (_repeat_heads(x.to(dtype), G, 1) for x in initial_state)
     else:
         S0 = a.new_zeros(B, H, M, DV)
         z0 = a.new_zeros(B, H, M)
@@ -72,9 +73,13 @@ def linear_attention_reference(
     num = scale * torch.einsum("bthm,bthmv->bthv", a, S)
     den = scale * torch.einsum("bthm,bthm->bth", a, z) + eps
     o = num / den[..., None] if normalize else num
-    S_T = S0 + kv.sum(1)
-    z_T = z0 + b.sum(1)
+    S_T = (S0 + kv.sum(1))[:, ::G]  # the state of each kv head (its G copies are equal)
+    z_T = (z0 + b.sum(1))[:, ::G]
     return o, (S_T, z_T), num, den
+
+
+def _repeat_heads(x: Tensor, G: int, dim: int) -> Tensor:
+    return x if G == 1 else x.repeat_interleave(G, dim)
 
 
 def linear_attention_torch(
@@ -97,17 +102,18 @@ def linear_attention_torch(
     B, T, H, _ = q.shape
     DV = v.shape[-1]
     f32 = torch.float32
+    G = H // k.shape[2]
     a = fm.features(q.to(f32), "query", stabilize=normalize).transpose(1, 2)  # [B, H, T, M]
-    b = fm.features(k.to(f32), "key").transpose(1, 2)
-    vv = v.to(f32).transpose(1, 2)  # [B, H, T, DV]
+    b = _repeat_heads(fm.features(k.to(f32), "key"), G, 2).transpose(1, 2)
+    vv = _repeat_heads(v.to(f32), G, 2).transpose(1, 2)  # [B, H, T, DV]
     M = a.shape[-1]
     if initial_state is not None:
-        S0, z0 = (x.to(f32) for x in initial_state)
+        S0, z0 = (_repeat_heads(x.to(f32), G, 1) for x in initial_state)
     else:
         S0 = a.new_zeros(B, H, M, DV)
         z0 = a.new_zeros(B, H, M)
     if T == 0:
-        return q.new_empty(B, 0, H, DV), (S0, z0)
+        return q.new_empty(B, 0, H, DV), (S0[:, ::G], z0[:, ::G])
     if not causal:
         S = S0 + b.transpose(-1, -2) @ vv
         z = z0 + b.sum(2)
@@ -133,7 +139,7 @@ def linear_attention_torch(
         den = den.reshape(B, H, N * C)[:, :, :T]
         S, z = S_c[:, :, -1] + kv[:, :, -1], z_c[:, :, -1] + ks[:, :, -1]
     o = num / den[..., None] if normalize else num
-    return o.transpose(1, 2).to(q.dtype), (S, z)
+    return o.transpose(1, 2).to(q.dtype), (S[:, ::G], z[:, ::G])
 
 
 def linear_attention_step_torch(
@@ -147,15 +153,16 @@ def linear_attention_step_torch(
     eps: float = 1e-6,
     state: Optional[tuple[Tensor, Tensor]] = None,
 ):
-    """One token of the RNN form in PyTorch (fp32): q, k [B, H, D], v [B, H, DV] -> o, (S, z)."""
+    """One token of the RNN form in PyTorch (fp32): q [B, H, D], k [B, HKV, D], v [B, HKV, DV] -> o, (S, z)."""
     f32 = torch.float32
+    G = q.shape[1] // k.shape[1]
     a = fm.features(q.to(f32), "query", stabilize=normalize)  # [B, H, M]
-    b = fm.features(k.to(f32), "key")
-    S = b[..., :, None] * v.to(f32)[..., None, :]  # [B, H, M, DV]
+    b = fm.features(k.to(f32), "key")  # [B, HKV, M]
+    S = b[..., :, None] * v.to(f32)[..., None, :]  # [B, HKV, M, DV]
     z = b
     if state is not None:
         S = state[0] + S
         z = state[1] + z
-    num = scale * torch.einsum("bhm,bhmv->bhv", a, S)
-    o = num / (scale * (a * z).sum(-1) + eps)[..., None] if normalize else num
+    num = scale * torch.einsum("bhm,bhmv->bhv", a, _repeat_heads(S, G, 1))
+    o = num / (scale * (a * _repeat_heads(z, G, 1)).sum(-1) + eps)[..., None] if normalize else num
     return o.to(q.dtype), (S, z)

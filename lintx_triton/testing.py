@@ -226,8 +226,9 @@ def decode_steps(c: dict, q, k, v, state, backend: str, inplace: bool = False):
     outs = []
     if inplace:
         M = feature_maps.get(c["feature_map"]).feature_dim(D)
-        S = state[0].clone() if state else torch.zeros(B, H, M, v.shape[-1], device=q.device)
-        z = state[1].clone() if state else torch.zeros(B, H, M, device=q.device)
+        HKV = k.shape[2]  # the state is per key/value head
+        S = state[0].clone() if state else torch.zeros(B, HKV, M, v.shape[-1], device=q.device)
+        z = state[1].clone() if state else torch.zeros(B, HKV, M, device=q.device)
         for t in range(T):
             outs.append(linear_attention_step_(q[:, t], k[:, t], v[:, t], (S, z), **kw))
         final = (S, z)

@@ -58,6 +58,7 @@ def test_sm90_backward_d64_no_spills():
 
 def test_sm90_backward_d128():
     assert not _report()[(128, "bwd dq")]["spills"]
-    # the (dk, dv) kernel keeps a small stack at D = 128 (bench/NOTES.md): hold it there
+    # the (dk, dv) kernel keeps a small stack at D = 128 (bench/NOTES.md): hold it there. 128 bytes and
+    # 62 spill instructions before the kernels took grouped heads and packed sequences, 160 and 78 since
     r = _report()[(128, "bwd dk dv")]
-    assert r["stack"] <= 128 and r["spill_loads"] + r["spill_stores"] <= 64, r
+    assert r["stack"] <= 160 and r["spill_loads"] + r["spill_stores"] <= 80, r

@@ -40,10 +40,13 @@ def make_spec(feature_map: str, q: Tensor, v: Tensor, causal: bool, normalize: b
     )
 
 
-def _state_shapes(q: Tensor, v: Tensor, feature_map: str):
-    B, _, H, D = q.shape
+def _state_shapes(q: Tensor, v: Tensor, feature_map: str, cu_seqlens: Optional[Tensor] = None):
+    """States are per sequence (B, or len(cu_seqlens) - 1 packed) and per kv head (v's heads)."""
+    D = q.shape[-1]
+    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    HKV = v.shape[-2]
     M = feature_maps.get(feature_map).feature_dim(D)
-    return (B, H, M, v.shape[-1]), (B, H, M)
+    return (N, HKV, M, v.shape[-1]), (N, HKV, M)
 
 
 @torch.library.custom_op("lintx::linear_attention_fwd", mutates_args=())
@@ -54,25 +57,27 @@ def linear_attention_fwd(
     initial_S: Optional[Tensor],
     initial_z: Optional[Tensor],
     fm_params: Optional[Tensor],
+    cu_seqlens: Optional[Tensor],
     feature_map: str,
     causal: bool,
     normalize: bool,
     scale: float,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> o [B, T, H, DV], den [B, H, T] fp32 (shape [0] unnormalized), S_T [B, H, M, DV], z_T [B, H, M]."""
+    """-> o [B, T, H, DV], den [B, H, T] fp32 (shape [0] unnormalized), S_T [N, HKV, M, DV], z_T [N, HKV, M]."""
     spec = make_spec(feature_map, q, v, causal, normalize, initial_S is not None)
     B, T, H, _ = q.shape
     cfg = config_for(spec, B * H, T, q.device)
     h0 = initial_S.contiguous() if initial_S is not None else None
     z0 = initial_z.contiguous() if initial_z is not None else None
-    return chunk_fwd(spec, cfg, q.contiguous(), k.contiguous(), v.contiguous(), h0, z0, fm_params, scale, eps)
+    return chunk_fwd(spec, cfg, q.contiguous(), k.contiguous(), v.contiguous(), h0, z0, fm_params, scale, eps,
+                     cu=cu_seqlens)
 
 
 @linear_attention_fwd.register_fake
-def _(q, k, v, initial_S, initial_z, fm_params, feature_map, causal, normalize, scale, eps):
+def _(q, k, v, initial_S, initial_z, fm_params, cu_seqlens, feature_map, causal, normalize, scale, eps):
     B, T, H, _ = q.shape
-    s_shape, z_shape = _state_shapes(q, v, feature_map)
+    s_shape, z_shape = _state_shapes(q, v, feature_map, cu_seqlens)
     o = q.new_empty(B, T, H, v.shape[-1])
     den = q.new_empty((B, H, T) if normalize else (0,), dtype=F32)
     return o, den, q.new_empty(s_shape, dtype=F32), q.new_empty(z_shape, dtype=F32)
@@ -91,6 +96,7 @@ def linear_attention_bwd(
     initial_S: Optional[Tensor],
     initial_z: Optional[Tensor],
     fm_params: Optional[Tensor],
+    cu_seqlens: Optional[Tensor],
     feature_map: str,
     causal: bool,
     normalize: bool,
@@ -102,12 +108,13 @@ def linear_attention_bwd(
     cfg = config_for(spec, B * H, T, q.device)
     c = lambda t: t.contiguous() if t is not None else None  # noqa: E731
     return chunk_bwd(spec, cfg, c(do), c(dS), c(dz), c(q), c(k), c(v), c(o), c(den), c(initial_S), c(initial_z),
-                     fm_params, scale)
+                     fm_params, scale, cu=cu_seqlens)
 
 
 @linear_attention_bwd.register_fake
-def _(do, dS, dz, q, k, v, o, den, initial_S, initial_z, fm_params, feature_map, causal, normalize, scale):
-    s_shape, z_shape = _state_shapes(q, v, feature_map)
+def _(do, dS, dz, q, k, v, o, den, initial_S, initial_z, fm_params, cu_seqlens, feature_map, causal, normalize,
+      scale):
+    s_shape, z_shape = _state_shapes(q, v, feature_map, cu_seqlens)
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
         torch.empty_like(k, memory_format=torch.contiguous_format),
@@ -118,21 +125,21 @@ def _(do, dS, dz, q, k, v, o, den, initial_S, initial_z, fm_params, feature_map,
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, initial_S, initial_z, fm_params, feature_map, causal, normalize, scale, eps = inputs
+    q, k, v, initial_S, initial_z, fm_params, cu_seqlens, feature_map, causal, normalize, scale, eps = inputs
     o, den, _, _ = output
-    ctx.save_for_backward(q, k, v, o, den, initial_S, initial_z, fm_params)
+    ctx.save_for_backward(q, k, v, o, den, initial_S, initial_z, fm_params, cu_seqlens)
     ctx.args = (feature_map, causal, normalize, scale)
 
 
 def _backward(ctx, do, dden, dS, dz):
-    q, k, v, o, den, initial_S, initial_z, fm_params = ctx.saved_tensors
+    q, k, v, o, den, initial_S, initial_z, fm_params, cu_seqlens = ctx.saved_tensors
     dq, dk, dv, dS0, dz0 = torch.ops.lintx.linear_attention_bwd(
-        do, dS, dz, q, k, v, o, den, initial_S, initial_z, fm_params, *ctx.args
+        do, dS, dz, q, k, v, o, den, initial_S, initial_z, fm_params, cu_seqlens, *ctx.args
     )
     if initial_S is None:
         dS0 = dz0 = None
     # the feature map's parameters are fixed (random features are redrawn, not trained)
-    return dq, dk, dv, dS0, dz0, None, None, None, None, None, None
+    return dq, dk, dv, dS0, dz0, None, None, None, None, None, None, None
 
 
 linear_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -141,9 +148,10 @@ linear_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ---- decode (the RNN form): inference only, no autograd ----
 
 def _step_state_shapes(q: Tensor, v: Tensor, feature_map: str):
-    B, H, D = q.shape
+    B, _, D = q.shape
+    HKV = v.shape[1]
     M = feature_maps.get(feature_map).feature_dim(D)
-    return (B, H, M, v.shape[-1]), (B, H, M)
+    return (B, HKV, M, v.shape[-1]), (B, HKV, M)
 
 
 def _step_config(spec, q):

@@ -24,47 +24,95 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _chunk_states(mod, spec, BT, BV, opts, x, y, fm_w, den, g, init_h, init_z, final_h, final_z, scale, backward):
-    """Chunk sums then a scan over them.
+class Layout:
+    """Where the tokens and states of one call are: batched or packed, query and kv heads, chunk slots.
+
+    Batched: N = B sequences of T tokens, NT = ceil(T / BT) chunk slots per sequence. Packed
+    (``cu`` given, B = 1): N = len(cu) - 1 sequences, NT = ceil(T / BT) + N slots, an upper bound on
+    the chunks of any split of T tokens into N sequences, so nothing is read back from the device;
+    ``cmap`` [NT, 2] maps a slot to (sequence, chunk), ``coffs`` [N + 1] gives each sequence's first slot.
+    """
+
+    def __init__(self, q, k, cu, BT: int):
+        self.B, self.T, self.H, _ = q.shape
+        self.HKV = k.shape[2]
+        self.BT = BT
+        self.cu = cu
+        if cu is None:
+            self.N, self.NT = self.B, _cdiv(self.T, BT)
+            self.cmap = self.coffs = None
+        else:
+            self.N = cu.shape[0] - 1
+            self.NT = _cdiv(self.T, BT) + self.N
+            lens = (cu[1:] - cu[:-1]).long()
+            ends = torch.cumsum(_cdiv_t(lens, BT), 0)
+            self.coffs = torch.cat([ends.new_zeros(1), ends]).to(torch.int32)
+            slots = torch.arange(self.NT, device=q.device)
+            seq = torch.searchsorted(ends, slots, right=True).clamp_(max=self.N - 1)
+            local = slots - self.coffs.long()[seq]
+            # an idle slot (past the last chunk) points far past its sequence's end: every mask is off
+            local = torch.where(slots < ends[-1], local, torch.full_like(local, 1 << 24))
+            self.cmap = torch.stack([seq, local], 1).to(torch.int32).contiguous()
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu is not None
+
+    def args(self, fallback):
+        """cu, cmap for the kernels (any valid pointer when batched: never read)."""
+        return (self.cu, self.cmap) if self.varlen else (fallback, fallback)
+
+    def kw(self, **extra):
+        return dict(H=self.H, HKV=self.HKV, BT=self.BT, IS_VARLEN=self.varlen, **extra)
+
+
+def _cdiv_t(x, b: int):
+    return (x + b - 1) // b
+
+
+def _chunk_states(mod, spec, lay, BV, opts, x, y, fm_w, den, g, init_h, init_z, final_h, final_z, scale, backward):
+    """Chunk sums then a scan over them, per kv head.
 
     Forward (x = k, y = v): h[c] becomes the state before chunk c, final_h the state after the last.
-    Backward (x = q, y = do): h[c] becomes dS after chunk c, final_h the gradient of the initial state.
-    Returns h, hz ([B*H, NT, M, DV], [B*H, NT, M]).
+    Backward (x = q, y = do): h[c] becomes dS after chunk c (summed over the query heads of the group),
+    final_h the gradient of the initial state. Returns h, hz ([B*HKV, NT, M, DV], [B*HKV, NT, M]).
     """
-    B, T, H, _ = x.shape
     M, DV = spec.feature_dim, spec.value_dim
-    NT, NV = _cdiv(T, BT), _cdiv(DV, BV)
-    h = torch.empty(B * H, NT, M, DV, dtype=F32, device=x.device)
-    hz = torch.empty(B * H, NT, M, dtype=F32, device=x.device)
-    mod.chunk_kernel_h[(NT, NV, B * H)](
-        x, y, fm_w, den, g, h, hz, scale, T, H=H, BT=BT, BV=BV, BACKWARD=backward, **opts
+    NV = _cdiv(DV, BV)
+    h = torch.empty(lay.B * lay.HKV, lay.NT, M, DV, dtype=F32, device=x.device)
+    hz = torch.empty(lay.B * lay.HKV, lay.NT, M, dtype=F32, device=x.device)
+    cu, cmap = lay.args(h)
+    mod.chunk_kernel_h[(lay.NT, NV, lay.B * lay.HKV)](
+        x, y, fm_w, den, g, h, hz, cu, cmap, scale, lay.T, lay.NT, BV=BV, BACKWARD=backward, **lay.kw(), **opts
     )
     BMS = min(spec.block_m, 64)
     has_init = init_h is not None
-    mod.chunk_scan_kernel[(_cdiv(M, BMS), NV, B * H)](
+    mod.chunk_scan_kernel[(_cdiv(M, BMS), NV, lay.N * lay.HKV)](
         h,
         hz,
         init_h if has_init else final_h,
         init_z if has_init else final_z,
         final_h,
         final_z,
-        T,
-        BT=BT,
+        lay.coffs if lay.varlen else h,
+        lay.T,
+        lay.NT,
+        HKV=lay.HKV,
         BMS=BMS,
         BV=BV,
         HAS_INIT=has_init,
         REVERSE=backward,
+        IS_VARLEN=lay.varlen,
         **opts,
     )
     return h, hz
 
 
-def _state_like(q: torch.Tensor, spec: KernelSpec):
-    B, _, H, _ = q.shape
+def _state_like(q: torch.Tensor, spec: KernelSpec, lay: "Layout"):
     M, DV = spec.feature_dim, spec.value_dim
     return (
-        torch.empty(B, H, M, DV, dtype=F32, device=q.device),
-        torch.empty(B, H, M, dtype=F32, device=q.device),
+        torch.empty(lay.N, lay.HKV, M, DV, dtype=F32, device=q.device),
+        torch.empty(lay.N, lay.HKV, M, dtype=F32, device=q.device),
     )
 
 
@@ -80,27 +128,31 @@ def _fm_arg(fm_params, q):
     return fm_params if fm_params is not None else q
 
 
-def chunk_fwd(spec: KernelSpec, cfg: Config, q, k, v, h0, z0, fm_params, scale: float, eps: float):
-    """-> o [B, T, H, DV], den [B, H, T] (or [0] unnormalized), S_T [B, H, M, DV], z_T [B, H, M]."""
+def chunk_fwd(spec: KernelSpec, cfg: Config, q, k, v, h0, z0, fm_params, scale: float, eps: float, cu=None):
+    """-> o [B, T, H, DV], den [B, H, T] (or [0] unnormalized), S_T [N, HKV, M, DV], z_T [N, HKV, M]."""
     B, T, H, _ = q.shape
     DV = spec.value_dim
+    lay = Layout(q, k, cu, cfg.chunk)
     o = torch.empty(B, T, H, DV, dtype=q.dtype, device=q.device)
     den = torch.empty((B, H, T) if spec.normalize else (0,), dtype=F32, device=q.device)
-    ht, zt = _state_like(q, spec)
+    ht, zt = _state_like(q, spec, lay)
     if T == 0:
         return (o, den) + _pass_through(ht, zt, h0, z0)
     mod = load(spec)
-    BT, BV = cfg.chunk, cfg.block_v
-    NT, NV = _cdiv(T, BT), _cdiv(DV, BV)
+    BV = cfg.block_v
+    NV = _cdiv(DV, BV)
     opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     den_arg = den if spec.normalize else ht  # never read unnormalized: any valid pointer will do
     fused = cfg.path == "fused" and spec.causal
     fm_w = _fm_arg(fm_params, q)
     if fused:
         h = hz = ht
+        grid = (1, NV, lay.N * H)
     else:
-        h, hz = _chunk_states(mod, spec, BT, BV, opts, k, v, fm_w, ht, ht, h0, z0, ht, zt, scale, backward=False)
-    mod.chunk_fwd_kernel_o[(1 if fused else NT, NV, B * H)](
+        h, hz = _chunk_states(mod, spec, lay, BV, opts, k, v, fm_w, ht, ht, h0, z0, ht, zt, scale, backward=False)
+        grid = (lay.NT, NV, B * H)
+    cu_arg, cmap = lay.args(ht)
+    mod.chunk_fwd_kernel_o[grid](
         q,
         k,
         v,
@@ -113,23 +165,28 @@ def chunk_fwd(spec: KernelSpec, cfg: Config, q, k, v, h0, z0, fm_params, scale: 
         z0 if z0 is not None else zt,
         ht,
         zt,
+        cu_arg,
+        cmap,
         scale,
         eps,
         T,
-        H=H,
-        BT=BT,
+        lay.NT,
         BV=BV,
         FUSED=fused,
+        **lay.kw(),
         **opts,
     )
     return o, den, ht, zt
 
 
-def chunk_bwd(spec: KernelSpec, cfg: Config, do, dht, dzt, q, k, v, o, den, h0, z0, fm_params, scale: float):
-    """-> dq, dk, dv, dS_0 [B, H, M, DV], dz_0 [B, H, M]. ``dht``/``dzt`` (gradients of the final state) may be None."""
+def chunk_bwd(spec: KernelSpec, cfg: Config, do, dht, dzt, q, k, v, o, den, h0, z0, fm_params, scale: float,
+              cu=None):
+    """-> dq, dk, dv, dS_0 [N, HKV, M, DV], dz_0 [N, HKV, M]. ``dht``/``dzt`` (gradients of the final state) may be None."""
     B, T, H, _ = q.shape
+    lay = Layout(q, k, cu, cfg.bwd_chunk)
+    G = H // lay.HKV
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dh0, dz0 = _state_like(q, spec)
+    dh0, dz0 = _state_like(q, spec, lay)
     if dht is None and dzt is not None:
         dht = torch.zeros_like(dh0)
     if dzt is None and dht is not None:
@@ -137,35 +194,45 @@ def chunk_bwd(spec: KernelSpec, cfg: Config, do, dht, dzt, q, k, v, o, den, h0, 
     if T == 0:
         return (dq, dk, dv) + _pass_through(dh0, dz0, dht, dzt)
     mod = load(spec)
-    BT, BV = cfg.bwd_chunk, cfg.bwd_block_v
-    NT = _cdiv(T, BT)
+    BV = cfg.bwd_block_v
     opts = dict(num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages)
+    cu_arg, cmap = lay.args(dh0)
     if spec.normalize:
         g = torch.empty(B, H, T, dtype=F32, device=q.device)
-        mod.bwd_kernel_g[(NT, B * H)](o, do, den, g, T, H=H, BT=BT, **opts)
+        mod.bwd_kernel_g[(lay.NT, B * H)](o, do, den, g, cu_arg, cmap, T, lay.NT, H=H, BT=lay.BT,
+                                          IS_VARLEN=lay.varlen, **opts)
     else:
         den = g = dh0  # never read unnormalized
-    ht, zt = _state_like(q, spec)  # recomputed final state: the total when not causal
+    ht, zt = _state_like(q, spec, lay)  # recomputed final state: the total when not causal
     fm_w = _fm_arg(fm_params, q)
-    h, hz = _chunk_states(mod, spec, BT, BV, opts, k, v, fm_w, den, g, h0, z0, ht, zt, scale, backward=False)
-    dh, dhz = _chunk_states(mod, spec, BT, BV, opts, q, do, fm_w, den, g, dht, dzt, dh0, dz0, scale, backward=True)
+    h, hz = _chunk_states(mod, spec, lay, BV, opts, k, v, fm_w, den, g, h0, z0, ht, zt, scale, backward=False)
+    dh, dhz = _chunk_states(mod, spec, lay, BV, opts, q, do, fm_w, den, g, dht, dzt, dh0, dz0, scale, backward=True)
     if not spec.causal:
         h, hz, dh, dhz = ht, zt, dh0, dz0
-    mod.chunk_bwd_kernel_dq[(NT, B * H)](q, k, v, fm_w, do, den, g, h, hz, dq, scale, T, H=H, BT=BT, BV=BV, **opts)
-    mod.chunk_bwd_kernel_dkv[(NT, B * H)](q, k, v, fm_w, do, den, g, dh, dhz, dk, dv, scale, T, H=H, BT=BT, BV=BV,
-                                          **opts)
+    # grouped heads: each query head's share of dk, dv in fp32, summed over the group below
+    dk_h = dk if G == 1 else torch.empty(B, T, H, k.shape[-1], dtype=F32, device=q.device)
+    dv_h = dv if G == 1 else torch.empty(B, T, H, v.shape[-1], dtype=F32, device=q.device)
+    kw = lay.kw(BV=BV)
+    mod.chunk_bwd_kernel_dq[(lay.NT, B * H)](q, k, v, fm_w, do, den, g, h, hz, dq, cu_arg, cmap, scale, T, lay.NT,
+                                             **kw, **opts)
+    mod.chunk_bwd_kernel_dkv[(lay.NT, B * H)](q, k, v, fm_w, do, den, g, dh, dhz, dk_h, dv_h, cu_arg, cmap, scale,
+                                              T, lay.NT, **kw, **opts)
+    if G > 1:
+        dk = dk_h.view(B, T, lay.HKV, G, -1).sum(3).to(k.dtype)
+        dv = dv_h.view(B, T, lay.HKV, G, -1).sum(3).to(v.dtype)
     return dq, dk, dv, dh0, dz0
 
 
 def decode_step(spec: KernelSpec, cfg: Config, q, k, v, S_in, z_in, S_out, z_out, fm_params, scale: float,
                 eps: float):
-    """One token: q, k [B, H, D], v [B, H, DV] -> o [B, H, DV]; writes S_out, z_out (may be S_in, z_in)."""
+    """One token: q [B, H, D], k [B, HKV, D], v [B, HKV, DV] -> o [B, H, DV]; writes S_out, z_out (may be S_in, z_in)."""
     B, H, _ = q.shape
+    HKV = k.shape[1]
     o = torch.empty(B, H, spec.value_dim, dtype=q.dtype, device=q.device)
     if B * H == 0:
         return o
     has_state = S_in is not None
-    load(spec).decode_kernel_step[(B * H,)](
+    load(spec).decode_kernel_step[(B * HKV,)](
         q,
         k,
         v,
@@ -177,6 +244,8 @@ def decode_step(spec: KernelSpec, cfg: Config, q, k, v, S_in, z_in, S_out, z_out
         z_out,
         scale,
         eps,
+        H=H,
+        HKV=HKV,
         BV=min(cfg.block_v, spec.block_dv),
         HAS_STATE=has_state,
         num_warps=DECODE_WARPS,

@@ -1,0 +1,223 @@
+"""Packed variable-length sequences (cu_seqlens) and grouped-query heads, against the float64 reference applied per
+sequence."""
+
+import pytest
+import torch
+from hypothesis import given, note, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lintx_triton as lx
+from lintx_triton.testing import GTOL, TOL, _assert_within, check_state, decode_steps, forward_bound, grad_bound, \
+    reference
+
+FEW = settings(max_examples=max(8, settings.default.max_examples // 3), deadline=None)
+
+
+@st.composite
+def packed_cases(draw, varlen=True):
+    HKV = draw(st.sampled_from([1, 2, 3]))
+    G = draw(st.sampled_from([1, 2, 3]))
+    lens = draw(st.lists(st.sampled_from([0, 1, 2, 5, 15, 16, 17, 33]), min_size=1, max_size=4)) if varlen else None
+    causal = draw(st.booleans())
+    fmap = draw(st.sampled_from(["elu", "relu", "favor"]))
+    D = draw(st.sampled_from([4, 13, 16]))
+    if fmap == "favor":
+        fmap = lx.feature_maps.favor(D, num_features=draw(st.sampled_from([6, 20])), seed=draw(st.integers(0, 9))).name
+    return dict(
+        B=1 if varlen else draw(st.integers(1, 2)),
+        T=sum(lens) if varlen else draw(st.sampled_from([1, 7, 17, 33])),
+        lens=lens, H=HKV * G, HKV=HKV, D=D, DV=draw(st.sampled_from([1, 5, 16])),
+        dtype=draw(st.sampled_from(["float32", "bfloat16", "float16"])), feature_map=fmap, causal=causal,
+        normalize=draw(st.booleans()), initial_state=causal and draw(st.booleans()),
+        scale=draw(st.sampled_from([1.0, 0.5])), seed=draw(st.integers(0, 2**16)),
+        path=draw(st.sampled_from(["chunked", "fused"])),
+    )
+
+
+def _id(c):
+    return (f"B{c['B']}-T{c['T']}-lens{c['lens']}-H{c['H']}-HKV{c['HKV']}-D{c['D']}-DV{c['DV']}-{c['dtype']}-"
+            f"{c['feature_map']}-{'causal' if c['causal'] else 'full'}-{'norm' if c['normalize'] else 'raw'}"
+            f"{'-h0' if c['initial_state'] else ''}-{c['path']}")
+
+
+def _inputs(c, requires_grad=False):
+    g = torch.Generator().manual_seed(c["seed"])
+    dt = getattr(torch, c["dtype"])
+    B, T, H, HKV, D, DV = c["B"], c["T"], c["H"], c["HKV"], c["D"], c["DV"]
+    q = torch.randn(B, T, H, D, generator=g).to(dt)
+    k = torch.randn(B, T, HKV, D, generator=g).to(dt)
+    v = torch.randn(B, T, HKV, DV, generator=g).to(dt)
+    N = len(c["lens"]) if c["lens"] is not None else B
+    M = lx.feature_maps.get(c["feature_map"]).feature_dim(D)
+    state = None
+    if c["initial_state"]:
+        state = (torch.rand(N, HKV, M, DV, generator=g), torch.rand(N, HKV, M, generator=g))
+    cu = None
+    if c["lens"] is not None:
+        cu = torch.tensor([0] + c["lens"]).cumsum(0).to(torch.int32)
+    if requires_grad:
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
+        state = tuple(x.requires_grad_() for x in state) if state else None
+    return q, k, v, state, cu
+
+
+def _pieces(c, q, k, v, state):
+    """(case, q, k, v, state) per sequence: the batch itself when not packed."""
+    if c["lens"] is None:
+        return [(c, q, k, v, state)]
+    out, s = [], 0
+    for n, L in enumerate(c["lens"]):
+        st_ = tuple(x[n:n + 1] for x in state) if state is not None else None
+        out.append((dict(c, T=L), q[:, s:s + L], k[:, s:s + L], v[:, s:s + L], st_))
+        s += L
+    return out
+
+
+def _run(c, q, k, v, state, cu, backend):
+    kw = dict(feature_map=c["feature_map"], causal=c["causal"], normalize=c["normalize"], scale=c["scale"])
+    with lx.config.override(path=c["path"], chunk=16, bwd_chunk=16):
+        return lx.linear_attention(q, k, v, initial_state=state, return_state=True, cu_seqlens=cu, backend=backend,
+                                   **kw)
+
+
+@FEW
+@given(c=packed_cases(), backend=st.sampled_from(["triton", "torch"]))
+def test_packed_forward_matches_per_sequence_reference(c, backend):
+    note(_id(c))
+    q, k, v, state, cu = _inputs(c)
+    o, (S, z) = _run(c, q, k, v, state, cu, backend)
+    assert S.shape[:2] == (len(c["lens"]), c["HKV"])
+    refs, bounds = [], []
+    for n, (cn, qn, kn, vn, sn) in enumerate(_pieces(c, q, k, v, state)):
+        r, b = forward_bound(cn, qn, kn, vn, sn)
+        refs.append(r)
+        bounds.append(b)
+        check_state(cn, (S[n:n + 1], z[n:n + 1]), qn, kn, vn, sn)
+    _assert_within("o", o, torch.cat(refs, 1), torch.cat(bounds, 1), TOL[c["dtype"]])
+
+
+@FEW
+@given(c=packed_cases(varlen=False))
+def test_grouped_heads_forward(c):
+    note(_id(c))
+    q, k, v, state, _ = _inputs(c)
+    o, (S, z) = _run(c, q, k, v, state, None, "triton")
+    r, b = forward_bound(c, q, k, v, state)
+    _assert_within("o", o, r, b, TOL[c["dtype"]])
+    check_state(c, (S, z), q, k, v, state)
+
+
+def _grads(c, backend):
+    q, k, v, state, cu = _inputs(c, requires_grad=True)
+    o, (S, z) = _run(c, q, k, v, state, cu, backend)
+    g = torch.Generator().manual_seed(c["seed"] + 1)
+    do = torch.randn(o.shape, generator=g).to(o.dtype).float()
+    dS, dz = torch.randn(S.shape, generator=g), torch.randn(z.shape, generator=g)
+    leaves = [q, k, v] + (list(state) if state else [])
+    got = torch.autograd.grad((o.float() * do).sum() + (S * dS).sum() + (z * dz).sum(), leaves)
+    want, bound = [], []
+    for n, (cn, qn, kn, vn, sn) in enumerate(_pieces(c, q, k, v, state)):
+        seg = slice(n, n + 1) if c["lens"] is not None else slice(None)
+        tok = (slice(None), slice(sum(c["lens"][:n]), sum(c["lens"][:n + 1]))) if c["lens"] is not None else ()
+        sub = [qn, kn, vn] + (list(sn) if sn else [])
+        ref_leaves = [x.detach().double().requires_grad_() for x in sub]
+        ro, (rS, rz), _, _ = reference(cn, *ref_leaves[:3], tuple(ref_leaves[3:]) if sn else None)
+        do_n = do[tok] if tok else do
+        loss = (ro * do_n.double()).sum() + (rS * dS[seg].double()).sum() + (rz * dz[seg].double()).sum()
+        w = torch.autograd.grad(loss, ref_leaves, allow_unused=True)
+        want.append([x if x is not None else torch.zeros_like(y) for x, y in zip(w, ref_leaves)])
+        bound.append(grad_bound(cn, sub, do_n, dS[seg], dz[seg]))
+    dims = [1, 1, 1, 0, 0]
+    for i, name in enumerate(["q", "k", "v", "S_0", "z_0"][: len(leaves)]):
+        _assert_within(f"d{name}", got[i], torch.cat([w[i] for w in want], dims[i]),
+                       torch.cat([b[i] for b in bound], dims[i]), GTOL[c["dtype"]])
+
+
+@FEW
+@given(c=packed_cases(), backend=st.sampled_from(["triton", "torch"]))
+def test_packed_gradients(c, backend):
+    note(_id(c))
+    _grads(c, backend)
+
+
+@FEW
+@given(c=packed_cases(varlen=False))
+def test_grouped_heads_gradients_sum_over_the_group(c):
+    note(_id(c))
+    _grads(c, "triton")
+
+
+@given(c=packed_cases(varlen=False), inplace=st.booleans())
+@FEW
+def test_grouped_heads_decode(c, inplace):
+    c = dict(c, causal=True, T=min(c["T"], 7))
+    note(_id(c))
+    q, k, v, state, _ = _inputs(c)
+    o, (S, z) = decode_steps(c, q, k, v, state, backend="triton", inplace=inplace)
+    r, b = forward_bound(c, q, k, v, state)
+    _assert_within("o", o, r, b, TOL[c["dtype"]])
+    check_state(c, (S, z), q, k, v, state)
+
+
+class _HostReads(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:  # .item(), .tolist(), bool(tensor)
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_packed_launch_reads_nothing_back():
+    """No host synchronisation on the Triton path: no tensor value is read on the host, forward or backward."""
+    cu = torch.tensor([0, 3, 3, 20, 21], dtype=torch.int32)
+    q, k = torch.randn(1, 21, 4, 8, requires_grad=True), torch.randn(1, 21, 2, 8, requires_grad=True)
+    v = torch.randn(1, 21, 2, 5, requires_grad=True)
+    with _HostReads() as probe:
+        o = lx.linear_attention(q, k, v, cu_seqlens=cu, check_seqlens=False, backend="triton")
+        torch.autograd.grad(o.sum(), (q, k, v))
+    assert probe.reads == 0
+    with _HostReads() as probe:  # the control: the value check reads cu back
+        lx.linear_attention(q, k, v, cu_seqlens=cu, backend="triton")
+    assert probe.reads > 0
+
+
+def test_packed_compiles_fullgraph():
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def f(q, k, v, cu):
+        o, (S, z) = lx.linear_attention(q, k, v, cu_seqlens=cu, return_state=True)
+        return o.square().sum() + S.sum()
+
+    cu = torch.tensor([0, 5, 5, 13], dtype=torch.int64)
+    q, k, v = (torch.randn(1, 13, 2, 8, requires_grad=True) for _ in range(3))
+    loss = torch.compile(f, backend=backend, fullgraph=True)(q, k, v, cu)
+    got = torch.autograd.grad(loss, (q, k, v))
+    want = torch.autograd.grad(f(q, k, v, cu), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    assert len(graphs) == 1
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_packed_equals_separate_calls(backend):
+    """The packed call is the separate calls, bit for bit up to rounding, including empty sequences."""
+    lens = [4, 0, 19, 1]
+    cu = torch.tensor([0] + lens).cumsum(0)
+    q, k, v = torch.randn(1, 24, 3, 8), torch.randn(1, 24, 3, 8), torch.randn(1, 24, 3, 6)
+    o, (S, z) = lx.linear_attention(q, k, v, cu_seqlens=cu, return_state=True, backend=backend)
+    s = 0
+    for n, L in enumerate(lens):
+        on, (Sn, zn) = lx.linear_attention(q[:, s:s + L], k[:, s:s + L], v[:, s:s + L], return_state=True,
+                                           backend=backend)
+        torch.testing.assert_close(o[:, s:s + L], on, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(S[n:n + 1], Sn, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(z[n:n + 1], zn, atol=1e-5, rtol=1e-5)
+        s += L
