@@ -9,6 +9,7 @@ import click
 
 from lintx_triton.cli import DTYPE_NAMES
 
+from .prune import MAX_SPILLS
 from .tuner import DEFAULT_GRID, KERNELS
 
 __all__ = ["autotune"]
@@ -54,7 +55,7 @@ def _pairs(values, what: str, param: str) -> tuple[tuple[int, int], ...]:
 @click.option("--fresh", is_flag=True, help="ignore the journal of an earlier run")
 @click.option("--prune-compile/--no-prune-compile", default=True, show_default=True,
               help="compile candidates for the GPU's arch on the CPU first and drop those that spill")
-@click.option("--max-spills", default=64, show_default=True, type=click.IntRange(0),
+@click.option("--max-spills", default=MAX_SPILLS, show_default=True, type=click.IntRange(0),
               help="spill instructions (LDL + STL) a candidate may compile to")
 @click.option("--workers", type=click.IntRange(1), default=None, help="parallel compiles [default: CPUs - 1]")
 @click.option("--dry-run", is_flag=True, help="list and prune the candidates only (no GPU needed)")

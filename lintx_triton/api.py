@@ -235,7 +235,11 @@ def _check_step(q, k, v, state, fm: FeatureMap, scale, eps, backend):
                 f"{name} must have 3 dimensions {_LAYOUTS[name].replace('T, ', '')} (one token), "
                 f"got shape {tuple(t.shape)}"
             )
-    # the [B, T, H, D] checks with T = 1 give the same messages for dtypes, devices and shapes
+    if k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
+        raise ValueError(f"k must be [B, HKV, D] with B, D of q [B, H, D], got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"v must be [B, HKV, DV] with B, HKV of k, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    # the [B, T, H, D] checks with T = 1 give the same messages for dtypes, devices and head counts
     _check_inputs(q[:, None], k[:, None], v[:, None], fm, True, None, scale, eps, backend)
     if state is not None:
         B, _, D = q.shape

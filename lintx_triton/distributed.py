@@ -6,8 +6,9 @@ The shards may have different lengths (``T_i = 0`` included); B, H, D, DV, the f
 other argument must be the same on every rank. Per call:
 
 1. every rank runs :func:`lintx_triton.linear_attention` on its shard from a zero state (rank 0 from
-   the global ``initial_state``) and keeps only the final state ``X_i = (S, z)``, [B, H, M, DV] and
-   [B, H, M] in fp32: B H M (DV + 1) numbers, independent of T;
+   the global ``initial_state``) and keeps only the final state ``X_i = (S, z)``, [B, HKV, M, DV] and
+   [B, HKV, M] in fp32 (HKV = k's heads: grouped-query heads share a state): B HKV M (DV + 1) numbers,
+   independent of T;
 2. one ``all_gather`` of the flattened states; rank i forms its exclusive prefix
    ``P_i = X_0 + ... + X_{i-1}`` (``P_0`` = the initial state) and the total ``X_0 + ... + X_{W-1}``
    (the global final state, for ``return_state``);

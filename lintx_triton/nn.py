@@ -36,6 +36,8 @@ class LinearAttention(nn.Module):
         bias (bool): biases in the projections. Default: ``True``.
         eps (float): Default: ``1e-6``.
         backend (str): Default: ``"auto"``.
+        num_kv_heads (int | None): key/value heads HKV (grouped-query attention; HKV divides H, 1 is
+            multi-query): smaller k, v projections and a state per kv head. Default: ``num_heads``.
 
     Examples::
 
@@ -60,8 +62,13 @@ class LinearAttention(nn.Module):
         bias: bool = True,
         eps: float = 1e-6,
         backend: str = "auto",
+        num_kv_heads: Optional[int] = None,
     ):
         super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(f"num_heads {num_heads} must be a multiple of num_kv_heads {num_kv_heads}")
+        self.num_kv_heads = num_kv_heads
         if head_dim is None:
             if embed_dim % num_heads:
                 raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}; pass head_dim")
@@ -72,8 +79,8 @@ class LinearAttention(nn.Module):
             feature_map, causal, normalize, eps, backend
         )
         self.q_proj = nn.Linear(embed_dim, num_heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(embed_dim, num_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(embed_dim, num_heads * value_dim, bias=bias)
+        self.k_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(embed_dim, num_kv_heads * value_dim, bias=bias)
         self.out_proj = nn.Linear(num_heads * value_dim, embed_dim, bias=bias)
 
     def _kw(self) -> dict:
@@ -82,8 +89,8 @@ class LinearAttention(nn.Module):
     def _qkv(self, x: Tensor):
         lead = x.shape[:-1]
         q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(*lead, self.num_heads, self.head_dim)
-        v = self.v_proj(x).view(*lead, self.num_heads, self.value_dim)
+        k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(*lead, self.num_kv_heads, self.value_dim)
         return q, k, v
 
     def forward(self, x: Tensor, state: Optional[tuple[Tensor, Tensor]] = None, return_state: bool = False):
@@ -112,5 +119,5 @@ class LinearAttention(nn.Module):
 
         M = resolve(self.feature_map).feature_dim(self.head_dim)
         dev = device if device is not None else self.q_proj.weight.device
-        return (torch.zeros(batch, self.num_heads, M, self.value_dim, device=dev),
-                torch.zeros(batch, self.num_heads, M, device=dev))
+        return (torch.zeros(batch, self.num_kv_heads, M, self.value_dim, device=dev),
+                torch.zeros(batch, self.num_kv_heads, M, device=dev))

@@ -60,7 +60,9 @@ q1, v1 = torch.randn(2, 3, 8), torch.randn(2, 3, 6)
 S_ok, z_ok = torch.zeros(2, 3, 8, 6), torch.zeros(2, 3, 8)
 BAD = {
     "rank": (dict(q=torch.randn(2, 1, 3, 8)), ValueError, r"q must have 3 dimensions \[B, H, D\]"),
-    "k-shape": (dict(k=torch.randn(2, 3, 7)), ValueError, r"q and k must have the same shape"),
+    "k-shape": (dict(k=torch.randn(2, 3, 7)), ValueError, r"k must be \[B, HKV, D\] with B, D of q"),
+    "v-heads": (dict(v=torch.randn(2, 2, 6)), ValueError, r"v must be \[B, HKV, DV\] with B, HKV of k"),
+    "kv-heads": (dict(k=torch.randn(2, 2, 8), v=torch.randn(2, 2, 6)), ValueError, r"multiple of k and v's heads"),
     "dtype": (dict(v=v1.double()), TypeError, r"v must be float32, float16 or bfloat16"),
     "device": (dict(v=torch.empty(2, 3, 6, device="meta")), ValueError, r"one device"),
     "S-shape": (dict(state=(torch.zeros(2, 3, 8, 5), z_ok)), ValueError, r"state S must have shape \[2, 3, 8, 6\]"),
@@ -88,10 +90,13 @@ def test_inplace_needs_a_contiguous_state():
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-@pytest.mark.parametrize("feature_map", ["elu", "relu"])
-def test_module_forward_and_step_agree(backend, feature_map):
+@pytest.mark.parametrize("feature_map,kv_heads", [("elu", None), ("relu", None), ("elu", 1), ("favor", 3)])
+def test_module_forward_and_step_agree(backend, feature_map, kv_heads):
     torch.manual_seed(0)
-    attn = lx.nn.LinearAttention(24, 3, feature_map=feature_map, backend=backend, value_dim=5)
+    if feature_map == "favor":
+        feature_map = lx.feature_maps.favor(4, num_features=10, seed=0)
+    attn = lx.nn.LinearAttention(24, 6 if kv_heads == 3 else 3, feature_map=feature_map, backend=backend,
+                                 value_dim=5, num_kv_heads=kv_heads)
     x = torch.randn(2, 11, 24)
     y = attn(x)
     y_pre, state = attn(x[:, :6], return_state=True)

@@ -282,3 +282,23 @@ def test_projected_map_errors():
         fm.set_weight(torch.randn(8, 12))
     with pytest.raises(ValueError, match="phi_proj"):
         fmaps.ProjectedFeatureMap("bad_map", torch.randn(4, 4), None, "def nope(): pass", lambda *a: a[0])
+
+
+def test_feature_map_benchmark_runs_on_cpu(tmp_path):
+    """bench/feature_maps.py end to end at a tiny shape: checked, probed, JSON written (timing needs a GPU)."""
+    import importlib.util
+    import json
+    import pathlib
+
+    from click.testing import CliRunner
+
+    path = pathlib.Path(__file__).parents[1] / "bench" / "feature_maps.py"
+    spec = importlib.util.spec_from_file_location("bench_feature_maps", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "fm.json"
+    res = CliRunner().invoke(mod.main, ["--T", "64", "--tokens", "64", "--H", "1", "--D", "8", "--dtype", "float32",
+                                        "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["phi_buffer"] for r in rows] == [None, False]
