@@ -158,16 +158,16 @@ def gpu_heuristic(spec: KernelSpec, batch_heads: int, sm_count: int, arch: int =
     # bench/COMPILE_REPORT.md, made by `python bench/compile_report.py`): the largest tiles without register
     # spills, with HGMMA products. At D = DV = 64 the bf16 forward at 8 warps, BT 64, BV 64 takes
     # 215-222 registers (4 warps: 255 and a stack). The backward's dq and (dk, dv) kernels at BT 64,
-    # BV 32, 8 warps take 147 and 240 registers; at D = 128 the (dk, dv) kernel still keeps a 128-byte
-    # stack (31 LDL), the least of the configs tried. IEEE fp32 products run on the FMA units and need
-    # far smaller tiles.
+    # BV 32, 8 warps take 147 and 240 registers; at D = 128 the (dk, dv) kernel keeps a 160-byte stack
+    # (39 LDL / 39 STL) at BV 32 and none at BV 16 (254 registers, 38 HGMMA), so D = 128 takes BV 16 in
+    # the backward (bench/NOTES.md). IEEE fp32 products run on the FMA units and need far smaller tiles.
     wide = max(spec.block_m, spec.block_dv) > 64
     if spec.dtype == "float32":
         chunk, block_v = (16, 16) if wide else (32, 16)
         bwd_chunk, bwd_block_v, bwd_warps = (16, 16, 8) if wide else (32, 32, 8)
     elif arch >= 90:
         chunk, block_v = 64, (32 if wide else 64)
-        bwd_chunk, bwd_block_v, bwd_warps = 64, 32, 8
+        bwd_chunk, bwd_block_v, bwd_warps = 64, (16 if wide else 32), 8
     else:
         # sm_80's mma layouts hold more registers: these tiles spilled there (bench/COMPILE_REPORT.md).
         # BT 32 with BV 32 / 64 (D = 64) or 16 (D = 128) is spill-free but for the D = 128 (dk, dv).

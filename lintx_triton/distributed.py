@@ -251,8 +251,10 @@ def linear_attention(
     local = torch.cat([S.reshape(-1), z.reshape(-1)])
     if needs_grad and not local.requires_grad:
         # an empty shard's state depends on nothing: tie it to the inputs (an exact 0), so that this rank
-        # runs the backward collective too
-        local = local + sum(t.reshape(-1)[:0].sum() for t in tensors if t.requires_grad)
+        # runs the backward collective too. Not to an initial state that ranks > 0 ignore: it gets no gradient
+        # unless nothing else can carry the tie
+        own = [t for t in (q, k, v) + tuple(init or ()) if isinstance(t, Tensor) and t.requires_grad]
+        local = local + sum(t.reshape(-1)[:0].sum() for t in own or [t for t in tensors if t.requires_grad])
     prefix, total = _PrefixStates.apply(local, flat0, group, rank, world)
     unflat = lambda x: (x[:n].view(B, H, M, DV), x[n:].view(B, H, M))  # noqa: E731
     o = api.linear_attention(q, k, v, initial_state=unflat(prefix), **kwargs)

@@ -78,15 +78,16 @@ def make_inputs(c: dict, requires_grad: bool = False, device="cpu"):
     g = torch.Generator().manual_seed(c["seed"])
     dt = DTYPES[c["dtype"]]
     B, T, H, D, DV = c["B"], c["T"], c["H"], c["D"], c["DV"]
+    HKV = c.get("HKV", H)  # key/value heads (grouped-query when fewer than H)
     q = torch.randn(B, T, H, D, generator=g).to(dt)
-    k = torch.randn(B, T, H, D, generator=g).to(dt)
-    v = torch.randn(B, T, H, DV, generator=g).to(dt)
+    k = torch.randn(B, T, HKV, D, generator=g).to(dt)
+    v = torch.randn(B, T, HKV, DV, generator=g).to(dt)
     state = None
     if c["initial_state"]:
         fm = feature_maps.get(c["feature_map"])
         # a state as a previous segment of 5 tokens would leave it
-        kk = fm.reference(torch.randn(B, 5, H, D, generator=g))
-        vv = torch.randn(B, 5, H, DV, generator=g)
+        kk = fm.reference(torch.randn(B, 5, HKV, D, generator=g))
+        vv = torch.randn(B, 5, HKV, DV, generator=g)
         state = (torch.einsum("bthm,bthv->bhmv", kk, vv).contiguous(), kk.sum(1).contiguous())
     q, k, v = (x.to(device) for x in (q, k, v))
     if state is not None:

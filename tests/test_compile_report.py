@@ -1,7 +1,7 @@
 """The kernels as a GPU would run them, compiled for sm_90 on this CPU (no GPU needed).
 
 A gate on what the default configs compile to: no register spills, and bf16 products on Hopper's
-HGMMA. The D = 128 (dk, dv) kernel still spills a little (bench/COMPILE_REPORT.md) and is held to a bound. Compilation runs in a subprocess: Triton's interpreter,
+HGMMA, for bf16 at D = DV = 64 and 128. Compilation runs in a subprocess: Triton's interpreter,
 which the rest of the suite runs under, patches triton.language in-process.
 """
 
@@ -56,9 +56,6 @@ def test_sm90_backward_d64_no_spills():
     assert not _report()[(64, "bwd dq")]["spills"] and not _report()[(64, "bwd dk dv")]["spills"]
 
 
-def test_sm90_backward_d128():
-    assert not _report()[(128, "bwd dq")]["spills"]
-    # the (dk, dv) kernel keeps a small stack at D = 128 (bench/NOTES.md): hold it there. 128 bytes and
-    # 62 spill instructions before the kernels took grouped heads and packed sequences, 160 and 78 since
-    r = _report()[(128, "bwd dk dv")]
-    assert r["stack"] <= 160 and r["spill_loads"] + r["spill_stores"] <= 80, r
+def test_sm90_backward_d128_no_spills():
+    # BV 16 at D = 128: BV 32 kept a 160-byte stack in (dk, dv) (bench/NOTES.md)
+    assert not _report()[(128, "bwd dq")]["spills"] and not _report()[(128, "bwd dk dv")]["spills"]

@@ -26,9 +26,9 @@ from lintx_triton.testing import check_forward, check_grads, check_state, grad_b
 SINGLE_TOL = 1e-5
 
 
-def _case(B, H, D, DV, feature_map, normalize, initial_state, scale, seed, return_state=True):
-    return dict(B=B, H=H, D=D, DV=DV, dtype="float32", feature_map=feature_map, causal=True, normalize=normalize,
-                initial_state=initial_state, scale=scale, seed=seed, return_state=return_state)
+def _case(B, H, D, DV, feature_map, normalize, initial_state, scale, seed, return_state=True, HKV=None):
+    return dict(B=B, H=H, HKV=HKV or H, D=D, DV=DV, dtype="float32", feature_map=feature_map, causal=True,
+                normalize=normalize, initial_state=initial_state, scale=scale, seed=seed, return_state=return_state)
 
 
 def _cp_check(c, shards, backend, group=None, other_state=False, check=True):
@@ -40,9 +40,9 @@ def _cp_check(c, shards, backend, group=None, other_state=False, check=True):
     B, T, H, _ = q.shape
     g = torch.Generator().manual_seed(c["seed"] + 1)
     do = torch.randn(B, T, H, c["DV"], generator=g)
-    M = c["D"]  # elu, relu, identity
-    dS = torch.randn(B, H, M, c["DV"], generator=g) if c["return_state"] else torch.zeros(B, H, M, c["DV"])
-    dz = torch.randn(B, H, M, generator=g) if c["return_state"] else torch.zeros(B, H, M)
+    M, HKV = c["D"], k.shape[2]  # elu, relu, identity; the state is per kv head
+    dS = torch.randn(B, HKV, M, c["DV"], generator=g) if c["return_state"] else torch.zeros(B, HKV, M, c["DV"])
+    dz = torch.randn(B, HKV, M, generator=g) if c["return_state"] else torch.zeros(B, HKV, M)
     kw = dict(feature_map=c["feature_map"], normalize=c["normalize"], scale=c["scale"], backend=backend)
 
     sl = slice(sum(shards[:rank]), sum(shards[: rank + 1]))
@@ -151,6 +151,8 @@ def _checks(world):
         "torch-uneven-relu-raw-nostate": lambda r, w: _cp_check(
             _case(1, 2, 3, 4, "relu", False, False, 1.0, seed=2, return_state=False), pick([3, 0, 5, 2], [3]),
             "torch"),
+        "torch-grouped-heads-h0": lambda r, w: _cp_check(
+            _case(1, 4, 3, 2, "elu", True, True, 1.0, seed=5, HKV=2), pick([2, 5, 0, 3], [6]), "torch"),
         "torch-chunks-identity-raw-h0": lambda r, w: _cp_check(
             _case(1, 1, 5, 3, "identity", False, True, 0.125, seed=3), pick([0, 70, 1, 65], [135]), "torch"),
     }
