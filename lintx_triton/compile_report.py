@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 from .codegen import load
 from .config import Config, gpu_heuristic
-from .ops.launch import DECODE_WARPS
+from .ops.launch import decode_warps
 from .spec import DTYPES, KernelSpec
 
 __all__ = ["KernelResources", "kernel_resources", "launch_constexprs", "default_report", "KERNELS", "TARGETS", "STAGES"]
@@ -129,7 +129,7 @@ def kernel_resources(spec: KernelSpec, kernel: str, cfg: Config, *, arch: int = 
                      **flags) -> KernelResources:
     """Compile ``kernel`` of ``spec`` as ``cfg`` launches it and read its resources from the cubin."""
     is_bwd = backward or kernel in _BWD_ONLY
-    w = DECODE_WARPS if kernel == "decode_kernel_step" else cfg.bwd_num_warps if is_bwd else cfg.num_warps
+    w = decode_warps(spec) if kernel == "decode_kernel_step" else cfg.bwd_num_warps if is_bwd else cfg.num_warps
     compiled = compile_for_target(
         spec, kernel, launch_constexprs(spec, kernel, cfg, backward=backward, **flags),
         arch=arch, num_warps=w, num_stages=cfg.num_stages,

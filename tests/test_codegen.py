@@ -28,7 +28,7 @@ def test_emit_shows_the_fused_map(name):
     for k in KERNELS:
         assert f"def {k}(" in src
     # phi is applied to tiles on chip; no kernel takes a phi(q)/phi(k) tensor argument
-    assert "_features(_load_rows(q" in src and "_features(_load_rows(k" in src
+    assert "_phi(q, row_q" in src and "_phi(k, row_k" in src and "phi(x)" in src
 
 
 def test_spec_key_is_stable_and_distinct():

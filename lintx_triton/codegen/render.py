@@ -32,6 +32,9 @@ def render(spec: KernelSpec) -> str:
         WIDE_TF32=spec.dtype == "float16" and not spec.dot_fp32,
         FEAT_TF32=spec.dtype == "float16" and not spec.dot_fp32 and fm.unbounded,
         IN_SCALE=repr(float(getattr(fm, "input_scale", 1.0))),
+        # 16 columns of x per projection step: at D = 64, M = 128 (bf16, sm_90) the forward output kernel went
+        # from a 288-byte stack at 32 to none, dq from 312 to none (bench/NOTES.md)
+        BKP=16,
         ELEM=_ELEM[spec.dtype],
         FEATURE_MAP=fm.triton_source(),
         # a table, not a branch in the kernels: an elementwise map has no W to load

@@ -16,8 +16,13 @@ from ..spec import KernelSpec
 __all__ = ["chunk_fwd", "chunk_bwd", "decode_step"]
 
 F32 = torch.float32
-# The decode kernel holds one [M, BV] state block and two vectors: 4 warps suffice.
+# The decode kernel holds one [M, BV] state block and two vectors: 4 warps suffice, 8 when M > 128 (a
+# projected map's [16, M] feature tiles; FAVOR+ at D = 128, M = 256 spilled 808 bytes with 4, 24 with 8).
 DECODE_WARPS = 4
+
+
+def decode_warps(spec: KernelSpec) -> int:
+    return DECODE_WARPS if spec.block_m <= 128 else 2 * DECODE_WARPS
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -248,6 +253,6 @@ def decode_step(spec: KernelSpec, cfg: Config, q, k, v, S_in, z_in, S_out, z_out
         HKV=HKV,
         BV=min(cfg.block_v, spec.block_dv),
         HAS_STATE=has_state,
-        num_warps=DECODE_WARPS,
+        num_warps=decode_warps(spec),
     )
     return o
