@@ -76,13 +76,18 @@ def test_random_maps_decode_steps(cm, inplace):
 def test_wide_map_d128_m200():
     """M up to 256 at D = 128, and not a power of two."""
     fm = fmaps.favor(128, num_features=200, seed=3)
-    c = dict(B=1, T=19, H=1, D=128, DV=8, dtype="float32", feature_map=fm.name, causal=True, normalize=True,
-             initial_state=True, scale=1.0, seed=5)
+    _forward_state_grads(dict(B=1, T=19, H=1, D=128, DV=8, dtype="float32", feature_map=fm.name, causal=True,
+                              normalize=True, initial_state=True, scale=1.0, seed=5))
+
+
+def _forward_state_grads(c):
+    """The Triton kernels on one case: output, final state and every gradient within their bounds."""
     q, k, v, state = make_inputs(c)
     o, st_ = run(c, q, k, v, state, backend="triton", return_state=True)
     assert_forward_close(c, o, q, k, v, state)
     check_state(c, st_, q, k, v, state)
     assert_grads_close(c, *forward_and_grads(c, "triton"))
+    return q, k, v, state
 
 
 def _softmax_attention(q, k, v):
@@ -203,11 +208,7 @@ def test_user_defined_projected_map(normalize):
     assert "def phi_proj(" in lx.emit(feature_map=fm, head_dim=12, dtype=torch.float32)
     c = dict(B=2, T=21, H=2, D=12, DV=5, dtype="float32", feature_map=fm.name, causal=True, normalize=normalize,
              initial_state=True, scale=0.5, seed=9)
-    q, k, v, state = make_inputs(c)
-    o, st_ = run(c, q, k, v, state, backend="triton", return_state=True)
-    assert_forward_close(c, o, q, k, v, state)
-    check_state(c, st_, q, k, v, state)
-    assert_grads_close(c, *forward_and_grads(c, "triton"))
+    q, k, v, state = _forward_state_grads(c)
     od, _ = decode_steps(c, q, k, v, state, backend="triton")
     assert_forward_close(c, od, q, k, v, state)
 
