@@ -52,7 +52,9 @@ def _import_modules(modules):
 def _check_maps(maps):
     from . import feature_maps
 
-    known = feature_maps.available()
+    from .testing import RANDOM_FAMILIES
+
+    known = feature_maps.available() + list(RANDOM_FAMILIES)
     bad = [m for m in maps if m not in known]
     if bad:
         raise click.BadParameter(f"unknown feature map(s) {bad}; registered: {known} "
@@ -185,7 +187,9 @@ def _run_variant(v: Variant, examples: int, seed: int, device, imports) -> Resul
 @click.option("--examples", "-n", default=10, show_default=True, help="examples per variant (per round)")
 @click.option("--minutes", type=float, default=None, help="keep running rounds with new seeds for this long")
 @click.option("--seed", default=0, show_default=True, help="seed of the first round")
-@click.option("--map", "maps", multiple=True, help="feature map(s) [default: every registered map]")
+@click.option("--map", "maps", multiple=True,
+              help="feature map(s) [default: every registered map, and the random-feature families favor, "
+                   "favor_hyp, fourier (a fresh D, M and draw per example)]")
 @click.option("--dtype", "dtypes", multiple=True, type=click.Choice(sorted(DTYPE_NAMES)),
               help="dtype(s) [default: all three]")
 @click.option("--kernel", "kernels", multiple=True, type=click.Choice(KERNELS),
@@ -219,7 +223,9 @@ def fuzz(examples, minutes, seed, maps, dtypes, kernels, backends, normalize, st
     _import_modules(imports)
     from . import feature_maps
 
-    maps = maps or tuple(feature_maps.available())
+    from .testing import RANDOM_FAMILIES
+
+    maps = maps or tuple(feature_maps.available()) + tuple(RANDOM_FAMILIES)
     _check_maps(maps)
     if examples < 1:
         raise click.BadParameter("must be >= 1", param_hint="--examples")

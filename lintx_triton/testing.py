@@ -18,7 +18,8 @@ from .api import linear_attention, linear_attention_step, linear_attention_step_
 from .reference import linear_attention_reference
 
 __all__ = [
-    "DTYPES", "TOL", "GTOL", "T_VALUES", "D_VALUES", "DV_VALUES", "cases", "case_id", "make_inputs",
+    "DTYPES", "TOL", "GTOL", "T_VALUES", "D_VALUES", "DV_VALUES", "M_VALUES", "RANDOM_FAMILIES", "ensure_map",
+    "cases", "case_id", "make_inputs",
     "reference", "forward_bound", "grad_bound", "check_forward", "check_state", "check_grads",
     "forward_and_grads", "decode_steps", "EquivalenceError",
 ]
@@ -43,19 +44,48 @@ class EquivalenceError(AssertionError):
         self.worst = worst
 
 
+# Random-feature families a case may draw (a fresh map per case: D, M and the seed drawn with it).
+RANDOM_FAMILIES = {
+    "favor": lambda D, M, seed: feature_maps.favor(D, num_features=M, seed=seed),
+    "favor_hyp": lambda D, M, seed: feature_maps.favor(D, num_features=M, seed=seed, hyperbolic=True),
+    "fourier": lambda D, M, seed: feature_maps.random_fourier(D, num_features=M, seed=seed),
+}
+M_VALUES = (2, 6, 16, 24, 40)  # even (the paired maps), rarely powers of two
+
+
+def ensure_map(c: dict) -> feature_maps.FeatureMap:
+    """The case's feature map, registered; a random-feature case rebuilds its draw (``c["map"]``)."""
+    spec = c.get("map")
+    if spec is not None:
+        return feature_maps.register(RANDOM_FAMILIES[spec["family"]](spec["D"], spec["M"], spec["seed"]),
+                                     overwrite=True)
+    return feature_maps.get(c["feature_map"])
+
+
 @st.composite
 def cases(draw, maps=("elu", "relu", "identity"), dtypes=tuple(DTYPES), t_values=T_VALUES, causal=None,
           normalize=None, initial_state=None, d_values=D_VALUES, dv_values=DV_VALUES):
-    """A random call: shapes, dtype, map and flags (a dict; fixed flags when given)."""
+    """A random call: shapes, dtype, map and flags (a dict; fixed flags when given).
+
+    ``maps`` holds registered names and/or the families of :data:`RANDOM_FAMILIES`."""
     c = draw(st.booleans()) if causal is None else causal
+    D = draw(st.sampled_from(d_values))
+    name = draw(st.sampled_from(maps))
+    extra = {}
+    if name in RANDOM_FAMILIES:
+        extra["map"] = dict(family=name, D=D, M=draw(st.sampled_from(M_VALUES)), seed=draw(st.integers(0, 99)))
+        name = RANDOM_FAMILIES[name](D, extra["map"]["M"], extra["map"]["seed"]).name
+    elif feature_maps.get(name).projected:  # a registered projected map is built for one D
+        D = feature_maps.get(name).head_dim
     return dict(
         B=draw(st.integers(1, 2)),
         T=draw(st.sampled_from(t_values)),
         H=draw(st.integers(1, 3)),
-        D=draw(st.sampled_from(d_values)),
+        D=D,
         DV=draw(st.sampled_from(dv_values)),
         dtype=draw(st.sampled_from(dtypes)),
-        feature_map=draw(st.sampled_from(maps)),
+        feature_map=name,
+        **extra,
         causal=c,
         normalize=draw(st.booleans()) if normalize is None else normalize,
         initial_state=c and (draw(st.booleans()) if initial_state is None else initial_state),
@@ -83,8 +113,8 @@ def make_inputs(c: dict, requires_grad: bool = False, device="cpu"):
     k = torch.randn(B, T, HKV, D, generator=g).to(dt)
     v = torch.randn(B, T, HKV, DV, generator=g).to(dt)
     state = None
+    fm = ensure_map(c)
     if c["initial_state"]:
-        fm = feature_maps.get(c["feature_map"])
         # a state as a previous segment of 5 tokens would leave it
         kk = fm.reference(torch.randn(B, 5, HKV, D, generator=g))
         vv = torch.randn(B, 5, HKV, DV, generator=g)
@@ -107,7 +137,7 @@ def reference(c: dict, q, k, v, state, absolute=False, dtype=torch.float64):
     """The float64 reference of a case (on the CPU)."""
     cpu = lambda x: x.detach().cpu() if not x.requires_grad else x.cpu()  # noqa: E731
     st_ = tuple(cpu(x) for x in state) if state is not None else None
-    return linear_attention_reference(cpu(q), cpu(k), cpu(v), feature_maps.get(c["feature_map"]),
+    return linear_attention_reference(cpu(q), cpu(k), cpu(v), ensure_map(c),
                                       initial_state=st_, absolute=absolute, dtype=dtype, **_kwargs(c))
 
 

@@ -109,3 +109,13 @@ def test_fuzz_decode_kernel():
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)["results"]
     assert {x["kernel"] for x in res} == {"decode"} and all(x["status"] == "ok" for x in res)
+
+
+def test_fuzz_random_feature_families():
+    """favor / fourier draw a fresh D, M and projection per example; the case carries them for the snippet."""
+    r = CliRunner().invoke(main, ["fuzz", "-n", "2", "--map", "favor_hyp", "--map", "fourier", "--dtype", "fp32",
+                                  "--kernel", "forward", "--backend", "triton", "--state", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)["results"]
+    assert {row["feature_map"] for row in rows} == {"favor_hyp", "fourier"}
+    assert all(row["status"] == "ok" and row["examples"] == 2 for row in rows)
