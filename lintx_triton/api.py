@@ -15,7 +15,8 @@ from .ops import custom  # noqa: F401  (registers torch.ops.lintx.*)
 from .reference import linear_attention_step_torch, linear_attention_torch
 from .spec import DTYPES, KernelSpec
 
-__all__ = ["linear_attention", "linear_attention_step", "linear_attention_step_", "emit", "BACKENDS"]
+__all__ = ["linear_attention", "linear_attention_state", "linear_attention_step", "linear_attention_step_", "emit",
+           "BACKENDS"]
 
 BACKENDS = ("auto", "triton", "torch")
 # The generated kernels keep a [BT, M] and an [M, BV] tile on chip; beyond this they would spill.
@@ -171,7 +172,9 @@ def linear_attention(
             states are per sequence. The Triton path never reads these values on the host (works under
             torch.compile and CUDA graphs). Default: ``None``.
         check_seqlens (bool): check that cu_seqlens starts at 0, never decreases and ends at total_T
-            (one small device-to-host copy; skipped while compiling or capturing). Default: ``True``.
+            (one small device-to-host copy; skipped while compiling or capturing). With ``False`` (or
+            under torch.compile / a CUDA graph) the offsets are trusted: offsets past total_T make the
+            kernels read out of bounds. Default: ``True``.
 
     Returns:
         o (torch.Tensor): ``[B, T, H, DV]`` in the inputs' dtype, and ``(S_T, z_T)`` when ``return_state``.
@@ -208,6 +211,62 @@ def linear_attention(
             float(scale), float(eps)
         )
     return (o, (S, z)) if return_state else o
+
+
+def linear_attention_state(
+    k: Tensor,
+    v: Tensor,
+    *,
+    feature_map: Union[str, FeatureMap] = "elu",
+    initial_state: Optional[tuple[Tensor, Tensor]] = None,
+    backend: str = "auto",
+    cu_seqlens: Optional[Tensor] = None,
+    check_seqlens: bool = True,
+) -> tuple[Tensor, Tensor]:
+    r"""The state a segment leaves, without its outputs: S = S_0 + \sum_t phi(k_t) v_t^T, z = z_0 + \sum_t phi(k_t).
+
+    What :func:`linear_attention` returns with ``return_state=True``, at the cost of its chunk sums
+    alone (no queries, no output); differentiable. For a prompt whose outputs are not needed, and for
+    the first pass of context parallelism (:mod:`lintx_triton.distributed`).
+
+    Args:
+        k (torch.Tensor): keys ``[B, T, HKV, D]``.
+        v (torch.Tensor): values ``[B, T, HKV, DV]``.
+        feature_map, initial_state, backend, cu_seqlens, check_seqlens: as in :func:`linear_attention`.
+
+    Returns:
+        ``(S [N, HKV, M, DV], z [N, HKV, M])`` in float32.
+
+    Examples::
+
+        >>> import torch, lintx_triton as lx
+        >>> k, v = torch.randn(2, 50, 4, 32), torch.randn(2, 50, 4, 16)
+        >>> S, z = lx.linear_attention_state(k, v)
+        >>> _, (S2, z2) = lx.linear_attention(k, k, v, return_state=True)
+        >>> torch.allclose(S, S2, atol=1e-4) and torch.allclose(z, z2, atol=1e-4)
+        True
+    """
+    fm = feature_maps.resolve(feature_map)
+    _check_inputs(k, k, v, fm, True, initial_state, 1.0, 0.0, backend, cu_seqlens, check_seqlens)
+    if _pick_backend(backend, k) == "torch":
+        return _state_torch(k, v, fm, initial_state, cu_seqlens)
+    S0, z0 = initial_state if initial_state is not None else (None, None)
+    return tuple(torch.ops.lintx.linear_attention_state(k, v, S0, z0, fm.parameters(k.device), cu_seqlens, fm.name))
+
+
+def _state_torch(k, v, fm, initial_state, cu):
+    b = fm.features(k.float(), "key")  # [B, T, HKV, M]
+    if cu is None:
+        S, z = torch.einsum("bthm,bthv->bhmv", b, v.float()), b.sum(1)
+    else:  # a sum per sequence: scatter the tokens onto their sequence
+        seq = torch.searchsorted(cu[1:].long(), torch.arange(k.shape[1], device=k.device), right=True)
+        N = cu.shape[0] - 1
+        kv = torch.einsum("thm,thv->thmv", b[0], v[0].float())
+        S = kv.new_zeros(N, *kv.shape[1:]).index_add_(0, seq, kv)
+        z = b.new_zeros(N, *b.shape[2:]).index_add_(0, seq, b[0])
+    if initial_state is not None:
+        S, z = initial_state[0] + S, initial_state[1] + z
+    return S, z
 
 
 def _packed_torch(q, k, v, fm, cu, initial_state, kw):

@@ -19,11 +19,9 @@ The backward mirrors it: gradients flow into ``P_i`` and the total, one ``all_ga
 ``(dP_r, dTotal_r)`` per call, and rank j receives ``dX_j = sum_{r > j} dP_r + sum_r dTotal_r``, the
 state gradient of every later position; the global ``initial_state`` gets its whole gradient on rank 0.
 
-Cost: step 1 goes through the public op, which also computes the shard's output and then throws it
-away, and its backward runs the full backward kernels with a zero output gradient. So the attention
-itself costs about twice a single-device call over the same shard, forward and backward, plus two
-small collectives (a third, tiny one with ``check=True``). A states-only op (phi(k)^T v and the sum of
-phi(k), and their vector-Jacobian product) would make step 1 a fraction of step 3.
+Cost: step 1 is :func:`lintx_triton.linear_attention_state`: the chunk sums of phi(k)^T v and phi(k)
+and their scan, no queries and no output; its backward is one per-token kernel for dk, dv. Step 3 is
+a full call. Plus two small collectives (a third, tiny one with ``check=True``).
 
 Not supported: ``causal=False`` (the global sum of states would have to be added to a non-causal call,
 which :func:`lintx_triton.linear_attention` does not take as ``initial_state``); packed sequences
@@ -62,7 +60,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import api
+from . import api, feature_maps
 
 __all__ = ["linear_attention"]
 
@@ -209,8 +207,8 @@ def linear_attention(
     Returns:
         o (torch.Tensor): ``[B, T_i, H, DV]``, and ``(S_T, z_T)`` of the whole sequence when ``return_state``.
 
-    Cost: the shard's attention runs twice, forward and backward (the first pass only for its final
-    state; see the module docstring), plus one all_gather of W states forward and of 2 W backward.
+    Cost: one call over the shard plus its state alone (the chunk sums; see the module docstring), plus
+    one all_gather of W states forward and of 2 W backward.
 
     Examples::
 
@@ -234,7 +232,12 @@ def linear_attention(
     try:
         _check_supported(causal, kwargs)
         init = initial_state if rank == 0 else None
-        _, (S, z) = api.linear_attention(q, k, v, initial_state=init, return_state=True, **kwargs)
+        # every check of the full call, then the state alone (no queries, no output)
+        fm = feature_maps.resolve(kwargs.get("feature_map", "elu"))
+        api._check_inputs(q, k, v, fm, True, init, kwargs.get("scale", 1.0), kwargs.get("eps", 1e-6),
+                          kwargs.get("backend", "auto"))
+        S, z = api.linear_attention_state(k, v, feature_map=fm, initial_state=init,
+                                          backend=kwargs.get("backend", "auto"))
         state_shape = tuple(S.shape)
     except (TypeError, ValueError) as e:
         error = e

@@ -221,3 +221,50 @@ def test_packed_equals_separate_calls(backend):
         torch.testing.assert_close(S[n:n + 1], Sn, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(z[n:n + 1], zn, atol=1e-5, rtol=1e-5)
         s += L
+
+
+@FEW
+@given(c=packed_cases(), varlen=st.booleans(), backend=st.sampled_from(["triton", "torch"]))
+def test_state_alone_matches_reference(c, varlen, backend):
+    """lx.linear_attention_state: the final state and its gradients (dk, dv, dS_0, dz_0), per sequence."""
+    c = dict(c, causal=True)
+    if not varlen:
+        c = dict(c, lens=None, B=2, T=c["T"] % 20 + 1)
+    note(_id(c))
+    q, k, v, state, cu = _inputs(c, requires_grad=True)
+    S, z = lx.linear_attention_state(k, v, feature_map=c["feature_map"], initial_state=state, cu_seqlens=cu,
+                                     backend=backend)
+    g = torch.Generator().manual_seed(c["seed"] + 2)
+    dS, dz = torch.randn(S.shape, generator=g), torch.randn(z.shape, generator=g)
+    leaves = [k, v] + (list(state) if state else [])
+    got = torch.autograd.grad((S * dS).sum() + (z * dz).sum(), leaves)
+    for n, (cn, qn, kn, vn, sn) in enumerate(_pieces(c, q, k, v, state)):
+        seg = slice(n, n + 1) if c["lens"] is not None else slice(None)
+        check_state(cn, (S[seg], z[seg]), qn, kn, vn, sn)
+    # gradients: the float64 reference's state with do = 0, per sequence
+    want, bound = [], []
+    for n, (cn, qn, kn, vn, sn) in enumerate(_pieces(c, q, k, v, state)):
+        seg = slice(n, n + 1) if c["lens"] is not None else slice(None)
+        sub = [qn, kn, vn] + (list(sn) if sn else [])
+        ref = [x.detach().double().requires_grad_() for x in sub]
+        _, (rS, rz), _, _ = reference(dict(cn, normalize=False), *ref[:3], tuple(ref[3:]) if sn else None)
+        w = torch.autograd.grad((rS * dS[seg].double()).sum() + (rz * dz[seg].double()).sum(), ref[1:],
+                                allow_unused=True)
+        want.append([x if x is not None else torch.zeros_like(y) for x, y in zip(w, ref[1:])])
+        zero_do = torch.zeros(*qn.shape[:3], c["DV"])
+        bound.append(grad_bound(dict(cn, normalize=False), sub, zero_do, dS[seg], dz[seg])[1:])
+    dims = [1, 1, 0, 0]
+    for i, name in enumerate(["k", "v", "S_0", "z_0"][: len(leaves)]):
+        _assert_within(f"d{name}", got[i], torch.cat([w[i] for w in want], dims[i]),
+                       torch.cat([b[i] for b in bound], dims[i]), GTOL[c["dtype"]])
+
+
+def test_state_ops_opcheck():
+    cu = torch.tensor([0, 4, 4, 11])
+    k, v = torch.randn(1, 11, 2, 8, requires_grad=True), torch.randn(1, 11, 2, 5, requires_grad=True)
+    S0, z0 = torch.rand(3, 2, 8, 5, requires_grad=True), torch.rand(3, 2, 8, requires_grad=True)
+    torch.library.opcheck(torch.ops.lintx.linear_attention_state.default, (k, v, S0, z0, None, cu, "elu"))
+    torch.library.opcheck(torch.ops.lintx.linear_attention_state.default, (k[:1, :5], v[:1, :5], None, None, None,
+                                                                           None, "relu"))
+    torch.library.opcheck(torch.ops.lintx.linear_attention_state_bwd.default,
+                          (torch.randn(3, 2, 8, 5), torch.randn(3, 2, 8), k.detach(), v.detach(), None, cu, "elu"))

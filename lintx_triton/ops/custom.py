@@ -16,9 +16,10 @@ from torch import Tensor
 from .. import feature_maps
 from ..config import config_for, interpreting
 from ..spec import DTYPES, KernelSpec
-from .launch import chunk_bwd, chunk_fwd, decode_step
+from .launch import chunk_bwd, chunk_fwd, decode_step, state_bwd, state_fwd
 
-__all__ = ["make_spec", "linear_attention_fwd", "linear_attention_bwd", "linear_attention_step",
+__all__ = ["make_spec", "linear_attention_fwd", "linear_attention_bwd", "linear_attention_state",
+           "linear_attention_state_bwd", "linear_attention_step",
            "linear_attention_step_"]
 
 F32 = torch.float32
@@ -143,6 +144,81 @@ def _backward(ctx, do, dden, dS, dz):
 
 
 linear_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- the state alone: (S_T, z_T) of a segment without its outputs (a prompt's state, context parallelism) ----
+
+def _state_spec(feature_map: str, k: Tensor, v: Tensor) -> KernelSpec:
+    # the non-causal, unnormalized variant: its scan keeps only the total and its (dk, dv) kernel reads no q / do
+    return make_spec(feature_map, k, v, False, False, False)
+
+
+@torch.library.custom_op("lintx::linear_attention_state", mutates_args=())
+def linear_attention_state(
+    k: Tensor,
+    v: Tensor,
+    initial_S: Optional[Tensor],
+    initial_z: Optional[Tensor],
+    fm_params: Optional[Tensor],
+    cu_seqlens: Optional[Tensor],
+    feature_map: str,
+) -> tuple[Tensor, Tensor]:
+    """k [B, T, HKV, D], v [B, T, HKV, DV] -> S_T [N, HKV, M, DV], z_T [N, HKV, M] (fp32)."""
+    spec = _state_spec(feature_map, k, v)
+    B, T, HKV, _ = k.shape
+    cfg = config_for(spec, B * HKV, T, k.device)
+    c = lambda t: t.contiguous() if t is not None else None  # noqa: E731
+    return state_fwd(spec, cfg, k.contiguous(), v.contiguous(), c(initial_S), c(initial_z), fm_params, cu=cu_seqlens)
+
+
+@linear_attention_state.register_fake
+def _(k, v, initial_S, initial_z, fm_params, cu_seqlens, feature_map):
+    s_shape, z_shape = _state_shapes(k, v, feature_map, cu_seqlens)
+    return k.new_empty(s_shape, dtype=F32), k.new_empty(z_shape, dtype=F32)
+
+
+@torch.library.custom_op("lintx::linear_attention_state_bwd", mutates_args=())
+def linear_attention_state_bwd(
+    dS: Tensor,
+    dz: Tensor,
+    k: Tensor,
+    v: Tensor,
+    fm_params: Optional[Tensor],
+    cu_seqlens: Optional[Tensor],
+    feature_map: str,
+) -> tuple[Tensor, Tensor]:
+    """-> dk, dv (inputs' dtype) from the gradients of the final state."""
+    spec = _state_spec(feature_map, k, v)
+    B, T, HKV, _ = k.shape
+    cfg = config_for(spec, B * HKV, T, k.device)
+    return state_bwd(spec, cfg, dS.contiguous(), dz.contiguous(), k.contiguous(), v.contiguous(), fm_params,
+                     cu=cu_seqlens)
+
+
+@linear_attention_state_bwd.register_fake
+def _(dS, dz, k, v, fm_params, cu_seqlens, feature_map):
+    return (torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+def _state_setup(ctx, inputs, output):
+    k, v, initial_S, initial_z, fm_params, cu_seqlens, feature_map = inputs
+    ctx.save_for_backward(k, v, fm_params, cu_seqlens)
+    ctx.feature_map = feature_map
+    ctx.has_init = initial_S is not None
+
+
+def _state_backward(ctx, dS, dz):
+    k, v, fm_params, cu_seqlens = ctx.saved_tensors
+    s_shape, z_shape = _state_shapes(k, v, ctx.feature_map, cu_seqlens)
+    dS = dS if dS is not None else torch.zeros(s_shape, dtype=F32, device=k.device)  # S or z unused
+    dz = dz if dz is not None else torch.zeros(z_shape, dtype=F32, device=k.device)
+    dk, dv = torch.ops.lintx.linear_attention_state_bwd(dS, dz, k, v, fm_params, cu_seqlens, ctx.feature_map)
+    init = (dS, dz) if ctx.has_init else (None, None)
+    return dk, dv, *init, None, None, None
+
+
+linear_attention_state.register_autograd(_state_backward, setup_context=_state_setup)
 
 
 # ---- decode (the RNN form): inference only, no autograd ----

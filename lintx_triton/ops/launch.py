@@ -256,3 +256,34 @@ def decode_step(spec: KernelSpec, cfg: Config, q, k, v, S_in, z_in, S_out, z_out
         num_warps=decode_warps(spec),
     )
     return o
+
+
+def state_fwd(spec: KernelSpec, cfg: Config, k, v, h0, z0, fm_params, cu=None):
+    """The final state alone: (S_T [N, HKV, M, DV], z_T [N, HKV, M]) = (S_0, z_0) + sums of phi(k) v^T, phi(k).
+
+    Chunk sums and the scan of the forward, nothing else (``spec`` is the non-causal variant, whose scan keeps
+    only the total)."""
+    lay = Layout(k, k, cu, cfg.chunk)
+    ht, zt = _state_like(k, spec, lay)
+    if lay.T == 0:
+        return _pass_through(ht, zt, h0, z0)
+    mod = load(spec)
+    opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _chunk_states(mod, spec, lay, cfg.block_v, opts, k, v, _fm_arg(fm_params, k), ht, ht, h0, z0, ht, zt, 1.0,
+                  backward=False)
+    return ht, zt
+
+
+def state_bwd(spec: KernelSpec, cfg: Config, dS, dz, k, v, fm_params, cu=None):
+    """dk, dv of the final state: dv = phi(k) dS, dk = phi's vjp of (v dS^T + dz); per token, one launch of the
+    (dk, dv) kernel in its non-causal, unnormalized form (which reads neither q nor do)."""
+    lay = Layout(k, k, cu, cfg.bwd_chunk)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    if lay.T == 0:
+        return dk, dv
+    fm_w = _fm_arg(fm_params, k)
+    cu_arg, cmap = lay.args(dS)
+    load(spec).chunk_bwd_kernel_dkv[(lay.NT, lay.B * lay.HKV)](
+        k, k, v, fm_w, v, dS, dS, dS, dz, dk, dv, cu_arg, cmap, 1.0, lay.T, lay.NT,
+        **lay.kw(BV=cfg.bwd_block_v), num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages)
+    return dk, dv
