@@ -6,8 +6,9 @@
 Without the caching allocator each tensor is its own allocation, so an access past a tensor's end
 is outside any allocation and memcheck reports it (inside PyTorch's pools it would not). Runs the
 forward (fused and chunk-parallel paths: many short and one long sequence), the backward, a prefill
-from a state and the in-place decode step (bf16 unless dtypes are named). Exit code 1 when a result
-is off.
+from a state and the in-place decode step (bf16 unless dtypes are named), then the variants the grid
+does not reach: FAVOR+ (M = 2D, and M = 40 hyperbolic), grouped heads, packed sequences with an empty
+one, the state alone. Exit code 1 when a result is off.
 """
 
 from __future__ import annotations
@@ -49,8 +50,72 @@ def main(argv=None) -> int:
             ok = worst <= 1.0
             bad += not ok
             print(f"{row.key():40s} worst err / bound {worst:.3g} {'ok' if ok else 'FAIL'}", flush=True)
+    bad += _kernel_variants(device, dtypes)
     print(f"sanitize_case: {bad} failed on {device}")
     return 1 if bad else 0
+
+
+def _kernel_variants(device, dtypes) -> int:
+    """The kernel variants the grid does not reach: random features (M != D, M not a power of two), packed
+    sequences with empty ones, grouped heads, the state alone, decode with grouped heads; each checked
+    against the float64 reference (lintx_triton.testing's bounds)."""
+    import lintx_triton as lx
+    from lintx_triton import testing
+
+    names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+    bad = 0
+    for dtype in dtypes:
+        dt = names.get(dtype, dtype)
+        fm = lx.feature_maps.favor(64, num_features=128, seed=0)
+        odd = lx.feature_maps.favor(32, num_features=40, seed=1, hyperbolic=True)
+        for label, c in [
+            ("favor D64 M128 fwd+bwd", dict(B=2, T=150, H=3, D=64, DV=64, feature_map=fm.name, initial_state=True)),
+            ("favor D32 M40 GQA fwd+bwd", dict(B=1, T=77, H=4, HKV=2, D=32, DV=48, feature_map=odd.name,
+                                               initial_state=False)),
+            ("elu GQA D128 fwd+bwd", dict(B=1, T=130, H=6, HKV=2, D=128, DV=128, feature_map="elu",
+                                          initial_state=True)),
+        ]:
+            c = dict(c, dtype=dt, causal=True, normalize=True, scale=1.0, seed=3)
+            try:
+                got, want, bounds, names_ = testing.forward_and_grads(c, "triton", device=device)
+                worst = testing.check_grads(c, got, want, bounds, names_)
+                q, k, v, st = testing.make_inputs(c, device=device)
+                o, final = testing.decode_steps(dict(c, T=min(c["T"], 9)), q[:, :9], k[:, :9], v[:, :9], st,
+                                                "triton", inplace=True)
+                worst = max(worst, testing.check_forward(dict(c, T=9), o, q[:, :9], k[:, :9], v[:, :9], st))
+            except testing.EquivalenceError as e:
+                worst = e.worst
+            bad += _report(f"{label} {dt}", worst, device)
+        # packed sequences (one empty, one of a single token) with grouped heads, and the state alone
+        lens = [5, 0, 1, 140, 33]
+        cu = torch.tensor([0] + lens, device=device).cumsum(0).to(torch.int32)
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(1, sum(lens), 4, 64, generator=g).to(device, getattr(torch, dt))
+        k, v = (torch.randn(1, sum(lens), 2, 64, generator=g).to(device, getattr(torch, dt)) for _ in range(2))
+        o, (S, z) = lx.linear_attention(q, k, v, cu_seqlens=cu, return_state=True)
+        S2, z2 = lx.linear_attention_state(k, v, cu_seqlens=cu)
+        worst, s = 0.0, 0
+        for n, L in enumerate(lens):
+            c = dict(B=1, T=L, H=4, HKV=2, D=64, DV=64, dtype=dt, feature_map="elu", causal=True, normalize=True,
+                     initial_state=False, scale=1.0)
+            part = (q[:, s:s + L].cpu(), k[:, s:s + L].cpu(), v[:, s:s + L].cpu())
+            try:
+                worst = max(worst, testing.check_forward(c, o[:, s:s + L].cpu(), *part, None),
+                            testing.check_state(c, (S[n:n + 1].cpu(), z[n:n + 1].cpu()), *part, None),
+                            testing.check_state(c, (S2[n:n + 1].cpu(), z2[n:n + 1].cpu()), *part, None))
+            except testing.EquivalenceError as e:
+                worst = max(worst, e.worst)
+            s += L
+        bad += _report(f"packed lens {lens} GQA 4/2 + state alone {dt}", worst, device)
+    return bad
+
+
+def _report(label, worst, device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    ok = worst <= 1.0
+    print(f"{label:40s} worst err / bound {worst:.3g} {'ok' if ok else 'FAIL'}", flush=True)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -150,3 +150,14 @@ def test_targets_are_judged_on_a_gpu_only():
     assert "| fwd | 1024 | 32 | 0.1200 | 0.13 | yes |" in report.to_markdown(out)
     cpu = harness.summarize(dict(meta=dict(gpu=None), results=results[:1]))
     assert cpu["targets"][0]["met"] is None
+
+
+def test_sanitize_case_kernel_variants_on_cpu():
+    """The sanitizer script's extra cases (random features, packed + grouped, the state alone) pass here,
+    so that on the GPU a failure under compute-sanitizer means the GPU run, not the script."""
+    import importlib
+
+    import torch
+
+    sanitize_case = importlib.import_module("bench.sanitize_case")
+    assert sanitize_case._kernel_variants(torch.device("cpu"), ["fp32"]) == 0
