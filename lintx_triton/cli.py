@@ -290,7 +290,8 @@ def fuzz(examples, minutes, seed, maps, dtypes, kernels, backends, normalize, st
 # ---------------------------------------------------------------- emit
 
 def _spec_options(f):
-    f = click.option("--map", "feature_map", default="elu", show_default=True, help="feature map name")(f)
+    f = click.option("--map", "feature_map", default="elu", show_default=True,
+                     help="feature map name, or favor[:M] / favor_hyp[:M] / fourier[:M] (M features, default 2D)")(f)
     f = click.option("--causal/--full", default=True, show_default=True)(f)
     f = click.option("--normalize/--raw", default=True, show_default=True)(f)
     f = click.option("--dtype", default="bf16", show_default=True, type=click.Choice(sorted(DTYPE_NAMES)))(f)
@@ -307,6 +308,16 @@ def _make_spec(feature_map, causal, normalize, dtype, head_dim, value_dim, initi
     from .config import interpreting
     from .spec import KernelSpec
 
+    from .testing import RANDOM_FAMILIES
+
+    family, _, m = feature_map.partition(":")
+    if family in RANDOM_FAMILIES:  # a random-feature map built for this D
+        if m and not m.isdigit():
+            raise click.BadParameter(f"M must be a positive integer, got {feature_map!r}", param_hint="--map")
+        try:
+            feature_map = RANDOM_FAMILIES[family](head_dim, int(m) if m else 2 * head_dim, 0).name
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--map") from None
     _check_maps([feature_map])
     dt = DTYPE_NAMES[dtype]
     if initial_state and not causal:

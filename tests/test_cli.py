@@ -119,3 +119,11 @@ def test_fuzz_random_feature_families():
     rows = json.loads(r.output)["results"]
     assert {row["feature_map"] for row in rows} == {"favor_hyp", "fourier"}
     assert all(row["status"] == "ok" and row["examples"] == 2 for row in rows)
+
+
+def test_emit_random_feature_map_with_m():
+    r = CliRunner().invoke(main, ["emit", "--map", "favor_hyp:24", "-D", "16", "--dtype", "fp16"])
+    assert r.exit_code == 0, r.output
+    assert "'favor_hyp_d16_m24'" in r.output and "def phi_proj(" in r.output and "FEAT_TF32 = tl.constexpr(True)" in r.output
+    r = CliRunner().invoke(main, ["emit", "--map", "fourier:15", "-D", "8"])
+    assert r.exit_code == 2 and "even" in r.output
