@@ -50,7 +50,7 @@ def check(device: torch.device) -> bool:
     where = "interpreter" if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(f"correctness: B={B} T={T} H={H} D={D} DV={DV}, fp32, against the float64 reference")
     ok = True
-    for fm in ("elu", "relu"):
+    for fm in ("elu", "relu", feature_maps.favor(D, num_features=2 * D, seed=0).name):  # FAVOR+: M = 2D
         ref, (S_ref, _), _, _ = linear_attention_reference(q, k, v, feature_maps.get(fm))
         for backend in backends:
             dev = device
@@ -61,7 +61,7 @@ def check(device: torch.device) -> bool:
             good = err < 1e-4 and serr < 1e-5
             ok &= good
             label = f"{backend} ({where})" if backend == "triton" else "torch (chunked PyTorch)"
-            print(f"  {fm:5s} {label:32s} max |o - ref| = {err:.2e}   state rel. err = {serr:.2e}   "
+            print(f"  {fm:14s} {label:32s} max |o - ref| = {err:.2e}   state rel. err = {serr:.2e}   "
                   f"{'ok' if good else 'FAIL'}")
     return ok
 
