@@ -83,7 +83,7 @@ def _worker_main() -> int:
             bwd = backward or kernel.startswith(("bwd_", "chunk_bwd_"))
             warps = 0 if kernel == "decode_kernel_step" else cfg.bwd_num_warps if bwd else cfg.num_warps
             consts = launch_constexprs(spec, kernel, cfg, backward=backward, **flags)
-            key = (kernel, tuple(sorted(consts.items())), warps, cfg.num_stages)
+            key = (kernel, tuple(sorted(consts.items())), warps, cfg.bwd_num_stages if bwd else cfg.num_stages)
             jobs.setdefault(key, (spec, kernel, backward, flags, cfg, req["arch"]))
             keys.append(key)
         owners.append(keys)

@@ -23,18 +23,19 @@ SPACES = {
     "default": {
         "forward": dict(chunk=(32, 64), block_v=(16, 32, 64), num_warps=(4, 8), num_stages=(1, 2),
                         path=("fused", "chunked")),
-        "backward": dict(bwd_chunk=(32, 64), bwd_block_v=(16, 32, 64), bwd_num_warps=(4, 8)),
+        "backward": dict(bwd_chunk=(32, 64), bwd_block_v=(16, 32, 64), bwd_num_warps=(4, 8), bwd_num_stages=(1, 2)),
         "decode": dict(block_v=(16, 32, 64, 128)),
     },
     "full": {
         "forward": dict(chunk=(16, 32, 64, 128), block_v=(16, 32, 64, 128), num_warps=(2, 4, 8),
                         num_stages=(1, 2, 3), path=("fused", "chunked")),
-        "backward": dict(bwd_chunk=(16, 32, 64, 128), bwd_block_v=(16, 32, 64, 128), bwd_num_warps=(2, 4, 8)),
+        "backward": dict(bwd_chunk=(16, 32, 64, 128), bwd_block_v=(16, 32, 64, 128), bwd_num_warps=(2, 4, 8),
+                         bwd_num_stages=(1, 2, 3)),
         "decode": dict(block_v=(16, 32, 64, 128, 256)),
     },
     "online": {
         "forward": dict(chunk=(32, 64), block_v=(32, 64), num_warps=(4, 8), num_stages=(2,), path=("fused", "chunked")),
-        "backward": dict(bwd_chunk=(32, 64), bwd_block_v=(32, 64), bwd_num_warps=(8,)),
+        "backward": dict(bwd_chunk=(32, 64), bwd_block_v=(32, 64), bwd_num_warps=(8,), bwd_num_stages=(1, 2)),
         "decode": dict(block_v=(32, 64, 128)),
     },
 }
@@ -137,7 +138,8 @@ def estimate_fits(kernel: str, spec: KernelSpec, cfg: Config, limits: DeviceLimi
         return f"estimated {regs:.0f} registers/thread of tiles > {limits.max_regs_per_thread}"
     in_bytes = 4 if spec.dtype == "float32" else 2
     op_bytes = 4 if spec.dot_fp32 else 2
-    smem = cfg.num_stages * streamed * in_bytes + staged * op_bytes
+    stages = cfg.bwd_num_stages if kernel == "backward" else cfg.num_stages
+    smem = stages * streamed * in_bytes + staged * op_bytes
     if smem > limits.smem_per_block:
         return f"estimated {smem // 1024} KiB shared memory > {limits.smem_per_block // 1024} KiB"
     return None

@@ -132,7 +132,7 @@ def kernel_resources(spec: KernelSpec, kernel: str, cfg: Config, *, arch: int = 
     w = decode_warps(spec) if kernel == "decode_kernel_step" else cfg.bwd_num_warps if is_bwd else cfg.num_warps
     compiled = compile_for_target(
         spec, kernel, launch_constexprs(spec, kernel, cfg, backward=backward, **flags),
-        arch=arch, num_warps=w, num_stages=cfg.num_stages,
+        arch=arch, num_warps=w, num_stages=cfg.bwd_num_stages if is_bwd else cfg.num_stages,
     )
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")

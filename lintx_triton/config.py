@@ -62,11 +62,10 @@ PATHS = ("fused", "chunked")
 ENV_CONFIG_DIR = "LINTX_TRITON_CONFIG_DIR"
 ENV_ONLINE_TUNE = "LINTX_TRITON_ONLINE_TUNE"
 SCHEMA_VERSION = 1
-# The Config fields each tuned kernel decides. The backward shares num_stages with the forward
-# (the launchers pass cfg.num_stages to both): the forward's file sets it.
+# The Config fields each tuned kernel decides.
 KERNEL_FIELDS = {
     "forward": ("chunk", "block_v", "num_warps", "num_stages", "path"),
-    "backward": ("bwd_chunk", "bwd_block_v", "bwd_num_warps"),
+    "backward": ("bwd_chunk", "bwd_block_v", "bwd_num_warps", "bwd_num_stages"),
     "decode": ("block_v",),
 }
 # where `pip install` puts the top-level autotune package: beside lintx_triton (also in a checkout)
@@ -86,6 +85,7 @@ class Config:
         bwd_block_v: BV of the backward.
         num_warps, num_stages: Triton launch options of the forward (ignored by the interpreter).
         bwd_num_warps: num_warps of the backward.
+        bwd_num_stages: num_stages of the backward.
         path: ``"fused"`` (one program per (value block, batch*head) carries the
             state through every chunk) or ``"chunked"`` (chunk sums, a scan,
             then all chunks in parallel). Non-causal attention is always chunked.
@@ -99,6 +99,7 @@ class Config:
     num_warps: int = 4
     bwd_num_warps: int = 4
     num_stages: int = 2
+    bwd_num_stages: int = 2
     path: str = "chunked"
     source: str = "heuristic"
 
@@ -142,7 +143,7 @@ def _heuristic(spec: KernelSpec) -> Config:
     multi-chunk."""
     bv = min(32, spec.block_dv)
     return Config(chunk=16, bwd_chunk=16, block_v=bv, bwd_block_v=bv, num_warps=4, bwd_num_warps=4,
-                  num_stages=1, path="chunked")
+                  num_stages=1, bwd_num_stages=1, path="chunked")
 
 
 @functools.cache
@@ -159,8 +160,9 @@ def gpu_heuristic(spec: KernelSpec, batch_heads: int, sm_count: int, arch: int =
     # spills, with HGMMA products. At D = DV = 64 the bf16 forward at 8 warps, BT 64, BV 64 takes
     # 215-222 registers (4 warps: 255 and a stack). The backward's dq and (dk, dv) kernels at BT 64,
     # BV 32, 8 warps take 147 and 240 registers; at D = 128 the (dk, dv) kernel keeps a 160-byte stack
-    # (39 LDL / 39 STL) at BV 32 and none at BV 16 (254 registers, 38 HGMMA), so D = 128 takes BV 16 in
-    # the backward (bench/NOTES.md). IEEE fp32 products run on the FMA units and need far smaller tiles.
+    # (39 LDL / 39 STL) at BV 32, 8 bytes at BV 16 and none at BV 16 with one stage (251 registers, 38
+    # HGMMA), so D = 128 takes BV 16 and one stage in the backward (bench/NOTES.md). IEEE fp32 products
+    # run on the FMA units and need far smaller tiles.
     wide = max(spec.block_m, spec.block_dv) > 64
     if spec.dtype == "float32":
         chunk, block_v = (16, 16) if wide else (32, 16)
@@ -187,6 +189,7 @@ def gpu_heuristic(spec: KernelSpec, batch_heads: int, sm_count: int, arch: int =
         num_warps=8,
         bwd_num_warps=bwd_warps,
         num_stages=2,
+        bwd_num_stages=1 if (wide and arch >= 90 and spec.dtype != "float32") else 2,
         path="fused" if spec.causal and fill else "chunked",
     )
 
@@ -250,7 +253,7 @@ def _check_fields(kernel: str, cfg: dict, where: str) -> None:
             ok = val in PATHS
         elif name in ("num_warps", "bwd_num_warps"):
             ok = isinstance(val, int) and val in (1, 2, 4, 8, 16, 32)
-        elif name == "num_stages":
+        elif name in ("num_stages", "bwd_num_stages"):
             ok = isinstance(val, int) and 1 <= val <= 8
         else:
             ok = isinstance(val, int) and val >= 16 and not val & (val - 1)

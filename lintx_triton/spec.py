@@ -19,7 +19,7 @@ from . import feature_maps
 __all__ = ["KernelSpec", "GENERATOR_VERSION", "DTYPES"]
 
 # Bump when the templates or the renderer change: it is part of every cache key.
-GENERATOR_VERSION = 7
+GENERATOR_VERSION = 8
 
 DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 

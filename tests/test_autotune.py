@@ -69,7 +69,8 @@ def test_candidates_vary_only_their_kernels_fields():
     assert fwd[0] == base and len({autotune.kernel_fields("forward", c).values().__repr__() for c in fwd}) == len(fwd)
     assert {c.path for c in fwd} == {"fused", "chunked"}
     for c in fwd:
-        assert (c.bwd_chunk, c.bwd_block_v, c.bwd_num_warps) == (base.bwd_chunk, base.bwd_block_v, base.bwd_num_warps)
+        assert (c.bwd_chunk, c.bwd_block_v, c.bwd_num_warps, c.bwd_num_stages) == \
+            (base.bwd_chunk, base.bwd_block_v, base.bwd_num_warps, base.bwd_num_stages)
     bwd = candidates("backward", BF16, base)
     assert {(c.chunk, c.block_v, c.num_warps, c.num_stages, c.path) for c in bwd} == \
         {(base.chunk, base.block_v, base.num_warps, base.num_stages, base.path)}
@@ -357,7 +358,7 @@ def test_config_for_heuristic_on_an_unknown_gpu_then_shipped_then_user(fake_gpu,
     fake_gpu.update(name="NVIDIA H200", cc=(9, 0))
     write_config_file(tmp_path / "shipped" / "nvidia-h200" / "forward.json", header(), [entry(config=cfg_of(32))])
     write_config_file(tmp_path / "shipped" / "nvidia-h200" / "backward.json", header("backward"),
-                      [entry(config=dict(bwd_chunk=32, bwd_block_v=16, bwd_num_warps=4))])
+                      [entry(config=dict(bwd_chunk=32, bwd_block_v=16, bwd_num_warps=4, bwd_num_stages=1))])
     C.clear_cache()
     cfg = lx.config_for(BF16, 128, 1024, cuda)
     assert (cfg.chunk, cfg.path, cfg.bwd_chunk, cfg.bwd_block_v) == (32, "chunked", 32, 16)

@@ -483,9 +483,10 @@ def chunk_bwd_kernel_dq(
     _store_phi_vjp(dq, row_q, H, q, row_q, H, o_t, m_t, scale * b_da, fm_w, True)
 
 
-# ---- backward: dk, dv of one chunk from dS_c (the state gradient after it), per query head. With grouped
-#      heads (HKV < H) each query head's share goes to [B, T, H, *] fp32 buffers the launcher sums over the
-#      group, and only the group's first head adds the shared dS_c terms ----
+# ---- backward: dk, dv of one chunk from dS_c (the state gradient after it), per (chunk, batch * kv head).
+#      With grouped heads (HKV < H) the program walks the G = H / HKV query heads sharing its kv head: dk
+#      sums their shares on chip; dv's shares are added (atomically) into an fp32 [B, T, HKV, DV] buffer
+#      the launcher zeroes and casts. The dS_c terms (the kv head's own state gradient) enter once. ----
 @triton.jit(do_not_specialize=["T", "NT"])
 def chunk_bwd_kernel_dkv(
     q,  # [B, T, H, D]
@@ -497,8 +498,8 @@ def chunk_bwd_kernel_dkv(
     g,  # [B, H, T]    NORMALIZE only
     dh,  # dS_c: the state gradient from every later token (and the final state), per kv head
     dhz,
-    dk,  # [B, T, H, D] out (dk itself when HKV = H)
-    dv,  # [B, T, H, DV] out
+    dk,  # [B, T, HKV, D] out
+    dv,  # [B, T, HKV, DV] out: dv itself when HKV = H, else a zeroed fp32 buffer
     cu,
     cmap,
     scale,
@@ -510,47 +511,69 @@ def chunk_bwd_kernel_dkv(
     BV: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    i_h, row_q, row_k, p_t0, o_t, m_t, i_s = _bwd_program(T, NT, cu, cmap, H, HKV, BT, IS_VARLEN)
+    i_c, i_bs = tl.program_id(0), tl.program_id(1)
+    i_b, i_hk = i_bs // HKV, i_bs % HKV
+    bos, T_n, i_n, i_t = _chunk(i_c, i_b, T, cu, cmap, IS_VARLEN)
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T_n
+    if IS_CAUSAL:
+        i_s = i_bs.to(tl.int64) * NT + i_c
+    else:
+        i_s = i_n * HKV + i_hk
+    row_k = bos * HKV + i_hk
     o_m = tl.arange(0, BM)
     m_m = o_m < M
-    if H != HKV:
-        w_s = tl.where(i_h % (H // HKV) == 0, 1.0, 0.0)  # the dS_c terms: once per kv head
     b_b = _phi(k, row_k, o_t, m_t, HKV, fm_w, False)  # [BT, BM]
-    if NORMALIZE:
-        b_rden = 1.0 / tl.load(den + p_t0 + o_t, mask=m_t, other=1.0)  # [BT]
     if IS_CAUSAL:
         m_c = (o_t[:, None] >= o_t[None, :]) & m_t[:, None]
-        b_a = _phi(q, row_q, o_t, m_t, H, fm_w, True)  # [BT, BM]
-        b_A = tl.where(m_c, _mm(b_a, tl.trans(b_b)), 0.0)  # [BT, BT] scores a b^T
+    # unrolled: i_g is a compile-time constant, so the dS_c terms below cost no branch
+    for i_g in tl.static_range(H // HKV):
+        i_h = i_hk * (H // HKV) + i_g
+        if H == HKV:
+            row_q = row_k
+        else:
+            row_q = bos * H + i_h
+        p_t0 = _tok(i_b, i_h, bos, T, H, IS_VARLEN)
         if NORMALIZE:
-            b_A = b_A * b_rden[:, None]  # attention weights: dv's intra term is A^T do
-        b_dA = tl.zeros([BT, BT], dtype=tl.float32)  # do v^T, then dL/d(a b^T)
-    b_db = tl.zeros([BT, BM], dtype=tl.float32)
-    for i_v in range(0, tl.cdiv(DV, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_v = o_v < DV
-        b_dS = tl.load(dh + (i_s * M + o_m[:, None]) * DV + o_v[None, :], mask=m_m[:, None] & m_v[None, :], other=0.0)
-        if H != HKV:
-            b_dS = w_s * b_dS
-        b_v = _load_rows(v, row_k, o_t, m_t, o_v, m_v, HKV, DV)  # [BT, BV]
-        b_db += _mm_wide(b_v, tl.trans(b_dS))
-        b_dv = _mm_wide(b_b, b_dS)  # [BT, BV]
+            b_rden = 1.0 / tl.load(den + p_t0 + o_t, mask=m_t, other=1.0)  # [BT]
         if IS_CAUSAL:
-            b_do = _load_rows(do, row_q, o_t, m_t, o_v, m_v, H, DV)
-            b_dA += _mm(b_do, tl.trans(b_v))
-            b_dv += scale * _mm_wide(tl.trans(b_A), b_do)
-        _store_rows(dv, b_dv, row_q, o_t, m_t, o_v, m_v, H, DV)
-    b_dhz = tl.load(dhz + i_s * M + o_m, mask=m_m, other=0.0)
-    if H != HKV:
-        b_dhz = w_s * b_dhz
-    b_db += b_dhz[None, :]
-    if IS_CAUSAL:
-        if NORMALIZE:
-            b_g = tl.load(g + p_t0 + o_t, mask=m_t, other=0.0)
-            b_dA = b_dA * b_rden[:, None] + b_g[:, None]
-        b_dA = tl.where(m_c, b_dA, 0.0)
-        b_db += scale * _mm_wide(tl.trans(b_dA), b_a)
-    _store_phi_vjp(dk, row_q, H, k, row_k, HKV, o_t, m_t, b_db, fm_w, False)
+            b_a = _phi(q, row_q, o_t, m_t, H, fm_w, True)  # [BT, BM]
+            b_A = tl.where(m_c, _mm(b_a, tl.trans(b_b)), 0.0)  # [BT, BT] scores a b^T
+            if NORMALIZE:
+                b_A = b_A * b_rden[:, None]  # attention weights: dv's intra term is A^T do
+            b_dA = tl.zeros([BT, BT], dtype=tl.float32)  # do v^T, then dL/d(a b^T)
+        if i_g == 0:
+            b_db = tl.zeros([BT, BM], dtype=tl.float32)  # dL/db, summed over the group (created late: registers)
+        for i_v in range(0, tl.cdiv(DV, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_v = o_v < DV
+            if i_g == 0:  # the kv head's state gradient: once
+                b_dS = tl.load(dh + (i_s * M + o_m[:, None]) * DV + o_v[None, :], mask=m_m[:, None] & m_v[None, :],
+                               other=0.0)
+                b_v = _load_rows(v, row_k, o_t, m_t, o_v, m_v, HKV, DV)  # [BT, BV]
+                b_db += _mm_wide(b_v, tl.trans(b_dS))
+                b_dv = _mm_wide(b_b, b_dS)  # [BT, BV]
+            else:
+                b_v = _load_rows(v, row_k, o_t, m_t, o_v, m_v, HKV, DV)
+                b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+            if IS_CAUSAL:
+                b_do = _load_rows(do, row_q, o_t, m_t, o_v, m_v, H, DV)
+                b_dA += _mm(b_do, tl.trans(b_v))
+                b_dv += scale * _mm_wide(tl.trans(b_A), b_do)
+            if H == HKV:
+                _store_rows(dv, b_dv, row_k, o_t, m_t, o_v, m_v, HKV, DV)
+            else:
+                p_dv = dv + (row_k + o_t[:, None].to(tl.int64) * HKV) * DV + o_v[None, :]
+                tl.atomic_add(p_dv, b_dv, mask=m_t[:, None] & m_v[None, :])
+        if i_g == 0:
+            b_db += tl.load(dhz + i_s * M + o_m, mask=m_m, other=0.0)[None, :]
+        if IS_CAUSAL:
+            if NORMALIZE:
+                b_g = tl.load(g + p_t0 + o_t, mask=m_t, other=0.0)
+                b_dA = b_dA * b_rden[:, None] + b_g[:, None]
+            b_dA = tl.where(m_c, b_dA, 0.0)
+            b_db += scale * _mm_wide(tl.trans(b_dA), b_a)
+    _store_phi_vjp(dk, row_k, HKV, k, row_k, HKV, o_t, m_t, b_db, fm_w, False)
 
 
 # ---- decode: one token per (batch, kv head), the RNN form. S <- S + b v^T, z <- z + b, then for each of

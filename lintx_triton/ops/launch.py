@@ -200,7 +200,7 @@ def chunk_bwd(spec: KernelSpec, cfg: Config, do, dht, dzt, q, k, v, o, den, h0, 
         return (dq, dk, dv) + _pass_through(dh0, dz0, dht, dzt)
     mod = load(spec)
     BV = cfg.bwd_block_v
-    opts = dict(num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages)
+    opts = dict(num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages)
     cu_arg, cmap = lay.args(dh0)
     if spec.normalize:
         g = torch.empty(B, H, T, dtype=F32, device=q.device)
@@ -214,17 +214,15 @@ def chunk_bwd(spec: KernelSpec, cfg: Config, do, dht, dzt, q, k, v, o, den, h0, 
     dh, dhz = _chunk_states(mod, spec, lay, BV, opts, q, do, fm_w, den, g, dht, dzt, dh0, dz0, scale, backward=True)
     if not spec.causal:
         h, hz, dh, dhz = ht, zt, dh0, dz0
-    # grouped heads: each query head's share of dk, dv in fp32, summed over the group below
-    dk_h = dk if G == 1 else torch.empty(B, T, H, k.shape[-1], dtype=F32, device=q.device)
-    dv_h = dv if G == 1 else torch.empty(B, T, H, v.shape[-1], dtype=F32, device=q.device)
+    # grouped heads: the group's shares of dv are added into an fp32 buffer of dv's shape (dk sums on chip)
+    dv_acc = dv if G == 1 else torch.zeros(v.shape, dtype=F32, device=q.device)
     kw = lay.kw(BV=BV)
     mod.chunk_bwd_kernel_dq[(lay.NT, B * H)](q, k, v, fm_w, do, den, g, h, hz, dq, cu_arg, cmap, scale, T, lay.NT,
                                              **kw, **opts)
-    mod.chunk_bwd_kernel_dkv[(lay.NT, B * H)](q, k, v, fm_w, do, den, g, dh, dhz, dk_h, dv_h, cu_arg, cmap, scale,
-                                              T, lay.NT, **kw, **opts)
+    mod.chunk_bwd_kernel_dkv[(lay.NT, B * lay.HKV)](q, k, v, fm_w, do, den, g, dh, dhz, dk, dv_acc, cu_arg, cmap,
+                                                    scale, T, lay.NT, **kw, **opts)
     if G > 1:
-        dk = dk_h.view(B, T, lay.HKV, G, -1).sum(3).to(k.dtype)
-        dv = dv_h.view(B, T, lay.HKV, G, -1).sum(3).to(v.dtype)
+        dv = dv_acc.to(v.dtype)
     return dq, dk, dv, dh0, dz0
 
 
@@ -285,5 +283,5 @@ def state_bwd(spec: KernelSpec, cfg: Config, dS, dz, k, v, fm_params, cu=None):
     cu_arg, cmap = lay.args(dS)
     load(spec).chunk_bwd_kernel_dkv[(lay.NT, lay.B * lay.HKV)](
         k, k, v, fm_w, v, dS, dS, dS, dz, dk, dv, cu_arg, cmap, 1.0, lay.T, lay.NT,
-        **lay.kw(BV=cfg.bwd_block_v), num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages)
+        **lay.kw(BV=cfg.bwd_block_v), num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages)
     return dk, dv
