@@ -158,7 +158,12 @@ def forward_bound(c: dict, q, k, v, state):
 
 
 def _assert_within(name, got, want, bound, tol):
-    err = (got.detach().double().cpu() - want).abs()
+    g = got.detach().cpu().double()
+    err = (g - want).abs()
+    # an exact value beyond the dtype's range rounds to +-inf, which is then the right answer (an fp16
+    # gradient of unnormalized random features can exceed 65504)
+    rounded = want.to(got.dtype).double()
+    err = torch.where(torch.isinf(rounded) & (g == rounded), torch.zeros_like(err), err)
     fi = torch.finfo(got.dtype)
     # + the spacing of subnormals: a value below the smallest normal is stored with fewer bits
     limit = tol * bound + fi.smallest_normal * fi.eps
@@ -219,8 +224,8 @@ def check_grads(c: dict, got, want, bounds, names) -> float:
     for name, g, w, b in zip(names, got, want, bounds):
         if g is None:
             raise EquivalenceError(f"no gradient for {name}", float("inf"))
-        if tuple(g.shape) != tuple(w.shape) or not torch.isfinite(g).all():
-            raise EquivalenceError(f"d{name}: shape {tuple(g.shape)} (want {tuple(w.shape)}) or non-finite values",
+        if tuple(g.shape) != tuple(w.shape) or torch.isnan(g.detach()).any():
+            raise EquivalenceError(f"d{name}: shape {tuple(g.shape)} (want {tuple(w.shape)}) or NaN values",
                                    float("inf"))
         worst = max(worst, _assert_within(f"d{name}", g, w, b, GTOL[c["dtype"]]))
     return worst
