@@ -148,9 +148,12 @@ linear_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 # ---- the state alone: (S_T, z_T) of a segment without its outputs (a prompt's state, context parallelism) ----
 
-def _state_spec(feature_map: str, k: Tensor, v: Tensor) -> KernelSpec:
-    # the non-causal, unnormalized variant: its scan keeps only the total and its (dk, dv) kernel reads no q / do
-    return make_spec(feature_map, k, v, False, False, False)
+def _state_launch(feature_map: str, k: Tensor, v: Tensor):
+    """The spec and config of the state-alone ops: the non-causal, unnormalized variant (its scan keeps only the
+    total and its (dk, dv) kernel reads no q / do), with B * HKV programs per chunk."""
+    spec = make_spec(feature_map, k, v, False, False, False)
+    B, T, HKV, _ = k.shape
+    return spec, config_for(spec, B * HKV, T, k.device)
 
 
 @torch.library.custom_op("lintx::linear_attention_state", mutates_args=())
@@ -164,9 +167,7 @@ def linear_attention_state(
     feature_map: str,
 ) -> tuple[Tensor, Tensor]:
     """k [B, T, HKV, D], v [B, T, HKV, DV] -> S_T [N, HKV, M, DV], z_T [N, HKV, M] (fp32)."""
-    spec = _state_spec(feature_map, k, v)
-    B, T, HKV, _ = k.shape
-    cfg = config_for(spec, B * HKV, T, k.device)
+    spec, cfg = _state_launch(feature_map, k, v)
     c = lambda t: t.contiguous() if t is not None else None  # noqa: E731
     return state_fwd(spec, cfg, k.contiguous(), v.contiguous(), c(initial_S), c(initial_z), fm_params, cu=cu_seqlens)
 
@@ -188,9 +189,7 @@ def linear_attention_state_bwd(
     feature_map: str,
 ) -> tuple[Tensor, Tensor]:
     """-> dk, dv (inputs' dtype) from the gradients of the final state."""
-    spec = _state_spec(feature_map, k, v)
-    B, T, HKV, _ = k.shape
-    cfg = config_for(spec, B * HKV, T, k.device)
+    spec, cfg = _state_launch(feature_map, k, v)
     return state_bwd(spec, cfg, dS.contiguous(), dz.contiguous(), k.contiguous(), v.contiguous(), fm_params,
                      cu=cu_seqlens)
 
