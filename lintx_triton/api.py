@@ -278,10 +278,9 @@ def _packed_torch(q, k, v, fm, cu, initial_state, kw):
         o, st = linear_attention_torch(q[:, s:e], k[:, s:e], v[:, s:e], fm, initial_state=init, **kw)
         outs.append(o)
         states.append(st)
-    if not states:
-        M = fm.feature_dim(q.shape[-1])
-        empty = q.new_zeros(0, k.shape[2], M, v.shape[-1], dtype=torch.float32)
-        return q.new_empty(1, 0, q.shape[2], v.shape[-1]), (empty, empty[..., 0])
+    if not states:  # no sequence: the empty call's output (tied to the inputs), and the states of none
+        o, (S, z) = linear_attention_torch(q, k, v, fm, **kw)
+        return o, (S[:0], z[:0])
     return torch.cat(outs, 1), (torch.cat([s[0] for s in states]), torch.cat([s[1] for s in states]))
 
 

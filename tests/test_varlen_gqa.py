@@ -268,3 +268,15 @@ def test_state_ops_opcheck():
                                                                            None, "relu"))
     torch.library.opcheck(torch.ops.lintx.linear_attention_state_bwd.default,
                           (torch.randn(3, 2, 8, 5), torch.randn(3, 2, 8), k.detach(), v.detach(), None, cu, "elu"))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_packed_without_sequences(backend):
+    """cu_seqlens = [0]: no sequence, no token; empty output and states [0, HKV, ...], forward and backward."""
+    q = torch.randn(1, 0, 4, 8, requires_grad=True)
+    k, v = torch.randn(1, 0, 2, 8, requires_grad=True), torch.randn(1, 0, 2, 5, requires_grad=True)
+    cu = torch.tensor([0], dtype=torch.int32)
+    o, (S, z) = lx.linear_attention(q, k, v, cu_seqlens=cu, return_state=True, backend=backend)
+    assert o.shape == (1, 0, 4, 5) and S.shape == (0, 2, 8, 5) and z.shape == (0, 2, 8)
+    assert lx.linear_attention_state(k, v, cu_seqlens=cu, backend=backend)[0].shape == (0, 2, 8, 5)
+    assert [g.shape for g in torch.autograd.grad(o.sum(), (q, k, v))] == [q.shape, k.shape, v.shape]

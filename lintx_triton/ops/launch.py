@@ -13,7 +13,7 @@ from ..codegen import load
 from ..config import Config
 from ..spec import KernelSpec
 
-__all__ = ["chunk_fwd", "chunk_bwd", "decode_step"]
+__all__ = ["Layout", "chunk_fwd", "chunk_bwd", "decode_step", "state_fwd", "state_bwd"]
 
 F32 = torch.float32
 # The decode kernel holds one [M, BV] state block and two vectors: 4 warps suffice, 8 when M > 128 (a
@@ -25,7 +25,8 @@ def decode_warps(spec: KernelSpec) -> int:
     return DECODE_WARPS if spec.block_m <= 128 else 2 * DECODE_WARPS
 
 
-def _cdiv(a: int, b: int) -> int:
+def _cdiv(a, b: int):
+    """ceil(a / b) of an int or an integer tensor."""
     return -(-a // b)
 
 
@@ -50,13 +51,14 @@ class Layout:
             self.N = cu.shape[0] - 1
             self.NT = _cdiv(self.T, BT) + self.N
             lens = (cu[1:] - cu[:-1]).long()
-            ends = torch.cumsum(_cdiv_t(lens, BT), 0)
-            self.coffs = torch.cat([ends.new_zeros(1), ends]).to(torch.int32)
+            ends = torch.cumsum(_cdiv(lens, BT), 0)
+            coffs = torch.cat([ends.new_zeros(1), ends])  # [N + 1]: also for N = 0 (no sequence, no slot)
+            self.coffs = coffs.to(torch.int32)
             slots = torch.arange(self.NT, device=q.device)
             seq = torch.searchsorted(ends, slots, right=True).clamp_(max=self.N - 1)
-            local = slots - self.coffs.long()[seq]
+            local = slots - coffs[seq]
             # an idle slot (past the last chunk) points far past its sequence's end: every mask is off
-            local = torch.where(slots < ends[-1], local, torch.full_like(local, 1 << 24))
+            local = torch.where(slots < coffs[-1], local, torch.full_like(local, 1 << 24))
             self.cmap = torch.stack([seq, local], 1).to(torch.int32).contiguous()
 
     @property
@@ -69,10 +71,6 @@ class Layout:
 
     def kw(self, **extra):
         return dict(H=self.H, HKV=self.HKV, BT=self.BT, IS_VARLEN=self.varlen, **extra)
-
-
-def _cdiv_t(x, b: int):
-    return (x + b - 1) // b
 
 
 def _chunk_states(mod, spec, lay, BV, opts, x, y, fm_w, den, g, init_h, init_z, final_h, final_z, scale, backward):
