@@ -10,6 +10,8 @@ still means something.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from hypothesis import strategies as st
 
@@ -53,12 +55,18 @@ RANDOM_FAMILIES = {
 M_VALUES = (2, 6, 16, 24, 40)  # even (the paired maps), rarely powers of two
 
 
+@functools.lru_cache(maxsize=256)
+def _random_map(family: str, D: int, M: int, seed: int) -> feature_maps.FeatureMap:
+    # one draw per (family, D, M, seed): a case's inputs, reference and bounds all ask for its map
+    return RANDOM_FAMILIES[family](D, M, seed)
+
+
 def ensure_map(c: dict) -> feature_maps.FeatureMap:
-    """The case's feature map, registered; a random-feature case rebuilds its draw (``c["map"]``)."""
+    """The case's feature map, registered; a random-feature case's draw (``c["map"]``) is put back in the
+    registry, since a later case may have registered another draw under the same name."""
     spec = c.get("map")
     if spec is not None:
-        return feature_maps.register(RANDOM_FAMILIES[spec["family"]](spec["D"], spec["M"], spec["seed"]),
-                                     overwrite=True)
+        return feature_maps.register(_random_map(spec["family"], spec["D"], spec["M"], spec["seed"]))
     return feature_maps.get(c["feature_map"])
 
 
@@ -74,7 +82,7 @@ def cases(draw, maps=("elu", "relu", "identity"), dtypes=tuple(DTYPES), t_values
     extra = {}
     if name in RANDOM_FAMILIES:
         extra["map"] = dict(family=name, D=D, M=draw(st.sampled_from(M_VALUES)), seed=draw(st.integers(0, 99)))
-        name = RANDOM_FAMILIES[name](D, extra["map"]["M"], extra["map"]["seed"]).name
+        name = _random_map(name, D, extra["map"]["M"], extra["map"]["seed"]).name
     elif feature_maps.get(name).projected:  # a registered projected map is built for one D
         D = feature_maps.get(name).head_dim
     return dict(
