@@ -112,7 +112,7 @@ class ProjectedFeatureMap(FeatureMap):
             raise ValueError(f"feature map {self.name!r}: bias must have shape [{M}], got {tuple(bias.shape)}")
         self.weight = weight.detach().to("cpu", torch.float64)
         self.bias = bias.detach().to("cpu", torch.float64)
-        self._params: dict[str, torch.Tensor] = {}
+        self._params: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     @property
     def head_dim(self) -> int:
@@ -132,12 +132,21 @@ class ProjectedFeatureMap(FeatureMap):
 
     def parameters(self, device) -> torch.Tensor:
         """``[D + 1, M]`` fp32 on ``device``: W, then the bias row. Cached per device until :meth:`set_weight`."""
-        key = str(torch.device(device))
+        return self._params_as(device, torch.float32)
+
+    def _params_as(self, device, dtype: torch.dtype) -> torch.Tensor:
+        # W and the bias row as one [D + 1, M] tensor, converted once per (device, dtype)
+        key = (str(torch.device(device)), dtype)
         p = self._params.get(key)
         if p is None:
-            p = torch.cat([self.weight, self.bias[None]]).to(device=device, dtype=torch.float32).contiguous()
+            p = torch.cat([self.weight, self.bias[None]]).to(device=device, dtype=dtype).contiguous()
             self._params[key] = p
         return p
+
+    def _projection(self, x: torch.Tensor):
+        """x' = x * input_scale, W [D, M] and b [M] in x's dtype and device."""
+        p = self._params_as(x.device, x.dtype)
+        return x * self.input_scale, p[:-1], p[-1]
 
     def set_weight(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> "ProjectedFeatureMap":
         """Replace W (and b) in place; the kernels are reused (same D and M)."""
@@ -148,9 +157,7 @@ class ProjectedFeatureMap(FeatureMap):
         if side not in SIDES:
             raise ValueError(f"side must be one of {SIDES}, got {side!r}")
         self.check_head_dim(x.shape[-1])
-        W = self.weight.to(x.device, x.dtype)
-        b = self.bias.to(x.device, x.dtype)
-        xs = x * self.input_scale
+        xs, W, b = self._projection(x)
         u = xs @ W
         n = 0.5 * (xs * xs).sum(-1, keepdim=True)
         return self.torch_phi(u, n, b, side, stabilize)
@@ -163,9 +170,7 @@ class ProjectedFeatureMap(FeatureMap):
         terms in absolute value, s (|df/du_r| |W_dr| + |df/dn_r| |x'_d|) for d/dx_d, so that a bound
         built on it covers dL/dx = s (dL/du W^T + dL/dn x') however its terms cancel.
         """
-        W = self.weight.to(x.device, x.dtype)
-        b = self.bias.to(x.device, x.dtype)
-        xs = x * self.input_scale
+        xs, W, b = self._projection(x)
         u = (xs @ W).detach().requires_grad_()
         n = (0.5 * (xs * xs).sum(-1, keepdim=True)).expand(u.shape).detach().requires_grad_()
         with torch.enable_grad():
