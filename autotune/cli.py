@@ -7,12 +7,15 @@ import sys
 
 import click
 
-from lintx_triton.cli import DTYPE_NAMES
+from lintx_triton.spec import DTYPES, dtype_of
 
 from .prune import MAX_SPILLS
 from .tuner import DEFAULT_GRID, KERNELS
 
 __all__ = ["autotune"]
+
+# every name of a dtype: bf16 or bfloat16
+DTYPE_CHOICES = [n for d in DTYPES.values() for n in (d.short, d.name)]
 
 
 def _pairs(values, what: str, param: str) -> tuple[tuple[int, int], ...]:
@@ -35,7 +38,7 @@ def _pairs(values, what: str, param: str) -> tuple[tuple[int, int], ...]:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--kernel", "kernels", multiple=True, type=click.Choice(KERNELS), help="[default: all three]")
 @click.option("--map", "maps", multiple=True, metavar="NAME", help="feature map(s) [default: elu]")
-@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(sorted(DTYPE_NAMES)), help="[default: bf16]")
+@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(sorted(DTYPE_CHOICES)), help="[default: bf16]")
 @click.option("--dims", "dims", multiple=True, metavar="D[xDV]", help="head widths [default: 64, 128]")
 @click.option("--shape", "shapes", multiple=True, metavar="BHxT",
               help="B*H x T of the forward and backward [default: 512x1024 128x4096 32x16384]")
@@ -98,7 +101,7 @@ def autotune(kernels, maps, dtypes, dims, shapes, decode_bh, causal, normalize, 
         grid = Grid(
             kernels=tuple(dict.fromkeys(kernels)) or DEFAULT_GRID.kernels,
             feature_maps=tuple(maps) or DEFAULT_GRID.feature_maps,
-            dtypes=tuple(dict.fromkeys(DTYPE_NAMES[d] for d in dtypes)) or DEFAULT_GRID.dtypes,
+            dtypes=tuple(dict.fromkeys(dtype_of(d).name for d in dtypes)) or DEFAULT_GRID.dtypes,
             dims=_pairs(dims, "dims", "--dims") or DEFAULT_GRID.dims,
             causal=(causal,), normalize=(normalize,), initial_state=(initial_state,),
             shapes=_pairs(shapes, "shapes", "--shape") or DEFAULT_GRID.shapes,

@@ -24,7 +24,7 @@ import torch
 import lintx_triton as lx
 from lintx_triton import testing
 from lintx_triton.config import Config
-from lintx_triton.spec import KernelSpec
+from lintx_triton.spec import KernelSpec, dtype_of
 
 from .space import kernel_fields
 
@@ -174,4 +174,4 @@ class Workload:
 
     def tolerance(self, closest: float) -> float:
         """The largest distance a candidate may have when the closest one has ``closest``."""
-        return FUDGE * closest + UNITS * torch.finfo(testing.DTYPES[self.spec.dtype]).eps
+        return FUDGE * closest + UNITS * torch.finfo(dtype_of(self.spec.dtype).torch).eps

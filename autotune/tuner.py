@@ -28,7 +28,7 @@ import lintx_triton
 from lintx_triton import feature_maps, testing
 from lintx_triton.codegen import cache_dir
 from lintx_triton.config import SCHEMA_VERSION, Bucket, Config, gpu_heuristic, gpu_key, validate_config_file
-from lintx_triton.spec import GENERATOR_VERSION, KernelSpec
+from lintx_triton.spec import GENERATOR_VERSION, KernelSpec, dtype_of
 
 from . import measure
 from .measure import FUDGE, Timer, Workload, reference_check
@@ -55,7 +55,7 @@ def spec_of(feature_map: str, causal: bool, normalize: bool, dtype: str, head_di
     """The spec a call with these settings builds (the products' precision as the op picks it)."""
     from lintx_triton.ops.custom import make_spec
 
-    meta = lambda d: torch.empty(0, 0, 0, d, dtype=testing.DTYPES[dtype], device="meta")  # noqa: E731
+    meta = lambda d: torch.empty(0, 0, 0, d, dtype=dtype_of(dtype).torch, device="meta")  # noqa: E731
     return make_spec(feature_maps.get(feature_map).name, meta(head_dim), meta(value_dim), causal, normalize,
                      initial_state)
 

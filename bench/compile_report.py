@@ -21,8 +21,9 @@ import triton  # noqa: E402
 
 from lintx_triton import feature_maps  # noqa: E402
 from lintx_triton.compile_report import default_report  # noqa: E402
+from lintx_triton.spec import DTYPES, dtype_of  # noqa: E402
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+SHORT = [d.short for d in DTYPES.values()]  # bf16, fp16, fp32 (lintx_triton.spec.DTYPES)
 HEADER = ("| map | dtype | D=DV | stage | BT | BV | warps | regs | stack | spill ld/st | shared B | HGMMA | HMMA "
           "| blocks/SM |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
@@ -33,7 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("--maps", nargs="+", default=feature_maps.available() + ["favor"],
                    help="registered names; 'favor' is FAVOR+ with M = 2D features at each D")
     p.add_argument("--dims", type=int, nargs="+", default=[64, 128])
-    p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    p.add_argument("--dtypes", nargs="+", default=SHORT, choices=SHORT)
     p.add_argument("--out", default="bench/COMPILE_REPORT.md", help="markdown file, or - for stdout")
     args = p.parse_args(argv)
     lines = [
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
                     names = [(feature_maps.favor(d, num_features=2 * d).name, [d]) for d in args.dims]
                 else:
                     names = [(fm, args.dims)]
-                rows = [r for name, dims in names for r in default_report(DTYPES[short], dims, arch, name)]
+                rows = [r for name, dims in names for r in default_report(dtype_of(short).name, dims, arch, name)]
                 for r in rows:
                     lines.append(
                         f"| {r['feature_map']} | {short} | {r['dim']} | {r['stage']} | {r['BT']} | {r['BV']} | "

@@ -48,9 +48,11 @@ from torch import Tensor
 import lintx_triton as lx
 from lintx_triton import feature_maps, testing
 from lintx_triton.reference import linear_attention_reference
+from lintx_triton.spec import DTYPES as SPEC_DTYPES
 
 MODES = ("fwd", "fwdbwd", "prefill", "decode")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# the dtypes by short name (bf16), from lintx_triton.spec.DTYPES
+DTYPES = {d.short: d for d in SPEC_DTYPES.values()}
 # issue #6: H200, bf16, elu+1, normalize=True, B*T = 32768 tokens, H = 16, D = 64; decode B = 16, in a CUDA graph
 TARGETS_MS = {"fwd": 0.13, "fwdbwd": 0.5, "decode": 0.006}
 TARGET_SHAPE = dict(H=16, D=64, dtype="bf16", tokens=32768, decode_batch=16)
@@ -148,7 +150,7 @@ def _torch_chunked_attend(q, k, v, state=None, return_state=False):
 def _quadratic_gib(mode: str, row: "Row") -> float:
     # scores, their tril and (fwdbwd) the saved copies and their gradients: ~3 / ~6 [B, H, T, T] tensors
     n = 6 if mode == "fwdbwd" else 3
-    return n * row.B * row.H * row.T * row.T * DTYPES[row.dtype].itemsize / 2**30
+    return n * row.B * row.H * row.T * row.T * DTYPES[row.dtype].torch.itemsize / 2**30
 
 
 def _torch_unavailable(max_gib: float):
@@ -281,7 +283,7 @@ def grid(modes: Sequence[str], Ts: Sequence[int], Ds: Sequence[int], H: int, tok
 def make_inputs(row: Row, device: torch.device, seed: int = 0) -> dict:
     """The row's inputs, the same for every implementation and every run with this seed."""
     g = torch.Generator(device=device).manual_seed(seed + zlib.crc32(row.key().encode()))
-    dt = DTYPES[row.dtype]
+    dt = DTYPES[row.dtype].torch
     B, T, H, D, DV = row.B, row.T, row.H, row.D, row.DV
 
     def randn(*shape, dtype=dt):
@@ -363,7 +365,7 @@ def _ratio(name: str, got: Tensor, ref: Tensor, bound: Tensor, tol: float) -> fl
 
 def _case(row: Row, normalize: bool) -> dict:
     """The dict lintx_triton.testing keys its tolerances and references on."""
-    return dict(dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[row.dtype], feature_map="elu",
+    return dict(dtype=DTYPES[row.dtype].name, feature_map="elu",
                 causal=True, normalize=normalize, scale=1.0, initial_state=False)
 
 
@@ -563,7 +565,7 @@ def copy_bandwidth(device: torch.device, nbytes: Optional[int] = None, timing: T
 
 def floor_bytes(row: Row, family: str) -> int:
     """Bytes each input is read once and each output written once (bf16 activations, fp32 states)."""
-    e = DTYPES[row.dtype].itemsize
+    e = DTYPES[row.dtype].torch.itemsize
     B, T, H, D, DV = row.B, row.T, row.H, row.D, row.DV
     M = D  # elu+1
     state = B * H * (M * DV + M) * 4

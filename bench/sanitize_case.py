@@ -61,11 +61,11 @@ def _kernel_variants(device, dtypes) -> int:
     against the float64 reference (lintx_triton.testing's bounds)."""
     import lintx_triton as lx
     from lintx_triton import testing
+    from lintx_triton.spec import dtype_of
 
-    names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
     bad = 0
     for dtype in dtypes:
-        dt = names.get(dtype, dtype)
+        dt = dtype_of(dtype).name
         fm = lx.feature_maps.favor(64, num_features=128, seed=0)
         odd = lx.feature_maps.favor(32, num_features=40, seed=1, hyperbolic=True)
         for label, c in [

@@ -13,7 +13,7 @@ from .config import interpreting
 from .feature_maps import FeatureMap
 from .ops import custom  # noqa: F401  (registers torch.ops.lintx.*)
 from .reference import linear_attention_step_torch, linear_attention_torch
-from .spec import DTYPES, KernelSpec
+from .spec import DTYPES, KernelSpec, dtype_of
 
 __all__ = ["linear_attention", "linear_attention_state", "linear_attention_step", "linear_attention_step_", "emit",
            "BACKENDS"]
@@ -23,6 +23,7 @@ BACKENDS = ("auto", "triton", "torch")
 MAX_TRITON_DIM = 256
 
 
+_TORCH_DTYPES = tuple(d.torch for d in DTYPES.values())
 _LAYOUTS = {"q": "[B, T, H, D]", "k": "[B, T, HKV, D]", "v": "[B, T, HKV, DV]"}
 
 
@@ -33,7 +34,7 @@ def _check_inputs(q, k, v, fm: FeatureMap, causal, initial_state, scale, eps, ba
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must have 4 dimensions {_LAYOUTS[name]}, got shape {tuple(t.shape)}")
-        if t.dtype not in DTYPES:
+        if t.dtype not in _TORCH_DTYPES:
             raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
     if k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
         raise ValueError(f"k must be [B, T, HKV, D] with B, T, D of q {_LAYOUTS['q']}, got q {tuple(q.shape)} and "
@@ -431,14 +432,12 @@ def emit(
     from .codegen import render
 
     if spec is None:
-        if dtype not in DTYPES:
-            raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         fm = feature_maps.resolve(feature_map)
         spec = KernelSpec(
             feature_map=fm.name,
             causal=bool(causal),
             normalize=bool(normalize),
-            dtype=DTYPES[dtype],
+            dtype=dtype_of(dtype).name,
             head_dim=int(head_dim),
             value_dim=int(value_dim if value_dim is not None else head_dim),
             has_initial_state=bool(initial_state),

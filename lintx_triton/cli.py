@@ -21,8 +21,10 @@ from dataclasses import asdict, dataclass
 
 import click
 
-DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32",
-               "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+from .spec import DTYPES, dtype_of
+
+# every name of a dtype: bf16 or bfloat16 (lintx_triton.spec.DTYPES)
+DTYPE_CHOICES = [n for d in DTYPES.values() for n in (d.short, d.name)]
 KERNELS = ("forward", "backward", "decode")
 
 
@@ -190,7 +192,7 @@ def _run_variant(v: Variant, examples: int, seed: int, device, imports) -> Resul
 @click.option("--map", "maps", multiple=True,
               help="feature map(s) [default: every registered map, and the random-feature families favor, "
                    "favor_hyp, fourier (a fresh D, M and draw per example)]")
-@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(sorted(DTYPE_NAMES)),
+@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(sorted(DTYPE_CHOICES)),
               help="dtype(s) [default: all three]")
 @click.option("--kernel", "kernels", multiple=True, type=click.Choice(KERNELS),
               help="forward, backward and/or decode (the RNN-form step) [default: all]")
@@ -230,7 +232,7 @@ def fuzz(examples, minutes, seed, maps, dtypes, kernels, backends, normalize, st
     if examples < 1:
         raise click.BadParameter("must be >= 1", param_hint="--examples")
     device = _device()
-    dts = tuple(dict.fromkeys(DTYPE_NAMES[d] for d in dtypes)) or ("float32", "float16", "bfloat16")
+    dts = tuple(dict.fromkeys(dtype_of(d).name for d in dtypes)) or tuple(DTYPES)
     bks = backends or (("triton",) if device.type == "cuda" else ("triton", "torch"))
     if "triton" in bks and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise click.UsageError("the triton backend on a CPU needs TRITON_INTERPRET=1 (unset it only on a GPU)")
@@ -294,7 +296,7 @@ def _spec_options(f):
                      help="feature map name, or favor[:M] / favor_hyp[:M] / fourier[:M] (M features, default 2D)")(f)
     f = click.option("--causal/--full", default=True, show_default=True)(f)
     f = click.option("--normalize/--raw", default=True, show_default=True)(f)
-    f = click.option("--dtype", default="bf16", show_default=True, type=click.Choice(sorted(DTYPE_NAMES)))(f)
+    f = click.option("--dtype", default="bf16", show_default=True, type=click.Choice(sorted(DTYPE_CHOICES)))(f)
     f = click.option("--head-dim", "-D", default=64, show_default=True, type=click.IntRange(1, 256), help="D")(f)
     f = click.option("--value-dim", "-DV", "value_dim", default=None, type=click.IntRange(1, 256),
                      help="DV [default: D]")(f)
@@ -319,7 +321,7 @@ def _make_spec(feature_map, causal, normalize, dtype, head_dim, value_dim, initi
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--map") from None
     _check_maps([feature_map])
-    dt = DTYPE_NAMES[dtype]
+    dt = dtype_of(dtype).name
     if initial_state and not causal:
         raise click.BadParameter("an initial state needs --causal", param_hint="--initial-state")
     return KernelSpec(

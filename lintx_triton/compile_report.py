@@ -35,7 +35,6 @@ TARGETS = {
 KERNELS = ("chunk_kernel_h", "chunk_scan_kernel", "chunk_fwd_kernel_o", "bwd_kernel_g", "chunk_bwd_kernel_dq",
            "chunk_bwd_kernel_dkv", "decode_kernel_step")
 _BWD_ONLY = ("bwd_kernel_g", "chunk_bwd_kernel_dq", "chunk_bwd_kernel_dkv")
-_TL = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 # pointer arguments holding the inputs' dtype; every other pointer is fp32
 _INPUT_PTRS = {"q", "k", "v", "o", "do", "dq", "dk", "dv", "x", "y"}
 
@@ -114,7 +113,7 @@ def compile_for_target(spec: KernelSpec, kernel: str, constexprs: dict, *, arch:
         elif name in ("cu", "cmap", "coffs"):
             sig[name] = "*i32"
         else:
-            sig[name] = "*" + (_TL[spec.dtype] if name in _INPUT_PTRS else "fp32")
+            sig[name] = "*" + (DTYPES[spec.dtype].short if name in _INPUT_PTRS else "fp32")
     missing = [n for n, t in sig.items() if t == "constexpr" and n not in consts]
     if missing:
         raise ValueError(f"missing constexprs {missing} for {kernel}")
@@ -182,8 +181,8 @@ STAGES = (
 def default_report(dtype: str = "bfloat16", dims=(64, 128), arch: int = 90, feature_map: str = "elu",
                    sm_count: int = 132) -> list[dict]:
     """Resources of every stage of the causal normalized variant under the default GPU config."""
-    if dtype not in DTYPES.values():
-        raise ValueError(f"dtype must be one of {sorted(DTYPES.values())}, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     rows = []
     for d in dims:
         spec = KernelSpec(feature_map, True, True, dtype, d, d, False, dtype == "float32")
@@ -203,7 +202,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--arch", type=int, default=90)
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES.values()))
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--dims", type=int, nargs="+", default=[64, 128])
     p.add_argument("--feature-map", default="elu")
     args = p.parse_args(argv)

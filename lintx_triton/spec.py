@@ -16,12 +16,39 @@ import torch
 
 from . import feature_maps
 
-__all__ = ["KernelSpec", "GENERATOR_VERSION", "DTYPES"]
+__all__ = ["KernelSpec", "GENERATOR_VERSION", "DType", "DTYPES", "dtype_of", "FAMILIES"]
 
 # Bump when the templates or the renderer change: it is part of every cache key.
 GENERATOR_VERSION = 8
 
-DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+# The kernel families: what is tuned (one config file each), fuzzed and timed as a unit. The Triton
+# functions that make them up are lintx_triton.codegen.KERNELS.
+FAMILIES = ("forward", "backward", "decode")
+
+
+@dataclass(frozen=True)
+class DType:
+    """One input dtype the kernels take, by every name the layers use for it."""
+
+    name: str  # KernelSpec.dtype, the tuned files and the test cases: "bfloat16"
+    short: str  # the command lines, and Triton's signatures ("*bf16"): "bf16"
+    torch: torch.dtype
+
+
+# The one dtype table; every other layer looks names up here.
+DTYPES = {d.name: d for d in (DType("float32", "fp32", torch.float32), DType("float16", "fp16", torch.float16),
+                              DType("bfloat16", "bf16", torch.bfloat16))}
+_ALIASES = {key: d for d in DTYPES.values() for key in (d.name, d.short, d.torch)}
+
+
+def dtype_of(x) -> DType:
+    """The :class:`DType` of a torch dtype, a name (``"bfloat16"``) or a short name (``"bf16"``).
+
+    Raises TypeError naming the three dtypes the kernels take."""
+    d = _ALIASES.get(x) if isinstance(x, (str, torch.dtype)) else None
+    if d is None:
+        raise TypeError(f"the kernels take float32, float16 or bfloat16 (fp32, fp16, bf16), got {x!r}")
+    return d
 
 
 def _next_pow2(n: int) -> int:
@@ -56,8 +83,8 @@ class KernelSpec:
     dot_fp32: bool
 
     def __post_init__(self):
-        if self.dtype not in DTYPES.values():
-            raise ValueError(f"dtype must be one of {sorted(DTYPES.values())}, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         for name in ("head_dim", "value_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from . import feature_maps
 from .api import linear_attention, linear_attention_step, linear_attention_step_
 from .reference import linear_attention_reference
+from .spec import DTYPES
 
 __all__ = [
     "DTYPES", "TOL", "GTOL", "T_VALUES", "D_VALUES", "DV_VALUES", "M_VALUES", "RANDOM_FAMILIES", "ensure_map",
@@ -26,7 +27,6 @@ __all__ = [
     "forward_and_grads", "decode_steps", "EquivalenceError",
 ]
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Forward: |o - ref| <= TOL * bound. fp32 runs IEEE products; fp16 rounds product operands to 11 bits;
 # bf16 rounds them to 8 bits on the GPU (upcast in the interpreter, whose fp32 -> bf16 cast truncates).
 TOL = {"float32": 2e-5, "float16": 4e-3, "bfloat16": 1.6e-2}
@@ -114,7 +114,7 @@ def case_id(c: dict) -> str:
 def make_inputs(c: dict, requires_grad: bool = False, device="cpu"):
     """q, k, v and the initial state (or None) of a case, deterministic in ``c['seed']``."""
     g = torch.Generator().manual_seed(c["seed"])
-    dt = DTYPES[c["dtype"]]
+    dt = DTYPES[c["dtype"]].torch
     B, T, H, D, DV = c["B"], c["T"], c["H"], c["D"], c["DV"]
     HKV = c.get("HKV", H)  # key/value heads (grouped-query when fewer than H)
     q = torch.randn(B, T, H, D, generator=g).to(dt)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import lintx_triton as lx
 from lintx_triton.testing import (  # noqa: F401  (re-exported for the tests)
-    DTYPES,
     GTOL,
     TOL,
     case_id,

@@ -9,8 +9,6 @@ from .template import ELEMENTWISE_HELPERS, PROJECTED_HELPERS, TEMPLATE
 
 __all__ = ["render"]
 
-_ELEM = {"float32": "tl.float32", "float16": "tl.float16", "bfloat16": "tl.bfloat16"}
-
 
 def render(spec: KernelSpec) -> str:
     """The Triton source of every kernel of ``spec``, as one Python module."""
@@ -35,7 +33,7 @@ def render(spec: KernelSpec) -> str:
         # 16 columns of x per projection step: at D = 64, M = 128 (bf16, sm_90) the forward output kernel went
         # from a 288-byte stack at 32 to none, dq from 312 to none (bench/NOTES.md)
         BKP=16,
-        ELEM=_ELEM[spec.dtype],
+        ELEM=f"tl.{spec.dtype}",
         FEATURE_MAP=fm.triton_source(),
         # a table, not a branch in the kernels: an elementwise map has no W to load
         FEATURE_HELPERS=PROJECTED_HELPERS if fm.projected else ELEMENTWISE_HELPERS,

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import feature_maps
 from ..config import config_for, interpreting
-from ..spec import DTYPES, KernelSpec
+from ..spec import KernelSpec, dtype_of
 from .launch import chunk_bwd, chunk_fwd, decode_step, state_bwd, state_fwd
 
 __all__ = ["make_spec", "linear_attention_fwd", "linear_attention_bwd", "linear_attention_state",
@@ -26,7 +26,7 @@ F32 = torch.float32
 
 
 def make_spec(feature_map: str, q: Tensor, v: Tensor, causal: bool, normalize: bool, has_initial_state: bool) -> KernelSpec:
-    dtype = DTYPES[q.dtype]
+    dtype = dtype_of(q.dtype).name
     # The interpreter's bf16 arithmetic is wrong (Triton's open bug): keep its products in fp32.
     dot_fp32 = dtype == "float32" or (dtype == "bfloat16" and interpreting())
     return KernelSpec(
