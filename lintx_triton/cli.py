@@ -54,9 +54,7 @@ def _import_modules(modules):
 def _check_maps(maps):
     from . import feature_maps
 
-    from .testing import RANDOM_FAMILIES
-
-    known = feature_maps.available() + list(RANDOM_FAMILIES)
+    known = feature_maps.available() + list(feature_maps.RANDOM_FAMILIES)
     bad = [m for m in maps if m not in known]
     if bad:
         raise click.BadParameter(f"unknown feature map(s) {bad}; registered: {known} "
@@ -225,9 +223,7 @@ def fuzz(examples, minutes, seed, maps, dtypes, kernels, backends, normalize, st
     _import_modules(imports)
     from . import feature_maps
 
-    from .testing import RANDOM_FAMILIES
-
-    maps = maps or tuple(feature_maps.available()) + tuple(RANDOM_FAMILIES)
+    maps = maps or tuple(feature_maps.available()) + tuple(feature_maps.RANDOM_FAMILIES)
     _check_maps(maps)
     if examples < 1:
         raise click.BadParameter("must be >= 1", param_hint="--examples")
@@ -310,14 +306,12 @@ def _make_spec(feature_map, causal, normalize, dtype, head_dim, value_dim, initi
     from .config import interpreting
     from .spec import KernelSpec
 
-    from .testing import RANDOM_FAMILIES
-
     family, _, m = feature_map.partition(":")
-    if family in RANDOM_FAMILIES:  # a random-feature map built for this D
+    if family in feature_maps.RANDOM_FAMILIES:  # a random-feature map built for this D
         if m and not m.isdigit():
             raise click.BadParameter(f"M must be a positive integer, got {feature_map!r}", param_hint="--map")
         try:
-            feature_map = RANDOM_FAMILIES[family](head_dim, int(m) if m else 2 * head_dim, 0).name
+            feature_map = feature_maps.RANDOM_FAMILIES[family](head_dim, int(m) if m else 2 * head_dim, 0).name
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--map") from None
     _check_maps([feature_map])

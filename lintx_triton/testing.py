@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from . import feature_maps
 from .api import linear_attention, linear_attention_step, linear_attention_step_
+from .feature_maps import RANDOM_FAMILIES
 from .reference import linear_attention_reference
 from .spec import DTYPES
 
@@ -46,12 +47,7 @@ class EquivalenceError(AssertionError):
         self.worst = worst
 
 
-# Random-feature families a case may draw (a fresh map per case: D, M and the seed drawn with it).
-RANDOM_FAMILIES = {
-    "favor": lambda D, M, seed: feature_maps.favor(D, num_features=M, seed=seed),
-    "favor_hyp": lambda D, M, seed: feature_maps.favor(D, num_features=M, seed=seed, hyperbolic=True),
-    "fourier": lambda D, M, seed: feature_maps.random_fourier(D, num_features=M, seed=seed),
-}
+# A case may draw a random-feature family (feature_maps.RANDOM_FAMILIES): D, M and the seed drawn with it.
 M_VALUES = (2, 6, 16, 24, 40)  # even (the paired maps), rarely powers of two
 
 

@@ -127,3 +127,19 @@ def test_emit_random_feature_map_with_m():
     assert "'favor_hyp_d16_m24'" in r.output and "def phi_proj(" in r.output and "FEAT_TF32 = tl.constexpr(True)" in r.output
     r = CliRunner().invoke(main, ["emit", "--map", "fourier:15", "-D", "8"])
     assert r.exit_code == 2 and "even" in r.output
+
+
+def test_emit_and_info_do_not_import_hypothesis():
+    """lintx emit / info (random-feature maps included) need neither lintx_triton.testing nor hypothesis."""
+    code = textwrap.dedent('''
+        import sys
+        from click.testing import CliRunner
+        from lintx_triton.cli import main
+        for args in (["emit", "--map", "favor:128", "-D", "64"], ["info", "--map", "fourier", "-D", "16", "--json"]):
+            r = CliRunner().invoke(main, args)
+            assert r.exit_code == 0, r.output
+        print(sorted(m for m in sys.modules if m.split(".")[0] == "hypothesis" or m == "lintx_triton.testing"))
+    ''')
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"

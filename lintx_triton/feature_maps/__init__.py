@@ -1,7 +1,8 @@
 """Feature maps phi for linear attention, and the registry the kernels are generated from.
 
 Built in: ``"elu"`` (elu(x) + 1), ``"relu"`` and ``"identity"``; random features
-:func:`favor` (FAVOR+, softmax kernel) and :func:`random_fourier` (Gaussian kernel).
+:func:`favor` (FAVOR+, softmax kernel) and :func:`random_fourier` (Gaussian kernel), by family
+name in :data:`RANDOM_FAMILIES`.
 A user map is an :class:`ElementwiseFeatureMap` (two Triton expressions plus a PyTorch
 reference) or a :class:`ProjectedFeatureMap` (two Triton functions of x W plus a PyTorch
 twin), passed to :func:`register` or directly as ``feature_map=``.
@@ -10,7 +11,7 @@ twin), passed to :func:`register` or directly as ``feature_map=``.
 from .base import ElementwiseFeatureMap, FeatureMap, available, get, register, resolve
 from .builtin import elu, identity, relu
 from .projected import ProjectedFeatureMap
-from .random import RandomFeatureMap, favor, random_fourier
+from .random import RANDOM_FAMILIES, RandomFeatureMap, favor, random_fourier
 
 __all__ = [
     "FeatureMap",
@@ -26,4 +27,5 @@ __all__ = [
     "identity",
     "favor",
     "random_fourier",
+    "RANDOM_FAMILIES",
 ]

@@ -200,3 +200,12 @@ def random_fourier(D: int, num_features: int = None, orthogonal: bool = True, se
     """
     return register(RandomFeatureMap("fourier", D, 2 * D if num_features is None else num_features, orthogonal,
                                      seed))
+
+
+# The random-feature families by name, each built as ``RANDOM_FAMILIES[name](D, M, seed)`` (registered):
+# what ``lintx emit --map favor:M``, ``lintx fuzz`` and lintx_triton.testing's cases draw.
+RANDOM_FAMILIES = {
+    "favor": lambda D, M, seed: favor(D, num_features=M, seed=seed),
+    "favor_hyp": lambda D, M, seed: favor(D, num_features=M, seed=seed, hyperbolic=True),
+    "fourier": lambda D, M, seed: random_fourier(D, num_features=M, seed=seed),
+}
