@@ -4,7 +4,7 @@
     lintx emit --map relu --dtype fp16 --head-dim 64    # the generated Triton source
     lintx info --json                                   # versions, device, backend, config, cache
     lintx resources --dtype bf16 -D 128 --arch 90      # registers/spills/HGMMA of each kernel, no GPU
-    lintx autotune --budget-minutes 9                  # tune the kernels on this GPU (python -m autotune)
+    lintx autotune --budget-minutes 9                  # tune on this GPU (python -m lintx_triton.autotune)
 
 Also ``python -m lintx_triton ...``.
 """
@@ -470,9 +470,9 @@ def resources(feature_map, causal, normalize, dtype, head_dim, value_dim, import
 def autotune_command(args):
     """Tune the kernels on this GPU and write autotune/configs/<gpu>/<kernel>.json (see --help).
 
-    The offline tuner of the top-level ``autotune`` package, also ``python -m autotune``.
+    The offline tuner ``lintx_triton.autotune``, also ``python -m lintx_triton.autotune``.
     """
-    from autotune.cli import autotune
+    from .autotune.cli import autotune
 
     autotune.main(args=list(args), prog_name="lintx autotune")
 
