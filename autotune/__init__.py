@@ -1,17 +1,19 @@
 """The offline tuner of lintx_triton's generated kernels.
 
-``python -m autotune`` (or ``lintx autotune``) tunes the forward, the backward and the decode step of a
-grid of specs and shapes on this machine's GPU and writes ``autotune/configs/<gpu>/<kernel>.json``,
+``python -m lintx_triton.autotune`` (or ``lintx autotune``) tunes the forward, the backward and the decode
+step of a grid of specs and shapes on this machine's GPU and writes ``autotune/configs/<gpu>/<kernel>.json``,
 which :func:`lintx_triton.config_for` reads at run time. Nothing is tuned on a user's call unless
 ``LINTX_TRITON_ONLINE_TUNE=1`` asks for it.
 
-    from autotune import Grid, tune
+    from lintx_triton.autotune import Grid, tune
     tune(Grid(dtypes=("bfloat16",), dims=((64, 64),)), out_dir="autotune/configs", budget_minutes=10)
 
-Modules: :mod:`autotune.space` (candidates, device limits, the pre-compile estimate),
-:mod:`autotune.prune` (pruning by compiling for the device's arch on the CPU),
-:mod:`autotune.measure` (the correctness gates and timers), :mod:`autotune.tuner` (the loop, the
-journal, the files), :mod:`autotune.online`, :mod:`autotune.cli`.
+The source is the repository's top-level ``autotune/`` folder; it installs (and, through the symlink
+``lintx_triton/autotune``, imports in a checkout) as ``lintx_triton.autotune``.
+
+Modules: :mod:`.space` (candidates, device limits, the pre-compile estimate), :mod:`.prune` (pruning by
+compiling for the device's arch on the CPU), :mod:`.measure` (the correctness gates and timers),
+:mod:`.tuner` (the loop, the journal, the files), :mod:`.online`, :mod:`.cli`.
 """
 
 from pathlib import Path

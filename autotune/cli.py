@@ -1,4 +1,4 @@
-"""``python -m autotune`` / ``lintx autotune``: tune the kernels on this GPU and write the config files."""
+"""``python -m lintx_triton.autotune`` / ``lintx autotune``: tune the kernels on this GPU and write the config files."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def _pairs(values, what: str, param: str) -> tuple[tuple[int, int], ...]:
 @click.option("--normalize/--raw", default=True, show_default=True)
 @click.option("--initial-state", is_flag=True, help="the variants that read (S_0, z_0)")
 @click.option("--space", default="default", show_default=True, type=click.Choice(["default", "full", "online"]),
-              help="the candidate values (autotune.space.SPACES)")
+              help="the candidate values (lintx_triton.autotune.space.SPACES)")
 @click.option("--budget-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
               help="stop starting candidates after this long; the best so far is written and a rerun resumes")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
@@ -78,9 +78,9 @@ def autotune(kernels, maps, dtypes, dims, shapes, decode_bh, causal, normalize, 
 
     \b
     Examples:
-      python -m autotune --budget-minutes 9                 # the default grid
+      python -m lintx_triton.autotune --budget-minutes 9    # the default grid
       lintx autotune --kernel forward --dtype fp16 --dims 64x128 --shape 256x2048
-      python -m autotune --dry-run --arch 90                # candidates and pruning, no GPU
+      python -m lintx_triton.autotune --dry-run --arch 90   # candidates and pruning, no GPU
     """
     import importlib
 

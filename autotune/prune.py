@@ -122,7 +122,7 @@ def _safe_compile(job):
         return describe_error(e)
 
 
-_CHILD = "from autotune.prune import _worker_main; raise SystemExit(_worker_main())"
+_CHILD = "from lintx_triton.autotune.prune import _worker_main; raise SystemExit(_worker_main())"
 
 
 def compile_resources(spec: KernelSpec, kernel: str, configs: Sequence[Config], arch: int,

@@ -1,9 +1,9 @@
 """The tuning loop: a grid of (kernel, spec, shape) tasks, candidates pruned, checked, timed; files written.
 
-For each task: candidates (:mod:`autotune.space`) are pruned by a tile-size estimate, then by what they
-compile to for the device (:mod:`autotune.prune`, once per kernel and spec); each survivor passes the
+For each task: candidates (:mod:`.space`) are pruned by a tile-size estimate, then by what they
+compile to for the device (:mod:`.prune`, once per kernel and spec); each survivor passes the
 float64 reference check once per kernel and spec, then, at the task's shape, must be about as close
-to the PyTorch path as the closest candidate before its median time counts (:mod:`autotune.measure`).
+to the PyTorch path as the closest candidate before its median time counts (:mod:`.measure`).
 Compile errors and out-of-resources are recorded, not fatal.
 
 Every verdict and time is appended to a journal (JSON lines) as it is made: an interrupted run started
@@ -266,8 +266,8 @@ def tune(grid: Grid | Iterable[Task] = DEFAULT_GRID, *, out_dir: str | os.PathLi
     Args:
         grid: a :class:`Grid` or a list of :class:`Task`.
         out_dir: where the per-GPU folders go (``autotune/configs`` ships them).
-        space: ``"default"``, ``"full"``, ``"online"`` or a dict like :data:`autotune.space.SPACES` values.
-        timer: ``(fn, config) -> ms``; default :func:`autotune.measure.bench_timer` (needs a GPU).
+        space: ``"default"``, ``"full"``, ``"online"`` or a dict like :data:`.space.SPACES` values.
+        timer: ``(fn, config) -> ms``; default :func:`.measure.bench_timer` (needs a GPU).
         device: where the kernels run; default the current CUDA device.
         limits: the device's limits; default read from ``device`` (needs a GPU).
         capability: written to the files; default ``limits.capability``.

@@ -14,8 +14,8 @@ nearest shape bucket wins among entries of the same dtype, causality and padded 
 that fit one width may not fit another). A file tuned under another Triton version is used with a
 one-time warning. Nothing is benchmarked on the hot path unless ``LINTX_TRITON_ONLINE_TUNE=1``
 asks for it (then a shape with no bucket within a factor of 2 is tuned once, on the spot, and
-written to the user directory). The files are written by the offline tuner (``python -m autotune``,
-``lintx autotune``); :func:`validate_config_file` is their schema.
+written to the user directory). The files are written by the offline tuner
+(``python -m lintx_triton.autotune``, ``lintx autotune``); :func:`validate_config_file` is their schema.
 """
 
 from __future__ import annotations
@@ -68,8 +68,11 @@ KERNEL_FIELDS = {
     "backward": ("bwd_chunk", "bwd_block_v", "bwd_num_warps", "bwd_num_stages"),
     "decode": ("block_v",),
 }
-# where `pip install` puts the top-level autotune package: beside lintx_triton (also in a checkout)
-SHIPPED_CONFIG_DIR = Path(__file__).resolve().parent.parent / "autotune" / "configs"
+# The configs the tuner ships, found from lintx_triton's own folder, not by importing lintx_triton.autotune
+# (its __init__ loads the whole tuner). lintx_triton/autotune is the tuner's package: in a checkout and an
+# editable install a symlink to the top-level autotune/ (resolved here: the folder the tuner writes to), in a
+# regular install a copy; pyproject ships configs/*/*.json as its package data.
+SHIPPED_CONFIG_DIR = (Path(__file__).resolve().parent / "autotune" / "configs").resolve()
 # online tuning retunes a shape whose nearest bucket is further than this (1.0: a factor 2 in B*H or T)
 ONLINE_TUNE_DISTANCE = 1.0
 
@@ -462,7 +465,7 @@ def _tuned(spec: KernelSpec, batch_heads: int, T: int, index: int) -> Config:
         if far and _ONLINE_BUSY.acquire(blocking=False):
             try:
                 # the tuner is imported only when asked for
-                from autotune.online import tune_call
+                from .autotune.online import tune_call
 
                 tune_call(spec, batch_heads, T, torch.device("cuda", index), far, user_config_dir())
             finally:

@@ -1,4 +1,5 @@
-"""The offline tuner (autotune/) and the runtime lookup of its configs (lintx_triton.config), on a CPU.
+"""The offline tuner (autotune/, installed as lintx_triton.autotune) and the runtime lookup of its configs
+(lintx_triton.config), on a CPU.
 
 Kernels run in Triton's interpreter and every time comes from an injected fake timer: what is tested is
 the tuner's logic (candidates, pruning, the correctness gates, resume, the budget, the files) and the
@@ -16,9 +17,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import autotune
 import lintx_triton as lx
-from autotune import (
+from lintx_triton import autotune
+from lintx_triton import config as C
+from lintx_triton.autotune import (
     DeviceLimits,
     Task,
     candidates,
@@ -27,8 +29,7 @@ from autotune import (
     tune,
     write_config_file,
 )
-from autotune import tuner as tuner_mod
-from lintx_triton import config as C
+from lintx_triton.autotune import tuner as tuner_mod
 from lintx_triton.compile_report import KernelResources
 
 H200 = DeviceLimits.for_arch(90, name="NVIDIA H200")
@@ -383,7 +384,7 @@ def test_decode_entries_serve_one_token_calls(fake_gpu, tmp_path):
 
 
 def test_online_tuning_only_when_asked(fake_gpu, tmp_path, monkeypatch):
-    import autotune.online
+    import lintx_triton.autotune.online
 
     asked = []
 
@@ -397,7 +398,7 @@ def test_online_tuning_only_when_asked(fake_gpu, tmp_path, monkeypatch):
         assert len(asked) == n
         write_config_file(user_dir / "nvidia-h200" / "forward.json", header(), [entry(T=T, config=cfg_of(16))])
 
-    monkeypatch.setattr(autotune.online, "tune_call", fake_tune_call)
+    monkeypatch.setattr(lintx_triton.autotune.online, "tune_call", fake_tune_call)
     cuda = torch.device("cuda", 0)
     assert lx.config_for(BF16, 128, 1024, cuda).source == "heuristic" and not asked
     monkeypatch.setenv(C.ENV_ONLINE_TUNE, "1")
@@ -414,7 +415,7 @@ def test_online_tuning_only_when_asked(fake_gpu, tmp_path, monkeypatch):
 # ---------------------------------------------------------------- command line
 
 def test_cli(tmp_path):
-    from autotune.cli import autotune as cmd
+    from lintx_triton.autotune.cli import autotune as cmd
     from lintx_triton.cli import main
 
     r = CliRunner().invoke(main, ["autotune", "--help"])
@@ -429,7 +430,8 @@ def test_cli(tmp_path):
     tasks = json.loads(r.stdout)["tasks"]
     assert [(t["kernel"], t["T"]) for t in tasks] == [("forward", 1024), ("backward", 1024), ("decode", 1)]
     assert all(t["candidates"] > 1 and t["best"] is None for t in tasks)
-    out = subprocess.run([sys.executable, "-m", "autotune", "--help"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and "python -m autotune" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "lintx_triton.autotune", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "python -m lintx_triton.autotune" in out.stdout
     order = C.search_order()
     assert order[1].startswith("user configs") and order[2].startswith("shipped") and order[-1].startswith("heuristic")
