@@ -13,18 +13,18 @@ The source is the repository's top-level ``autotune/`` folder; it installs (and,
 
 Modules: :mod:`.space` (candidates, device limits, the pre-compile estimate), :mod:`.prune` (pruning by
 compiling for the device's arch on the CPU), :mod:`.measure` (the correctness gates and timers),
-:mod:`.tuner` (the loop, the journal, the files), :mod:`.online`, :mod:`.cli`.
+:mod:`.tuner` (the loop, the journal, the files), :mod:`.online`, :mod:`.cli`. The file schema, buckets
+and lookup are :mod:`lintx_triton.tuned_configs`, shared with the runtime.
 """
 
-from pathlib import Path
+# CONFIG_DIR: the configs this package ships, <this folder>/configs (`lintx autotune` writes there by default);
+# defined once in lintx_triton.tuned_configs, which the runtime reads without importing the tuner.
+from lintx_triton.tuned_configs import SHIPPED_CONFIG_DIR as CONFIG_DIR
 
 from .measure import FUDGE, Workload, bench_timer, reference_check
 from .prune import MAX_SPILLS, compile_resources, prune_by_compile, resource_verdict
 from .space import SPACES, DeviceLimits, candidates, estimate_fits, kernel_fields
 from .tuner import DEFAULT_GRID, Grid, Task, TaskResult, spec_of, tune, write_config_file
-
-# The configs this package ships (lintx_triton.config.SHIPPED_CONFIG_DIR points here).
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 __all__ = [
     "CONFIG_DIR", "DEFAULT_GRID", "FUDGE", "MAX_SPILLS", "SPACES", "DeviceLimits", "Grid", "Task", "TaskResult",

@@ -1,7 +1,7 @@
 """What the tuner tries: candidate configs per kernel, the device's limits, a cheap pre-compile filter.
 
 A candidate is a :class:`lintx_triton.Config` that differs from the heuristic default (the *base*) only
-in the fields its kernel decides (``lintx_triton.config.KERNEL_FIELDS``): the forward's chunk, value
+in the fields its kernel family decides (``lintx_triton.tuned_configs.FAMILY_FIELDS``): the forward's chunk, value
 block, warps, stages and path; the backward's chunk, value block and warps; the decode step's value
 block. The base itself is always a candidate: it is the baseline every speedup is measured against.
 """
@@ -12,8 +12,9 @@ import dataclasses
 import itertools
 from dataclasses import dataclass
 
-from lintx_triton.config import KERNEL_FIELDS, Config
-from lintx_triton.spec import KernelSpec
+from lintx_triton.config import Config
+from lintx_triton.spec import FAMILIES, KernelSpec
+from lintx_triton.tuned_configs import FAMILY_FIELDS
 
 __all__ = ["SPACES", "DeviceLimits", "candidates", "estimate_fits", "kernel_fields"]
 
@@ -79,9 +80,9 @@ class DeviceLimits:
 
 def kernel_fields(kernel: str, cfg: Config) -> dict:
     """The fields of ``cfg`` that ``kernel`` decides (what a config file stores)."""
-    if kernel not in KERNEL_FIELDS:
-        raise ValueError(f"kernel must be one of {sorted(KERNEL_FIELDS)}, got {kernel!r}")
-    return {f: getattr(cfg, f) for f in KERNEL_FIELDS[kernel]}
+    if kernel not in FAMILIES:
+        raise ValueError(f"kernel must be one of {sorted(FAMILIES)}, got {kernel!r}")
+    return {f: getattr(cfg, f) for f in FAMILY_FIELDS[kernel]}
 
 
 def candidates(kernel: str, spec: KernelSpec, base: Config, space: str | dict = "default") -> list[Config]:
@@ -91,8 +92,8 @@ def candidates(kernel: str, spec: KernelSpec, base: Config, space: str | dict = 
     chunked) are dropped, and so is every duplicate.
     """
     values = (SPACES[space] if isinstance(space, str) else space).get(kernel, {})
-    if set(values) != set(KERNEL_FIELDS[kernel]):
-        raise ValueError(f"a {kernel} space must give values for {KERNEL_FIELDS[kernel]}, got {sorted(values)}")
+    if set(values) != set(FAMILY_FIELDS[kernel]):
+        raise ValueError(f"a {kernel} space must give values for {FAMILY_FIELDS[kernel]}, got {sorted(values)}")
     out = {tuple(kernel_fields(kernel, base).items()): base}
     names = list(values)
     for combo in itertools.product(*(values[n] for n in names)):

@@ -8,7 +8,7 @@ Compile errors and out-of-resources are recorded, not fatal.
 
 Every verdict and time is appended to a journal (JSON lines) as it is made: an interrupted run started
 again skips what the journal holds. Each finished task updates ``<out>/<gpu>/<kernel>.json``
-(:func:`lintx_triton.config.validate_config_file` is its schema), one entry per line so that diffs read
+(:func:`lintx_triton.tuned_configs.validate_config_file` is its schema), one entry per line so that diffs read
 well; a run stopped by its time budget writes the best so far with ``"complete": false``.
 """
 
@@ -27,8 +27,9 @@ import torch
 import lintx_triton
 from lintx_triton import feature_maps, testing
 from lintx_triton.codegen import cache_dir
-from lintx_triton.config import SCHEMA_VERSION, Bucket, Config, gpu_heuristic, gpu_key, validate_config_file
+from lintx_triton.config import Config, gpu_heuristic
 from lintx_triton.spec import GENERATOR_VERSION, KernelSpec, dtype_of
+from lintx_triton.tuned_configs import SCHEMA_VERSION, Bucket, gpu_key, validate_config_file
 
 from . import measure
 from .measure import FUDGE, Timer, Workload, reference_check

@@ -1,5 +1,5 @@
 """The offline tuner (autotune/, installed as lintx_triton.autotune) and the runtime lookup of its configs
-(lintx_triton.config), on a CPU.
+(lintx_triton.tuned_configs, lintx_triton.config), on a CPU.
 
 Kernels run in Triton's interpreter and every time comes from an injected fake timer: what is tested is
 the tuner's logic (candidates, pruning, the correctness gates, resume, the budget, the files) and the
@@ -20,6 +20,7 @@ from click.testing import CliRunner
 import lintx_triton as lx
 from lintx_triton import autotune
 from lintx_triton import config as C
+from lintx_triton import tuned_configs as TC
 from lintx_triton.autotune import (
     DeviceLimits,
     Task,
@@ -184,7 +185,7 @@ def test_tune_writes_valid_files_and_resumes_after_an_interruption(tmp_path, mon
     assert len(checks) == 4  # and the decode step's reference check: none is redone
     assert all(r.complete for r in results)
     fwd = tmp_path / "configs" / "nvidia-h200" / "forward.json"
-    data = C.validate_config_file(json.loads(fwd.read_text()))
+    data = TC.validate_config_file(json.loads(fwd.read_text()))
     (e,) = data["entries"]
     assert data["gpu"] == "NVIDIA H200" and data["compute_capability"] == "9.0"
     assert data["triton"] and data["torch"] == torch.__version__ and data["kernel"] == "forward"
@@ -237,7 +238,7 @@ def test_grid_tasks():
 
 def entry(T=1024, D=64, config=None, dtype="bfloat16", batch_heads=128, ms=0.5):
     spec = spec_of("elu", True, True, dtype, D, D)
-    return dict(bucket=dataclasses.asdict(C.Bucket.of(spec, batch_heads, T)), ms=ms,
+    return dict(bucket=dataclasses.asdict(TC.Bucket.of(spec, batch_heads, T)), ms=ms,
                 config=config or dict(chunk=64, block_v=64, num_warps=8, num_stages=2, path="fused"))
 
 
@@ -250,7 +251,7 @@ def header(kernel="forward", gpu="NVIDIA H200", cc="9.0", triton_version=None):
 
 def test_schema_validation(tmp_path):
     good = write_config_file(tmp_path / "f.json", header(), [entry()])
-    assert C.validate_config_file(json.loads(json.dumps(good))) == good
+    assert TC.validate_config_file(json.loads(json.dumps(good))) == good
     breakages = [
         (lambda d: d.update(schema=2), "schema"),
         (lambda d: d.pop("gpu"), "gpu"),
@@ -267,7 +268,7 @@ def test_schema_validation(tmp_path):
         d = json.loads(json.dumps(good))
         breakage(d)
         with pytest.raises(ValueError, match=match):
-            C.validate_config_file(d)
+            TC.validate_config_file(d)
 
 
 # ---------------------------------------------------------------- runtime lookup
@@ -282,14 +283,15 @@ def dirs(tmp_path):
     shipped, user = tmp_path / "shipped", tmp_path / "user"
     for root, gpu, cc, chunk in ((shipped, "NVIDIA H200", "9.0", 64), (shipped, "NVIDIA H100 80GB HBM3", "9.0", 32),
                                  (shipped, "NVIDIA A100-SXM4-80GB", "8.0", 16), (user, "NVIDIA H200", "9.0", 128)):
-        write_config_file(root / C.gpu_key(gpu) / "forward.json", header(gpu=gpu, cc=cc), [entry(config=cfg_of(chunk))])
+        write_config_file(root / TC.gpu_key(gpu) / "forward.json", header(gpu=gpu, cc=cc),
+                          [entry(config=cfg_of(chunk))])
     return shipped, user
 
 
 def test_lookup_order(dirs, tmp_path):
     shipped, user = dirs
-    find = lambda gpu, cc, user_dir=user: C.lookup(BF16, 128, 1024, kernel="forward", gpu_name=gpu,  # noqa: E731
-                                                   capability=cc, user_dir=user_dir, shipped_dir=shipped)
+    find = lambda gpu, cc, user_dir=user: TC.lookup(BF16, 128, 1024, kernel="forward", gpu_name=gpu,  # noqa: E731
+                                                    capability=cc, user_dir=user_dir, shipped_dir=shipped)
     m = find("NVIDIA H200", (9, 0))
     assert m.fields["chunk"] == 128 and m.source.startswith("forward: user config (") and "nvidia-h200" in m.source
     m = find("NVIDIA H200", (9, 0), user_dir=tmp_path / "nothing")
@@ -297,8 +299,8 @@ def test_lookup_order(dirs, tmp_path):
     m = find("NVIDIA H100 NVL", (9, 0))  # no folder of its own: another GPU of compute capability 9.0
     assert m.fields["chunk"] == 32 and "compute capability 9.0" in m.source and "nvidia-h100-80gb-hbm3" in m.source
     assert find("NVIDIA L4", (8, 9)) is None  # the heuristic
-    assert C.lookup(BF16, 128, 1024, kernel="backward", gpu_name="NVIDIA H200", capability=(9, 0), user_dir=user,
-                    shipped_dir=shipped) is None  # each kernel on its own
+    assert TC.lookup(BF16, 128, 1024, kernel="backward", gpu_name="NVIDIA H200", capability=(9, 0), user_dir=user,
+                     shipped_dir=shipped) is None  # each kernel on its own
 
 
 def test_nearest_bucket_wins(tmp_path):
@@ -308,8 +310,8 @@ def test_nearest_bucket_wins(tmp_path):
 
     def chunk(T, D=64, dtype="bfloat16", bh=128):
         spec = spec_of("elu", True, True, dtype, D, D)
-        m = C.lookup(spec, bh, T, kernel="forward", gpu_name="NVIDIA H200", capability=(9, 0),
-                     user_dir=tmp_path / "none", shipped_dir=tmp_path)
+        m = TC.lookup(spec, bh, T, kernel="forward", gpu_name="NVIDIA H200", capability=(9, 0),
+                      user_dir=tmp_path / "none", shipped_dir=tmp_path)
         return m and m.fields["chunk"]
 
     assert chunk(2000) == 32 and chunk(6000) == 64 and chunk(100_000) == 64
@@ -324,8 +326,8 @@ def test_a_file_from_another_triton_version_is_used_with_one_warning(tmp_path):
     kw = dict(kernel="forward", gpu_name="NVIDIA H200", capability=(9, 0), user_dir=tmp_path / "none",
               shipped_dir=tmp_path)
     with pytest.warns(UserWarning, match="tuned with Triton 0.0.1") as rec:
-        assert C.lookup(BF16, 128, 1024, **kw).fields["chunk"] == 64
-        assert C.lookup(BF16, 64, 2048, **kw).fields["chunk"] == 64
+        assert TC.lookup(BF16, 128, 1024, **kw).fields["chunk"] == 64
+        assert TC.lookup(BF16, 64, 2048, **kw).fields["chunk"] == 64
     assert sum("tuned with Triton" in str(w.message) for w in rec) == 1
 
 
@@ -333,8 +335,8 @@ def test_a_broken_file_is_skipped_with_a_warning(tmp_path):
     (tmp_path / "nvidia-h200").mkdir()
     (tmp_path / "nvidia-h200" / "forward.json").write_text('{"schema": 1, "kernel": "forward"')
     with pytest.warns(UserWarning, match="ignoring the config file"):
-        assert C.lookup(BF16, 128, 1024, kernel="forward", gpu_name="NVIDIA H200", capability=(9, 0),
-                        user_dir=tmp_path / "none", shipped_dir=tmp_path) is None
+        assert TC.lookup(BF16, 128, 1024, kernel="forward", gpu_name="NVIDIA H200", capability=(9, 0),
+                         user_dir=tmp_path / "none", shipped_dir=tmp_path) is None
 
 
 @pytest.fixture
@@ -345,8 +347,8 @@ def fake_gpu(monkeypatch, tmp_path):
     monkeypatch.setattr(C, "_device_identity", lambda index: (gpu["name"], gpu["cc"]))
     monkeypatch.setattr(C, "_sm_count", lambda index: 132)
     monkeypatch.setattr(C, "_arch", lambda index: 10 * gpu["cc"][0] + gpu["cc"][1])
-    monkeypatch.setattr(C, "SHIPPED_CONFIG_DIR", tmp_path / "shipped")
-    monkeypatch.setenv(C.ENV_CONFIG_DIR, str(tmp_path / "user"))
+    monkeypatch.setattr(TC, "SHIPPED_CONFIG_DIR", tmp_path / "shipped")
+    monkeypatch.setenv(TC.ENV_CONFIG_DIR, str(tmp_path / "user"))
     monkeypatch.delenv(C.ENV_ONLINE_TUNE, raising=False)
     return gpu
 
@@ -368,7 +370,7 @@ def test_config_for_heuristic_on_an_unknown_gpu_then_shipped_then_user(fake_gpu,
         assert lx.config_for(BF16, 128, 1024, cuda).chunk == 16
     # the user directory is read at the first call after clear_cache, not at import
     write_config_file(tmp_path / "elsewhere" / "nvidia-h200" / "forward.json", header(), [entry(config=cfg_of(128))])
-    monkeypatch.setenv(C.ENV_CONFIG_DIR, str(tmp_path / "elsewhere"))
+    monkeypatch.setenv(TC.ENV_CONFIG_DIR, str(tmp_path / "elsewhere"))
     assert lx.config_for(BF16, 128, 1024, cuda).chunk == 32  # decided and cached
     C.clear_cache()
     assert lx.config_for(BF16, 128, 1024, cuda).chunk == 128
