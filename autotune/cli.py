@@ -7,10 +7,10 @@ import sys
 
 import click
 
-from lintx_triton.spec import DTYPES, dtype_of
+from lintx_triton.spec import DTYPES, FAMILIES, dtype_of
 
 from .prune import MAX_SPILLS
-from .tuner import DEFAULT_GRID, KERNELS
+from .tuner import DEFAULT_GRID
 
 __all__ = ["autotune"]
 
@@ -36,7 +36,7 @@ def _pairs(values, what: str, param: str) -> tuple[tuple[int, int], ...]:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--kernel", "kernels", multiple=True, type=click.Choice(KERNELS), help="[default: all three]")
+@click.option("--kernel", "kernels", multiple=True, type=click.Choice(FAMILIES), help="[default: all three]")
 @click.option("--map", "maps", multiple=True, metavar="NAME", help="feature map(s) [default: elu]")
 @click.option("--dtype", "dtypes", multiple=True, type=click.Choice(sorted(DTYPE_CHOICES)), help="[default: bf16]")
 @click.option("--dims", "dims", multiple=True, metavar="D[xDV]", help="head widths [default: 64, 128]")

@@ -28,7 +28,7 @@ import lintx_triton
 from lintx_triton import feature_maps, testing
 from lintx_triton.codegen import cache_dir
 from lintx_triton.config import Config, gpu_heuristic
-from lintx_triton.spec import GENERATOR_VERSION, KernelSpec, dtype_of
+from lintx_triton.spec import FAMILIES, GENERATOR_VERSION, KernelSpec, dtype_of
 from lintx_triton.tuned_configs import SCHEMA_VERSION, Bucket, gpu_key, validate_config_file
 
 from . import measure
@@ -47,8 +47,6 @@ __all__ = [
     "tune",
     "write_config_file",
 ]
-
-KERNELS = ("forward", "backward", "decode")
 
 
 def spec_of(feature_map: str, causal: bool, normalize: bool, dtype: str, head_dim: int, value_dim: int,
@@ -90,7 +88,7 @@ class Grid:
         decode_batch_heads: B*H of the decode step.
     """
 
-    kernels: tuple[str, ...] = KERNELS
+    kernels: tuple[str, ...] = FAMILIES
     feature_maps: tuple[str, ...] = ("elu",)
     dtypes: tuple[str, ...] = ("bfloat16",)
     dims: tuple[tuple[int, int], ...] = ((64, 64), (128, 128))
@@ -102,9 +100,9 @@ class Grid:
     decode_batch_heads: tuple[int, ...] = (64, 256, 1024)
 
     def __post_init__(self):
-        bad = set(self.kernels) - set(KERNELS)
+        bad = set(self.kernels) - set(FAMILIES)
         if bad:
-            raise ValueError(f"kernels must be among {KERNELS}, got {sorted(bad)}")
+            raise ValueError(f"kernels must be among {FAMILIES}, got {sorted(bad)}")
         for m in self.feature_maps:
             feature_maps.get(m)  # raises on an unknown map
         if any(bh < 1 or T < 1 for bh, T in self.shapes) or any(bh < 1 for bh in self.decode_batch_heads):

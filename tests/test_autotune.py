@@ -32,6 +32,7 @@ from lintx_triton.autotune import (
 )
 from lintx_triton.autotune import tuner as tuner_mod
 from lintx_triton.compile_report import KernelResources
+from lintx_triton.spec import FAMILIES
 
 H200 = DeviceLimits.for_arch(90, name="NVIDIA H200")
 SPEC = spec_of("elu", True, True, "float32", 8, 8)  # tiny: the interpreter runs it fast
@@ -247,6 +248,12 @@ def header(kernel="forward", gpu="NVIDIA H200", cc="9.0", triton_version=None):
 
     return dict(kernel=kernel, gpu=gpu, compute_capability=cc, triton=triton_version or triton.__version__,
                 torch=torch.__version__, lintx_triton=lx.__version__, generator_version=1)
+
+
+def test_family_fields():
+    # one tuple of kernel families (lintx_triton.spec.FAMILIES) for the files, the tuner's grid and its --kernel
+    assert tuple(TC.FAMILY_FIELDS) == FAMILIES == autotune.DEFAULT_GRID.kernels
+    assert {f for fields in TC.FAMILY_FIELDS.values() for f in fields} <= {f.name for f in dataclasses.fields(C.Config)}
 
 
 def test_schema_validation(tmp_path):
