@@ -1,11 +1,38 @@
 """Numerical-equivalence properties, shipped with the package.
 
-The test suite and ``lintx fuzz`` use the same cases, inputs and error bounds:
-every output is compared with the float64 reference of
+The test suite, the benchmark harness (bench/harness.py) and ``lintx fuzz`` use the same cases, inputs
+and error bounds: every output is compared with the float64 reference of
 :mod:`lintx_triton.reference`, element by element, against a bound scaled by the
 magnitude of the terms the exact value sums (the reference evaluated on
 absolute values), so cancellation cannot make a check flaky and a tolerance
 still means something.
+
+A case is a dict (B, T, H, D, DV, dtype, feature_map, causal, normalize, initial_state, scale, seed;
+optionally HKV for grouped heads, map for a random-feature draw). The public API:
+
+Cases and inputs
+    ``cases(...)``                  hypothesis strategy of cases; ``case_id(c)`` a readable id
+    ``make_inputs(c)``              q, k, v and the initial state (or None), deterministic in the seed
+    ``ensure_map(c)``               the case's feature map, registered
+    ``decode_steps(c, ...)``        the case's tokens one at a time through the RNN form
+References and bounds (float64, on the CPU)
+    ``reference(c, q, k, v, state)``           o, (S_T, z_T), num, den
+    ``forward_bound(c, q, k, v, state)``       (o, bound of o's rounding error); ``state_abs`` for a
+                                               carried-in state whose terms cancelled
+    ``state_bound(c, k, v, state)``            ((S_T, z_T), their bounds), from the keys alone
+    ``reference_grads(c, leaves, do, dS, dz)`` gradients of sum(o do) + sum(S_T dS) + sum(z_T dz)
+    ``grad_bound(c, leaves, do, dS, dz)``      the bound of each of those gradients
+Judging (``TOL`` for outputs and states, ``GTOL`` for gradients, by dtype name)
+    ``error_ratio(name, got, want, bound, tol)``    worst err / (tol x bound), not judged
+    ``assert_within(name, got, want, bound, tol)``  the same, raising EquivalenceError when > 1
+    ``check_forward(c, o, q, k, v, state)``         o against forward_bound
+    ``check_state(c, (S, z), q, k, v, state)``      a final state against state_bound
+    ``check_grads(c, got, want, bounds, names)``    gradients against reference_grads / grad_bound
+    ``forward_and_grads(c, backend)``               run a case forward and backward: the arguments of
+                                                    check_grads
+Every check returns the worst err / (tol x bound) and raises :class:`EquivalenceError` (carrying it as
+``.worst``) when an element is off. The references, bounds and checks take ``cu_seqlens`` for packed
+sequences (each sequence its own call); grouped heads need nothing more (k, v with fewer heads).
 """
 
 from __future__ import annotations
@@ -23,9 +50,10 @@ from .spec import DTYPES
 
 __all__ = [
     "DTYPES", "TOL", "GTOL", "T_VALUES", "D_VALUES", "DV_VALUES", "M_VALUES", "RANDOM_FAMILIES", "ensure_map",
-    "cases", "case_id", "make_inputs",
-    "reference", "forward_bound", "grad_bound", "check_forward", "check_state", "check_grads",
-    "forward_and_grads", "decode_steps", "EquivalenceError",
+    "cases", "case_id", "make_inputs", "decode_steps",
+    "reference", "forward_bound", "state_bound", "reference_grads", "grad_bound",
+    "error_ratio", "assert_within", "check_forward", "check_state", "check_grads", "forward_and_grads",
+    "EquivalenceError",
 ]
 
 # Forward: |o - ref| <= TOL * bound. fp32 runs IEEE products; fp16 rounds product operands to 11 bits;
@@ -137,32 +165,87 @@ def _kwargs(c: dict) -> dict:
     return dict(causal=c["causal"], normalize=c["normalize"], scale=c["scale"])
 
 
+def _detached(state):
+    return tuple(x.detach() for x in state) if state is not None else None
+
+
+def _sequences(cu_seqlens) -> list[tuple[slice, slice]]:
+    """(its tokens, its state row) per packed sequence: ``x[:, tokens]`` and ``S[row]``."""
+    cu = [int(x) for x in cu_seqlens.tolist()]
+    return [(slice(a, b), slice(n, n + 1)) for n, (a, b) in enumerate(zip(cu, cu[1:]))]
+
+
+def _rows(state, row):
+    return tuple(x[row] for x in state) if state is not None else None
+
+
 def reference(c: dict, q, k, v, state, absolute=False, dtype=torch.float64):
-    """The float64 reference of a case (on the CPU)."""
+    """The float64 reference of a case (on the CPU): o, (S_T, z_T), num, den as
+    :func:`lintx_triton.reference.linear_attention_reference` returns them."""
     cpu = lambda x: x.detach().cpu() if not x.requires_grad else x.cpu()  # noqa: E731
     st_ = tuple(cpu(x) for x in state) if state is not None else None
     return linear_attention_reference(cpu(q), cpu(k), cpu(v), ensure_map(c),
                                       initial_state=st_, absolute=absolute, dtype=dtype, **_kwargs(c))
 
 
-def forward_bound(c: dict, q, k, v, state):
-    """The reference output and the per-element scale of its rounding error.
+def forward_bound(c: dict, q, k, v, state, state_abs=None, cu_seqlens=None):
+    """The reference output and the per-element scale of its rounding error: -> (o, bound), float64 on the CPU.
 
     N = scale |a|^T (|S_0| + sum |b||v|^T) and Dn = scale |a|^T (|z_0| + sum |b|) + eps bound the
     magnitudes the kernels add up; for o = num / den a relative error u on both moves o by
     u (N + |o| Dn) / |den|.
+
+    Args:
+        state: (S_0, z_0) or None.
+        state_abs: the magnitudes summed into ``state`` when it is itself a sum of earlier tokens
+            (:func:`state_bound`'s second value), so that what cancelled there still counts; default |state|.
+        cu_seqlens: packed sequences (``q`` is [1, T, H, D], ``state`` [N, HKV, ...]): each is its own call.
     """
+    if cu_seqlens is not None:
+        parts = [forward_bound(c, q[:, t], k[:, t], v[:, t], _rows(state, n), _rows(state_abs, n))
+                 for t, n in _sequences(cu_seqlens)] or [forward_bound(c, q[:, :0], k[:, :0], v[:, :0], None)]
+        return tuple(torch.cat(x, 1) for x in zip(*parts))
     q, k, v = (x.detach() for x in (q, k, v))
-    state = tuple(x.detach() for x in state) if state is not None else None
+    state = _detached(state)
     o, _, num, den = reference(c, q, k, v, state)
-    _, _, n_abs, d_abs = reference(c, q, k, v, state, absolute=True)
-    if not c["normalize"]:
-        return o, n_abs
-    return o, (n_abs + o.abs() * d_abs[..., None]) / den.abs()[..., None]
+    _, _, n_abs, d_abs = reference(c, q, k, v, _detached(state_abs) if state_abs is not None else state,
+                                   absolute=True)
+    return o, _output_bound(c, o, den, n_abs, d_abs)
 
 
-def _assert_within(name, got, want, bound, tol):
+def _output_bound(c: dict, o, den, n_abs, d_abs):
+    # N for num alone; u (N + |o| Dn) / |den| moves num / den
+    return (n_abs + o.abs() * d_abs[..., None]) / den.abs()[..., None] if c["normalize"] else n_abs
+
+
+def state_bound(c: dict, k, v, state, cu_seqlens=None):
+    """The reference final state and the magnitudes of the terms each element sums:
+    -> ((S_T, z_T), (|S_0| + sum |b||v|^T, |z_0| + sum |b|)), float64 on the CPU, b = phi(k).
+
+    S_T [B, HKV, M, DV], z_T [B, HKV, M] (one row per sequence with ``cu_seqlens``). The state of keys
+    alone (no query, no [T, M, DV] intermediate): a long prefix costs one product.
+    """
+    if cu_seqlens is not None:
+        parts = [state_bound(c, k[:, t], v[:, t], _rows(state, n)) for t, n in _sequences(cu_seqlens)] \
+            or [state_bound(c, k[:0], v[:0], None)]
+        return tuple(tuple(torch.cat(x, 0) for x in zip(*pair)) for pair in zip(*parts))
+    fm = ensure_map(c)
+    k, v = (x.detach().cpu().double() for x in (k, v))
+    b, b_abs = fm.features(k, "key"), fm.magnitude(k, "key")  # [B, T, HKV, M]
+    S, z = torch.einsum("bthm,bthv->bhmv", b, v), b.sum(1)
+    S_abs, z_abs = torch.einsum("bthm,bthv->bhmv", b_abs, v.abs()), b_abs.sum(1)
+    if state is not None:
+        S0, z0 = (x.detach().cpu().double() for x in state)
+        S, z, S_abs, z_abs = S0 + S, z0 + z, S0.abs() + S_abs, z0.abs() + z_abs
+    return (S, z), (S_abs, z_abs)
+
+
+def _errors(name, got, want, bound, tol):
+    """|got - want| and its limit tol x bound + the subnormal spacing of got's dtype, float64 on the CPU."""
+    if tuple(got.shape) != tuple(want.shape):
+        raise EquivalenceError(f"{name}: shape {tuple(got.shape)}, want {tuple(want.shape)}", float("inf"))
     g = got.detach().cpu().double()
+    want = want.detach().cpu().double()
     err = (g - want).abs()
     # an exact value beyond the dtype's range rounds to +-inf, which is then the right answer (an fp16
     # gradient of unnormalized random features can exceed 65504)
@@ -170,8 +253,26 @@ def _assert_within(name, got, want, bound, tol):
     err = torch.where(torch.isinf(rounded) & (g == rounded), torch.zeros_like(err), err)
     fi = torch.finfo(got.dtype)
     # + the spacing of subnormals: a value below the smallest normal is stored with fewer bits
-    limit = tol * bound + fi.smallest_normal * fi.eps
-    ratio = (err / limit).max().item() if err.numel() else 0.0
+    return err, tol * bound.detach().cpu().double() + fi.smallest_normal * fi.eps
+
+
+def _worst(err, limit) -> float:
+    r = err / limit
+    return torch.where(torch.isnan(r), torch.inf, r).max().item() if r.numel() else 0.0
+
+
+def error_ratio(name: str, got, want, bound, tol: float) -> float:
+    """The worst |got - want| / (tol x bound + the subnormal spacing of got's dtype) over the elements,
+    without judging it (<= 1 is within bound; inf for NaN). An exact value beyond got's range that came out
+    as the matching inf counts as exact. Raises EquivalenceError only when the shapes differ."""
+    return _worst(*_errors(name, got, want, bound, tol))
+
+
+def assert_within(name: str, got, want, bound, tol: float) -> float:
+    """Raise EquivalenceError unless every element of ``got`` is within tol x ``bound`` (plus the subnormal
+    spacing) of ``want``; returns the worst ratio, as :func:`error_ratio`."""
+    err, limit = _errors(name, got, want, bound, tol)
+    ratio = _worst(err, limit)
     bad = ~(err <= limit)
     if bad.any():
         raise EquivalenceError(
@@ -182,48 +283,89 @@ def _assert_within(name, got, want, bound, tol):
     return ratio
 
 
-def check_forward(c: dict, out, q, k, v, state, name="o") -> float:
-    """Raise EquivalenceError unless ``out`` is within bound; returns the worst err / (tol x bound)."""
-    ref, bound = forward_bound(c, q, k, v, state)
+_assert_within = assert_within  # its former private name, still imported by bench/feature_maps.py
+
+
+def check_forward(c: dict, out, q, k, v, state, name="o", cu_seqlens=None) -> float:
+    """Raise EquivalenceError unless ``out`` (q's dtype and shape) is within TOL x :func:`forward_bound`;
+    returns the worst err / (tol x bound)."""
+    ref, bound = forward_bound(c, q, k, v, state, cu_seqlens=cu_seqlens)
     if out.dtype != q.dtype or tuple(out.shape) != tuple(ref.shape):
         raise EquivalenceError(f"{name}: got {out.dtype} {tuple(out.shape)}, want {q.dtype} {tuple(ref.shape)}",
                                float("inf"))
-    return _assert_within(name, out, ref, bound, TOL[c["dtype"]])
+    return assert_within(name, out, ref, bound, TOL[c["dtype"]])
 
 
-def check_state(c: dict, got, q, k, v, state) -> float:
-    """The final state (S_T, z_T) against the reference; returns the worst ratio."""
-    dq = lambda t: tuple(x.detach() for x in t) if t is not None else None  # noqa: E731
-    _, (S_ref, z_ref), _, _ = reference(c, q.detach(), k.detach(), v.detach(), dq(state))
-    _, (S_abs, z_abs), _, _ = reference(c, q.detach(), k.detach(), v.detach(), dq(state), absolute=True)
+def check_state(c: dict, got, q, k, v, state, cu_seqlens=None) -> float:
+    """The final state ``got = (S_T, z_T)`` (float32) within TOL x :func:`state_bound` of the call on q, k, v
+    from ``state`` (q is not needed: it is taken for symmetry with :func:`check_forward`); returns the worst
+    ratio."""
+    (S_ref, z_ref), (S_abs, z_abs) = state_bound(c, k, v, state, cu_seqlens=cu_seqlens)
     worst = 0.0
     for name, x, ref, bound in (("S_T", got[0], S_ref, S_abs), ("z_T", got[1], z_ref, z_abs)):
         if x.dtype != torch.float32 or tuple(x.shape) != tuple(ref.shape):
             raise EquivalenceError(f"{name}: got {x.dtype} {tuple(x.shape)}", float("inf"))
-        worst = max(worst, _assert_within(name, x, ref, bound, TOL[c["dtype"]]))
+        worst = max(worst, assert_within(name, x, ref, bound, TOL[c["dtype"]]))
     return worst
 
 
-def grad_bound(c: dict, leaves, do, dS, dz):
-    """Per-element scale of the rounding error of each gradient.
+def _grads_per_sequence(fn, c, leaves, do, dS, dz, cu_seqlens):
+    """``fn`` (reference_grads or grad_bound) per packed sequence, joined: tokens on dim 1, states on dim 0."""
+    at = lambda x, i: x[i] if x is not None else None  # noqa: E731
+    parts = [fn(c, [x[:, t] for x in leaves[:3]] + [x[n] for x in leaves[3:]], at(do, (slice(None), t)),
+                at(dS, n), at(dz, n)) for t, n in _sequences(cu_seqlens)]
+    if not parts:
+        return [torch.zeros(x.shape, dtype=torch.float64) for x in leaves]
+    return [torch.cat(x, 1 if i < 3 else 0) for i, x in enumerate(zip(*parts))]
+
+
+def _float64_leaves(leaves):
+    """[q, k, v(, S_0, z_0)] as float64 CPU leaves of a new graph, and the state among them (or None)."""
+    leaves = [x.detach().double().cpu().requires_grad_() for x in leaves]
+    return leaves, (tuple(leaves[3:]) if len(leaves) > 3 else None)
+
+
+def _loss(o, S, z, do, dS, dz, absolute: bool):
+    """sum(o do) + sum(S_T dS) + sum(z_T dz) in float64, leaving out the absent terms (|dS| etc. when absolute)."""
+    f = (lambda x: x.double().cpu().abs()) if absolute else (lambda x: x.double().cpu())  # noqa: E731
+    terms = [(y * f(w)).sum() for y, w in ((o, do), (S, dS), (z, dz)) if w is not None]
+    if not terms:
+        raise ValueError("give at least one of do, dS, dz")
+    return sum(terms[1:], terms[0])
+
+
+def reference_grads(c: dict, leaves, do=None, dS=None, dz=None, cu_seqlens=None) -> list:
+    """The float64 gradients of L = sum(o do) + sum(S_T dS) + sum(z_T dz) through the reference, with respect
+    to ``leaves`` = [q, k, v] or [q, k, v, S_0, z_0]; a term whose weight is None is left out, and a leaf L
+    does not depend on gets zeros (z_0 unnormalized). ``cu_seqlens``: packed sequences, each its own call."""
+    if cu_seqlens is not None:
+        return _grads_per_sequence(reference_grads, c, leaves, do, dS, dz, cu_seqlens)
+    leaves, state = _float64_leaves(leaves)
+    o, (S, z), _, _ = reference(c, *leaves[:3], state)
+    grads = torch.autograd.grad(_loss(o, S, z, do, dS, dz, absolute=False), leaves, allow_unused=True)
+    return [g if g is not None else torch.zeros_like(x) for g, x in zip(grads, leaves)]
+
+
+def grad_bound(c: dict, leaves, do=None, dS=None, dz=None, cu_seqlens=None) -> list:
+    """Per-element scale of the rounding error of each gradient of :func:`reference_grads` (same arguments).
 
     The float64 reference on absolute values, with |do|, |dS|, |dz|, differentiated: every term of
     every gradient enters with its magnitude. For normalized outputs the loss is linearized as
     |do| (N + |o| Dn) / |den| with o and den held fixed.
     """
-    leaves = [x.detach().double().cpu().requires_grad_() for x in leaves]
-    state = tuple(leaves[3:]) if len(leaves) > 3 else None
-    o, _, _, den = reference(c, *(x.detach() for x in leaves[:3]),
-                             tuple(x.detach() for x in state) if state else None)
+    if cu_seqlens is not None:
+        return _grads_per_sequence(grad_bound, c, leaves, do, dS, dz, cu_seqlens)
+    leaves, state = _float64_leaves(leaves)
+    o, _, _, den = reference(c, *(x.detach() for x in leaves[:3]), _detached(state))
     _, (S_abs, z_abs), n_abs, d_abs = reference(c, *leaves[:3], state, absolute=True)
-    out = (n_abs + o.abs() * d_abs[..., None]) / den.abs()[..., None] if c["normalize"] else n_abs
-    loss = (out * do.double().cpu().abs()).sum() + (S_abs * dS.double().cpu().abs()).sum() \
-        + (z_abs * dz.double().cpu().abs()).sum()
-    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    out = _output_bound(c, o, den, n_abs, d_abs)
+    grads = torch.autograd.grad(_loss(out, S_abs, z_abs, do, dS, dz, absolute=True), leaves, allow_unused=True)
     return [g.abs() if g is not None else torch.zeros_like(x) for g, x in zip(grads, leaves)]
 
 
 def check_grads(c: dict, got, want, bounds, names) -> float:
+    """Raise EquivalenceError unless each gradient in ``got`` is within GTOL x its bound of ``want``
+    (``names``: q, k, v, S_0, z_0, as :func:`forward_and_grads` returns them); returns the worst ratio."""
     worst = 0.0
     for name, g, w, b in zip(names, got, want, bounds):
         if g is None:
@@ -231,31 +373,36 @@ def check_grads(c: dict, got, want, bounds, names) -> float:
         if tuple(g.shape) != tuple(w.shape) or torch.isnan(g.detach()).any():
             raise EquivalenceError(f"d{name}: shape {tuple(g.shape)} (want {tuple(w.shape)}) or NaN values",
                                    float("inf"))
-        worst = max(worst, _assert_within(f"d{name}", g, w, b, GTOL[c["dtype"]]))
+        worst = max(worst, assert_within(f"d{name}", g, w, b, GTOL[c["dtype"]]))
     return worst
 
 
-def forward_and_grads(c: dict, backend: str, device="cpu", final_state_grad: bool = True):
-    """Run a case forward and backward; -> (got, want, bounds, names) for :func:`check_grads`."""
-    q, k, v, state = make_inputs(c, requires_grad=True, device=device)
-    o, (S, z) = linear_attention(q, k, v, feature_map=c["feature_map"], initial_state=state, backend=backend,
-                                 return_state=True, **_kwargs(c))
+def forward_and_grads(c: dict, backend: str, device="cpu", final_state_grad: bool = True, *, inputs=None,
+                      cu_seqlens=None, call=linear_attention):
+    """Run a case forward and backward; -> (got, want, bounds, names) for :func:`check_grads`.
+
+    The loss is sum(o do) + sum(S_T dS) + sum(z_T dz) with do, dS, dz drawn from ``c["seed"] + 1``
+    (dS = dz = 0 unless ``final_state_grad``).
+
+    Args:
+        inputs: (q, k, v, state) requiring grad; default :func:`make_inputs` of the case.
+        cu_seqlens: packed sequences, passed to the call; the reference runs each sequence on its own.
+        call: a function with :func:`lintx_triton.linear_attention`'s signature that runs the forward
+            (default that function), e.g. one that runs it under ``lx.config.override``.
+    """
+    q, k, v, state = inputs if inputs is not None else make_inputs(c, requires_grad=True, device=device)
+    o, (S, z) = call(q, k, v, feature_map=c["feature_map"], initial_state=state, backend=backend,
+                     return_state=True, cu_seqlens=cu_seqlens, **_kwargs(c))
     g = torch.Generator().manual_seed(c["seed"] + 1)
     # the op receives do in o's dtype: round it once so that every evaluation sees the same do
     do = torch.randn(o.shape, generator=g).to(o.dtype).float()
     dS = torch.randn(S.shape, generator=g) if final_state_grad else torch.zeros(S.shape)
     dz = torch.randn(z.shape, generator=g) if final_state_grad else torch.zeros(z.shape)
     leaves = [q, k, v] + (list(state) if state is not None else [])
-    loss = (o.float() * do.to(device)).sum() + (S * dS.to(device)).sum() + (z * dz.to(device)).sum()
+    loss = (o.float() * do.to(o.device)).sum() + (S * dS.to(S.device)).sum() + (z * dz.to(z.device)).sum()
     got = torch.autograd.grad(loss, leaves)
-
-    ref_leaves = [x.detach().double().cpu().requires_grad_() for x in leaves]
-    rstate = tuple(ref_leaves[3:]) if state is not None else None
-    ro, (rS, rz), _, _ = reference(c, *ref_leaves[:3], rstate)
-    rloss = (ro * do.double()).sum() + (rS * dS.double()).sum() + (rz * dz.double()).sum()
-    want = torch.autograd.grad(rloss, ref_leaves, allow_unused=True)  # z_0 is unused unnormalized
-    want = [w if w is not None else torch.zeros_like(x) for w, x in zip(want, ref_leaves)]
-    bounds = grad_bound(c, leaves, do, dS, dz)
+    want = reference_grads(c, leaves, do, dS, dz, cu_seqlens=cu_seqlens)
+    bounds = grad_bound(c, leaves, do, dS, dz, cu_seqlens=cu_seqlens)
     return got, want, bounds, ["q", "k", "v", "S_0", "z_0"][: len(leaves)]
 
 

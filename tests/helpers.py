@@ -1,4 +1,4 @@
-"""Test-side names for the properties shipped in :mod:`lintx_triton.testing`."""
+"""The tests' imports of :mod:`lintx_triton.testing` (its public API), and a call of a case."""
 
 from __future__ import annotations
 
@@ -11,23 +11,20 @@ from lintx_triton.testing import (  # noqa: F401  (re-exported for the tests)
     check_forward,
     check_grads,
     check_state,
+    decode_steps,
     forward_and_grads,
     grad_bound,
     make_inputs,
     reference,
+    reference_grads,
 )
+
+# test_codegen.py's name for check_forward
+assert_forward_close = check_forward
 
 
 def kwargs(c: dict) -> dict:
     return dict(feature_map=c["feature_map"], causal=c["causal"], normalize=c["normalize"], scale=c["scale"])
-
-
-def assert_forward_close(c: dict, out, q, k, v, state, what="o"):
-    check_forward(c, out, q, k, v, state, name=what)
-
-
-def assert_grads_close(c: dict, got, want, bounds, names):
-    check_grads(c, got, want, bounds, names)
 
 
 def run(c, q, k, v, state, backend, return_state=False):

@@ -1,7 +1,7 @@
 """Gradients of q, k, v and the initial state against float64 autograd through the reference.
 
 Each element is held to a bound scaled by the magnitudes of the terms its exact value sums
-(helpers.grad_bound). The bound is first order: it holds while rounding moves the normalizer by a
+(lintx_triton.testing.grad_bound). The bound is first order: it holds while rounding moves the normalizer by a
 small fraction of itself. identity + normalize breaks that (its normalizer, a signed sum, passes
 through 0: the README says to use it unnormalized), so its gradients are not drawn here; its forward
 is tested, and relu, whose normalizer can be exactly eps, is drawn normalized.
@@ -13,7 +13,7 @@ from hypothesis import assume, given, note
 from hypothesis import strategies as st
 
 import lintx_triton as lx
-from helpers import assert_grads_close, case_id, cases, forward_and_grads, grad_bound, make_inputs, reference
+from helpers import case_id, cases, check_grads, forward_and_grads, grad_bound, make_inputs, reference_grads
 
 
 def _grads(c, backend, path="chunked", chunk=16, final_state_grad=True):
@@ -26,7 +26,7 @@ def test_triton_gradients(c, chunk, final_state_grad):
     assume(not (c["feature_map"] == "identity" and c["normalize"]))
     note(case_id(c))
     got, want, bounds, names = _grads(c, "triton", chunk=chunk, final_state_grad=final_state_grad)
-    assert_grads_close(c, got, want, bounds, names)
+    check_grads(c, got, want, bounds, names)
 
 
 @given(c=cases())
@@ -34,7 +34,7 @@ def test_torch_backend_gradients(c):
     assume(not (c["feature_map"] == "identity" and c["normalize"]))
     note(case_id(c))
     got, want, bounds, names = _grads(c, "torch")
-    assert_grads_close(c, got, want, bounds, names)
+    check_grads(c, got, want, bounds, names)
 
 
 def test_gradient_only_through_output():
@@ -43,13 +43,11 @@ def test_gradient_only_through_output():
              initial_state=True, scale=1.0, seed=5)
     q, k, v, state = make_inputs(c, requires_grad=True)
     o = lx.linear_attention(q, k, v, initial_state=state, backend="triton")
-    got = torch.autograd.grad(o.sum(), [q, k, v, *state])
-    ref_leaves = [x.detach().double().requires_grad_() for x in (q, k, v, *state)]
-    ro = reference(c, *ref_leaves[:3], tuple(ref_leaves[3:]))[0]
-    want = torch.autograd.grad(ro.sum(), ref_leaves)
-    zero_s, zero_z = torch.zeros_like(state[0]), torch.zeros_like(state[1])
-    bounds = grad_bound(c, [q, k, v, *state], torch.ones_like(ro), zero_s, zero_z)
-    assert_grads_close(c, got, want, bounds, ["q", "k", "v", "S_0", "z_0"])
+    leaves = [q, k, v, *state]
+    got = torch.autograd.grad(o.sum(), leaves)
+    do = torch.ones(o.shape)  # the loss o.sum(); no term of the final state
+    want, bounds = reference_grads(c, leaves, do), grad_bound(c, leaves, do)
+    check_grads(c, got, want, bounds, ["q", "k", "v", "S_0", "z_0"])
 
 
 def test_torch_gradcheck_float64_torch_backend():
@@ -89,11 +87,7 @@ def test_long_prefix_keeps_fp16_in_range(dtype, normalize):
                                     backend="triton")
     assert S.abs().max() > 1e6 and torch.isfinite(o).all()
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(0)).to(o.dtype).float()
-    got = torch.autograd.grad((o.float() * do).sum(), [q, k, v, *state])
-    leaves = [x.detach().double().requires_grad_() for x in (q, k, v, *state)]
-    ro = reference(c, *leaves[:3], tuple(leaves[3:]))[0]
-    want = torch.autograd.grad((ro * do.double()).sum(), leaves, allow_unused=True)  # z_0 is unused unnormalized
-    want = [w if w is not None else torch.zeros_like(x) for w, x in zip(want, leaves)]
-    zs, zz = torch.zeros_like(state[0]), torch.zeros_like(state[1])
-    bounds = grad_bound(c, [q, k, v, *state], do, zs, zz)
-    assert_grads_close(c, got, want, bounds, ["q", "k", "v", "S_0", "z_0"])
+    leaves = [q, k, v, *state]
+    got = torch.autograd.grad((o.float() * do).sum(), leaves)
+    want, bounds = reference_grads(c, leaves, do), grad_bound(c, leaves, do)  # z_0 is unused unnormalized: 0
+    check_grads(c, got, want, bounds, ["q", "k", "v", "S_0", "z_0"])

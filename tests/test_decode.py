@@ -6,14 +6,9 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 
 import lintx_triton as lx
-from helpers import case_id, cases, check_forward, check_state, make_inputs
-from lintx_triton.testing import decode_steps
+from helpers import case_id, cases, check_forward, check_state, decode_steps, make_inputs
 
 T_SHORT = (1, 2, 5, 9)
-
-
-def _steps(c, q, k, v, state, backend, inplace):
-    return decode_steps(c, q, k, v, state, backend, inplace)
 
 
 @given(c=cases(causal=True, t_values=T_SHORT), backend=st.sampled_from(["triton", "torch"]), inplace=st.booleans())
@@ -21,7 +16,7 @@ def test_steps_match_reference(c, backend, inplace):
     """T steps (from an initial state or none) meet the same error bounds as the chunked op."""
     note(case_id(c))
     q, k, v, state = make_inputs(c)
-    o, st_ = _steps(c, q, k, v, state, backend, inplace)
+    o, st_ = decode_steps(c, q, k, v, state, backend, inplace)
     check_forward(c, o, q, k, v, state)
     check_state(c, st_, q, k, v, state)
 
@@ -49,8 +44,8 @@ def test_inplace_equals_functional(backend):
     c = dict(B=2, T=4, H=3, D=8, DV=8, dtype="bfloat16", feature_map="relu", causal=True, normalize=True,
              initial_state=True, scale=1.0, seed=9)
     q, k, v, state = make_inputs(c)
-    o1, (S1, z1) = _steps(c, q, k, v, state, backend, inplace=False)
-    o2, (S2, z2) = _steps(c, q, k, v, state, backend, inplace=True)
+    o1, (S1, z1) = decode_steps(c, q, k, v, state, backend, inplace=False)
+    o2, (S2, z2) = decode_steps(c, q, k, v, state, backend, inplace=True)
     torch.testing.assert_close(o1, o2, rtol=0, atol=0)
     torch.testing.assert_close(S1, S2, rtol=0, atol=0)
     torch.testing.assert_close(z1, z2, rtol=0, atol=0)

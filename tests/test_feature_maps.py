@@ -10,10 +10,9 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lintx_triton as lx
-from helpers import assert_forward_close, assert_grads_close, case_id, cases, check_state, forward_and_grads, \
+from helpers import case_id, cases, check_forward, check_grads, check_state, decode_steps, forward_and_grads, \
     make_inputs, run
 from lintx_triton.reference import linear_attention_reference
-from lintx_triton.testing import decode_steps
 
 fmaps = lx.feature_maps
 # a quarter of the profile's examples: every example runs the interpreter forward, backward and decode
@@ -45,10 +44,10 @@ def test_random_maps_forward_matches_reference(cm, path):
     q, k, v, state = make_inputs(c)
     with lx.config.override(path=path, chunk=16):
         o, st_ = run(c, q, k, v, state, backend="triton", return_state=True)
-    assert_forward_close(c, o, q, k, v, state)
+    check_forward(c, o, q, k, v, state)
     check_state(c, st_, q, k, v, state)
     o_t, st_t = run(c, q, k, v, state, backend="torch", return_state=True)
-    assert_forward_close(c, o_t, q, k, v, state)
+    check_forward(c, o_t, q, k, v, state)
     check_state(c, st_t, q, k, v, state)
 
 
@@ -58,7 +57,7 @@ def test_random_maps_gradients_match_reference(cm):
     c, fm = cm
     note(case_id(c))
     fmaps.register(fm)
-    assert_grads_close(c, *forward_and_grads(c, "triton"))
+    check_grads(c, *forward_and_grads(c, "triton"))
 
 
 @FEW
@@ -69,7 +68,7 @@ def test_random_maps_decode_steps(cm, inplace):
     fmaps.register(fm)
     q, k, v, state = make_inputs(c)
     o, final = decode_steps(c, q, k, v, state, backend="triton", inplace=inplace)
-    assert_forward_close(c, o, q, k, v, state)
+    check_forward(c, o, q, k, v, state)
     check_state(c, final, q, k, v, state)
 
 
@@ -84,9 +83,9 @@ def _forward_state_grads(c):
     """The Triton kernels on one case: output, final state and every gradient within their bounds."""
     q, k, v, state = make_inputs(c)
     o, st_ = run(c, q, k, v, state, backend="triton", return_state=True)
-    assert_forward_close(c, o, q, k, v, state)
+    check_forward(c, o, q, k, v, state)
     check_state(c, st_, q, k, v, state)
-    assert_grads_close(c, *forward_and_grads(c, "triton"))
+    check_grads(c, *forward_and_grads(c, "triton"))
     return q, k, v, state
 
 
@@ -210,7 +209,7 @@ def test_user_defined_projected_map(normalize):
              initial_state=True, scale=0.5, seed=9)
     q, k, v, state = _forward_state_grads(c)
     od, _ = decode_steps(c, q, k, v, state, backend="triton")
-    assert_forward_close(c, od, q, k, v, state)
+    check_forward(c, od, q, k, v, state)
 
 
 def test_user_defined_projected_map_compiles_fullgraph():

@@ -6,11 +6,7 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 
 import lintx_triton as lx
-from helpers import assert_forward_close, case_id, cases, check_state, make_inputs, run
-
-
-def _check_state(c, got, q, k, v, state):
-    check_state(c, got, q, k, v, state)
+from helpers import case_id, cases, check_forward, check_state, make_inputs, run
 
 
 @given(c=cases(), path=st.sampled_from(["chunked", "fused"]), chunk=st.sampled_from([16, 32]))
@@ -19,8 +15,8 @@ def test_triton_forward_matches_reference(c, path, chunk):
     q, k, v, state = make_inputs(c)
     with lx.config.override(path=path, chunk=chunk):
         o, st_ = run(c, q, k, v, state, backend="triton", return_state=True)
-    assert_forward_close(c, o, q, k, v, state)
-    _check_state(c, st_, q, k, v, state)
+    check_forward(c, o, q, k, v, state)
+    check_state(c, st_, q, k, v, state)
 
 
 @given(c=cases())
@@ -28,8 +24,8 @@ def test_torch_backend_matches_reference(c):
     note(case_id(c))
     q, k, v, state = make_inputs(c)
     o, st_ = run(c, q, k, v, state, backend="torch", return_state=True)
-    assert_forward_close(c, o, q, k, v, state)
-    _check_state(c, st_, q, k, v, state)
+    check_forward(c, o, q, k, v, state)
+    check_state(c, st_, q, k, v, state)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -44,7 +40,7 @@ def test_non_contiguous_inputs(backend, causal):
     vn = torch.cat([v, torch.zeros_like(v)], dim=-1)[..., : c["DV"]]
     assert not (qn.is_contiguous() or kn.is_contiguous() or vn.is_contiguous())
     o = run(c, qn, kn, vn, None, backend=backend)
-    assert_forward_close(c, o, q, k, v, None)
+    check_forward(c, o, q, k, v, None)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

@@ -6,7 +6,7 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 
 import lintx_triton as lx
-from helpers import assert_forward_close, case_id, cases, make_inputs
+from helpers import case_id, cases, check_forward, make_inputs
 
 
 @given(c=cases(dtypes=("float32",)), backend=st.sampled_from(["triton", "torch"]), data=st.data())
@@ -20,8 +20,8 @@ def test_split_and_resume(c, backend, data):
     o1, st1 = lx.linear_attention(q[:, :cut], k[:, :cut], v[:, :cut], initial_state=state, return_state=True, **kw)
     o2, (S2, z2) = lx.linear_attention(q[:, cut:], k[:, cut:], v[:, cut:], initial_state=st1, return_state=True, **kw)
     # both halves together meet the same per-element error bound as the one call
-    assert_forward_close(c, torch.cat([o1, o2], 1), q, k, v, state, what="resumed o")
-    assert_forward_close(c, o, q, k, v, state)
+    check_forward(c, torch.cat([o1, o2], 1), q, k, v, state, name="resumed o")
+    check_forward(c, o, q, k, v, state)
     torch.testing.assert_close(S2, S, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(z2, z, rtol=1e-5, atol=1e-5)
 

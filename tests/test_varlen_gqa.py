@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lintx_triton as lx
-from lintx_triton.testing import GTOL, TOL, _assert_within, check_state, decode_steps, forward_bound, grad_bound, \
-    reference
+from lintx_triton.testing import check_forward, check_grads, check_state, decode_steps, forward_and_grads, grad_bound, \
+    reference_grads
 
 FEW = settings(max_examples=max(8, settings.default.max_examples // 3), deadline=None)
 
@@ -62,23 +62,18 @@ def _inputs(c, requires_grad=False):
     return q, k, v, state, cu
 
 
-def _pieces(c, q, k, v, state):
-    """(case, q, k, v, state) per sequence: the batch itself when not packed."""
-    if c["lens"] is None:
-        return [(c, q, k, v, state)]
-    out, s = [], 0
-    for n, L in enumerate(c["lens"]):
-        st_ = tuple(x[n:n + 1] for x in state) if state is not None else None
-        out.append((dict(c, T=L), q[:, s:s + L], k[:, s:s + L], v[:, s:s + L], st_))
-        s += L
-    return out
+def _configured(c):
+    """lx.linear_attention with the case's config pinned for the forward (the backward runs outside it)."""
+    def call(*args, **kwargs):
+        with lx.config.override(path=c["path"], chunk=16, bwd_chunk=16):
+            return lx.linear_attention(*args, **kwargs)
+
+    return call
 
 
 def _run(c, q, k, v, state, cu, backend):
     kw = dict(feature_map=c["feature_map"], causal=c["causal"], normalize=c["normalize"], scale=c["scale"])
-    with lx.config.override(path=c["path"], chunk=16, bwd_chunk=16):
-        return lx.linear_attention(q, k, v, initial_state=state, return_state=True, cu_seqlens=cu, backend=backend,
-                                   **kw)
+    return _configured(c)(q, k, v, initial_state=state, return_state=True, cu_seqlens=cu, backend=backend, **kw)
 
 
 @FEW
@@ -88,13 +83,8 @@ def test_packed_forward_matches_per_sequence_reference(c, backend):
     q, k, v, state, cu = _inputs(c)
     o, (S, z) = _run(c, q, k, v, state, cu, backend)
     assert S.shape[:2] == (len(c["lens"]), c["HKV"])
-    refs, bounds = [], []
-    for n, (cn, qn, kn, vn, sn) in enumerate(_pieces(c, q, k, v, state)):
-        r, b = forward_bound(cn, qn, kn, vn, sn)
-        refs.append(r)
-        bounds.append(b)
-        check_state(cn, (S[n:n + 1], z[n:n + 1]), qn, kn, vn, sn)
-    _assert_within("o", o, torch.cat(refs, 1), torch.cat(bounds, 1), TOL[c["dtype"]])
+    check_state(c, (S, z), q, k, v, state, cu_seqlens=cu)  # each sequence against its own reference
+    check_forward(c, o, q, k, v, state, cu_seqlens=cu)
 
 
 @FEW
@@ -103,35 +93,14 @@ def test_grouped_heads_forward(c):
     note(_id(c))
     q, k, v, state, _ = _inputs(c)
     o, (S, z) = _run(c, q, k, v, state, None, "triton")
-    r, b = forward_bound(c, q, k, v, state)
-    _assert_within("o", o, r, b, TOL[c["dtype"]])
+    check_forward(c, o, q, k, v, state)
     check_state(c, (S, z), q, k, v, state)
 
 
 def _grads(c, backend):
     q, k, v, state, cu = _inputs(c, requires_grad=True)
-    o, (S, z) = _run(c, q, k, v, state, cu, backend)
-    g = torch.Generator().manual_seed(c["seed"] + 1)
-    do = torch.randn(o.shape, generator=g).to(o.dtype).float()
-    dS, dz = torch.randn(S.shape, generator=g), torch.randn(z.shape, generator=g)
-    leaves = [q, k, v] + (list(state) if state else [])
-    got = torch.autograd.grad((o.float() * do).sum() + (S * dS).sum() + (z * dz).sum(), leaves)
-    want, bound = [], []
-    for n, (cn, qn, kn, vn, sn) in enumerate(_pieces(c, q, k, v, state)):
-        seg = slice(n, n + 1) if c["lens"] is not None else slice(None)
-        tok = (slice(None), slice(sum(c["lens"][:n]), sum(c["lens"][:n + 1]))) if c["lens"] is not None else ()
-        sub = [qn, kn, vn] + (list(sn) if sn else [])
-        ref_leaves = [x.detach().double().requires_grad_() for x in sub]
-        ro, (rS, rz), _, _ = reference(cn, *ref_leaves[:3], tuple(ref_leaves[3:]) if sn else None)
-        do_n = do[tok] if tok else do
-        loss = (ro * do_n.double()).sum() + (rS * dS[seg].double()).sum() + (rz * dz[seg].double()).sum()
-        w = torch.autograd.grad(loss, ref_leaves, allow_unused=True)
-        want.append([x if x is not None else torch.zeros_like(y) for x, y in zip(w, ref_leaves)])
-        bound.append(grad_bound(cn, sub, do_n, dS[seg], dz[seg]))
-    dims = [1, 1, 1, 0, 0]
-    for i, name in enumerate(["q", "k", "v", "S_0", "z_0"][: len(leaves)]):
-        _assert_within(f"d{name}", got[i], torch.cat([w[i] for w in want], dims[i]),
-                       torch.cat([b[i] for b in bound], dims[i]), GTOL[c["dtype"]])
+    # each packed sequence's gradients against its own reference
+    check_grads(c, *forward_and_grads(c, backend, inputs=(q, k, v, state), cu_seqlens=cu, call=_configured(c)))
 
 
 @FEW
@@ -155,8 +124,7 @@ def test_grouped_heads_decode(c, inplace):
     note(_id(c))
     q, k, v, state, _ = _inputs(c)
     o, (S, z) = decode_steps(c, q, k, v, state, backend="triton", inplace=inplace)
-    r, b = forward_bound(c, q, k, v, state)
-    _assert_within("o", o, r, b, TOL[c["dtype"]])
+    check_forward(c, o, q, k, v, state)
     check_state(c, (S, z), q, k, v, state)
 
 
@@ -238,25 +206,12 @@ def test_state_alone_matches_reference(c, varlen, backend):
     dS, dz = torch.randn(S.shape, generator=g), torch.randn(z.shape, generator=g)
     leaves = [k, v] + (list(state) if state else [])
     got = torch.autograd.grad((S * dS).sum() + (z * dz).sum(), leaves)
-    for n, (cn, qn, kn, vn, sn) in enumerate(_pieces(c, q, k, v, state)):
-        seg = slice(n, n + 1) if c["lens"] is not None else slice(None)
-        check_state(cn, (S[seg], z[seg]), qn, kn, vn, sn)
-    # gradients: the float64 reference's state with do = 0, per sequence
-    want, bound = [], []
-    for n, (cn, qn, kn, vn, sn) in enumerate(_pieces(c, q, k, v, state)):
-        seg = slice(n, n + 1) if c["lens"] is not None else slice(None)
-        sub = [qn, kn, vn] + (list(sn) if sn else [])
-        ref = [x.detach().double().requires_grad_() for x in sub]
-        _, (rS, rz), _, _ = reference(dict(cn, normalize=False), *ref[:3], tuple(ref[3:]) if sn else None)
-        w = torch.autograd.grad((rS * dS[seg].double()).sum() + (rz * dz[seg].double()).sum(), ref[1:],
-                                allow_unused=True)
-        want.append([x if x is not None else torch.zeros_like(y) for x, y in zip(w, ref[1:])])
-        zero_do = torch.zeros(*qn.shape[:3], c["DV"])
-        bound.append(grad_bound(dict(cn, normalize=False), sub, zero_do, dS[seg], dz[seg])[1:])
-    dims = [1, 1, 0, 0]
-    for i, name in enumerate(["k", "v", "S_0", "z_0"][: len(leaves)]):
-        _assert_within(f"d{name}", got[i], torch.cat([w[i] for w in want], dims[i]),
-                       torch.cat([b[i] for b in bound], dims[i]), GTOL[c["dtype"]])
+    check_state(c, (S, z), q, k, v, state, cu_seqlens=cu)
+    # gradients: the float64 reference's state alone (no output term), each sequence on its own
+    raw, full = dict(c, normalize=False), [q, k, v] + (list(state) if state else [])
+    want = reference_grads(raw, full, None, dS, dz, cu_seqlens=cu)[1:]
+    bounds = grad_bound(raw, full, None, dS, dz, cu_seqlens=cu)[1:]
+    check_grads(c, got, want, bounds, ["k", "v", "S_0", "z_0"][: len(leaves)])
 
 
 def test_state_ops_opcheck():
