@@ -2,8 +2,8 @@
 
 A *row* is one problem (mode, B, T, H, D, DV, dtype) and its inputs, made once from a seed; a *cell*
 is one implementation run on a row. Every cell is checked against a float64 reference before it is
-timed (``check_*``): a linear attention against :func:`lintx_triton.reference.linear_attention_reference`
-on slices of the very inputs that are timed, within ``lintx_triton.testing.TOL`` / ``GTOL``; SDPA
+timed (``check_*``): a linear attention with the tests' checks (``lintx_triton.testing``: its float64
+reference, error bounds and ``TOL`` / ``GTOL``) on slices of the very inputs that are timed; SDPA
 against a float64 softmax. A slice is one (batch, head) pair and a window of W tokens at the start
 (output and, for ``fwdbwd``, every gradient, with do zero outside the window) and at the end (output,
 the float64 state of the tokens before it carried in). lintx must pass; an alternative whose worst
@@ -24,8 +24,8 @@ above the inputs (``torch.cuda.max_memory_allocated``; None on a CPU), and the f
 memory-traffic floor: the bytes each input is read once and each output written once, over a
 device-to-device copy bandwidth measured in the same process.
 
-Only the public API is used: ``lintx_triton.linear_attention``, ``linear_attention_step_``,
-``lintx_triton.reference.linear_attention_reference`` and ``lintx_triton.testing``.
+Only the public API is used: ``lintx_triton.linear_attention``, ``linear_attention_step_`` and
+``lintx_triton.testing``.
 """
 
 from __future__ import annotations
@@ -46,8 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import lintx_triton as lx
-from lintx_triton import feature_maps, testing
-from lintx_triton.reference import linear_attention_reference
+from lintx_triton import testing
 from lintx_triton.spec import DTYPES as SPEC_DTYPES
 
 MODES = ("fwd", "fwdbwd", "prefill", "decode")
@@ -346,38 +345,10 @@ def workload(impl: Impl, row: Row, inp: dict) -> Callable[[], Any]:
 # correctness
 
 
-class CheckError(AssertionError):
-    def __init__(self, msg: str, worst: float):
-        super().__init__(msg)
-        self.worst = worst
-
-
-def _ratio(name: str, got: Tensor, ref: Tensor, bound: Tensor, tol: float) -> float:
-    """max |got - ref| / (tol x bound + the subnormal spacing of got's dtype); inf on NaN or a wrong shape."""
-    if tuple(got.shape) != tuple(ref.shape):
-        raise CheckError(f"{name}: shape {tuple(got.shape)}, want {tuple(ref.shape)}", math.inf)
-    fi = torch.finfo(got.dtype)
-    err = (got.detach().double().cpu() - ref.double().cpu()).abs()
-    r = err / (tol * bound.double().cpu() + fi.smallest_normal * fi.eps)
-    r = torch.where(torch.isnan(r), torch.full_like(r, math.inf), r)
-    return r.max().item() if r.numel() else 0.0
-
-
 def _case(row: Row, normalize: bool) -> dict:
     """The dict lintx_triton.testing keys its tolerances and references on."""
     return dict(dtype=DTYPES[row.dtype].name, feature_map="elu",
                 causal=True, normalize=normalize, scale=1.0, initial_state=False)
-
-
-def _linear_ref(c: dict, q, k, v, state, state_abs=None):
-    """float64 reference of a [1, W, 1, *] slice and the per-element bound of its rounding error."""
-    fm = feature_maps.get("elu")
-    o, (S, z), _, den = linear_attention_reference(q, k, v, fm, normalize=c["normalize"], initial_state=state)
-    sa = state_abs if state_abs is not None else state
-    _, (S_abs, z_abs), n_abs, d_abs = linear_attention_reference(q, k, v, fm, normalize=c["normalize"],
-                                                                 initial_state=sa, absolute=True)
-    bound = (n_abs + o.abs() * d_abs[..., None]) / den.abs()[..., None] if c["normalize"] else n_abs
-    return o, bound, (S, z), (S_abs, z_abs)
 
 
 def _picks(row: Row):
@@ -387,9 +358,9 @@ def _picks(row: Row):
 def check_linear(impl: Impl, row: Row, inp: dict, window: int = 128) -> float:
     """Worst error / bound of a linear attention on slices of the row's inputs (see the module doc)."""
     c = _case(row, impl.normalize)
-    tol, gtol = testing.TOL[c["dtype"]], testing.GTOL[c["dtype"]]
+    tol = testing.TOL[c["dtype"]]
     if row.mode == "decode":
-        return _check_linear_decode(impl, row, inp, c, tol)
+        return _check_linear_decode(impl, inp, c, tol)
     q, k, v = inp["q"], inp["k"], inp["v"]
     state = inp.get("state")
     T, W = row.T, min(row.T, window)
@@ -397,41 +368,32 @@ def check_linear(impl: Impl, row: Row, inp: dict, window: int = 128) -> float:
     with torch.no_grad():
         o, final = impl.attend(q, k, v, state, True) if row.mode == "prefill" else (impl.attend(q, k, v), None)
     if not torch.isfinite(o).all():
-        raise CheckError("non-finite output", math.inf)
+        raise testing.EquivalenceError("non-finite output", math.inf)
     for b, h in _picks(row):
-        def sl(x, t0, t1, b=b, h=h):  # [1, t1 - t0, 1, *] float64 on the CPU
-            return x[b:b + 1, t0:t1, h:h + 1].detach().double().cpu()
+        def sl(x, t0, t1, b=b, h=h):  # [1, t1 - t0, 1, *]
+            return x[b:b + 1, t0:t1, h:h + 1]
 
-        st0 = tuple(x[b:b + 1, h:h + 1].double().cpu() for x in state) if state is not None else None
+        st0 = tuple(x[b:b + 1, h:h + 1] for x in state) if state is not None else None
         # the first W tokens
-        ref, bound, _, _ = _linear_ref(c, sl(q, 0, W), sl(k, 0, W), sl(v, 0, W), st0)
-        worst = max(worst, _ratio("o[:W]", o[b:b + 1, :W, h:h + 1], ref, bound, tol))
+        ref, bound = testing.forward_bound(c, sl(q, 0, W), sl(k, 0, W), sl(v, 0, W), st0)
+        worst = max(worst, testing.error_ratio("o[:W]", sl(o, 0, W), ref, bound, tol))
         # the last W tokens, the float64 state of the T - W before them carried in
         if T > W:
-            kk = phi(k[b, :T - W, h].detach().double())  # [T - W, M] (on the device)
-            vv = v[b, :T - W, h].detach().double()
-            S_pre, z_pre = (kk.T @ vv).cpu()[None, None], kk.sum(0).cpu()[None, None]
-            S_abs = (kk.T @ vv.abs()).cpu()[None, None]
-            if st0 is not None:
-                S_pre, z_pre, S_abs = S_pre + st0[0], z_pre + st0[1], S_abs + st0[0].abs()
-            ref, bound, _, _ = _linear_ref(c, sl(q, T - W, T), sl(k, T - W, T), sl(v, T - W, T), (S_pre, z_pre),
-                                           (S_abs, z_pre))
-            worst = max(worst, _ratio("o[T-W:]", o[b:b + 1, T - W:, h:h + 1], ref, bound, tol))
+            pre, pre_abs = testing.state_bound(c, sl(k, 0, T - W), sl(v, 0, T - W), st0)
+            ref, bound = testing.forward_bound(c, sl(q, T - W, T), sl(k, T - W, T), sl(v, T - W, T), pre,
+                                               state_abs=pre_abs)
+            worst = max(worst, testing.error_ratio("o[T-W:]", sl(o, T - W, T), ref, bound, tol))
         if final is not None:  # prefill: the final state
-            kk = phi(k[b, :, h].detach().double())
-            vv = v[b, :, h].detach().double()
-            S_ref = (kk.T @ vv).cpu() + st0[0][0, 0]
-            S_bound = (kk.T @ vv.abs()).cpu() + st0[0][0, 0].abs()
-            worst = max(worst, _ratio("S_T", final[0][b, h], S_ref, S_bound, tol))
+            (S_ref, z_ref), (S_abs, z_abs) = testing.state_bound(c, sl(k, 0, T), sl(v, 0, T), st0)
+            worst = max(worst, testing.error_ratio("S_T", final[0][b:b + 1, h:h + 1], S_ref, S_abs, tol))
             if final[1] is not None:
-                z_ref = kk.sum(0).cpu() + st0[1][0, 0]
-                worst = max(worst, _ratio("z_T", final[1][b, h], z_ref, z_ref.abs(), tol))
+                worst = max(worst, testing.error_ratio("z_T", final[1][b:b + 1, h:h + 1], z_ref, z_abs, tol))
     if row.mode == "fwdbwd":
-        worst = max(worst, _check_linear_grads(impl, row, inp, c, W, gtol))
+        worst = max(worst, _check_linear_grads(impl, row, inp, c, W))
     return worst
 
 
-def _check_linear_grads(impl: Impl, row: Row, inp: dict, c: dict, W: int, gtol: float) -> float:
+def _check_linear_grads(impl: Impl, row: Row, inp: dict, c: dict, W: int) -> float:
     """dq, dk, dv of the first W tokens of each pick, with do zero elsewhere (so nothing later feeds them)."""
     q, k, v, do = inp["q"], inp["k"], inp["v"], inp["do"]
     mask = torch.zeros_like(do)
@@ -442,32 +404,28 @@ def _check_linear_grads(impl: Impl, row: Row, inp: dict, c: dict, W: int, gtol: 
     got = torch.autograd.grad(o, (q, k, v), do_w.to(o.dtype))
     for name, g in zip("qkv", got):
         if not torch.isfinite(g).all():
-            raise CheckError(f"d{name}: non-finite values", math.inf)
+            raise testing.EquivalenceError(f"d{name}: non-finite values", math.inf)
     worst = 0.0
-    fm = feature_maps.get("elu")
     for b, h in _picks(row):
-        leaves = [x[b:b + 1, :W, h:h + 1].detach().double().cpu().requires_grad_() for x in (q, k, v)]
-        d = do_w[b:b + 1, :W, h:h + 1].to(o.dtype).double().cpu()
-        ro, _, _, _ = linear_attention_reference(*leaves, fm, normalize=c["normalize"])
-        want = torch.autograd.grad((ro * d).sum(), leaves)
-        M, DV = leaves[0].shape[-1], leaves[2].shape[-1]
-        bounds = testing.grad_bound(c, leaves, d, torch.zeros(1, 1, M, DV), torch.zeros(1, 1, M))
+        leaves = [x[b:b + 1, :W, h:h + 1] for x in (q, k, v)]
+        d = do_w[b:b + 1, :W, h:h + 1].to(o.dtype)
+        want, bounds = testing.reference_grads(c, leaves, d), testing.grad_bound(c, leaves, d)
         for name, g, w, bd in zip("qkv", got, want, bounds):
-            worst = max(worst, _ratio(f"d{name}[:W]", g[b:b + 1, :W, h:h + 1], w, bd, gtol))
+            worst = max(worst, testing.error_ratio(f"d{name}[:W]", g[b:b + 1, :W, h:h + 1], w, bd,
+                                                   testing.GTOL[c["dtype"]]))
     return worst
 
 
-def _check_linear_decode(impl: Impl, row: Row, inp: dict, c: dict, tol: float) -> float:
-    q, k, v = inp["q"], inp["k"], inp["v"]
+def _check_linear_decode(impl: Impl, inp: dict, c: dict, tol: float) -> float:
+    q, k, v = (inp[x][:, None] for x in "qkv")  # one token: [B, 1, H, *]
     S0, z0 = inp["state"]
-    o, (S, z) = impl.step(q, k, v, (S0.clone(), z0.clone()))
-    st = (S0.double().cpu(), z0.double().cpu())
-    ref, bound, (S_ref, z_ref), (S_abs, z_abs) = _linear_ref(
-        c, *(x[:, None].double().cpu() for x in (q, k, v)), st)
-    worst = _ratio("o", o[:, None], ref, bound, tol)
-    worst = max(worst, _ratio("S", S, S_ref, S_abs, tol))
+    o, (S, z) = impl.step(inp["q"], inp["k"], inp["v"], (S0.clone(), z0.clone()))
+    ref, bound = testing.forward_bound(c, q, k, v, (S0, z0))
+    (S_ref, z_ref), (S_abs, z_abs) = testing.state_bound(c, k, v, (S0, z0))
+    worst = testing.error_ratio("o", o[:, None], ref, bound, tol)
+    worst = max(worst, testing.error_ratio("S", S, S_ref, S_abs, tol))
     if impl.normalize:
-        worst = max(worst, _ratio("z", z, z_ref, z_abs, tol))
+        worst = max(worst, testing.error_ratio("z", z, z_ref, z_abs, tol))
     return worst
 
 
@@ -490,7 +448,7 @@ def check_softmax(impl: Impl, row: Row, inp: dict, window: int = 128) -> float:
             qq, kk, vv = (x.detach().double().cpu() for x in (inp["q"][b, h][None], inp["k_cache"][b, h],
                                                                 inp["v_cache"][b, h]))
             ref, bound = _softmax_ref(qq, kk, vv, row.T)
-            worst = max(worst, _ratio("o", o[b, h][None], ref, bound, tol))
+            worst = max(worst, testing.error_ratio("o", o[b, h][None], ref, bound, tol))
         return worst
     q, k, v = inp["q"], inp["k"], inp["v"]
     with torch.no_grad():
@@ -500,12 +458,13 @@ def check_softmax(impl: Impl, row: Row, inp: dict, window: int = 128) -> float:
         qq, kk, vv = (x[b, :, h].detach().double() for x in (q, k, v))
         for q0 in sorted({0, T - W}):
             ref, bound = _softmax_ref(qq[q0:q0 + W].cpu(), kk[:q0 + W].cpu(), vv[:q0 + W].cpu(), q0)
-            worst = max(worst, _ratio(f"o[{q0}:{q0 + W}]", o[b, q0:q0 + W, h], ref, bound, tol))
+            worst = max(worst, testing.error_ratio(f"o[{q0}:{q0 + W}]", o[b, q0:q0 + W, h], ref, bound, tol))
     return worst
 
 
 def check(impl: Impl, row: Row, inp: dict, window: int = 128) -> float:
-    """Worst error / bound (<= 1 passes); raises CheckError only for non-finite or misshapen results."""
+    """Worst error / bound (<= 1 passes); raises lintx_triton.testing.EquivalenceError only for non-finite or
+    misshapen results."""
     return (check_softmax if impl.family == "softmax" else check_linear)(impl, row, inp, window)
 
 
@@ -625,7 +584,7 @@ def run_cell(impl: Impl, row: Row, inp: dict, device: torch.device, timing: Timi
     t0 = time.perf_counter()
     try:
         worst = check(impl, row, inp, window)
-    except CheckError as e:
+    except testing.EquivalenceError as e:
         worst, res["reason"] = e.worst, str(e)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
