@@ -18,7 +18,8 @@ from . import feature_maps
 
 __all__ = ["KernelSpec", "GENERATOR_VERSION", "DType", "DTYPES", "dtype_of", "FAMILIES"]
 
-# Bump when the templates or the renderer change: it is part of every cache key.
+# Bump when the kernel files or the renderer change their meaning (the tuned files record it); the cache
+# key also hashes the kernel files themselves (codegen.render.module_key).
 GENERATOR_VERSION = 8
 
 # The kernel families: what is tuned (one config file each), fuzzed and timed as a unit. The Triton

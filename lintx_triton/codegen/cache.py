@@ -1,10 +1,10 @@
 """The on-disk cache of generated kernel modules.
 
-A generated module is written once to ``<cache dir>/kernels/<spec key>.py`` and
+A generated module is written once to ``<cache dir>/kernels/<key>.py`` and
 imported from there (Triton reads a kernel's source from its file). The cache
 directory is ``$LINTX_TRITON_CACHE_DIR``, else ``~/.cache/lintx_triton``. Keys
-hash the spec, the feature map's source and the generator version, so a stale
-file is never reused.
+(:func:`.render.module_key`) hash the spec, the feature map's source, the generator
+version and the kernel files, so a stale file is never reused.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ..spec import KernelSpec
-from .render import render
+from .render import module_key, render
 
 __all__ = ["cache_dir", "load", "source_path"]
 
@@ -32,7 +32,7 @@ def cache_dir() -> Path:
 
 
 def source_path(spec: KernelSpec) -> Path:
-    return cache_dir() / f"{spec.key()}.py"
+    return cache_dir() / f"{module_key(spec)}.py"
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -54,7 +54,7 @@ def load(spec: KernelSpec, interpret: bool | None = None) -> ModuleType:
     if interpret is None:
         interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     path = source_path(spec)
-    mkey = (spec.key(), str(path), interpret)
+    mkey = (path.stem, str(path), interpret)
     mod = _MODULES.get(mkey)
     if mod is not None:
         return mod
@@ -65,7 +65,7 @@ def load(spec: KernelSpec, interpret: bool | None = None) -> ModuleType:
         src = render(spec)
         if not path.exists() or path.read_text() != src:
             _write_atomic(path, src)
-        name = f"lintx_triton_generated_{spec.key()}_{int(interpret)}"
+        name = f"lintx_triton_generated_{path.stem}_{int(interpret)}"
         ispec = importlib.util.spec_from_file_location(name, path)
         mod = importlib.util.module_from_spec(ispec)
         sys.modules[name] = mod

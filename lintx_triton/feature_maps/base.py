@@ -6,7 +6,7 @@ A feature map phi is written once and feeds:
 * the fake (meta) implementations, through :meth:`FeatureMap.feature_dim`,
 * the generated Triton kernels, through :attr:`ElementwiseFeatureMap.phi` and
   :attr:`ElementwiseFeatureMap.vjp`, two Triton expressions the code generator
-  splices into the kernel templates (``x`` is an fp32 block, ``g`` the gradient
+  splices into the kernel sources (``x`` is an fp32 block, ``g`` the gradient
   flowing into phi(x), same shape).
 
 Adding a map never means writing a kernel: register it and every kernel

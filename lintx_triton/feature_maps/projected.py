@@ -12,7 +12,7 @@ map supplies, elementwise on ``[BT, M]`` tiles:
 ``phi_proj_vjp(u, n, b, f, g, IS_Q)``
     given ``f`` (the features) and ``g = dL/dphi``, returns ``(dL/du [BT, BM], dL/dn [BT, 1])``.
 
-The template turns these into dL/dx = input_scale * (dL/du W^T + dL/dn x'), so a user
+The kernels turn these into dL/dx = input_scale * (dL/du W^T + dL/dn x'), so a user
 map is two short Triton functions and the same map in PyTorch (:attr:`torch_phi`).
 phi(q), phi(k) never leave the chip: no ``[T, M]`` buffer exists in the forward or
 the backward.
