@@ -19,13 +19,13 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from lintx_triton.compile_report import STAGES, KernelResources, launch_constexprs
+from lintx_triton.compile_report import STAGES, KernelResources, family_launches
 from lintx_triton.config import Config
 from lintx_triton.spec import KernelSpec
 
 from .space import DeviceLimits
 
-__all__ = ["MAX_SPILLS", "describe_error", "compile_resources", "prune_by_compile", "resource_verdict", "stages_of"]
+__all__ = ["MAX_SPILLS", "describe_error", "compile_resources", "prune_by_compile", "resource_verdict", "launches_of"]
 
 # Spill instructions (LDL + STL) tolerated across a candidate's kernels: a few spills can be cheaper than
 # halving the tiles (the fp16 D = 128 (dk, dv) default keeps 48 LDL / 48 STL on sm_90; bench/NOTES.md).
@@ -33,17 +33,10 @@ __all__ = ["MAX_SPILLS", "describe_error", "compile_resources", "prune_by_compil
 MAX_SPILLS = 64
 
 
-def stages_of(kernel: str, spec: KernelSpec, cfg: Config) -> list[tuple[str, str, bool, dict]]:
-    """The kernel launches (compile_report.STAGES rows) one call of ``kernel`` makes under ``cfg``."""
-    if kernel == "decode":
-        return [s for s in STAGES if s[1] == "decode_kernel_step"]
-    if kernel == "forward":
-        if cfg.path == "fused" and spec.causal:
-            return [s for s in STAGES if s[0] == "fwd output (fused)"]
-        return [s for s in STAGES if s[0].startswith("fwd") and s[0] != "fwd output (fused)"]
-    if kernel == "backward":
-        return [s for s in STAGES if s[0].startswith("bwd") and (spec.normalize or s[1] != "bwd_kernel_g")]
-    raise ValueError(f"kernel must be forward, backward or decode, got {kernel!r}")
+def launches_of(kernel: str, spec: KernelSpec, cfg: Config) -> list:
+    """The launches one call of the family ``kernel`` makes under ``cfg``, as the launchers plan them (the
+    compile report's :data:`~lintx_triton.compile_report.STAGES`)."""
+    return [L for L in family_launches(kernel, spec, cfg) if L.stage in STAGES]
 
 
 def resource_verdict(resources: Sequence[KernelResources], limits: DeviceLimits,
@@ -65,8 +58,9 @@ def resource_verdict(resources: Sequence[KernelResources], limits: DeviceLimits,
 def _compile_one(job):
     from lintx_triton.compile_report import kernel_resources
 
-    spec, kernel, backward, flags, cfg, arch = job
-    return kernel_resources(spec, kernel, cfg, arch=arch, backward=backward, **flags)
+    spec, family, cfg, stage, arch = job  # the launch is planned again here: a worker process gets plain data
+    (L,) = [L for L in launches_of(family, spec, cfg) if L.stage == stage]
+    return kernel_resources(spec, L, arch=arch)
 
 
 def _worker_main() -> int:
@@ -78,13 +72,10 @@ def _worker_main() -> int:
     jobs, owners = {}, []
     for cfg in configs:
         keys = []
-        for _, kernel, backward, flags in stages_of(req["kernel"], spec, cfg):
+        for L in launches_of(req["kernel"], spec, cfg):
             # one compile per distinct launch: many candidates share the scan or the chunk sums
-            bwd = backward or kernel.startswith(("bwd_", "chunk_bwd_"))
-            warps = 0 if kernel == "decode_kernel_step" else cfg.bwd_num_warps if bwd else cfg.num_warps
-            consts = launch_constexprs(spec, kernel, cfg, backward=backward, **flags)
-            key = (kernel, tuple(sorted(consts.items())), warps, cfg.bwd_num_stages if bwd else cfg.num_stages)
-            jobs.setdefault(key, (spec, kernel, backward, flags, cfg, req["arch"]))
+            key = (L.kernel, tuple(sorted(L.plan.constexprs.items())), L.plan.num_warps, L.plan.num_stages)
+            jobs.setdefault(key, (spec, req["kernel"], cfg, L.stage, req["arch"]))
             keys.append(key)
         owners.append(keys)
     workers = max(1, min(int(req.get("workers") or 1), len(jobs)))

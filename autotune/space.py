@@ -12,7 +12,7 @@ import dataclasses
 import itertools
 from dataclasses import dataclass
 
-from lintx_triton.config import Config
+from lintx_triton.config import Config, path_of, value_blocks
 from lintx_triton.spec import FAMILIES, KernelSpec
 from lintx_triton.tuned_configs import FAMILY_FIELDS
 
@@ -88,8 +88,9 @@ def kernel_fields(kernel: str, cfg: Config) -> dict:
 def candidates(kernel: str, spec: KernelSpec, base: Config, space: str | dict = "default") -> list[Config]:
     """The configs to try for ``kernel`` of ``spec``: ``base`` first, then the space's product.
 
-    Value blocks wider than the padded DV and the fused path of non-causal attention (which always runs
-    chunked) are dropped, and so is every duplicate.
+    Configs that would not launch as they read are dropped (value blocks wider than the padded DV, the fused
+    path of non-causal attention: ``lintx_triton.config.value_blocks`` and ``path_of`` decide), and so is every
+    duplicate.
     """
     values = (SPACES[space] if isinstance(space, str) else space).get(kernel, {})
     if set(values) != set(FAMILY_FIELDS[kernel]):
@@ -97,12 +98,9 @@ def candidates(kernel: str, spec: KernelSpec, base: Config, space: str | dict = 
     out = {tuple(kernel_fields(kernel, base).items()): base}
     names = list(values)
     for combo in itertools.product(*(values[n] for n in names)):
-        fields = dict(zip(names, combo))
-        if any(fields.get(f, 0) > spec.block_dv for f in ("block_v", "bwd_block_v")):
+        cfg = dataclasses.replace(base, **dict(zip(names, combo)), source="candidate")
+        if value_blocks(spec, cfg) != cfg or path_of(spec, cfg) != cfg.path:
             continue
-        if fields.get("path") == "fused" and not spec.causal:
-            continue
-        cfg = dataclasses.replace(base, **fields, source="candidate")
         out.setdefault(tuple(kernel_fields(kernel, cfg).items()), cfg)
     return list(out.values())
 
@@ -112,7 +110,7 @@ def _tiles(kernel: str, spec: KernelSpec, cfg: Config) -> tuple[int, int, int]:
     operand elements staged for its products), from its tile shapes."""
     BM, BD = spec.block_m, spec.block_d
     if kernel == "decode":
-        BV = min(cfg.block_v, spec.block_dv)
+        BV = value_blocks(spec, cfg).block_v
         return BM * BV + 2 * (BM + BV), BD * 2 + BV, 0
     if kernel == "forward":
         BT, BV = cfg.chunk, cfg.block_v

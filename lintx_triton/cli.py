@@ -432,19 +432,13 @@ def resources(feature_map, causal, normalize, dtype, head_dim, value_dim, import
     os.environ["TRITON_INTERPRET"] = "0"
     import triton
 
-    from .compile_report import STAGES, kernel_resources
+    from .compile_report import variant_report
     from .config import gpu_heuristic
 
     _import_modules(imports)
     spec = _make_spec(feature_map, causal, normalize, dtype, head_dim, value_dim)
     cfg = gpu_heuristic(spec, batch_heads=4 * sm_count, sm_count=sm_count, arch=int(arch))
-    rows = []
-    for label, kernel, backward, flags in STAGES:
-        if kernel == "chunk_fwd_kernel_o" and flags.get("FUSED") and not spec.causal:
-            continue
-        r = kernel_resources(spec, kernel, cfg, arch=int(arch), backward=backward, **flags)
-        rows.append(dict(r.as_dict(), stage=label, spills=r.spills, BT=cfg.bwd_chunk if backward else cfg.chunk,
-                         BV=cfg.bwd_block_v if backward else cfg.block_v))
+    rows = variant_report(spec, cfg, arch=int(arch))
     if as_json:
         click.echo(json.dumps({"spec": asdict(spec), "arch": int(arch), "triton": triton.__version__,
                                "config": {k: v for k, v in asdict(cfg).items()}, "kernels": rows}, indent=1))

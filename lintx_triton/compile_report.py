@@ -1,30 +1,37 @@
 """See what a GPU would run, without a GPU.
 
-Triton compiles for a CUDA target on a CPU-only machine; the ``cuobjdump`` and
-``nvdisasm`` shipped inside the triton wheel read the cubin. For one generated
-kernel and a launch config this reports registers per thread, stack frame,
-spill instructions (``LDL``/``STL``), shared memory, the matrix instructions the
-products became (``HGMMA`` on sm_90, ``HMMA`` otherwise), and an occupancy
-estimate.
+Triton compiles for a CUDA target on a CPU-only machine; the ``cuobjdump`` and ``nvdisasm`` shipped
+inside the triton wheel read the cubin. For each kernel launch a call makes under a config, this reports
+registers per thread, stack frame, spill instructions (``LDL``/``STL``), shared memory, the matrix
+instructions the products became (``HGMMA`` on sm_90, ``HMMA`` otherwise), and an occupancy estimate.
 
-    from lintx_triton.compile_report import kernel_resources
-    r = kernel_resources(spec, "chunk_fwd_kernel_o", config, arch=90, FUSED=True)
+The launches are the launchers' own (:mod:`lintx_triton.ops.launch`), recorded on meta tensors: the same
+plans (grid, launch-time constants, warps, stages) and the same argument dtypes as a real call, so what is
+compiled here is what runs.
+
+    from lintx_triton.compile_report import family_launches, kernel_resources
+    for L in family_launches("forward", spec, config):
+        print(L.stage, kernel_resources(spec, L, arch=90))
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
 
-from .codegen import load
-from .config import Config, gpu_heuristic
-from .ops.launch import decode_warps
-from .spec import DTYPES, KernelSpec
+import torch
 
-__all__ = ["KernelResources", "kernel_resources", "launch_constexprs", "default_report", "KERNELS", "TARGETS", "STAGES"]
+from .codegen import load
+from .config import Config, gpu_heuristic, path_of
+from .ops import launch as ops
+from .spec import DTYPES, FAMILIES, KernelSpec
+
+__all__ = ["KernelResources", "kernel_resources", "family_launches", "variant_launches", "variant_report",
+           "default_report", "STAGES", "TARGETS"]
 
 # Per-multiprocessor limits used for the occupancy estimate.
 TARGETS = {
@@ -32,11 +39,13 @@ TARGETS = {
     90: dict(regs=65536, smem=228 * 1024, warps=64, blocks=32),
     100: dict(regs=65536, smem=228 * 1024, warps=64, blocks=32),
 }
-KERNELS = ("chunk_kernel_h", "chunk_scan_kernel", "chunk_fwd_kernel_o", "bwd_kernel_g", "chunk_bwd_kernel_dq",
-           "chunk_bwd_kernel_dkv", "decode_kernel_step")
-_BWD_ONLY = ("bwd_kernel_g", "chunk_bwd_kernel_dq", "chunk_bwd_kernel_dkv")
-# pointer arguments holding the inputs' dtype; every other pointer is fp32
-_INPUT_PTRS = {"q", "k", "v", "o", "do", "dq", "dk", "dv", "x", "y"}
+# The launches a report shows, in its order (the launchers' Launch.stage labels). The backward's recomputed
+# forward states ("bwd recomputed chunk sums", "bwd recomputed scan") are the forward's kernels again, under
+# the backward's BT, BV and warps: not shown, as they never were.
+STAGES = ("fwd chunk sums", "fwd scan", "fwd output (chunked)", "fwd output (fused)", "bwd g", "bwd chunk sums",
+          "bwd scan", "bwd dq", "bwd dk dv", "decode step")
+# Triton's signature names of the tensors the launchers pass
+_PTR = {**{d.torch: d.short for d in DTYPES.values()}, torch.int32: "i32", torch.int64: "i64"}
 
 
 @dataclass(frozen=True)
@@ -62,25 +71,44 @@ class KernelResources:
         return asdict(self)
 
 
-def launch_constexprs(spec: KernelSpec, kernel: str, cfg: Config, *, backward: bool = False, heads: int = 16,
-                      **flags) -> dict:
-    """The launch-time constexprs the launchers pass to ``kernel`` under ``cfg`` (flags override)."""
-    bwd = backward or kernel in _BWD_ONLY
-    BT = cfg.bwd_chunk if bwd else cfg.chunk
-    BV = cfg.bwd_block_v if bwd else cfg.block_v
-    heads = dict(H=heads, HKV=heads)
-    base = {
-        "chunk_kernel_h": dict(**heads, BT=BT, BV=BV, BACKWARD=backward, IS_VARLEN=False),
-        "chunk_scan_kernel": dict(HKV=heads["HKV"], BMS=min(spec.block_m, 64), BV=BV, HAS_INIT=False,
-                                  REVERSE=backward, IS_VARLEN=False),
-        "chunk_fwd_kernel_o": dict(**heads, BT=BT, BV=BV, FUSED=cfg.path == "fused" and spec.causal, IS_VARLEN=False),
-        "bwd_kernel_g": dict(H=heads["H"], BT=BT, IS_VARLEN=False),
-        "chunk_bwd_kernel_dq": dict(**heads, BT=BT, BV=BV, IS_VARLEN=False),
-        "chunk_bwd_kernel_dkv": dict(**heads, BT=BT, BV=BV, IS_VARLEN=False),
-        "decode_kernel_step": dict(**heads, BV=min(cfg.block_v, spec.block_dv), HAS_STATE=True),
-    }[kernel]
-    base.update(flags)
-    return base
+def family_launches(family: str, spec: KernelSpec, cfg: Config, *, heads: int = 16, batch: int = 1,
+                    T: int | None = None) -> list[ops.Launch]:
+    """Every launch one call of ``family`` ("forward", "backward", "decode") makes under ``cfg``, as the
+    launchers plan it: they run on meta tensors (``heads`` query and kv heads, ``batch`` rows of ``T`` tokens,
+    several chunks by default) with a recording runner, so nothing is allocated or launched."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    dt, f32 = DTYPES[spec.dtype].torch, torch.float32
+    B, H, D, DV, M = batch, heads, spec.head_dim, spec.value_dim, spec.feature_dim
+    T = T if T is not None else 4 * max(cfg.chunk, cfg.bwd_chunk)
+    meta = lambda *shape, dtype=dt: torch.empty(*shape, dtype=dtype, device="meta")  # noqa: E731
+    fm_params = spec.fmap.parameters("meta")
+    S0, z0 = (meta(B, H, M, DV, dtype=f32), meta(B, H, M, dtype=f32)) if spec.has_initial_state else (None, None)
+    q, k, v = meta(B, T, H, D), meta(B, T, H, D), meta(B, T, H, DV)
+    with ops.record() as (run, launches):
+        if family == "forward":
+            ops.chunk_fwd(spec, cfg, q, k, v, S0, z0, fm_params, 1.0, 1e-6, run=run)
+        elif family == "backward":
+            den = meta(B, H, T, dtype=f32) if spec.normalize else meta(0, dtype=f32)
+            ops.chunk_bwd(spec, cfg, meta(B, T, H, DV), None, None, q, k, v, meta(B, T, H, DV), den, S0, z0,
+                          fm_params, 1.0, run=run)
+        else:
+            S, z = meta(B, H, M, DV, dtype=f32), meta(B, H, M, dtype=f32)
+            ops.decode_step(spec, cfg, q[:, 0], k[:, 0], v[:, 0], S, z, S, z, fm_params, 1.0, 1e-6, run=run)
+    return launches
+
+
+def variant_launches(spec: KernelSpec, cfg: Config, **shape) -> list[ops.Launch]:
+    """The launches of :data:`STAGES` for ``spec``: the forward on both paths (fused only when causal), the
+    backward and the decode step, each as ``cfg`` plans it."""
+    found = {}
+    for path in ("chunked", "fused"):
+        c = dataclasses.replace(cfg, path=path)
+        if path_of(spec, c) == path:
+            found.update((L.stage, L) for L in family_launches("forward", spec, c, **shape))
+    for family in ("backward", "decode"):
+        found.update((L.stage, L) for L in family_launches(family, spec, cfg, **shape))
+    return [found[s] for s in STAGES if s in found]
 
 
 def _tool(name: str) -> str:
@@ -92,47 +120,38 @@ def _tool(name: str) -> str:
     return path
 
 
-def compile_for_target(spec: KernelSpec, kernel: str, constexprs: dict, *, arch: int = 90, num_warps: int = 4,
-                       num_stages: int = 2):
-    """``triton.compile`` of one generated kernel for ``sm_<arch>``; needs no GPU."""
+def compile_for_target(spec: KernelSpec, L: ops.Launch, *, arch: int = 90):
+    """``triton.compile`` of one launch's kernel for ``sm_<arch>``, with the signature its arguments give; needs no
+    GPU."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    fn = getattr(load(spec, interpret=False), kernel)
+    fn = getattr(load(spec, interpret=False), L.kernel)
     sig, consts = {}, {}
     for name in fn.arg_names:
-        if name in constexprs:
-            sig[name], consts[name] = "constexpr", constexprs[name]
-        elif name in ("scale", "eps"):
+        if name in L.plan.constexprs:
+            sig[name], consts[name] = "constexpr", L.plan.constexprs[name]
+            continue
+        val = L.args[name]
+        if isinstance(val, torch.Tensor):
+            sig[name] = "*" + _PTR[val.dtype]
+        elif isinstance(val, float):
             sig[name] = "fp32"
-        elif name in ("T", "NT"):
+        elif isinstance(val, int):
             sig[name] = "i32"
-        elif name in ("cu", "cmap", "coffs"):
-            sig[name] = "*i32"
         else:
-            sig[name] = "*" + (DTYPES[spec.dtype].short if name in _INPUT_PTRS else "fp32")
-    missing = [n for n, t in sig.items() if t == "constexpr" and n not in consts]
-    if missing:
-        raise ValueError(f"missing constexprs {missing} for {kernel}")
-    return triton.compile(
-        ASTSource(fn, sig, consts),
-        target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": num_warps, "num_stages": num_stages},
-    )
+            raise TypeError(f"{L.kernel}: argument {name} = {val!r} has no Triton signature here")
+    options = {"num_warps": L.plan.num_warps}
+    if L.plan.num_stages is not None:
+        options["num_stages"] = L.plan.num_stages
+    return triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def kernel_resources(spec: KernelSpec, kernel: str, cfg: Config, *, arch: int = 90, backward: bool = False,
-                     **flags) -> KernelResources:
-    """Compile ``kernel`` of ``spec`` as ``cfg`` launches it and read its resources from the cubin."""
-    is_bwd = backward or kernel in _BWD_ONLY
-    w = decode_warps(spec) if kernel == "decode_kernel_step" else cfg.bwd_num_warps if is_bwd else cfg.num_warps
-    compiled = compile_for_target(
-        spec, kernel, launch_constexprs(spec, kernel, cfg, backward=backward, **flags),
-        arch=arch, num_warps=w, num_stages=cfg.bwd_num_stages if is_bwd else cfg.num_stages,
-    )
+def kernel_resources(spec: KernelSpec, L: ops.Launch, *, arch: int = 90) -> KernelResources:
+    """Compile the kernel of launch ``L`` as it launches and read its resources from the cubin."""
+    compiled = compile_for_target(spec, L, arch=arch)
+    w = L.plan.num_warps
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
         with open(path, "wb") as f:
@@ -148,7 +167,7 @@ def kernel_resources(spec: KernelSpec, kernel: str, cfg: Config, *, arch: int = 
     blocks = min(lim["blocks"], lim["warps"] // w, lim["regs"] // max(regs_per_warp * w, 1),
                  lim["smem"] // shared if shared else lim["blocks"])
     return KernelResources(
-        kernel=kernel,
+        kernel=L.kernel,
         arch=arch,
         num_warps=w,
         registers=regs,
@@ -163,19 +182,17 @@ def kernel_resources(spec: KernelSpec, kernel: str, cfg: Config, *, arch: int = 
     )
 
 
-# Every kernel launch of a forward and a backward: (label, kernel, backward, constexpr overrides).
-STAGES = (
-    ("fwd chunk sums", "chunk_kernel_h", False, {}),
-    ("fwd scan", "chunk_scan_kernel", False, {}),
-    ("fwd output (chunked)", "chunk_fwd_kernel_o", False, {"FUSED": False}),
-    ("fwd output (fused)", "chunk_fwd_kernel_o", False, {"FUSED": True}),
-    ("bwd g", "bwd_kernel_g", True, {}),
-    ("bwd chunk sums", "chunk_kernel_h", True, {}),
-    ("bwd scan", "chunk_scan_kernel", True, {}),
-    ("bwd dq", "chunk_bwd_kernel_dq", True, {}),
-    ("bwd dk dv", "chunk_bwd_kernel_dkv", True, {}),
-    ("decode step", "decode_kernel_step", False, {}),
-)
+def variant_report(spec: KernelSpec, cfg: Config, arch: int = 90) -> list[dict]:
+    """Resources of every launch of :data:`STAGES` for ``spec`` under ``cfg``: one row each, with the stage
+    and the chunk and value block of its pass."""
+    rows = []
+    for L in variant_launches(spec, cfg):
+        bwd = L.stage.startswith("bwd")
+        r = kernel_resources(spec, L, arch=arch)
+        rows.append(dict(r.as_dict(), stage=L.stage, spills=r.spills,
+                         BT=L.plan.constexprs.get("BT", cfg.bwd_chunk if bwd else cfg.chunk),
+                         BV=L.plan.constexprs.get("BV", cfg.bwd_block_v if bwd else cfg.block_v)))
+    return rows
 
 
 def default_report(dtype: str = "bfloat16", dims=(64, 128), arch: int = 90, feature_map: str = "elu",
@@ -187,11 +204,7 @@ def default_report(dtype: str = "bfloat16", dims=(64, 128), arch: int = 90, feat
     for d in dims:
         spec = KernelSpec(feature_map, True, True, dtype, d, d, False, dtype == "float32")
         cfg = gpu_heuristic(spec, batch_heads=4 * sm_count, sm_count=sm_count, arch=arch)
-        for label, kernel, backward, flags in STAGES:
-            r = kernel_resources(spec, kernel, cfg, arch=arch, backward=backward, **flags)
-            rows.append(dict(r.as_dict(), stage=label, dtype=dtype, dim=d, feature_map=feature_map,
-                             BT=cfg.bwd_chunk if backward else cfg.chunk,
-                             BV=cfg.bwd_block_v if backward else cfg.block_v, spills=r.spills))
+        rows += [dict(r, dtype=dtype, dim=d, feature_map=feature_map) for r in variant_report(spec, cfg, arch)]
     return rows
 
 

@@ -1,19 +1,29 @@
-"""Launchers: allocate, build the grid, launch the generated kernels.
+"""Launchers: allocate, plan and launch the generated kernels, every argument by keyword.
 
-Paired with the kernels of :mod:`lintx_triton.codegen.template` by name
-(``chunk_fwd`` launches ``chunk_fwd_kernel_o``, ...). Inputs arrive validated
-and contiguous (:mod:`lintx_triton.ops.custom` sees to both).
+Each kernel has one *plan* function (``chunk_sums_plan`` for ``chunk_kernel_h``, ...): its grid, its
+launch-time constants and its warps and stages, from a spec, a config and a :class:`Layout`. The
+launchers (``chunk_fwd``, ``chunk_bwd``, ``decode_step``, ``state_fwd``, ``state_bwd``) call the plans and
+hand each :class:`Launch` to a runner: :func:`launch` runs it; :func:`record` keeps it, so that
+:mod:`lintx_triton.compile_report` and the tuner's pruning see exactly the launches a call makes (they run
+the launchers on meta tensors) and compile those. An argument a variant never reads gets a valid pointer
+named ``unused`` at the call. Inputs arrive validated and contiguous (:mod:`lintx_triton.ops.custom`).
 """
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable
+
 import torch
 
 from ..codegen import load
-from ..config import Config
+from ..config import Config, path_of, value_blocks
 from ..spec import KernelSpec
 
-__all__ = ["Layout", "chunk_fwd", "chunk_bwd", "decode_step", "state_fwd", "state_bwd"]
+__all__ = ["Layout", "Plan", "Launch", "launch", "record", "chunk_fwd", "chunk_bwd", "decode_step", "state_fwd",
+           "state_bwd", "chunk_sums_plan", "scan_plan", "output_plan", "g_plan", "dq_plan", "dkv_plan",
+           "decode_plan", "decode_warps"]
 
 F32 = torch.float32
 # The decode kernel holds one [M, BV] state block and two vectors: 4 warps suffice, 8 when M > 128 (a
@@ -65,53 +75,143 @@ class Layout:
     def varlen(self) -> bool:
         return self.cu is not None
 
-    def args(self, fallback):
-        """cu, cmap for the kernels (any valid pointer when batched: never read)."""
-        return (self.cu, self.cmap) if self.varlen else (fallback, fallback)
-
-    def kw(self, **extra):
-        return dict(H=self.H, HKV=self.HKV, BT=self.BT, IS_VARLEN=self.varlen, **extra)
+    def seqs(self, unused) -> dict:
+        """The packed-sequence arguments (``unused`` pointers when batched: never read)."""
+        return dict(cu=self.cu, cmap=self.cmap) if self.varlen else dict(cu=unused, cmap=unused)
 
 
-def _chunk_states(mod, spec, lay, BV, opts, x, y, fm_w, den, g, init_h, init_z, final_h, final_z, scale, backward):
+# ---------------------------------------------------------------- plans: one per kernel
+
+@dataclass(frozen=True)
+class Plan:
+    """How one kernel launches: grid, launch-time constants, warps and stages (None: Triton's default)."""
+
+    grid: tuple[int, ...]
+    constexprs: dict
+    num_warps: int
+    num_stages: int | None
+
+
+def _pass(cfg: Config, in_bwd: bool) -> tuple[int, int, int]:
+    """(BV, num_warps, num_stages) of the forward's or the backward's half of a config."""
+    if in_bwd:
+        return cfg.bwd_block_v, cfg.bwd_num_warps, cfg.bwd_num_stages
+    return cfg.block_v, cfg.num_warps, cfg.num_stages
+
+
+def chunk_sums_plan(spec: KernelSpec, cfg: Config, lay: Layout, *, in_bwd: bool, grads: bool) -> Plan:
+    """``chunk_kernel_h``: one program per (chunk slot, value block, batch * kv head). ``grads``: sums of the
+    state's gradient (BACKWARD); ``in_bwd``: launched by the backward pass (its BV, warps, stages)."""
+    BV, warps, stages = _pass(cfg, in_bwd)
+    return Plan((lay.NT, _cdiv(spec.value_dim, BV), lay.B * lay.HKV),
+                dict(H=lay.H, HKV=lay.HKV, BT=lay.BT, BV=BV, BACKWARD=grads, IS_VARLEN=lay.varlen), warps, stages)
+
+
+def scan_plan(spec: KernelSpec, cfg: Config, lay: Layout, *, in_bwd: bool, reverse: bool, has_init: bool) -> Plan:
+    """``chunk_scan_kernel``: one program per (BMS state rows, value block, sequence * kv head)."""
+    BV, warps, stages = _pass(cfg, in_bwd)
+    BMS = min(spec.block_m, 64)
+    return Plan((_cdiv(spec.feature_dim, BMS), _cdiv(spec.value_dim, BV), lay.N * lay.HKV),
+                dict(HKV=lay.HKV, BMS=BMS, BV=BV, HAS_INIT=has_init, REVERSE=reverse, IS_VARLEN=lay.varlen),
+                warps, stages)
+
+
+def output_plan(spec: KernelSpec, cfg: Config, lay: Layout) -> Plan:
+    """``chunk_fwd_kernel_o``: fused, one program per (value block, sequence * head) walking its chunks; else
+    one per (chunk slot, value block, batch * head)."""
+    BV, warps, stages = _pass(cfg, False)
+    fused = path_of(spec, cfg) == "fused"
+    NV = _cdiv(spec.value_dim, BV)
+    grid = (1, NV, lay.N * lay.H) if fused else (lay.NT, NV, lay.B * lay.H)
+    return Plan(grid, dict(H=lay.H, HKV=lay.HKV, BT=lay.BT, BV=BV, FUSED=fused, IS_VARLEN=lay.varlen), warps, stages)
+
+
+def g_plan(spec: KernelSpec, cfg: Config, lay: Layout) -> Plan:
+    """``bwd_kernel_g``: one program per (chunk slot, batch * head)."""
+    _, warps, stages = _pass(cfg, True)
+    return Plan((lay.NT, lay.B * lay.H), dict(H=lay.H, BT=lay.BT, IS_VARLEN=lay.varlen), warps, stages)
+
+
+def dq_plan(spec: KernelSpec, cfg: Config, lay: Layout) -> Plan:
+    """``chunk_bwd_kernel_dq``: one program per (chunk slot, batch * head)."""
+    BV, warps, stages = _pass(cfg, True)
+    return Plan((lay.NT, lay.B * lay.H), dict(H=lay.H, HKV=lay.HKV, BT=lay.BT, BV=BV, IS_VARLEN=lay.varlen),
+                warps, stages)
+
+
+def dkv_plan(spec: KernelSpec, cfg: Config, lay: Layout) -> Plan:
+    """``chunk_bwd_kernel_dkv``: one program per (chunk slot, batch * kv head), walking the group's query heads."""
+    BV, warps, stages = _pass(cfg, True)
+    return Plan((lay.NT, lay.B * lay.HKV), dict(H=lay.H, HKV=lay.HKV, BT=lay.BT, BV=BV, IS_VARLEN=lay.varlen),
+                warps, stages)
+
+
+def decode_plan(spec: KernelSpec, cfg: Config, B: int, H: int, HKV: int, *, has_state: bool) -> Plan:
+    """``decode_kernel_step``: one program per (batch, kv head) walking the value blocks; Triton's default
+    stages."""
+    BV = value_blocks(spec, cfg).block_v
+    return Plan((B * HKV,), dict(H=H, HKV=HKV, BV=BV, HAS_STATE=has_state), decode_warps(spec), None)
+
+
+# ---------------------------------------------------------------- runners
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: a label for reports (``"fwd scan"``), the generated function's name, its plan and
+    every other argument by name."""
+
+    stage: str
+    kernel: str
+    plan: Plan
+    args: dict = field(repr=False)
+
+
+Runner = Callable[[KernelSpec, Launch], None]
+
+
+def launch(spec: KernelSpec, L: Launch) -> None:
+    """Run ``L`` with the generated module of ``spec``."""
+    opts = dict(num_warps=L.plan.num_warps)
+    if L.plan.num_stages is not None:
+        opts["num_stages"] = L.plan.num_stages
+    getattr(load(spec), L.kernel)[L.plan.grid](**L.args, **L.plan.constexprs, **opts)
+
+
+@contextlib.contextmanager
+def record():
+    """``with record() as (run, launches)``: a runner that keeps each launch in ``launches`` instead of running
+    it; pass ``run=run`` to a launcher called on meta tensors to see what it would launch."""
+    launches: list[Launch] = []
+    yield (lambda spec, L: launches.append(L)), launches
+
+
+# ---------------------------------------------------------------- launchers
+
+def _chunk_states(spec, cfg, lay, run, stage, *, x, y, fm_params, den, g, init, final, scale, in_bwd, grads,
+                  unused):
     """Chunk sums then a scan over them, per kv head.
 
-    Forward (x = k, y = v): h[c] becomes the state before chunk c, final_h the state after the last.
-    Backward (x = q, y = do): h[c] becomes dS after chunk c (summed over the query heads of the group),
-    final_h the gradient of the initial state. Returns h, hz ([B*HKV, NT, M, DV], [B*HKV, NT, M]).
+    Forward (x = k, y = v): S[c] becomes the state before chunk c, ``final`` the state after the last.
+    Gradients (``grads``; x = q, y = do): S[c] becomes dS after chunk c (summed over the query heads of the
+    group), ``final`` the gradient of the initial state. ``init``: the scan's initial value (S0, z0), or None.
+    Returns S, z ([B*HKV, NT, M, DV], [B*HKV, NT, M]).
     """
     M, DV = spec.feature_dim, spec.value_dim
-    NV = _cdiv(DV, BV)
-    h = torch.empty(lay.B * lay.HKV, lay.NT, M, DV, dtype=F32, device=x.device)
-    hz = torch.empty(lay.B * lay.HKV, lay.NT, M, dtype=F32, device=x.device)
-    cu, cmap = lay.args(h)
-    mod.chunk_kernel_h[(lay.NT, NV, lay.B * lay.HKV)](
-        x, y, fm_w, den, g, h, hz, cu, cmap, scale, lay.T, lay.NT, BV=BV, BACKWARD=backward, **lay.kw(), **opts
-    )
-    BMS = min(spec.block_m, 64)
-    has_init = init_h is not None
-    mod.chunk_scan_kernel[(_cdiv(M, BMS), NV, lay.N * lay.HKV)](
-        h,
-        hz,
-        init_h if has_init else final_h,
-        init_z if has_init else final_z,
-        final_h,
-        final_z,
-        lay.coffs if lay.varlen else h,
-        lay.T,
-        lay.NT,
-        HKV=lay.HKV,
-        BMS=BMS,
-        BV=BV,
-        HAS_INIT=has_init,
-        REVERSE=backward,
-        IS_VARLEN=lay.varlen,
-        **opts,
-    )
-    return h, hz
+    S = torch.empty(lay.B * lay.HKV, lay.NT, M, DV, dtype=F32, device=x.device)
+    z = torch.empty(lay.B * lay.HKV, lay.NT, M, dtype=F32, device=x.device)
+    run(spec, Launch(f"{stage} chunk sums", "chunk_kernel_h", chunk_sums_plan(spec, cfg, lay, in_bwd=in_bwd, grads=grads),
+                     dict(x=x, y=y, fm_params=fm_params, den=den, g=g, S=S, z=z, **lay.seqs(unused), scale=scale,
+                          T=lay.T, NT=lay.NT)))
+    S0, z0 = init if init is not None else (unused, unused)
+    ST, zT = final
+    run(spec, Launch(f"{stage} scan", "chunk_scan_kernel",
+                     scan_plan(spec, cfg, lay, in_bwd=in_bwd, reverse=grads, has_init=init is not None),
+                     dict(S=S, z=z, S0=S0, z0=z0, ST=ST, zT=zT, coffs=lay.coffs if lay.varlen else unused, T=lay.T,
+                          NT=lay.NT)))
+    return S, z
 
 
-def _state_like(q: torch.Tensor, spec: KernelSpec, lay: "Layout"):
+def _state_like(q: torch.Tensor, spec: KernelSpec, lay: Layout):
     M, DV = spec.feature_dim, spec.value_dim
     return (
         torch.empty(lay.N, lay.HKV, M, DV, dtype=F32, device=q.device),
@@ -119,167 +219,125 @@ def _state_like(q: torch.Tensor, spec: KernelSpec, lay: "Layout"):
     )
 
 
-def _pass_through(S, z, S_in, z_in):
+def _pass_through(S, z, S0, z0):
     """T = 0: the state leaves as it came in (zeros when none came)."""
-    if S_in is None:
+    if S0 is None:
         return S.zero_(), z.zero_()
-    return S.copy_(S_in), z.copy_(z_in)
+    return S.copy_(S0), z.copy_(z0)
 
 
-def _fm_arg(fm_params, q):
-    """The feature-map parameter pointer: elementwise maps read none, any tensor will do."""
-    return fm_params if fm_params is not None else q
-
-
-def chunk_fwd(spec: KernelSpec, cfg: Config, q, k, v, h0, z0, fm_params, scale: float, eps: float, cu=None):
-    """-> o [B, T, H, DV], den [B, H, T] (or [0] unnormalized), S_T [N, HKV, M, DV], z_T [N, HKV, M]."""
+def chunk_fwd(spec: KernelSpec, cfg: Config, q, k, v, S0, z0, fm_params, scale: float, eps: float, cu=None, *,
+              run: Runner = launch):
+    """-> o [B, T, H, DV], den [B, H, T] (or [0] unnormalized), ST [N, HKV, M, DV], zT [N, HKV, M]."""
     B, T, H, _ = q.shape
-    DV = spec.value_dim
     lay = Layout(q, k, cu, cfg.chunk)
-    o = torch.empty(B, T, H, DV, dtype=q.dtype, device=q.device)
+    o = torch.empty(B, T, H, spec.value_dim, dtype=q.dtype, device=q.device)
     den = torch.empty((B, H, T) if spec.normalize else (0,), dtype=F32, device=q.device)
-    ht, zt = _state_like(q, spec, lay)
+    ST, zT = _state_like(q, spec, lay)
     if T == 0:
-        return (o, den) + _pass_through(ht, zt, h0, z0)
-    mod = load(spec)
-    BV = cfg.block_v
-    NV = _cdiv(DV, BV)
-    opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    den_arg = den if spec.normalize else ht  # never read unnormalized: any valid pointer will do
-    fused = cfg.path == "fused" and spec.causal
-    fm_w = _fm_arg(fm_params, q)
-    if fused:
-        h = hz = ht
-        grid = (1, NV, lay.N * H)
+        return (o, den) + _pass_through(ST, zT, S0, z0)
+    unused = ST  # a valid pointer for what a variant never reads
+    fm_params = fm_params if fm_params is not None else unused  # elementwise maps have none
+    plan = output_plan(spec, cfg, lay)
+    if plan.constexprs["FUSED"]:
+        S = z = unused  # the fused path carries the state on chip
     else:
-        h, hz = _chunk_states(mod, spec, lay, BV, opts, k, v, fm_w, ht, ht, h0, z0, ht, zt, scale, backward=False)
-        grid = (lay.NT, NV, B * H)
-    cu_arg, cmap = lay.args(ht)
-    mod.chunk_fwd_kernel_o[grid](
-        q,
-        k,
-        v,
-        fm_w,
-        o,
-        den_arg,
-        h,
-        hz,
-        h0 if h0 is not None else ht,
-        z0 if z0 is not None else zt,
-        ht,
-        zt,
-        cu_arg,
-        cmap,
-        scale,
-        eps,
-        T,
-        lay.NT,
-        BV=BV,
-        FUSED=fused,
-        **lay.kw(),
-        **opts,
-    )
-    return o, den, ht, zt
+        S, z = _chunk_states(spec, cfg, lay, run, "fwd", x=k, y=v, fm_params=fm_params, den=unused, g=unused,
+                             init=(S0, z0) if S0 is not None else None, final=(ST, zT), scale=scale, in_bwd=False,
+                             grads=False, unused=unused)
+    run(spec, Launch("fwd output (fused)" if plan.constexprs["FUSED"] else "fwd output (chunked)", "chunk_fwd_kernel_o",
+                     plan, dict(q=q, k=k, v=v, fm_params=fm_params, o=o, den=den if spec.normalize else unused, S=S, z=z,
+                                S0=S0 if S0 is not None else unused, z0=z0 if z0 is not None else unused, ST=ST,
+                                zT=zT, **lay.seqs(unused), scale=scale, eps=eps, T=T, NT=lay.NT)))
+    return o, den, ST, zT
 
 
-def chunk_bwd(spec: KernelSpec, cfg: Config, do, dht, dzt, q, k, v, o, den, h0, z0, fm_params, scale: float,
-              cu=None):
-    """-> dq, dk, dv, dS_0 [N, HKV, M, DV], dz_0 [N, HKV, M]. ``dht``/``dzt`` (gradients of the final state) may be None."""
+def chunk_bwd(spec: KernelSpec, cfg: Config, do, dST, dzT, q, k, v, o, den, S0, z0, fm_params, scale: float,
+              cu=None, *, run: Runner = launch):
+    """-> dq, dk, dv, dS0 [N, HKV, M, DV], dz0 [N, HKV, M]. ``dST``/``dzT`` (gradients of the final state) may be None."""
     B, T, H, _ = q.shape
     lay = Layout(q, k, cu, cfg.bwd_chunk)
     G = H // lay.HKV
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dh0, dz0 = _state_like(q, spec, lay)
-    if dht is None and dzt is not None:
-        dht = torch.zeros_like(dh0)
-    if dzt is None and dht is not None:
-        dzt = torch.zeros_like(dz0)
+    dS0, dz0 = _state_like(q, spec, lay)
+    if dST is None and dzT is not None:
+        dST = torch.zeros_like(dS0)
+    if dzT is None and dST is not None:
+        dzT = torch.zeros_like(dz0)
     if T == 0:
-        return (dq, dk, dv) + _pass_through(dh0, dz0, dht, dzt)
-    mod = load(spec)
-    BV = cfg.bwd_block_v
-    opts = dict(num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages)
-    cu_arg, cmap = lay.args(dh0)
+        return (dq, dk, dv) + _pass_through(dS0, dz0, dST, dzT)
+    unused = dS0  # a valid pointer for what a variant never reads
+    fm_params = fm_params if fm_params is not None else unused
     if spec.normalize:
         g = torch.empty(B, H, T, dtype=F32, device=q.device)
-        mod.bwd_kernel_g[(lay.NT, B * H)](o, do, den, g, cu_arg, cmap, T, lay.NT, H=H, BT=lay.BT,
-                                          IS_VARLEN=lay.varlen, **opts)
+        run(spec, Launch("bwd g", "bwd_kernel_g", g_plan(spec, cfg, lay),
+                         dict(o=o, do=do, den=den, g=g, **lay.seqs(unused), T=T, NT=lay.NT)))
     else:
-        den = g = dh0  # never read unnormalized
-    ht, zt = _state_like(q, spec, lay)  # recomputed final state: the total when not causal
-    fm_w = _fm_arg(fm_params, q)
-    h, hz = _chunk_states(mod, spec, lay, BV, opts, k, v, fm_w, den, g, h0, z0, ht, zt, scale, backward=False)
-    dh, dhz = _chunk_states(mod, spec, lay, BV, opts, q, do, fm_w, den, g, dht, dzt, dh0, dz0, scale, backward=True)
+        den = g = unused
+    ST, zT = _state_like(q, spec, lay)  # recomputed final state: the total when not causal
+    S, z = _chunk_states(spec, cfg, lay, run, "bwd recomputed", x=k, y=v, fm_params=fm_params, den=unused,
+                         g=unused, init=(S0, z0) if S0 is not None else None, final=(ST, zT), scale=scale,
+                         in_bwd=True, grads=False, unused=unused)
+    dS, dz = _chunk_states(spec, cfg, lay, run, "bwd", x=q, y=do, fm_params=fm_params, den=den, g=g,
+                           init=(dST, dzT) if dST is not None else None, final=(dS0, dz0), scale=scale,
+                           in_bwd=True, grads=True, unused=unused)
     if not spec.causal:
-        h, hz, dh, dhz = ht, zt, dh0, dz0
+        S, z, dS, dz = ST, zT, dS0, dz0
     # grouped heads: the group's shares of dv are added into an fp32 buffer of dv's shape (dk sums on chip)
     dv_acc = dv if G == 1 else torch.zeros(v.shape, dtype=F32, device=q.device)
-    kw = lay.kw(BV=BV)
-    mod.chunk_bwd_kernel_dq[(lay.NT, B * H)](q, k, v, fm_w, do, den, g, h, hz, dq, cu_arg, cmap, scale, T, lay.NT,
-                                             **kw, **opts)
-    mod.chunk_bwd_kernel_dkv[(lay.NT, B * lay.HKV)](q, k, v, fm_w, do, den, g, dh, dhz, dk, dv_acc, cu_arg, cmap,
-                                                    scale, T, lay.NT, **kw, **opts)
+    common = dict(q=q, k=k, v=v, fm_params=fm_params, do=do, den=den, g=g, **lay.seqs(unused), scale=scale, T=T,
+                  NT=lay.NT)
+    run(spec, Launch("bwd dq", "chunk_bwd_kernel_dq", dq_plan(spec, cfg, lay), dict(common, S=S, z=z, dq=dq)))
+    run(spec, Launch("bwd dk dv", "chunk_bwd_kernel_dkv", dkv_plan(spec, cfg, lay),
+                     dict(common, dS=dS, dz=dz, dk=dk, dv=dv_acc)))
     if G > 1:
         dv = dv_acc.to(v.dtype)
-    return dq, dk, dv, dh0, dz0
+    return dq, dk, dv, dS0, dz0
 
 
-def decode_step(spec: KernelSpec, cfg: Config, q, k, v, S_in, z_in, S_out, z_out, fm_params, scale: float,
-                eps: float):
-    """One token: q [B, H, D], k [B, HKV, D], v [B, HKV, DV] -> o [B, H, DV]; writes S_out, z_out (may be S_in, z_in)."""
+def decode_step(spec: KernelSpec, cfg: Config, q, k, v, S0, z0, ST, zT, fm_params, scale: float, eps: float, *,
+                run: Runner = launch):
+    """One token: q [B, H, D], k [B, HKV, D], v [B, HKV, DV] -> o [B, H, DV]; writes ST, zT (may be S0, z0)."""
     B, H, _ = q.shape
     HKV = k.shape[1]
     o = torch.empty(B, H, spec.value_dim, dtype=q.dtype, device=q.device)
     if B * H == 0:
         return o
-    has_state = S_in is not None
-    load(spec).decode_kernel_step[(B * HKV,)](
-        q,
-        k,
-        v,
-        _fm_arg(fm_params, q),
-        o,
-        S_in if has_state else S_out,
-        z_in if has_state else z_out,
-        S_out,
-        z_out,
-        scale,
-        eps,
-        H=H,
-        HKV=HKV,
-        BV=min(cfg.block_v, spec.block_dv),
-        HAS_STATE=has_state,
-        num_warps=decode_warps(spec),
-    )
+    has_state = S0 is not None
+    unused = ST
+    run(spec, Launch("decode step", "decode_kernel_step", decode_plan(spec, cfg, B, H, HKV, has_state=has_state),
+                     dict(q=q, k=k, v=v, fm_params=fm_params if fm_params is not None else unused, o=o,
+                          S0=S0 if has_state else unused, z0=z0 if has_state else unused, ST=ST, zT=zT, scale=scale,
+                          eps=eps)))
     return o
 
 
-def state_fwd(spec: KernelSpec, cfg: Config, k, v, h0, z0, fm_params, cu=None):
-    """The final state alone: (S_T [N, HKV, M, DV], z_T [N, HKV, M]) = (S_0, z_0) + sums of phi(k) v^T, phi(k).
+def state_fwd(spec: KernelSpec, cfg: Config, k, v, S0, z0, fm_params, cu=None, *, run: Runner = launch):
+    """The final state alone: (ST [N, HKV, M, DV], zT [N, HKV, M]) = (S0, z0) + sums of phi(k) v^T, phi(k).
 
     Chunk sums and the scan of the forward, nothing else (``spec`` is the non-causal variant, whose scan keeps
     only the total)."""
     lay = Layout(k, k, cu, cfg.chunk)
-    ht, zt = _state_like(k, spec, lay)
+    ST, zT = _state_like(k, spec, lay)
     if lay.T == 0:
-        return _pass_through(ht, zt, h0, z0)
-    mod = load(spec)
-    opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    _chunk_states(mod, spec, lay, cfg.block_v, opts, k, v, _fm_arg(fm_params, k), ht, ht, h0, z0, ht, zt, 1.0,
-                  backward=False)
-    return ht, zt
+        return _pass_through(ST, zT, S0, z0)
+    unused = ST
+    _chunk_states(spec, cfg, lay, run, "state", x=k, y=v, fm_params=fm_params if fm_params is not None else unused,
+                  den=unused, g=unused, init=(S0, z0) if S0 is not None else None, final=(ST, zT), scale=1.0,
+                  in_bwd=False, grads=False, unused=unused)
+    return ST, zT
 
 
-def state_bwd(spec: KernelSpec, cfg: Config, dS, dz, k, v, fm_params, cu=None):
+def state_bwd(spec: KernelSpec, cfg: Config, dS, dz, k, v, fm_params, cu=None, *, run: Runner = launch):
     """dk, dv of the final state: dv = phi(k) dS, dk = phi's vjp of (v dS^T + dz); per token, one launch of the
-    (dk, dv) kernel in its non-causal, unnormalized form (which reads neither q nor do)."""
+    (dk, dv) kernel in its non-causal, unnormalized form (which reads neither q, do, den nor g)."""
     lay = Layout(k, k, cu, cfg.bwd_chunk)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     if lay.T == 0:
         return dk, dv
-    fm_w = _fm_arg(fm_params, k)
-    cu_arg, cmap = lay.args(dS)
-    load(spec).chunk_bwd_kernel_dkv[(lay.NT, lay.B * lay.HKV)](
-        k, k, v, fm_w, v, dS, dS, dS, dz, dk, dv, cu_arg, cmap, 1.0, lay.T, lay.NT,
-        **lay.kw(BV=cfg.bwd_block_v), num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages)
+    unused = dS
+    run(spec, Launch("state dk dv", "chunk_bwd_kernel_dkv", dkv_plan(spec, cfg, lay),
+                     dict(q=unused, k=k, v=v, fm_params=fm_params if fm_params is not None else unused, do=unused,
+                          den=unused, g=unused, dS=dS, dz=dz, dk=dk, dv=dv, **lay.seqs(unused), scale=1.0, T=lay.T,
+                          NT=lay.NT)))
     return dk, dv
