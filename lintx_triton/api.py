@@ -208,9 +208,8 @@ def linear_attention(
                 f"DV = {v.shape[-1]}, M = {fm.feature_dim(q.shape[-1])}; use backend='torch'"
             )
         o, _, S, z = torch.ops.lintx.linear_attention_fwd(
-            q, k, v, S0, z0, fm.parameters(q.device), cu_seqlens, fm.name, bool(causal), bool(normalize),
-            float(scale), float(eps)
-        )
+            q=q, k=k, v=v, S0=S0, z0=z0, fm_params=fm.parameters(q.device), cu_seqlens=cu_seqlens,
+            feature_map=fm.name, causal=bool(causal), normalize=bool(normalize), scale=float(scale), eps=float(eps))
     return (o, (S, z)) if return_state else o
 
 
@@ -252,7 +251,8 @@ def linear_attention_state(
     if _pick_backend(backend, k) == "torch":
         return _state_torch(k, v, fm, initial_state, cu_seqlens)
     S0, z0 = initial_state if initial_state is not None else (None, None)
-    return tuple(torch.ops.lintx.linear_attention_state(k, v, S0, z0, fm.parameters(k.device), cu_seqlens, fm.name))
+    return tuple(torch.ops.lintx.linear_attention_state(k=k, v=v, S0=S0, z0=z0, fm_params=fm.parameters(k.device),
+                                                        cu_seqlens=cu_seqlens, feature_map=fm.name))
 
 
 def _state_torch(k, v, fm, initial_state, cu):
@@ -348,9 +348,10 @@ def linear_attention_step(
     if _pick_backend(backend, q) == "torch":
         return linear_attention_step_torch(q, k, v, fm, normalize=normalize, scale=float(scale), eps=float(eps),
                                            state=state)
-    S, z = state if state is not None else (None, None)
-    o, S, z = torch.ops.lintx.linear_attention_step(q, k, v, S, z, fm.parameters(q.device), fm.name,
-                                                    bool(normalize), float(scale), float(eps))
+    S0, z0 = state if state is not None else (None, None)
+    o, S, z = torch.ops.lintx.linear_attention_step(q=q, k=k, v=v, S0=S0, z0=z0, fm_params=fm.parameters(q.device),
+                                                    feature_map=fm.name, normalize=bool(normalize),
+                                                    scale=float(scale), eps=float(eps))
     return o, (S, z)
 
 
@@ -394,8 +395,9 @@ def linear_attention_step_(
         S.copy_(S1)
         z.copy_(z1)
         return o
-    return torch.ops.lintx.linear_attention_step_(q, k, v, S, z, fm.parameters(q.device), fm.name, bool(normalize),
-                                                  float(scale), float(eps))
+    return torch.ops.lintx.linear_attention_step_(q=q, k=k, v=v, S=S, z=z, fm_params=fm.parameters(q.device),
+                                                  feature_map=fm.name, normalize=bool(normalize), scale=float(scale),
+                                                  eps=float(eps))
 
 
 def emit(

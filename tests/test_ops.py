@@ -13,6 +13,15 @@ def _inputs(B=1, T=19, H=2, D=8, DV=12, dtype=torch.float32, requires_grad=True,
     return q, k, v
 
 
+def test_forward_autograd_reads_the_schema_by_name():
+    """The forward op's autograd context names its inputs with one tuple (ops.custom._FwdArgs): it must be the
+    schema's argument list, in order."""
+    from lintx_triton.ops import custom
+
+    schema = torch.ops.lintx.linear_attention_fwd.default._schema
+    assert custom._FwdArgs._fields == tuple(a.name for a in schema.arguments)
+
+
 FWD_CASES = {
     "elu-causal-norm": (True, True, False),
     "elu-causal-raw-h0": (True, False, True),

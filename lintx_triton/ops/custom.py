@@ -8,7 +8,7 @@ while an opaque ``custom_op`` with a fake kernel works everywhere and keeps
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -23,6 +23,28 @@ __all__ = ["make_spec", "linear_attention_fwd", "linear_attention_bwd", "linear_
            "linear_attention_step_"]
 
 F32 = torch.float32
+
+
+class _FwdArgs(NamedTuple):
+    """The forward op's arguments, in its schema's order (its autograd context reads them by name)."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    S0: Optional[Tensor]
+    z0: Optional[Tensor]
+    fm_params: Optional[Tensor]
+    cu_seqlens: Optional[Tensor]
+    feature_map: str
+    causal: bool
+    normalize: bool
+    scale: float
+    eps: float
+
+
+def _c(t: Optional[Tensor]) -> Optional[Tensor]:
+    """``t`` contiguous (the launchers index rows by their strides), or None."""
+    return t.contiguous() if t is not None else None
 
 
 def make_spec(feature_map: str, q: Tensor, v: Tensor, causal: bool, normalize: bool, has_initial_state: bool) -> KernelSpec:
@@ -55,8 +77,8 @@ def linear_attention_fwd(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    initial_S: Optional[Tensor],
-    initial_z: Optional[Tensor],
+    S0: Optional[Tensor],
+    z0: Optional[Tensor],
     fm_params: Optional[Tensor],
     cu_seqlens: Optional[Tensor],
     feature_map: str,
@@ -65,18 +87,16 @@ def linear_attention_fwd(
     scale: float,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> o [B, T, H, DV], den [B, H, T] fp32 (shape [0] unnormalized), S_T [N, HKV, M, DV], z_T [N, HKV, M]."""
-    spec = make_spec(feature_map, q, v, causal, normalize, initial_S is not None)
+    """-> o [B, T, H, DV], den [B, H, T] fp32 (shape [0] unnormalized), ST [N, HKV, M, DV], zT [N, HKV, M]."""
+    spec = make_spec(feature_map, q, v, causal, normalize, S0 is not None)
     B, T, H, _ = q.shape
     cfg = config_for(spec, B * H, T, q.device)
-    h0 = initial_S.contiguous() if initial_S is not None else None
-    z0 = initial_z.contiguous() if initial_z is not None else None
-    return chunk_fwd(spec, cfg, q.contiguous(), k.contiguous(), v.contiguous(), h0, z0, fm_params, scale, eps,
-                     cu=cu_seqlens)
+    return chunk_fwd(spec, cfg, q.contiguous(), k.contiguous(), v.contiguous(), _c(S0), _c(z0), fm_params, scale,
+                     eps, cu=cu_seqlens)
 
 
 @linear_attention_fwd.register_fake
-def _(q, k, v, initial_S, initial_z, fm_params, cu_seqlens, feature_map, causal, normalize, scale, eps):
+def _(q, k, v, S0, z0, fm_params, cu_seqlens, feature_map, causal, normalize, scale, eps):
     B, T, H, _ = q.shape
     s_shape, z_shape = _state_shapes(q, v, feature_map, cu_seqlens)
     o = q.new_empty(B, T, H, v.shape[-1])
@@ -87,15 +107,15 @@ def _(q, k, v, initial_S, initial_z, fm_params, cu_seqlens, feature_map, causal,
 @torch.library.custom_op("lintx::linear_attention_bwd", mutates_args=())
 def linear_attention_bwd(
     do: Tensor,
-    dS: Optional[Tensor],
-    dz: Optional[Tensor],
+    dST: Optional[Tensor],
+    dzT: Optional[Tensor],
     q: Tensor,
     k: Tensor,
     v: Tensor,
     o: Tensor,
     den: Tensor,
-    initial_S: Optional[Tensor],
-    initial_z: Optional[Tensor],
+    S0: Optional[Tensor],
+    z0: Optional[Tensor],
     fm_params: Optional[Tensor],
     cu_seqlens: Optional[Tensor],
     feature_map: str,
@@ -103,18 +123,16 @@ def linear_attention_bwd(
     normalize: bool,
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> dq, dk, dv (input dtype), dS_0 [B, H, M, DV], dz_0 [B, H, M] (fp32)."""
-    spec = make_spec(feature_map, q, v, causal, normalize, initial_S is not None)
+    """-> dq, dk, dv (input dtype), dS0 [N, HKV, M, DV], dz0 [N, HKV, M] (fp32)."""
+    spec = make_spec(feature_map, q, v, causal, normalize, S0 is not None)
     B, T, H, _ = q.shape
     cfg = config_for(spec, B * H, T, q.device)
-    c = lambda t: t.contiguous() if t is not None else None  # noqa: E731
-    return chunk_bwd(spec, cfg, c(do), c(dS), c(dz), c(q), c(k), c(v), c(o), c(den), c(initial_S), c(initial_z),
+    return chunk_bwd(spec, cfg, _c(do), _c(dST), _c(dzT), _c(q), _c(k), _c(v), _c(o), _c(den), _c(S0), _c(z0),
                      fm_params, scale, cu=cu_seqlens)
 
 
 @linear_attention_bwd.register_fake
-def _(do, dS, dz, q, k, v, o, den, initial_S, initial_z, fm_params, cu_seqlens, feature_map, causal, normalize,
-      scale):
+def _(do, dST, dzT, q, k, v, o, den, S0, z0, fm_params, cu_seqlens, feature_map, causal, normalize, scale):
     s_shape, z_shape = _state_shapes(q, v, feature_map, cu_seqlens)
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
@@ -126,21 +144,20 @@ def _(do, dS, dz, q, k, v, o, den, initial_S, initial_z, fm_params, cu_seqlens, 
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, initial_S, initial_z, fm_params, cu_seqlens, feature_map, causal, normalize, scale, eps = inputs
+    a = _FwdArgs(*inputs)
     o, den, _, _ = output
-    ctx.save_for_backward(q, k, v, o, den, initial_S, initial_z, fm_params, cu_seqlens)
-    ctx.args = (feature_map, causal, normalize, scale)
+    ctx.save_for_backward(a.q, a.k, a.v, o, den, a.S0, a.z0, a.fm_params, a.cu_seqlens)
+    ctx.flags = dict(feature_map=a.feature_map, causal=a.causal, normalize=a.normalize, scale=a.scale)
 
 
-def _backward(ctx, do, dden, dS, dz):
-    q, k, v, o, den, initial_S, initial_z, fm_params, cu_seqlens = ctx.saved_tensors
+def _backward(ctx, do, dden, dST, dzT):
+    q, k, v, o, den, S0, z0, fm_params, cu_seqlens = ctx.saved_tensors
     dq, dk, dv, dS0, dz0 = torch.ops.lintx.linear_attention_bwd(
-        do, dS, dz, q, k, v, o, den, initial_S, initial_z, fm_params, cu_seqlens, *ctx.args
-    )
-    if initial_S is None:
-        dS0 = dz0 = None
-    # the feature map's parameters are fixed (random features are redrawn, not trained)
-    return dq, dk, dv, dS0, dz0, None, None, None, None, None, None, None
+        do=do, dST=dST, dzT=dzT, q=q, k=k, v=v, o=o, den=den, S0=S0, z0=z0, fm_params=fm_params,
+        cu_seqlens=cu_seqlens, **ctx.flags)
+    grads = dict(q=dq, k=dk, v=dv, S0=dS0 if S0 is not None else None, z0=dz0 if S0 is not None else None)
+    # the feature map's parameters are fixed (random features are redrawn, not trained); flags have none
+    return tuple(grads.get(name) for name in _FwdArgs._fields)
 
 
 linear_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -160,28 +177,27 @@ def _state_launch(feature_map: str, k: Tensor, v: Tensor):
 def linear_attention_state(
     k: Tensor,
     v: Tensor,
-    initial_S: Optional[Tensor],
-    initial_z: Optional[Tensor],
+    S0: Optional[Tensor],
+    z0: Optional[Tensor],
     fm_params: Optional[Tensor],
     cu_seqlens: Optional[Tensor],
     feature_map: str,
 ) -> tuple[Tensor, Tensor]:
-    """k [B, T, HKV, D], v [B, T, HKV, DV] -> S_T [N, HKV, M, DV], z_T [N, HKV, M] (fp32)."""
+    """k [B, T, HKV, D], v [B, T, HKV, DV] -> ST [N, HKV, M, DV], zT [N, HKV, M] (fp32)."""
     spec, cfg = _state_launch(feature_map, k, v)
-    c = lambda t: t.contiguous() if t is not None else None  # noqa: E731
-    return state_fwd(spec, cfg, k.contiguous(), v.contiguous(), c(initial_S), c(initial_z), fm_params, cu=cu_seqlens)
+    return state_fwd(spec, cfg, k.contiguous(), v.contiguous(), _c(S0), _c(z0), fm_params, cu=cu_seqlens)
 
 
 @linear_attention_state.register_fake
-def _(k, v, initial_S, initial_z, fm_params, cu_seqlens, feature_map):
+def _(k, v, S0, z0, fm_params, cu_seqlens, feature_map):
     s_shape, z_shape = _state_shapes(k, v, feature_map, cu_seqlens)
     return k.new_empty(s_shape, dtype=F32), k.new_empty(z_shape, dtype=F32)
 
 
 @torch.library.custom_op("lintx::linear_attention_state_bwd", mutates_args=())
 def linear_attention_state_bwd(
-    dS: Tensor,
-    dz: Tensor,
+    dST: Tensor,
+    dzT: Tensor,
     k: Tensor,
     v: Tensor,
     fm_params: Optional[Tensor],
@@ -190,30 +206,32 @@ def linear_attention_state_bwd(
 ) -> tuple[Tensor, Tensor]:
     """-> dk, dv (inputs' dtype) from the gradients of the final state."""
     spec, cfg = _state_launch(feature_map, k, v)
-    return state_bwd(spec, cfg, dS.contiguous(), dz.contiguous(), k.contiguous(), v.contiguous(), fm_params,
+    return state_bwd(spec, cfg, dST.contiguous(), dzT.contiguous(), k.contiguous(), v.contiguous(), fm_params,
                      cu=cu_seqlens)
 
 
 @linear_attention_state_bwd.register_fake
-def _(dS, dz, k, v, fm_params, cu_seqlens, feature_map):
+def _(dST, dzT, k, v, fm_params, cu_seqlens, feature_map):
     return (torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
 def _state_setup(ctx, inputs, output):
-    k, v, initial_S, initial_z, fm_params, cu_seqlens, feature_map = inputs
+    k, v, S0, z0, fm_params, cu_seqlens, feature_map = inputs
     ctx.save_for_backward(k, v, fm_params, cu_seqlens)
     ctx.feature_map = feature_map
-    ctx.has_init = initial_S is not None
+    ctx.has_init = S0 is not None
 
 
-def _state_backward(ctx, dS, dz):
+def _state_backward(ctx, dST, dzT):
     k, v, fm_params, cu_seqlens = ctx.saved_tensors
     s_shape, z_shape = _state_shapes(k, v, ctx.feature_map, cu_seqlens)
-    dS = dS if dS is not None else torch.zeros(s_shape, dtype=F32, device=k.device)  # S or z unused
-    dz = dz if dz is not None else torch.zeros(z_shape, dtype=F32, device=k.device)
-    dk, dv = torch.ops.lintx.linear_attention_state_bwd(dS, dz, k, v, fm_params, cu_seqlens, ctx.feature_map)
-    init = (dS, dz) if ctx.has_init else (None, None)
+    dST = dST if dST is not None else torch.zeros(s_shape, dtype=F32, device=k.device)  # S or z unused
+    dzT = dzT if dzT is not None else torch.zeros(z_shape, dtype=F32, device=k.device)
+    dk, dv = torch.ops.lintx.linear_attention_state_bwd(dST=dST, dzT=dzT, k=k, v=v, fm_params=fm_params,
+                                                        cu_seqlens=cu_seqlens, feature_map=ctx.feature_map)
+    # S = S0 + sums: the initial state's gradient is the final state's
+    init = (dST, dzT) if ctx.has_init else (None, None)
     return dk, dv, *init, None, None, None
 
 
@@ -239,26 +257,26 @@ def linear_attention_step(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    S: Optional[Tensor],
-    z: Optional[Tensor],
+    S0: Optional[Tensor],
+    z0: Optional[Tensor],
     fm_params: Optional[Tensor],
     feature_map: str,
     normalize: bool,
     scale: float,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One token: -> o [B, H, DV], the new S [B, H, M, DV] and z [B, H, M] (fp32)."""
+    """One token from the state (S0, z0) (None: zeros): -> o [B, H, DV], the new state ST [B, HKV, M, DV] and
+    zT [B, HKV, M] (fp32)."""
     spec = make_spec(feature_map, q, v, True, normalize, False)
     s_shape, z_shape = _step_state_shapes(q, v, feature_map)
-    S_out = torch.empty(s_shape, dtype=F32, device=q.device)
-    z_out = torch.empty(z_shape, dtype=F32, device=q.device)
-    c = lambda t: t.contiguous() if t is not None else None  # noqa: E731
-    o = decode_step(spec, _step_config(spec, q), c(q), c(k), c(v), c(S), c(z), S_out, z_out, fm_params, scale, eps)
-    return o, S_out, z_out
+    ST = torch.empty(s_shape, dtype=F32, device=q.device)
+    zT = torch.empty(z_shape, dtype=F32, device=q.device)
+    o = decode_step(spec, _step_config(spec, q), _c(q), _c(k), _c(v), _c(S0), _c(z0), ST, zT, fm_params, scale, eps)
+    return o, ST, zT
 
 
 @linear_attention_step.register_fake
-def _(q, k, v, S, z, fm_params, feature_map, normalize, scale, eps):
+def _(q, k, v, S0, z0, fm_params, feature_map, normalize, scale, eps):
     s_shape, z_shape = _step_state_shapes(q, v, feature_map)
     B, H, _ = q.shape
     return q.new_empty(B, H, v.shape[-1]), q.new_empty(s_shape, dtype=F32), q.new_empty(z_shape, dtype=F32)
