@@ -13,14 +13,12 @@ from .config import interpreting
 from .feature_maps import FeatureMap
 from .ops import custom  # noqa: F401  (registers torch.ops.lintx.*)
 from .reference import linear_attention_step_torch, linear_attention_torch
-from .spec import DTYPES, KernelSpec, dtype_of
+from .spec import DTYPES, MAX_TRITON_DIM, KernelSpec, dtype_of, products_in_fp32
 
 __all__ = ["linear_attention", "linear_attention_state", "linear_attention_step", "linear_attention_step_", "emit",
            "BACKENDS"]
 
 BACKENDS = ("auto", "triton", "torch")
-# The generated kernels keep a [BT, M] and an [M, BV] tile on chip; beyond this they would spill.
-MAX_TRITON_DIM = 256
 
 
 _TORCH_DTYPES = tuple(d.torch for d in DTYPES.values())
@@ -111,14 +109,21 @@ def _check_state(state, what, B, H, M, DV, fm, device):
             raise ValueError(f"{what} {name} is on {t.device}, q on {device}")
 
 
-def _pick_backend(backend: str, q: Tensor) -> str:
+def _pick_backend(backend: str, q: Tensor, v: Tensor, fm: FeatureMap) -> str:
+    """The backend a call runs on; every entry point asks here, so the Triton path's limits are checked once."""
     if backend == "auto":
-        return "triton" if (q.is_cuda or interpreting()) else "torch"
-    if backend == "triton" and not (q.is_cuda or interpreting()):
+        backend = "triton" if (q.is_cuda or interpreting()) else "torch"
+    elif backend == "triton" and not (q.is_cuda or interpreting()):
         raise ValueError(
             f"backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 in the environment before the first "
             f"call to run the kernels in Triton's CPU interpreter; got tensors on {q.device}. "
             f"Use backend='torch' or 'auto' on CPU."
+        )
+    D, DV = q.shape[-1], v.shape[-1]
+    if backend == "triton" and max(D, DV, fm.feature_dim(D)) > MAX_TRITON_DIM:
+        raise ValueError(
+            f"the Triton kernels take D, DV and M up to {MAX_TRITON_DIM}, got D = {D}, DV = {DV}, "
+            f"M = {fm.feature_dim(D)}; use backend='torch'"
         )
     return backend
 
@@ -193,7 +198,7 @@ def linear_attention(
     """
     fm = feature_maps.resolve(feature_map)
     _check_inputs(q, k, v, fm, causal, initial_state, scale, eps, backend, cu_seqlens, check_seqlens)
-    backend = _pick_backend(backend, q)
+    backend = _pick_backend(backend, q, v, fm)
     S0, z0 = initial_state if initial_state is not None else (None, None)
     if backend == "torch":
         kw = dict(causal=causal, normalize=normalize, scale=float(scale), eps=float(eps))
@@ -202,11 +207,6 @@ def linear_attention(
         else:
             o, (S, z) = _packed_torch(q, k, v, fm, cu_seqlens, initial_state, kw)
     else:
-        if max(q.shape[-1], v.shape[-1], fm.feature_dim(q.shape[-1])) > MAX_TRITON_DIM:
-            raise ValueError(
-                f"the Triton kernels take D, DV and M up to {MAX_TRITON_DIM}, got D = {q.shape[-1]}, "
-                f"DV = {v.shape[-1]}, M = {fm.feature_dim(q.shape[-1])}; use backend='torch'"
-            )
         o, _, S, z = torch.ops.lintx.linear_attention_fwd(
             q=q, k=k, v=v, S0=S0, z0=z0, fm_params=fm.parameters(q.device), cu_seqlens=cu_seqlens,
             feature_map=fm.name, causal=bool(causal), normalize=bool(normalize), scale=float(scale), eps=float(eps))
@@ -248,7 +248,7 @@ def linear_attention_state(
     """
     fm = feature_maps.resolve(feature_map)
     _check_inputs(k, k, v, fm, True, initial_state, 1.0, 0.0, backend, cu_seqlens, check_seqlens)
-    if _pick_backend(backend, k) == "torch":
+    if _pick_backend(backend, k, v, fm) == "torch":
         return _state_torch(k, v, fm, initial_state, cu_seqlens)
     S0, z0 = initial_state if initial_state is not None else (None, None)
     return tuple(torch.ops.lintx.linear_attention_state(k=k, v=v, S0=S0, z0=z0, fm_params=fm.parameters(k.device),
@@ -345,7 +345,7 @@ def linear_attention_step(
     """
     fm = feature_maps.resolve(feature_map)
     _check_step(q, k, v, state, fm, scale, eps, backend)
-    if _pick_backend(backend, q) == "torch":
+    if _pick_backend(backend, q, v, fm) == "torch":
         return linear_attention_step_torch(q, k, v, fm, normalize=normalize, scale=float(scale), eps=float(eps),
                                            state=state)
     S0, z0 = state if state is not None else (None, None)
@@ -389,7 +389,7 @@ def linear_attention_step_(
     S, z = state
     if not (S.is_contiguous() and z.is_contiguous()):
         raise ValueError("linear_attention_step_ updates the state in place: S and z must be contiguous")
-    if _pick_backend(backend, q) == "torch":
+    if _pick_backend(backend, q, v, fm) == "torch":
         o, (S1, z1) = linear_attention_step_torch(q, k, v, fm, normalize=normalize, scale=float(scale),
                                                   eps=float(eps), state=state)
         S.copy_(S1)
@@ -443,6 +443,6 @@ def emit(
             head_dim=int(head_dim),
             value_dim=int(value_dim if value_dim is not None else head_dim),
             has_initial_state=bool(initial_state),
-            dot_fp32=(dtype == torch.float32) if dot_fp32 is None else bool(dot_fp32),
+            dot_fp32=products_in_fp32(dtype_of(dtype).name, False) if dot_fp32 is None else bool(dot_fp32),
         )
     return render(spec)

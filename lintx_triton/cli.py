@@ -21,11 +21,10 @@ from dataclasses import asdict, dataclass
 
 import click
 
-from .spec import DTYPES, dtype_of
+from .spec import DTYPES, FAMILIES, MAX_TRITON_DIM, dtype_of, products_in_fp32
 
 # every name of a dtype: bf16 or bfloat16 (lintx_triton.spec.DTYPES)
 DTYPE_CHOICES = [n for d in DTYPES.values() for n in (d.short, d.name)]
-KERNELS = ("forward", "backward", "decode")
 
 
 def _device():
@@ -192,7 +191,7 @@ def _run_variant(v: Variant, examples: int, seed: int, device, imports) -> Resul
                    "favor_hyp, fourier (a fresh D, M and draw per example)]")
 @click.option("--dtype", "dtypes", multiple=True, type=click.Choice(sorted(DTYPE_CHOICES)),
               help="dtype(s) [default: all three]")
-@click.option("--kernel", "kernels", multiple=True, type=click.Choice(KERNELS),
+@click.option("--kernel", "kernels", multiple=True, type=click.Choice(FAMILIES),
               help="forward, backward and/or decode (the RNN-form step) [default: all]")
 @click.option("--backend", "backends", multiple=True, type=click.Choice(["triton", "torch"]),
               help="[default: triton on a GPU; triton (interpreter) and torch on a CPU]")
@@ -234,7 +233,7 @@ def fuzz(examples, minutes, seed, maps, dtypes, kernels, backends, normalize, st
         raise click.UsageError("the triton backend on a CPU needs TRITON_INTERPRET=1 (unset it only on a GPU)")
     norms = (normalize,) if normalize is not None else (True, False)
     states = (state,) if state is not None else (False, True)
-    variants = [Variant(*x) for x in itertools.product(kernels or KERNELS, bks, maps, dts, norms, states)]
+    variants = [Variant(*x) for x in itertools.product(kernels or FAMILIES, bks, maps, dts, norms, states)]
 
     err = Console(stderr=True)
     results = {v.label(): Result(v) for v in variants}
@@ -293,8 +292,8 @@ def _spec_options(f):
     f = click.option("--causal/--full", default=True, show_default=True)(f)
     f = click.option("--normalize/--raw", default=True, show_default=True)(f)
     f = click.option("--dtype", default="bf16", show_default=True, type=click.Choice(sorted(DTYPE_CHOICES)))(f)
-    f = click.option("--head-dim", "-D", default=64, show_default=True, type=click.IntRange(1, 256), help="D")(f)
-    f = click.option("--value-dim", "-DV", "value_dim", default=None, type=click.IntRange(1, 256),
+    f = click.option("--head-dim", "-D", default=64, show_default=True, type=click.IntRange(1, MAX_TRITON_DIM), help="D")(f)
+    f = click.option("--value-dim", "-DV", "value_dim", default=None, type=click.IntRange(1, MAX_TRITON_DIM),
                      help="DV [default: D]")(f)
     f = click.option("--import", "imports", multiple=True, metavar="MODULE",
                      help="import a module that registers maps")(f)
@@ -321,7 +320,7 @@ def _make_spec(feature_map, causal, normalize, dtype, head_dim, value_dim, initi
     return KernelSpec(
         feature_map=feature_maps.get(feature_map).name, causal=causal, normalize=normalize, dtype=dt,
         head_dim=head_dim, value_dim=value_dim or head_dim, has_initial_state=initial_state,
-        dot_fp32=dt == "float32" or (dt == "bfloat16" and interpreting()),
+        dot_fp32=products_in_fp32(dt, interpreting()),
     )
 
 

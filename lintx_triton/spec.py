@@ -16,11 +16,16 @@ import torch
 
 from . import feature_maps
 
-__all__ = ["KernelSpec", "GENERATOR_VERSION", "DType", "DTYPES", "dtype_of", "FAMILIES"]
+__all__ = ["KernelSpec", "GENERATOR_VERSION", "DType", "DTYPES", "dtype_of", "FAMILIES", "MAX_TRITON_DIM",
+           "products_in_fp32"]
 
 # Bump when the kernel files or the renderer change their meaning (the tuned files record it); the cache
 # key also hashes the kernel files themselves (codegen.render.module_key).
 GENERATOR_VERSION = 8
+
+# The widest D, DV and M the generated kernels take: they keep a [BT, M] and an [M, BV] tile on chip, and
+# beyond this would spill (every entry point checks it before a launch).
+MAX_TRITON_DIM = 256
 
 # The kernel families: what is tuned (one config file each), fuzzed and timed as a unit. The Triton
 # functions that make them up are lintx_triton.codegen.KERNELS.
@@ -50,6 +55,13 @@ def dtype_of(x) -> DType:
     if d is None:
         raise TypeError(f"the kernels take float32, float16 or bfloat16 (fp32, fp16, bf16), got {x!r}")
     return d
+
+
+def products_in_fp32(dtype: str, interpreted: bool) -> bool:
+    """:attr:`KernelSpec.dot_fp32` of a call on ``dtype`` inputs: always for float32 (IEEE products), and for
+    bfloat16 in Triton's CPU interpreter, whose bf16 arithmetic is wrong (Triton's open bug). The one place
+    this is decided (the ops, ``lx.emit``, the command line)."""
+    return dtype == "float32" or (dtype == "bfloat16" and interpreted)
 
 
 def _next_pow2(n: int) -> int:

@@ -58,6 +58,23 @@ def test_too_wide_for_the_kernels():
     assert lx.linear_attention(wide, wide, wide, backend="torch").shape == (1, 3, 1, 300)
 
 
+@pytest.mark.parametrize("entry", ["state", "step", "step_", "favor-M"])
+def test_too_wide_at_every_entry_point(entry):
+    """The width limit is checked wherever a call can reach the kernels, before any launch."""
+    wide, narrow = torch.randn(1, 3, 1, 300), torch.randn(1, 3, 1, 8)
+    with pytest.raises(ValueError, match=r"up to 256.*backend='torch'"):
+        if entry == "state":
+            lx.linear_attention_state(wide, wide, backend="triton")
+        elif entry == "step":
+            lx.linear_attention_step(wide[:, 0], wide[:, 0], narrow[:, 0], backend="triton")
+        elif entry == "step_":
+            state = (torch.zeros(1, 1, 300, 8), torch.zeros(1, 1, 300))
+            lx.linear_attention_step_(wide[:, 0], wide[:, 0], narrow[:, 0], state, backend="triton")
+        else:  # D fits, M does not
+            fm = lx.feature_maps.favor(8, num_features=300)
+            lx.linear_attention(narrow, narrow, narrow, feature_map=fm, backend="triton")
+
+
 def test_bad_config_override():
     with pytest.raises(TypeError, match="unknown Config fields"):
         with lx.config.override(chunks=16):

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import feature_maps
 from ..config import config_for, interpreting
-from ..spec import KernelSpec, dtype_of
+from ..spec import KernelSpec, dtype_of, products_in_fp32
 from .launch import chunk_bwd, chunk_fwd, decode_step, state_bwd, state_fwd
 
 __all__ = ["make_spec", "linear_attention_fwd", "linear_attention_bwd", "linear_attention_state",
@@ -49,8 +49,6 @@ def _c(t: Optional[Tensor]) -> Optional[Tensor]:
 
 def make_spec(feature_map: str, q: Tensor, v: Tensor, causal: bool, normalize: bool, has_initial_state: bool) -> KernelSpec:
     dtype = dtype_of(q.dtype).name
-    # The interpreter's bf16 arithmetic is wrong (Triton's open bug): keep its products in fp32.
-    dot_fp32 = dtype == "float32" or (dtype == "bfloat16" and interpreting())
     return KernelSpec(
         feature_map=feature_map,
         causal=causal,
@@ -59,7 +57,7 @@ def make_spec(feature_map: str, q: Tensor, v: Tensor, causal: bool, normalize: b
         head_dim=q.shape[-1],
         value_dim=v.shape[-1],
         has_initial_state=has_initial_state,
-        dot_fp32=dot_fp32,
+        dot_fp32=products_in_fp32(dtype, interpreting()),
     )
 
 
