@@ -12,10 +12,7 @@ from lintx_triton import codegen, feature_maps
 from lintx_triton.spec import KernelSpec
 from helpers import assert_forward_close, case_id, cases, make_inputs
 
-KERNELS = [
-    "chunk_kernel_h", "chunk_scan_kernel", "chunk_fwd_kernel_o", "bwd_kernel_g", "chunk_bwd_kernel_dq",
-    "chunk_bwd_kernel_dkv",
-]
+KERNELS = [k for family in codegen.KERNELS.values() for k in family]  # every launched function, by family
 
 
 @pytest.mark.parametrize("name", ["elu", "relu", "identity"])
@@ -166,3 +163,18 @@ def test_cache_key_follows_the_kernel_files(monkeypatch):
         monkeypatch.undo()
         render._sources_hash.cache_clear()
     assert render.module_key(spec) == key
+
+
+def test_kernel_table_is_what_the_launchers_launch():
+    """codegen.KERNELS names each family's own kernels; the launchers (recorded on meta tensors, nothing runs)
+    launch exactly those, plus the forward's chunk sums and scan again in the backward."""
+    from lintx_triton.compile_report import family_launches
+
+    spec = KernelSpec("elu", True, True, "bfloat16", 64, 64, True, False)
+    cfg = lx.config.gpu_heuristic(spec, batch_heads=16, sm_count=132)  # chunked: few programs
+    every = {k for family in codegen.KERNELS.values() for k in family}
+    for family, kernels in codegen.KERNELS.items():
+        launched = {L.kernel for L in family_launches(family, spec, cfg)}
+        assert set(kernels) <= launched <= every, family
+    fused = lx.config.gpu_heuristic(spec, batch_heads=4096, sm_count=132)
+    assert [L.kernel for L in family_launches("forward", spec, fused)] == ["chunk_fwd_kernel_o"]
