@@ -23,7 +23,7 @@ from lintx_triton import feature_maps  # noqa: E402
 from lintx_triton.compile_report import default_report  # noqa: E402
 from lintx_triton.spec import DTYPES, dtype_of  # noqa: E402
 
-SHORT = [d.short for d in DTYPES.values()]  # bf16, fp16, fp32 (lintx_triton.spec.DTYPES)
+SHORT = sorted(d.short for d in DTYPES.values())  # bf16, fp16, fp32 (lintx_triton.spec.DTYPES), the report's order
 HEADER = ("| map | dtype | D=DV | stage | BT | BV | warps | regs | stack | spill ld/st | shared B | HGMMA | HMMA "
           "| blocks/SM |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
