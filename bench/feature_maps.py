@@ -25,7 +25,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import lintx_triton as lx  # noqa: E402
-from lintx_triton.testing import TOL, forward_bound, _assert_within  # noqa: E402
+from lintx_triton.testing import TOL, assert_within, forward_bound  # noqa: E402
 
 
 class _Largest(TorchDispatchMode):
@@ -48,7 +48,7 @@ def _check(fm, q, k, v, dtype_name, prefix=128):
     c = dict(feature_map=fm.name, causal=True, normalize=True, scale=1.0, dtype=dtype_name)
     o = lx.linear_attention(qs, ks, vs, feature_map=fm)
     ref, bound = forward_bound(c, qs.cpu(), ks.cpu(), vs.cpu(), None)
-    _assert_within(f"{fm.name} o", o.cpu(), ref, bound, TOL[dtype_name])
+    assert_within(f"{fm.name} o", o.cpu(), ref, bound, TOL[dtype_name])
 
 
 def run_row(fm, B, T, H, D, dtype, device, time_it: bool) -> dict:

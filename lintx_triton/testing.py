@@ -283,9 +283,6 @@ def assert_within(name: str, got, want, bound, tol: float) -> float:
     return ratio
 
 
-_assert_within = assert_within  # its former private name, still imported by bench/feature_maps.py
-
-
 def check_forward(c: dict, out, q, k, v, state, name="o", cu_seqlens=None) -> float:
     """Raise EquivalenceError unless ``out`` (q's dtype and shape) is within TOL x :func:`forward_bound`;
     returns the worst err / (tol x bound)."""

@@ -19,9 +19,6 @@ from lintx_triton.testing import (  # noqa: F401  (re-exported for the tests)
     reference_grads,
 )
 
-# test_codegen.py's name for check_forward
-assert_forward_close = check_forward
-
 
 def kwargs(c: dict) -> dict:
     return dict(feature_map=c["feature_map"], causal=c["causal"], normalize=c["normalize"], scale=c["scale"])
