@@ -7,6 +7,10 @@ hand each :class:`Launch` to a runner: :func:`launch` runs it; :func:`record` ke
 :mod:`lintx_triton.compile_report` and the tuner's pruning see exactly the launches a call makes (they run
 the launchers on meta tensors) and compile those. An argument a variant never reads gets a valid pointer
 named ``unused`` at the call. Inputs arrive validated and contiguous (:mod:`lintx_triton.ops.custom`).
+
+The kernels, by the file that defines them (``lintx_triton/codegen/kernels/``): ``chunk_kernel_h``,
+``chunk_scan_kernel``, ``chunk_fwd_kernel_o`` in forward.py; ``bwd_kernel_g``, ``chunk_bwd_kernel_dq``,
+``chunk_bwd_kernel_dkv`` in backward.py; ``decode_kernel_step`` in decode.py.
 """
 
 from __future__ import annotations
