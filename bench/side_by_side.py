@@ -4,10 +4,11 @@
     python bench/side_by_side.py --modes fwd,decode --T 1024,4096 --D 64 --out /tmp/b
     python bench/side_by_side.py --T 64,128 --H 2 --D 16 --tokens 256 --decode-batch 2 --out /tmp/b   # CPU, tiny
     python bench/side_by_side.py --report-only bench/out/results.json --out bench/out   # redraw md + png
+    python bench/side_by_side.py --no-draw --fla-last --budget-s 120 --out /tmp/b       # bench/gpu_run.sh's stage 4
 
 Writes ``results.json`` (after every cell, so a killed run keeps what it measured), ``results.md`` and
-``results.png`` under ``--out``. Each cell is checked against a float64 reference before it is timed
-(``bench/harness.py`` says how); the exit code is 1 when a lintx cell fails its check or errors.
+``results.png`` under ``--out`` (``--no-draw``: the JSON alone, drawn later with ``--report-only``). Each
+cell is checked against a float64 reference before it is timed (``bench/harness.py`` says how); the exit code is 1 when a lintx cell fails its check or errors.
 FLA (``fla-core``) is used when importable and skipped otherwise.
 """
 
@@ -17,6 +18,7 @@ import dataclasses
 import os
 import pathlib
 import sys
+import time
 
 import click
 
@@ -40,12 +42,20 @@ def _strs(ctx, param, value):
     return [x for x in value.split(",") if x]
 
 
-def write_outputs(out: dict, out_dir: pathlib.Path) -> None:
+def write_outputs(out: dict, out_dir: pathlib.Path, draw: bool = True) -> None:
     from bench import harness
 
     harness.save_json(out, out_dir / "results.json")
-    (out_dir / "results.md").write_text(report.to_markdown(out))
-    report.plot(out, out_dir / "results.png")
+    if draw:
+        (out_dir / "results.md").write_text(report.to_markdown(out))
+        report.plot(out, out_dir / "results.png")
+
+
+def _phases(impls: list, fla_last: bool) -> list[list]:
+    """The implementations in the order their cells run: all at once (per head width, FLA's last in each), or with
+    ``fla_last`` the others over the whole grid first, then the late ones (FLA, runtime autotuning)."""
+    early, late = [i for i in impls if not i.late], [i for i in impls if i.late]
+    return [early, late] if fla_last and early and late else [impls]
 
 
 @click.command(context_settings=dict(help_option_names=["-h", "--help"]))
@@ -68,6 +78,12 @@ def write_outputs(out: dict, out_dir: pathlib.Path) -> None:
 @click.option("--warmup-ms", default=25.0, show_default=True, help="do_bench warm-up budget (CUDA)")
 @click.option("--cpu-reps", default=5, show_default=True, help="timed calls per cell on a CPU")
 @click.option("--check-window", default=128, show_default=True, help="tokens per checked slice")
+@click.option("--fla-last", is_flag=True,
+              help="run FLA's cells after every other cell of the grid, all head widths (default: after the others "
+                   "of each head width), so a --budget-s cut loses FLA's first")
+@click.option("--draw/--no-draw", default=True, show_default=True,
+              help="write results.md and results.png beside results.json (--no-draw: the JSON alone, one file; "
+                   "draw it later with --report-only)")
 @click.option("--time-failures", is_flag=True,
               help="time cells whose check failed too (marked FAIL; the exit code is still 1)")
 @click.option("--seed", default=0, show_default=True)
@@ -76,7 +92,7 @@ def write_outputs(out: dict, out_dir: pathlib.Path) -> None:
 @click.option("--report-only", default=None, type=click.Path(exists=True, dir_okay=False),
               help="redraw results.md and results.png from this JSON; runs nothing")
 def main(modes, Ts, Ds, H, tokens, decode_batch, dtype, impls, fla_Ds, torch_max_gib, budget_s, rep_ms, warmup_ms,
-         cpu_reps, check_window, time_failures, seed, device, out_dir, report_only):
+         cpu_reps, check_window, fla_last, draw, time_failures, seed, device, out_dir, report_only):
     """lintx_triton against SDPA, FLA and plain PyTorch: time, peak memory, ratios, fraction of the floor."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -125,18 +141,30 @@ def main(modes, Ts, Ds, H, tokens, decode_batch, dtype, impls, fla_Ds, torch_max
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
         task = progress.add_task("cells", total=n_cells)
+        done: list = []  # the results of earlier phases (--fla-last), and the first phase's meta
+        first: dict = {}
+
+        def merged(out):
+            return harness.summarize(dict(out, meta=first["meta"], results=done + out["results"])) if done else out
 
         def on_cell(res, out):
-            harness.save_json(out, out_dir / "results.json")
+            harness.save_json(merged(out), out_dir / "results.json")
             t = res.get("time_ms")
             line = (f"{res['mode']:7s} D={res['D']:<3} T={res['T']:<6} B={res['B']:<4} {res['impl']:13s} "
                     + (f"{t:9.4f} ms" if t is not None else "") + f" {res['status']}"
                     + (f" ({res['reason'][:90]})" if res.get("reason") and res["status"] != "skip" else ""))
             progress.console.print(line, highlight=False, markup=False)
             progress.update(task, advance=1, description=line[:40])
-        out = harness.run(rows, chosen, dev, timing=timing, window=check_window, seed=seed, budget_s=budget_s,
-                          meta=meta, time_failures=time_failures, on_cell=on_cell)
-    write_outputs(out, out_dir)
+        start = time.perf_counter()
+        for phase in _phases(chosen, fla_last):
+            left = None if budget_s is None else budget_s - (time.perf_counter() - start)
+            out = harness.run(rows, phase, dev, timing=timing, window=check_window, seed=seed, budget_s=left,
+                              meta=meta, time_failures=time_failures, on_cell=on_cell)
+            out = merged(out)
+            first.setdefault("meta", out["meta"])
+            done[:] = out["results"]
+        out["meta"]["wall_s"] = round(time.perf_counter() - start, 1)
+    write_outputs(out, out_dir, draw)
 
     table = Table(title=f"lintx vs the rest, median ms ({report.device_line(out['meta'])[:60]}...)")
     for col in ("mode", "D", "T", "B", "lintx ms", "speedup (alt / lintx)", "floor %", "check"):
@@ -156,7 +184,7 @@ def main(modes, Ts, Ds, H, tokens, decode_batch, dtype, impls, fla_Ds, torch_max
     for t in out["targets"]:
         met = {True: "met", False: "MISSED", None: "n/a (no GPU)"}[t["met"]]
         click.echo(f"target {t['mode']:7s} T={t['T']:<6} lintx {t['time_ms']:.4f} ms vs {t['target_ms']} ms: {met}")
-    click.echo(f"wrote {out_dir}/results.json, results.md, results.png")
+    click.echo(f"wrote {out_dir}/results.json" + (", results.md, results.png" if draw else ""))
     if not out["ok"]:
         bad = [f"{r['mode']} T={r['T']} D={r['D']}: {r.get('reason')}" for r in out["results"]
                if r["impl"] == "lintx" and r["status"] in ("fail", "error")]
