@@ -86,13 +86,21 @@ def run_row(fm, B, T, H, D, dtype, device, time_it: bool) -> dict:
 @click.option("--H", "H", default=16)
 @click.option("--D", "D", default=64)
 @click.option("--dtype", default="bfloat16", type=click.Choice(["bfloat16", "float16", "float32"]))
-@click.option("--out", default=None, help="write the rows as JSON here")
+@click.option("--out", default=None, help="write the rows as JSON here (rewritten after every T)")
 def main(Ts, tokens, H, D, dtype, out):
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     dt = getattr(torch, dtype)
     maps = [lx.feature_maps.elu(), lx.feature_maps.favor(D, num_features=2 * D, seed=0)]
     rows = []
+
+    def save():  # after every T: a run killed at its time limit keeps the rows it finished
+        if out:
+            with open(f"{out}.tmp", "w") as f:
+                json.dump(dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
+                               rows=rows), f, indent=1)
+            os.replace(f"{out}.tmp", out)
+
     for T in (int(t) for t in Ts.split(",")):
         B = max(1, tokens // T)
         pair = [run_row(fm, B, T, H, D, dt, device, time_it=cuda) for fm in maps]
@@ -104,10 +112,7 @@ def main(Ts, tokens, H, D, dtype, out):
             print(f"{r['map']:>16} B={B} T={T} H={H} D={D} M={r['M']}: {timing}; largest allocation "
                   f"{r['largest_alloc']} elements vs phi {r['phi_numel']} -> "
                   f"{ {True: 'A PHI-SIZED BUFFER', False: 'no phi buffer', None: 'n/a (M = D)'}[r['phi_buffer']]}")
-    if out:
-        with open(out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
-                           rows=rows), f, indent=1)
+        save()
     if any(r["phi_buffer"] is True for r in rows):
         sys.exit(1)
 
