@@ -13,6 +13,9 @@ optionally HKV for grouped heads, map for a random-feature draw). The public API
 Cases and inputs
     ``cases(...)``                  hypothesis strategy of cases; ``case_id(c)`` a readable id
     ``make_inputs(c)``              q, k, v and the initial state (or None), deterministic in the seed
+    ``signed_map(fm)``              whether phi can be negative (a normalizer can then pass through 0)
+    ``positive_den_inputs(fm)``     how inputs keep every term of such a map's normalizer positive (the case
+                                    key ``inputs="positive_den"``, ``cases(positive_den=True)``), or None
     ``ensure_map(c)``               the case's feature map, registered
     ``decode_steps(c, ...)``        the case's tokens one at a time through the RNN form
 References and bounds (float64, on the CPU)
@@ -30,6 +33,7 @@ Judging (``TOL`` for outputs and states, ``GTOL`` for gradients, by dtype name)
     ``check_grads(c, got, want, bounds, names)``    gradients against reference_grads / grad_bound
     ``forward_and_grads(c, backend)``               run a case forward and backward: the arguments of
                                                     check_grads
+    ``op_grads(c, backend)``                        its first half: the op's gradients alone (no reference)
 Every check returns the worst err / (tol x bound) and raises :class:`EquivalenceError` (carrying it as
 ``.worst``) when an element is off. The references, bounds and checks take ``cu_seqlens`` for packed
 sequences (each sequence its own call); grouped heads need nothing more (k, v with fewer heads).
@@ -38,6 +42,7 @@ sequences (each sequence its own call); grouped heads need nothing more (k, v wi
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from hypothesis import strategies as st
@@ -50,10 +55,10 @@ from .spec import DTYPES
 
 __all__ = [
     "DTYPES", "TOL", "GTOL", "T_VALUES", "D_VALUES", "DV_VALUES", "M_VALUES", "RANDOM_FAMILIES", "ensure_map",
-    "cases", "case_id", "make_inputs", "decode_steps",
+    "cases", "case_id", "make_inputs", "decode_steps", "signed_map", "positive_den_inputs",
     "reference", "forward_bound", "state_bound", "reference_grads", "grad_bound",
     "error_ratio", "assert_within", "check_forward", "check_state", "check_grads", "forward_and_grads",
-    "EquivalenceError",
+    "op_grads", "EquivalenceError",
 ]
 
 # Forward: |o - ref| <= TOL * bound. fp32 runs IEEE products; fp16 rounds product operands to 11 bits;
@@ -94,22 +99,93 @@ def ensure_map(c: dict) -> feature_maps.FeatureMap:
     return feature_maps.get(c["feature_map"])
 
 
+# ---- a normalizer away from 0: the inputs a signed map's normalized gradients need
+
+# |w_r^T x'| <= pi / 6 for every query and key: any two differ by at most pi / 3, whose cosine is 1 / 2
+_FOURIER_HALF_WIDTH = math.pi / 6
+
+
+@functools.lru_cache(maxsize=512)
+def signed_map(fm: feature_maps.FeatureMap) -> bool:
+    """Whether phi(x) can be negative: the normalizer phi(q)^T z is then a signed sum that can pass through 0,
+    where the first-order error bound of a normalized gradient means nothing (identity, random Fourier
+    features). A map declared ``positive`` is not signed; others are probed on inputs as :func:`make_inputs`
+    draws them (elementwise maps on [-8, 8], projected ones on Gaussian head vectors)."""
+    if getattr(fm, "positive", False):
+        return False
+    if fm.projected:
+        x = 2 * torch.randn(512, fm.head_dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    else:
+        x = torch.linspace(-8.0, 8.0, 1601, dtype=torch.float64)[:, None]
+    return any(bool((fm.features(x, side) < 0).any()) for side in ("query", "key"))
+
+
+def _half_line(fm: feature_maps.FeatureMap):
+    """+1 or -1: a half-line on which an elementwise phi keeps one strict sign; None if there is none."""
+    if fm.projected:
+        return None
+    x = torch.logspace(-30.0, math.log10(8.0), 400, dtype=torch.float64)
+    for side in (1.0, -1.0):
+        f = fm.reference(side * x)
+        if bool((f > 0).all()) or bool((f < 0).all()):
+            return side
+    return None
+
+
+def positive_den_inputs(fm: feature_maps.FeatureMap):
+    """How :func:`make_inputs` draws q, k (and the keys behind an initial state) under
+    ``inputs="positive_den"`` so that every term phi(q_t)^T phi(k_s) of the normalizer is positive (a
+    sentence), or None when no way is known for this map.
+
+    * An elementwise map with one strict sign on a half-line (identity: x > 0): every element of q and k
+      on that half-line (|x| or -|x| of a Gaussian), so each product phi(q)_m phi(k)_m > 0 and the
+      normalizer is a sum of positive terms (den equals the magnitude it is bounded with).
+    * Random Fourier features: each q, k scaled down until |w_r^T x'| <= pi / 6 for every direction, so
+      phi(q)^T phi(k) = (2 / M) sum_r cos(w_r^T (q' - k')) >= 1 / 2.
+    """
+    side = _half_line(fm)
+    if side is not None:
+        return f"every q, k element drawn as {'' if side > 0 else '-'}|x|, where phi keeps one sign"
+    if isinstance(fm, feature_maps.RandomFeatureMap) and fm.kind == "fourier":
+        return "q, k scaled so that |w_r^T x'| <= pi/6 for every direction: each phi(q)^T phi(k) >= 1/2"
+    return None
+
+
+def _positive_den(fm: feature_maps.FeatureMap, x: torch.Tensor) -> torch.Tensor:
+    """Gaussian head vectors ``x`` [..., D] made into inputs as :func:`positive_den_inputs` says."""
+    side = _half_line(fm)
+    if side is not None:
+        return side * x.abs()
+    if positive_den_inputs(fm) is None:
+        raise ValueError(f"no inputs are known that keep the normalizer of {fm.name!r} positive "
+                         f"(lintx_triton.testing.positive_den_inputs)")
+    u = (x.double() * fm.input_scale) @ fm.weight  # [..., M]
+    widest = u.abs().amax(-1, keepdim=True)
+    return x * (_FOURIER_HALF_WIDTH / widest).clamp(max=1.0).to(x.dtype)
+
+
 @st.composite
 def cases(draw, maps=("elu", "relu", "identity"), dtypes=tuple(DTYPES), t_values=T_VALUES, causal=None,
-          normalize=None, initial_state=None, d_values=D_VALUES, dv_values=DV_VALUES):
+          normalize=None, initial_state=None, d_values=D_VALUES, dv_values=DV_VALUES, positive_den=False):
     """A random call: shapes, dtype, map and flags (a dict; fixed flags when given).
 
-    ``maps`` holds registered names and/or the families of :data:`RANDOM_FAMILIES`."""
+    ``maps`` holds registered names and/or the families of :data:`RANDOM_FAMILIES`.
+    ``positive_den``: a normalized case of a signed map (:func:`signed_map`) draws its inputs so that every
+    term of its normalizer is positive (``inputs="positive_den"``, see :func:`positive_den_inputs`), as a
+    gradient check needs; raises ValueError for a signed map with no such inputs."""
     c = draw(st.booleans()) if causal is None else causal
     D = draw(st.sampled_from(d_values))
     name = draw(st.sampled_from(maps))
     extra = {}
     if name in RANDOM_FAMILIES:
         extra["map"] = dict(family=name, D=D, M=draw(st.sampled_from(M_VALUES)), seed=draw(st.integers(0, 99)))
-        name = _random_map(name, D, extra["map"]["M"], extra["map"]["seed"]).name
-    elif feature_maps.get(name).projected:  # a registered projected map is built for one D
-        D = feature_maps.get(name).head_dim
-    return dict(
+        fm = _random_map(name, D, extra["map"]["M"], extra["map"]["seed"])
+        name = fm.name
+    else:
+        fm = feature_maps.get(name)
+        if fm.projected:  # a registered projected map is built for one D
+            D = fm.head_dim
+    case = dict(
         B=draw(st.integers(1, 2)),
         T=draw(st.sampled_from(t_values)),
         H=draw(st.integers(1, 3)),
@@ -124,6 +200,12 @@ def cases(draw, maps=("elu", "relu", "identity"), dtypes=tuple(DTYPES), t_values
         scale=draw(st.sampled_from([1.0, 0.125, 0.5])),
         seed=draw(st.integers(0, 2**16)),
     )
+    if positive_den and case["normalize"] and signed_map(fm):  # decided after the draws: their order is kept
+        if positive_den_inputs(fm) is None:
+            raise ValueError(f"feature map {name!r} is signed and no inputs are known that keep its normalizer "
+                             f"positive (lintx_triton.testing.positive_den_inputs); draw it with normalize=False")
+        case["inputs"] = "positive_den"
+    return case
 
 
 def case_id(c: dict) -> str:
@@ -131,24 +213,28 @@ def case_id(c: dict) -> str:
     return (
         f"B{c['B']}-T{c['T']}-H{c['H']}-D{c['D']}-DV{c['DV']}-{c['dtype']}-{c['feature_map']}"
         f"-{'causal' if c['causal'] else 'full'}-{'norm' if c['normalize'] else 'raw'}"
-        f"{'-h0' if c['initial_state'] else ''}-scale{c['scale']}"
+        f"{'-h0' if c['initial_state'] else ''}-scale{c['scale']}{'-' + c['inputs'] if c.get('inputs') else ''}"
     )
 
 
 def make_inputs(c: dict, requires_grad: bool = False, device="cpu"):
-    """q, k, v and the initial state (or None) of a case, deterministic in ``c['seed']``."""
+    """q, k, v and the initial state (or None) of a case, deterministic in ``c['seed']``.
+
+    Gaussian, except with ``c["inputs"] == "positive_den"``: q, k and the keys behind the initial state are then
+    drawn as :func:`positive_den_inputs` says, so that every term of the normalizer is positive."""
     g = torch.Generator().manual_seed(c["seed"])
     dt = DTYPES[c["dtype"]].torch
     B, T, H, D, DV = c["B"], c["T"], c["H"], c["D"], c["DV"]
     HKV = c.get("HKV", H)  # key/value heads (grouped-query when fewer than H)
-    q = torch.randn(B, T, H, D, generator=g).to(dt)
-    k = torch.randn(B, T, HKV, D, generator=g).to(dt)
+    fm = ensure_map(c)
+    qk = _positive_den if c.get("inputs") == "positive_den" else (lambda fm, x: x)  # the draws stay as they were
+    q = qk(fm, torch.randn(B, T, H, D, generator=g)).to(dt)
+    k = qk(fm, torch.randn(B, T, HKV, D, generator=g)).to(dt)
     v = torch.randn(B, T, HKV, DV, generator=g).to(dt)
     state = None
-    fm = ensure_map(c)
     if c["initial_state"]:
         # a state as a previous segment of 5 tokens would leave it
-        kk = fm.reference(torch.randn(B, 5, HKV, D, generator=g))
+        kk = fm.reference(qk(fm, torch.randn(B, 5, HKV, D, generator=g)))
         vv = torch.randn(B, 5, HKV, DV, generator=g)
         state = (torch.einsum("bthm,bthv->bhmv", kk, vv).contiguous(), kk.sum(1).contiguous())
     q, k, v = (x.to(device) for x in (q, k, v))
@@ -387,6 +473,19 @@ def forward_and_grads(c: dict, backend: str, device="cpu", final_state_grad: boo
         call: a function with :func:`lintx_triton.linear_attention`'s signature that runs the forward
             (default that function), e.g. one that runs it under ``lx.config.override``.
     """
+    got, leaves, (do, dS, dz) = op_grads(c, backend, device, final_state_grad, inputs=inputs, cu_seqlens=cu_seqlens,
+                                         call=call)
+    want = reference_grads(c, leaves, do, dS, dz, cu_seqlens=cu_seqlens)
+    bounds = grad_bound(c, leaves, do, dS, dz, cu_seqlens=cu_seqlens)
+    return got, want, bounds, ["q", "k", "v", "S_0", "z_0"][: len(leaves)]
+
+
+def op_grads(c: dict, backend: str, device="cpu", final_state_grad: bool = True, *, inputs=None, cu_seqlens=None,
+             call=linear_attention):
+    """The op's half of :func:`forward_and_grads` (same arguments): run the case forward and backward, no
+    reference; -> (got, leaves, (do, dS, dz)), the gradients of the loss with respect to ``leaves`` = [q, k, v]
+    or [q, k, v, S_0, z_0] and the loss's weights, as :func:`reference_grads` and :func:`grad_bound` take them.
+    ``lintx fuzz`` calls the halves apart: an exception here is the op's, one in the reference the harness's."""
     q, k, v, state = inputs if inputs is not None else make_inputs(c, requires_grad=True, device=device)
     o, (S, z) = call(q, k, v, feature_map=c["feature_map"], initial_state=state, backend=backend,
                      return_state=True, cu_seqlens=cu_seqlens, **_kwargs(c))
@@ -398,9 +497,7 @@ def forward_and_grads(c: dict, backend: str, device="cpu", final_state_grad: boo
     leaves = [q, k, v] + (list(state) if state is not None else [])
     loss = (o.float() * do.to(o.device)).sum() + (S * dS.to(S.device)).sum() + (z * dz.to(z.device)).sum()
     got = torch.autograd.grad(loss, leaves)
-    want = reference_grads(c, leaves, do, dS, dz, cu_seqlens=cu_seqlens)
-    bounds = grad_bound(c, leaves, do, dS, dz, cu_seqlens=cu_seqlens)
-    return got, want, bounds, ["q", "k", "v", "S_0", "z_0"][: len(leaves)]
+    return got, leaves, (do, dS, dz)
 
 
 def decode_steps(c: dict, q, k, v, state, backend: str, inplace: bool = False):
