@@ -173,7 +173,7 @@ EOF
 }
 
 stage_2() {  # correctness: parts side by side, then one verdict
-  local b=$(($1 > 18 ? $1 - 8 : 10)) margin minutes_ part kernels dt devopt=()  # 8 s: the --help probe, the verdict
+  local b=$(($1 > 18 ? $1 - 8 : 10)) margin minutes_ kernels dt fuzzopt=()  # 8 s: the --help probe, the verdict
   margin=$((b * 3 / 10 > 20 ? b * 3 / 10 : 20))  # the last draw, the JSON, a FAIL's shrinking
   minutes_=$(minutes $((b - margin > 10 ? b - margin : 10)))
   part() {  # part NAME CMD...: CMD under the stage's budget; its output and exit code into SCRATCH
@@ -184,18 +184,18 @@ stage_2() {  # correctness: parts side by side, then one verdict
   }
   if ((DRY)); then
     # one fuzz process, one round, one example per variant: the plumbing, not a verdict on a GPU
-    part fuzz "$PY" -m lintx_triton fuzz "${devopt[@]}" --kernel forward --kernel backward --kernel decode \
+    part fuzz "$PY" -m lintx_triton fuzz --kernel forward --kernel backward --kernel decode \
       --map elu --dtype fp32 --normalize --no-state -n 1 --json
   else
     # `lintx fuzz --device cuda` (issue #14: its --minutes shares the time out among the variants, and exit
     # codes 0 ok / 1 FAIL / 2 ERROR) where it exists; before it, fuzz picks CUDA itself and -n 1 makes one
     # round of its variants short
-    if "$PY" -m lintx_triton fuzz --help 2>/dev/null | grep -q -- '--device'; then devopt=(--device cuda); else
-      devopt=(-n 1); fi
+    if "$PY" -m lintx_triton fuzz --help 2>/dev/null | grep -q -- '--device'; then fuzzopt=(--device cuda); else
+      fuzzopt=(-n 1); fi
     for dt in bf16 fp16 fp32; do part "case_$dt" "$PY" bench/sanitize_case.py "$dt"; done
     for kernels in forward backward decode; do
       for dt in bf16 fp16 fp32; do
-        part "fuzz_${kernels}_$dt" "$PY" -m lintx_triton fuzz "${devopt[@]}" --kernel "$kernels" --dtype "$dt" \
+        part "fuzz_${kernels}_$dt" "$PY" -m lintx_triton fuzz "${fuzzopt[@]}" --kernel "$kernels" --dtype "$dt" \
           --minutes "$minutes_" --json
       done
     done
