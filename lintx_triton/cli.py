@@ -1,6 +1,7 @@
 """``lintx``: fuzz the kernels against the float64 reference, read the generated source, check the install.
 
-    lintx fuzz --examples 20 --map elu --dtype bf16     # property tests on this device
+    lintx fuzz --quick                                  # every kernel, map and dtype in a minute
+    lintx fuzz --minutes 10 --map elu --dtype bf16      # property tests on this device (--device cuda)
     lintx emit --map relu --dtype fp16 --head-dim 64    # the generated Triton source
     lintx info --json                                   # versions, device, backend, config, cache
     lintx resources --dtype bf16 -D 128 --arch 90      # registers/spills/HGMMA of each kernel, no GPU
@@ -11,6 +12,7 @@ Also ``python -m lintx_triton ...``.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import itertools
 import json
@@ -31,15 +33,6 @@ def _device():
     import torch
 
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _prepare_cpu_interpreter():
-    # Without a GPU the Triton kernels run in Triton's interpreter; it must be chosen before the first
-    # kernel is generated (Triton decides at decoration).
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _import_modules(modules):
@@ -68,6 +61,23 @@ def main():
 
 # ---------------------------------------------------------------- fuzz
 
+# --quick: the covering set's examples stop this long after the process started; with Python's and torch's
+# startup (~2.5 s), the last example and the table, `lintx fuzz --quick` ends within 60 s on a 2-core CPU
+QUICK_SECONDS = 45.0
+# --minutes / --quick in a `lintx` process: examples stop this long before the end, which the table and
+# Python's exit take (a table of 432 rows 0.4 s, the teardown of torch and Triton 0.6-1.2 s on a 2-core CPU)
+END_SECONDS = 1.5
+# after a failure, hypothesis shrinks it for at most this long; then the smallest failing case so far is shown
+SHRINK_SECONDS = 60.0
+# examples per variant when neither --quick nor --minutes bounds the time
+DEFAULT_EXAMPLES = 10
+# at most this many per variant with --quick: the time the PyTorch path leaves goes to the interpreted kernels
+QUICK_EXAMPLES = 20
+# a draw predicted to take longer than this margin x its measured rate is left for a smaller one near the end
+PREDICTION_MARGIN = 1.5
+DECODE_T_VALUES = (1, 2, 5, 9)
+
+
 @dataclass
 class Variant:
     kernel: str
@@ -82,13 +92,25 @@ class Variant:
                 f"{'norm' if self.normalize else 'raw'}/{'state' if self.state else 'nostate'}")
 
 
+# The outcomes of a variant. ok: every example within its bound. FAIL: the kernel is wrong (an output beyond
+# its bound, or the op raised on a valid input); it comes with a reproducer. ERROR: the fuzzer or the
+# environment broke (its strategy, inputs, reference or bound raised; hypothesis gave up; the device failed),
+# which says nothing about the kernel. skipped: the variant has no meaning (the reason says why). not run: the
+# time ran out before it.
+STATUSES = ("ok", "FAIL", "ERROR", "skipped", "not run")
+
+
 @dataclass
 class Result:
     variant: Variant
+    status: str = "not run"
     examples: int = 0
     worst: float = 0.0
-    status: str = "ok"
-    error: str = ""
+    seconds: float = 0.0
+    fault: str = ""  # FAIL: "mismatch" or "crash"; ERROR: "harness", "unsatisfiable" or "environment"
+    error: str = ""  # one line
+    detail: str = ""  # ERROR: the end of the traceback
+    reason: str = ""  # skipped / not run
     case: dict | None = None
     snippet: str = ""
 
@@ -128,63 +150,338 @@ def _snippet(v: Variant, case: dict, device: str, imports) -> str:
     body = body.format(device=device, backend=v.backend)
     interp = 'os.environ.setdefault("TRITON_INTERPRET", "1")  # no GPU: Triton\'s interpreter\n' \
         if (device == "cpu" and v.backend == "triton") else ""
-    imp = "".join(f"import {m}  # registers feature maps\n" for m in imports)
+    imp = "".join(f"import {m}  # as lintx fuzz --import {m} did (maps, or a changed op)\n" for m in imports)
     return SNIPPET.format(label=v.label(), interp=interp, imports=imp, case=case, body=body)
 
 
-def _run_variant(v: Variant, examples: int, seed: int, device, imports) -> Result:
-    from hypothesis import HealthCheck, Phase, assume, given, settings
+class _Stop(BaseException):
+    """Ends a variant's examples now (its time is up). Not an Exception: hypothesis lets it through unshrunk."""
+
+
+class _HarnessFault(BaseException):
+    """An exception of the fuzzer's own code (inputs, reference, bounds), carried out of hypothesis unshrunk."""
+
+    def __init__(self, exc: BaseException, fault: str = "harness"):
+        super().__init__(str(exc))
+        self.exc, self.fault = exc, fault
+
+
+def _environment_error(e: BaseException) -> bool:
+    """The device, not the op: out of memory is the environment's fault, not the kernel's."""
+    import torch
+
+    return isinstance(e, torch.OutOfMemoryError)
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".splitlines()[0][:300]
+
+
+def _traceback_tail(e: BaseException, lines: int = 12) -> str:
+    import traceback
+
+    return "".join(traceback.format_exception(type(e), e, e.__traceback__)[-lines:]).rstrip()
+
+
+def _representative_map(name: str):
+    """The registered map, or a draw of a random-feature family (whose sign does not depend on the draw)."""
+    from . import feature_maps
+
+    if name in feature_maps.RANDOM_FAMILIES:
+        return feature_maps.RANDOM_FAMILIES[name](8, 16, 0)
+    return feature_maps.get(name)
+
+
+def _skip_reason(v: Variant) -> str:
+    """Why a variant has no meaning ('' when it has one)."""
+    from . import testing
+
+    if v.kernel == "backward" and v.normalize:
+        fm = _representative_map(v.feature_map)
+        if testing.signed_map(fm) and testing.positive_den_inputs(fm) is None:
+            # the gradients divide by den; where a signed den crosses 0 they have no first-order error bound,
+            # and testing knows no inputs that keep this map's den positive
+            return "signed map: its normalizer can cross 0, where normalized gradients have no error bound"
+    return ""
+
+
+def _covering(kernels, backends, maps, dtypes, norms, states) -> list[Variant]:
+    """--quick: every kernel with every map once, the other axes turning so that each of their values appears.
+    With the default axes: 18 variants, each dtype 6 times, flags and states 9 times, the second backend
+    (torch, on a CPU) in a third of them, and the gradients of both signed maps normalized."""
+    out = []
+    for j, kernel in enumerate(kernels):
+        for i, fmap in enumerate(maps):
+            out.append(Variant(kernel, backends[(1 if (i + 2 * j) % 3 == 2 else 0) % len(backends)], fmap,
+                               dtypes[(i + j) % len(dtypes)], norms[(i + j) % len(norms)],
+                               states[(i + i // 3 + j) % len(states)]))
+    # with few kernels and maps, a value the turning missed gets a variant of its own
+    for axis, values in (("backend", backends), ("dtype", dtypes), ("normalize", norms), ("state", states)):
+        for value in values:
+            if all(getattr(v, axis) != value for v in out):
+                out.append(dataclasses.replace(out[len(out) % (len(kernels) * len(maps))], **{axis: value}))
+    return list({v.label(): v for v in out}.values())
+
+
+def _run_order(variants: list[Variant], axes) -> list[Variant]:
+    """The --quick set first, then the rest with the kernel turning fastest, then backend, map, dtype, flags."""
+    first = _covering(*axes)
+    seen = {v.label() for v in first}
+    pos = [{x: n for n, x in enumerate(values)} for values in axes]
+    fields = ("kernel", "backend", "feature_map", "dtype", "normalize", "state")
+    rest = sorted((v for v in variants if v.label() not in seen),
+                  key=lambda v: tuple(pos[i][getattr(v, f)] for i, f in reversed(list(enumerate(fields)))))
+    return first + rest
+
+
+class _Clock:
+    """When a variant's examples stop, and how long a draw will take: the seconds per unit of work (programs x
+    chunks, or decode steps x heads) measured so far for its kernel and backend, so that near the end a draw
+    that cannot finish is left for a smaller one instead of running past the deadline."""
+
+    def __init__(self, deadline):
+        self.deadline = deadline
+        self.rates: dict[tuple, list[float]] = {}
+
+    @staticmethod
+    def units(v: Variant, c: dict) -> int:
+        heads = c["B"] * c["H"]
+        return heads * c["T"] + c["T"] if v.kernel == "decode" else heads * (-(-c["T"] // 16) + 1)
+
+    def observe(self, v: Variant, c: dict, seconds: float) -> None:
+        rate = seconds / self.units(v, c)
+        for key in ((v.kernel, v.backend, v.feature_map), (v.kernel, v.backend)):
+            self.rates.setdefault(key, []).append(rate)
+
+    def predict(self, v: Variant, c: dict) -> float:
+        rates = self.rates.get((v.kernel, v.backend, v.feature_map)) or self.rates.get((v.kernel, v.backend))
+        if not rates:
+            return 0.0
+        return PREDICTION_MARGIN * sorted(rates)[len(rates) // 2] * self.units(v, c)
+
+
+def _run_variant(v: Variant, seed: int, device, imports, *, limit=None, examples=None, clock=None,
+                 on_example=lambda res: None) -> Result:
+    """Examples of one variant until ``examples`` of them ran or the time reaches ``limit`` (monotonic).
+
+    The property runs in three phases, and where an exception comes from decides the outcome: building the
+    inputs, and the reference with its bound, are the harness (ERROR, not shrunk); the call of the op is the
+    kernel (FAIL: a crash of the op on a valid input is a kernel fault, shrunk like a mismatch); the check's
+    EquivalenceError is a mismatch (FAIL)."""
+    from hypothesis import HealthCheck, Phase, Verbosity, given, settings
     from hypothesis import seed as hseed
+    from hypothesis.errors import Flaky, Unsatisfiable
 
     from . import api, testing
 
     res = Result(v)
-    last: dict = {}
+    clock = clock or _Clock(None)
+    failed: dict = {}  # the last failing case (the smallest so far while shrinking), its error and kind
     decode = v.kernel == "decode"
     strategy = testing.cases(maps=(v.feature_map,), dtypes=(v.dtype,), normalize=v.normalize,
                              causal=True if (v.state or decode) else None, initial_state=v.state,
-                             t_values=(1, 2, 5, 9) if decode else testing.T_VALUES)
+                             t_values=DECODE_T_VALUES if decode else testing.T_VALUES,
+                             positive_den=v.kernel == "backward")
+    bounded = limit is not None
 
-    @settings(max_examples=examples, deadline=None, database=None, print_blob=False,
-              suppress_health_check=list(HealthCheck),
+    def forward(c, inputs):
+        q, k, v_, state = inputs
+        if decode:
+            return testing.decode_steps(c, q, k, v_, state, v.backend)
+        return api.linear_attention(q, k, v_, feature_map=c["feature_map"], causal=c["causal"],
+                                    normalize=c["normalize"], scale=c["scale"], initial_state=state,
+                                    return_state=True, backend=v.backend)
+
+    def check(c, inputs, out):
+        if v.kernel == "backward":
+            got, leaves, (do, dS, dz) = out
+            want = testing.reference_grads(c, leaves, do, dS, dz)
+            bounds = testing.grad_bound(c, leaves, do, dS, dz)
+            return testing.check_grads(c, got, want, bounds, ["q", "k", "v", "S_0", "z_0"][: len(leaves)])
+        q, k, v_, state = inputs
+        o, st = out
+        return max(testing.check_forward(c, o, q, k, v_, state), testing.check_state(c, st, q, k, v_, state))
+
+    def fail(c, e, fault):
+        if not failed:  # the example that failed first (the shrinking runs after it are not new examples)
+            res.examples += 1
+            failed["until"] = time.monotonic() + SHRINK_SECONDS
+        failed.update(case=c, error=_one_line(e), fault=fault, worst=getattr(e, "worst", float("inf")))
+
+    @settings(max_examples=10**6 if bounded else examples, deadline=None, database=None, print_blob=False,
+              verbosity=Verbosity.quiet, suppress_health_check=list(HealthCheck),
               phases=(Phase.explicit, Phase.generate, Phase.shrink))
     @hseed(seed)
     @given(c=strategy)
     def prop(c):
-        # identity + normalize: a signed normalizer through 0 makes its gradient ill-conditioned
-        assume(not (v.kernel == "backward" and c["feature_map"] == "identity" and c["normalize"]))
-        last["case"] = c
-        if v.kernel == "forward":
-            q, k, v_, state = testing.make_inputs(c, device=device)
-            o, st = api.linear_attention(q, k, v_, feature_map=c["feature_map"], causal=c["causal"],
-                                         normalize=c["normalize"], scale=c["scale"], initial_state=state,
-                                         return_state=True, backend=v.backend)
-            ratio = max(testing.check_forward(c, o, q, k, v_, state), testing.check_state(c, st, q, k, v_, state))
-        elif decode:
-            q, k, v_, state = testing.make_inputs(c, device=device)
-            o, st = testing.decode_steps(c, q, k, v_, state, v.backend)
-            ratio = max(testing.check_forward(c, o, q, k, v_, state), testing.check_state(c, st, q, k, v_, state))
-        else:
-            got, want, bounds, names = testing.forward_and_grads(c, v.backend, device=device)
-            ratio = testing.check_grads(c, got, want, bounds, names)
-        res.examples += 1
-        res.worst = max(res.worst, ratio)
+        now = time.monotonic()
+        if not failed:
+            # a variant's share of the time ends its examples, but its first may run past it (never past the
+            # deadline), so that every variant the time reaches runs at least once
+            end = ((clock.deadline or limit) if res.examples == 0 else limit) if bounded else None
+            if (bounded and now >= end) or (examples is not None and res.examples >= examples):
+                raise _Stop
+            if bounded and clock.predict(v, c) > end - now:
+                return  # this draw would not finish in time; a smaller one may
+        elif now >= min(failed["until"], clock.deadline or failed["until"]):
+            raise _Stop
+        try:
+            inputs = testing.make_inputs(c, requires_grad=v.kernel == "backward", device=device)
+        except Exception as e:
+            raise _HarnessFault(e) from e
+        try:  # the op, on a valid input
+            if v.kernel == "backward":
+                out = testing.op_grads(c, v.backend, device, inputs=inputs)
+            else:
+                out = forward(c, inputs)
+        except Exception as e:
+            if _environment_error(e):
+                raise _HarnessFault(e, "environment") from e
+            fail(c, e, "crash")
+            raise
+        try:
+            ratio = check(c, inputs, out)
+        except testing.EquivalenceError as e:
+            fail(c, e, "mismatch")
+            raise
+        except Exception as e:
+            raise _HarnessFault(e) from e
+        if not failed:  # shrinking runs are not new examples
+            res.examples += 1
+            res.worst = max(res.worst, ratio)
+            clock.observe(v, c, time.monotonic() - now)
+            on_example(res)
 
+    t0 = time.monotonic()
     try:
         prop()
-    except Exception as e:  # a failure, shrunk by hypothesis; its last run was the minimal case
-        res.status = "FAIL"
-        res.error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-        res.case = last.get("case")
-        res.worst = max(res.worst, getattr(e, "worst", float("inf")))
-        if res.case is not None:
-            res.snippet = _snippet(v, res.case, str(device), imports)
+    except _Stop:
+        pass
+    except _HarnessFault as h:
+        res.status, res.fault, res.error, res.detail = "ERROR", h.fault, _one_line(h.exc), _traceback_tail(h.exc)
+    except Unsatisfiable as e:
+        res.status, res.fault, res.error = "ERROR", "unsatisfiable", _one_line(e)
+    except Exception as e:  # the op's exception or the mismatch, replayed by hypothesis; or hypothesis itself
+        if not failed:
+            res.status, res.fault, res.error, res.detail = "ERROR", "harness", _one_line(e), _traceback_tail(e)
+        elif isinstance(e, Flaky):
+            failed["error"] += " (it did not fail again when replayed: the op is not deterministic)"
+    res.seconds = time.monotonic() - t0
+    if failed:  # a kernel fault outranks whatever the harness did next
+        res.status, res.fault, res.error, res.case = "FAIL", failed["fault"], failed["error"], failed["case"]
+        res.worst = max(res.worst, failed["worst"])
+        res.snippet = _snippet(v, res.case, str(device), imports)
+    elif res.status == "not run":
+        if res.examples:
+            res.status = "ok"
+        elif bounded:
+            res.reason = "out of time"
+        else:
+            res.status, res.fault, res.error = "ERROR", "harness", "hypothesis drew no example"
     return res
 
 
+def _merge(acc: Result, one: Result) -> None:
+    """Add a round of a variant into its total."""
+    acc.examples += one.examples
+    acc.worst = max(acc.worst, one.worst)
+    acc.seconds += one.seconds
+    if one.status in ("FAIL", "ERROR"):
+        for f in ("status", "fault", "error", "detail", "case", "snippet"):
+            setattr(acc, f, getattr(one, f))
+    elif one.status == "ok":
+        acc.status, acc.reason = "ok", ""
+    elif acc.status == "not run":
+        acc.reason = one.reason
+
+
+def _fuzz_device(choice: str, backends):
+    """The device to fuzz on; Triton's interpreter chosen (before any kernel is generated) for the CPU."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    interpret = os.environ.get("TRITON_INTERPRET")
+    if choice == "cuda" and not cuda:
+        built = "this torch is built for the CPU only" if torch.version.cuda is None else \
+            f"this torch is built for CUDA {torch.version.cuda}, but no GPU or driver is visible"
+        raise click.UsageError(f"--device cuda: torch.cuda.is_available() is False ({built}); run it on a "
+                               f"machine with an NVIDIA GPU, or fuzz Triton's interpreter with --device cpu")
+    if choice == "cuda" or (choice == "auto" and cuda and interpret != "1"):
+        if interpret == "1" and "triton" in backends:
+            raise click.UsageError("--device cuda runs the Triton kernels compiled for the GPU, but "
+                                   "TRITON_INTERPRET=1 asks for Triton's CPU interpreter: unset it")
+        return torch.device("cuda")
+    if "triton" in backends:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # read when a kernel module is first generated
+        if os.environ["TRITON_INTERPRET"] != "1":
+            raise click.UsageError("the triton backend on a CPU needs TRITON_INTERPRET=1 (unset it only on a GPU)")
+    return torch.device("cpu")
+
+
+def _process_start() -> tuple[float, bool]:
+    """(when the run began on time.monotonic()'s clock, whether the process ends with it). The start of the
+    process when it was started as ``lintx`` / ``python -m lintx_triton`` (Linux), so that --minutes counts
+    Python's and torch's startup as ``time lintx fuzz`` does; else now (a fuzz called inside a longer process,
+    e.g. a test's CliRunner)."""
+    now = time.monotonic()
+    argv0 = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if not (os.path.basename(argv0) == "lintx" or argv0.endswith(os.path.join("lintx_triton", "__main__.py"))):
+        return now, False
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        age = uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return now, True
+    return (now - age if 0 <= age < 120 else now), True
+
+
+def _time_left_column(deadline):
+    from rich.progress import ProgressColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class TimeLeft(ProgressColumn):
+        """Time left: to the deadline of --minutes / --quick, else rich's estimate from the examples so far."""
+
+        estimate = TimeRemainingColumn()
+
+        def render(self, task):
+            if deadline is None:
+                return Text.assemble(self.estimate.render(task), (" left", "progress.remaining"))
+            left = int(max(0.0, deadline - time.monotonic()))
+            return Text(f"{left // 60}:{left % 60:02d} left", style="progress.remaining")
+
+    return TimeLeft()
+
+
+def _status_cell(r: Result) -> str:
+    from rich.markup import escape
+
+    if r.status == "ok":
+        return "[green]ok[/green]"
+    if r.status == "FAIL":
+        return f"[red]FAIL[/red] ({r.fault})"
+    if r.status == "ERROR":
+        return f"[magenta]ERROR[/magenta] ({r.fault})"
+    return f"[dim]{r.status}: {escape(r.reason)}[/dim]"
+
+
+def _finite(x: float):
+    return x if x == x and abs(x) != float("inf") else None
+
+
 @main.command()
-@click.option("--examples", "-n", default=10, show_default=True, help="examples per variant (per round)")
-@click.option("--minutes", type=float, default=None, help="keep running rounds with new seeds for this long")
+@click.option("--examples", "-n", type=click.IntRange(1), default=None,
+              help=f"examples per variant (per round with --minutes) [default: {DEFAULT_EXAMPLES}; with --minutes, "
+                   f"as many as fit in each variant's share of the time; with --quick, up to {QUICK_EXAMPLES}]")
+@click.option("--minutes", type=click.FloatRange(0, min_open=True), default=None,
+              help="stop after this long, counted from the start of `lintx`: the time is shared out among the "
+                   "variants, and a draw that cannot finish in it is not started")
+@click.option("--quick", is_flag=True,
+              help=f"a covering set (every kernel with every map; every dtype, backend, flag) in "
+                   f"{QUICK_SECONDS:.0f} s of examples (a minute in all on a 2-core CPU)")
 @click.option("--seed", default=0, show_default=True, help="seed of the first round")
 @click.option("--map", "maps", multiple=True,
               help="feature map(s) [default: every registered map, and the random-feature families favor, "
@@ -197,91 +494,150 @@ def _run_variant(v: Variant, examples: int, seed: int, device, imports) -> Resul
               help="[default: triton on a GPU; triton (interpreter) and torch on a CPU]")
 @click.option("--normalize/--raw", "normalize", default=None, help="only normalized / unnormalized variants")
 @click.option("--state/--no-state", "state", default=None, help="only variants with / without an initial state")
-@click.option("--import", "imports", multiple=True, metavar="MODULE", help="import a module that registers maps")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="cuda: the compiled Triton kernels on the GPU; cpu: Triton's interpreter [auto: cuda when "
+                   "torch sees a GPU and TRITON_INTERPRET is not 1]")
+@click.option("--import", "imports", multiple=True, metavar="MODULE",
+              help="import a module first (one that registers maps; the reproducers import it too)")
 @click.option("--json", "as_json", is_flag=True, help="print the results as JSON")
-def fuzz(examples, minutes, seed, maps, dtypes, kernels, backends, normalize, state, imports, as_json):
+def fuzz(examples, minutes, quick, seed, maps, dtypes, kernels, backends, normalize, state, device, imports,
+         as_json):
     """Property-test every kernel variant against the float64 reference on this device.
 
     Each variant (kernel: forward, backward or decode steps; x backend x map x dtype x normalize x
     initial state) draws random shapes
     (T = 1, chunk boundaries, primes; D and DV not powers of two) and checks every output element,
-    or gradient element, against a bound scaled by the magnitude of the terms it sums. A failure is
-    shrunk to a minimal case and printed as a Python snippet that reproduces it; the exit code is 1.
+    or gradient element, against a bound scaled by the magnitude of the terms it sums. The gradients of
+    a normalized signed map (identity, fourier) are drawn on inputs that keep every term of the
+    normalizer positive; a variant with no meaning is listed as skipped, with the reason.
+
+    \b
+    Each variant ends as:
+      ok       every example within its bound
+      FAIL     the kernel is wrong: an element beyond its bound, or the op raised on a valid input;
+               shrunk to a minimal case, printed as a snippet that raises when run
+      ERROR    the fuzzer or the environment broke (its inputs, reference or bound raised, hypothesis
+               could not draw, the device ran out of memory): nothing is known of the kernel
+      skipped  the variant has no meaning (the reason says why); not run: out of time
+    Exit code: 0 when every variant that ran is ok, 1 on any FAIL, 2 on an ERROR without a FAIL.
 
     \b
     Examples:
-      lintx fuzz --examples 20
+      lintx fuzz --quick                       # every kernel, map and dtype in a minute
       lintx fuzz --minutes 10 --dtype bf16 --map elu --kernel backward
+      lintx fuzz --device cuda --examples 50
       lintx fuzz --import mymaps --map softplus --json
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    _prepare_cpu_interpreter()
+    t0, own_process = _process_start()
     _import_modules(imports)
     from . import feature_maps
 
     maps = maps or tuple(feature_maps.available()) + tuple(feature_maps.RANDOM_FAMILIES)
     _check_maps(maps)
-    if examples < 1:
-        raise click.BadParameter("must be >= 1", param_hint="--examples")
-    device = _device()
     dts = tuple(dict.fromkeys(dtype_of(d).name for d in dtypes)) or tuple(DTYPES)
-    bks = backends or (("triton",) if device.type == "cuda" else ("triton", "torch"))
-    if "triton" in bks and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise click.UsageError("the triton backend on a CPU needs TRITON_INTERPRET=1 (unset it only on a GPU)")
+    dev = _fuzz_device(device, backends or ("triton",))
+    bks = tuple(dict.fromkeys(backends)) or (("triton",) if dev.type == "cuda" else ("triton", "torch"))
     norms = (normalize,) if normalize is not None else (True, False)
     states = (state,) if state is not None else (False, True)
-    variants = [Variant(*x) for x in itertools.product(kernels or FAMILIES, bks, maps, dts, norms, states)]
+    axes = (tuple(dict.fromkeys(kernels)) or FAMILIES, bks, tuple(dict.fromkeys(maps)), dts, norms, states)
+    variants = _covering(*axes) if quick else [Variant(*x) for x in itertools.product(*axes)]
+
+    results = {v.label(): Result(v) for v in variants}
+    for r in results.values():
+        r.reason = _skip_reason(r.variant)
+        if r.reason:
+            r.status = "skipped"
+    # the order they run in: a run the time cuts short has seen every kernel, map and dtype first
+    order = {v.label(): n for n, v in enumerate(variants if quick else _run_order(variants, axes))}
+    runnable = sorted((r for r in results.values() if r.status != "skipped"), key=lambda r: order[r.variant.label()])
+    budget = 60 * minutes if minutes else (QUICK_SECONDS if quick else None)
+    deadline = t0 + budget - (END_SECONDS if own_process else 0.0) if budget else None
+    cap = examples or (QUICK_EXAMPLES if quick else (None if deadline else DEFAULT_EXAMPLES))
+    # --minutes with --examples: rounds of that many examples per variant, each with the next seed
+    rounds = itertools.count() if (minutes and examples) else range(1)
+    clock = _Clock(deadline)
+    mode = "quick" if quick else ("minutes" if minutes else "examples")
 
     err = Console(stderr=True)
-    results = {v.label(): Result(v) for v in variants}
-    deadline = time.monotonic() + 60 * minutes if minutes else None
-    rounds = itertools.count() if deadline else range(1)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=as_json) as progress:
-        task = progress.add_task("fuzz", total=None if deadline else len(variants))
-        for r in rounds:
-            for v in variants:
-                if deadline and time.monotonic() > deadline:
-                    break
-                acc = results[v.label()]
-                if acc.status == "FAIL":
-                    continue
-                progress.update(task, description=f"round {r} {v.label()}")
-                one = _run_variant(v, examples, seed + r, device, imports)
-                acc.examples += one.examples
-                acc.worst = max(acc.worst, one.worst)
-                if one.status == "FAIL":
-                    acc.status, acc.error, acc.case, acc.snippet = one.status, one.error, one.case, one.snippet
-                progress.advance(task)
-            else:
-                continue
-            break
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[done]}"),
+                  TimeElapsedColumn(), _time_left_column(deadline), console=err, transient=as_json) as progress:
+        total = budget if deadline else len(runnable) * cap
+        task = progress.add_task("fuzz", total=total, done="")
+        finished = [0]
 
-    failed = [r for r in results.values() if r.status == "FAIL"]
+        def show(current: Result | None = None):
+            n = sum(r.examples for r in results.values()) + (current.examples if current else 0)
+            done = f"{finished[0]}/{len(runnable)} variants, {n} examples"
+            progress.update(task, done=done, completed=(time.monotonic() - t0) if deadline else n)
+
+        for rnd in rounds:
+            todo = [r for r in runnable if r.status in ("ok", "not run")]
+            for i, acc in enumerate(todo):
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    break
+                progress.update(task, description=f"{f'round {rnd} ' if rnd else ''}{acc.variant.label()}")
+                show()
+                limit = None if deadline is None else now + (deadline - now) / (len(todo) - i)
+                one = _run_variant(acc.variant, seed + rnd, dev, imports, limit=limit, examples=cap, clock=clock,
+                                   on_example=show)
+                _merge(acc, one)
+                finished[0] += rnd == 0
+                show()
+            if not todo or (deadline is not None and time.monotonic() >= deadline):
+                break
+    elapsed = time.monotonic() - t0
+    for r in runnable:
+        if r.status == "not run":
+            r.reason = "out of time"
+
+    counts = {s: sum(r.status == s for r in results.values()) for s in STATUSES}
+    ran = sum(r.examples for r in results.values())
+    none_ran = bool(runnable) and ran == 0 and not counts["FAIL"] and not counts["ERROR"]
+    code = 1 if counts["FAIL"] else (2 if (counts["ERROR"] or none_ran) else 0)
+    note = (f"no example ran: the time ran out first ({budget:.0f} s counted from the start of the process)"
+            if none_ran else "")
     if as_json:
         click.echo(json.dumps({
-            "device": str(device), "seed": seed, "examples_per_round": examples,
-            "results": [dict(asdict(r.variant), examples=r.examples, worst=r.worst, status=r.status,
-                             error=r.error, case=r.case, snippet=r.snippet) for r in results.values()],
+            "device": str(dev), "seed": seed, "mode": mode, "examples_per_round": cap, "budget_s": budget,
+            "elapsed_s": round(elapsed, 2), "exit_code": code, "counts": counts, "examples": ran, "note": note,
+            "results": [dict(asdict(r.variant), status=r.status, fault=r.fault, examples=r.examples,
+                             worst=_finite(r.worst), seconds=round(r.seconds, 2), error=r.error, detail=r.detail,
+                             reason=r.reason, case=r.case, snippet=r.snippet) for r in results.values()],
         }, indent=1))
     else:
         out = Console(width=None if sys.stdout.isatty() else 120)
-        table = Table(title=f"lintx fuzz on {device} (seed {seed}); worst = max |err| / (tol x bound), must be <= 1")
+        what = f"{cap} examples per variant" if mode == "examples" else \
+            (f"--quick, {budget:.0f} s" if quick and not minutes else f"{budget / 60:g} min")
+        table = Table(title=f"lintx fuzz on {dev} ({what}, seed {seed}); worst = max |err| / (tol x bound), "
+                            f"must be <= 1")
         for col in ("kernel", "backend", "map", "dtype", "normalize", "state", "examples", "worst", "status"):
             table.add_column(col, justify="right" if col in ("examples", "worst") else "left")
         for r in results.values():
             v = r.variant
             table.add_row(v.kernel, v.backend, v.feature_map, v.dtype, str(v.normalize), str(v.state),
-                          str(r.examples), f"{r.worst:.3g}",
-                          "[red]FAIL[/red]" if r.status == "FAIL" else "[green]ok[/green]")
+                          str(r.examples), f"{r.worst:.3g}" if r.examples or r.status == "FAIL" else "-",
+                          _status_cell(r))
         out.print(table)
-        for r in failed:
-            out.print(f"\n[red]FAIL[/red] {r.variant.label()}: {r.error}\nMinimal reproducer:\n")
-            out.print(r.snippet, markup=False, highlight=False)
-    sys.exit(1 if failed else 0)
+        parts = ", ".join(f"{counts[s]} {s}" for s in STATUSES if counts[s] or s in ("ok", "FAIL", "ERROR"))
+        out.print(f"{len(results)} variants: {parts}; {ran} examples in {elapsed:.1f} s; exit code {code}")
+        if note:
+            out.print(f"[magenta]ERROR[/magenta] {note}")
+        for r in results.values():
+            if r.status == "FAIL":
+                out.print(f"\n[red]FAIL[/red] ({r.fault}) {r.variant.label()}: {r.error}\nMinimal reproducer "
+                          f"(raises when run):\n", highlight=False)
+                out.print(r.snippet, markup=False, highlight=False)
+            elif r.status == "ERROR":
+                out.print(f"\n[magenta]ERROR[/magenta] ({r.fault}) {r.variant.label()}: {r.error}\n"
+                          f"(the fuzzer or the environment failed, not the kernel)", highlight=False)
+                if r.detail:
+                    out.print(r.detail, markup=False, highlight=False)
+    sys.exit(code)
 
 
 # ---------------------------------------------------------------- emit

@@ -9,6 +9,7 @@ import textwrap
 from click.testing import CliRunner
 
 from lintx_triton.cli import main
+from lintx_triton.feature_maps import base as fm_base
 
 BAD_MAP = textwrap.dedent('''
     import lintx_triton as lx
@@ -35,18 +36,21 @@ def test_fuzz_table_backward():
     assert "backward" in r.stdout and "relu" in r.stdout and "ok" in r.stdout
 
 
-def test_fuzz_failure_is_shrunk_to_a_snippet_that_reproduces(tmp_path):
+def test_fuzz_failure_is_shrunk_to_a_snippet_that_reproduces(tmp_path, monkeypatch):
     (tmp_path / "badmap_mod.py").write_text(BAD_MAP)
-    sys.path.insert(0, str(tmp_path))
-    try:
-        r = CliRunner().invoke(main, ["fuzz", "-n", "5", "--map", "off_by_a_bit", "--dtype", "fp32", "--kernel",
-                                      "forward", "--backend", "triton", "--raw", "--no-state", "--import", "badmap_mod",
-                                      "--json"])
-    finally:
-        sys.path.remove(str(tmp_path))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    # the map it registers, and the module, last for this test only (later runs see the package's own maps)
+    monkeypatch.setattr(fm_base, "_REGISTRY", dict(fm_base._REGISTRY))
+    monkeypatch.delitem(sys.modules, "badmap_mod", raising=False)
+    r = CliRunner().invoke(main, ["fuzz", "-n", "5", "--map", "off_by_a_bit", "--dtype", "fp32", "--kernel",
+                                  "forward", "--backend", "triton", "--raw", "--no-state", "--import", "badmap_mod",
+                                  "--json"])
+    sys.modules.pop("badmap_mod", None)
     assert r.exit_code == 1, r.output
-    (res,) = json.loads(r.stdout)["results"]
+    data = json.loads(r.stdout)
+    (res,) = data["results"]
     assert res["status"] == "FAIL" and "EquivalenceError" in res["error"]
+    assert res["fault"] == "mismatch" and data["exit_code"] == 1 and data["counts"]["FAIL"] == 1
     # shrunk: the smallest shape hypothesis can reach still fails
     assert res["case"]["T"] == 1 and res["case"]["B"] == 1 and res["case"]["H"] == 1
     script = tmp_path / "repro.py"
