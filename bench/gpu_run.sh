@@ -8,15 +8,15 @@
 # are packed into autotune.tar: still 8 at most). Every file says its stage's status.
 #
 #   stage          budget (share of TOTAL_S)   at 660 s   file               what
-#   1 env            3 %                         19 s     env.txt            GPU, driver, versions, lintx info
-#   2 correctness   32 %                        211 s     correctness.txt    case set x 3 dtypes, fuzz, memcheck
+#   1 env            4 %                         26 s     env.txt            GPU, driver, versions, lintx info
+#   2 correctness   31 %                        204 s     correctness.txt    case set x 3 dtypes, fuzz, memcheck
 #   3 first call    11 %                         72 s     first_call.json    cold process, empty caches, T = 4096
 #   4 grid          30 %                        198 s     results.json       side by side with SDPA (and FLA)
 #   5 tuner         what is left less 6's    >= 88 s     autotune.tar       configs, the tuner's output, journal
 #   6 feature maps  10 %                         66 s     feature_maps.json  FAVOR+ (M = 2D) vs elu+1
 #   closing          1 %, at least 5 s            6 s     log.txt            every stage's output, the summary
 # Why this split (the seconds are estimates: no GPU has run this yet):
-#   1  seconds of work (torch imports, nvidia-smi); the cap only guards against a hung driver.
+#   1  seconds of work (two torch imports, a CUDA start, nvidia-smi); the cap guards against a hung driver.
 #   2  first and largest: every later number is worthless if a kernel is wrong on this GPU (an early
 #      prototype's 32-wide value block ran in the interpreter and faulted on an H200). Its parts run side
 #      by side, since compiling is CPU work, single-threaded per process, the machine has 16 cores and the
@@ -75,7 +75,7 @@ CLOSE_S=$((TOTAL_S / 100 > 5 ? TOTAL_S / 100 : 5))
 declare -A NAME=([1]=env [2]=correctness [3]=first_call [4]=grid [5]=autotune [6]=feature_maps)
 declare -A FILE=([1]=env.txt [2]=correctness.txt [3]=first_call.json [4]=results.json [5]=autotune.tar
                  [6]=feature_maps.json)
-declare -A SHARE=([1]=3 [2]=32 [3]=11 [4]=30 [6]=10)
+declare -A SHARE=([1]=4 [2]=31 [3]=11 [4]=30 [6]=10)
 declare -A STATUS NOTE USED
 GATE=""  # why stages 3-6 do not run (stage 2 failed)
 
