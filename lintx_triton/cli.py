@@ -347,9 +347,10 @@ def _run_variant(v: Variant, seed: int, device, imports, *, limit=None, examples
         except Exception as e:
             raise _HarnessFault(e) from e
         if not failed:  # shrinking runs are not new examples
+            if res.examples:  # a variant's first example also generates and loads its kernels: not a rate
+                clock.observe(v, c, time.monotonic() - now)
             res.examples += 1
             res.worst = max(res.worst, ratio)
-            clock.observe(v, c, time.monotonic() - now)
             on_example(res)
 
     t0 = time.monotonic()
