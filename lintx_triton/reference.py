@@ -116,32 +116,35 @@ def linear_attention_torch(
         # an empty output still hangs off the inputs (as the custom op's does), so autograd can run through it
         o = q.new_zeros(B, 0, H, DV) + 0 * (q.sum() + k.sum() + v.sum()).to(q.dtype)
         return o, (S0[:, ::G], z0[:, ::G])
+    # The normalizer rides along as one more value column: [v, 1] gives num and den in the same products (and
+    # [S0, z0] the state), instead of separate row sums of the scores and of a * z.
+    S0 = torch.cat([S0, z0[..., None]], -1)  # [B, H, M, DV + 1]
     if not causal:
-        S = S0 + b.transpose(-1, -2) @ vv
-        z = z0 + b.sum(2)
-        num = scale * (a @ S)
-        den = scale * (a @ z[..., None]).squeeze(-1) + eps
+        v1 = torch.cat([vv, vv.new_ones(B, H, T, 1)], -1)
+        S = S0 + b.transpose(-1, -2) @ v1
+        out = a @ S  # [B, H, T, DV + 1]
     else:
-        C = chunk
+        # chunks of C tokens (no longer than the sequence: a short call pads nothing)
+        C = min(chunk, T)
         N = -(-T // C)
-        pad = N * C - T
-        if pad:
-            a, b, vv = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (a, b, vv))
-        a, b, vv = (x.reshape(B, H, N, C, x.shape[-1]) for x in (a, b, vv))
-        kv = b.transpose(-1, -2) @ vv  # [B, H, N, M, DV] chunk sums
-        ks = b.sum(3)  # [B, H, N, M]
-        # the state before each chunk: an exclusive prefix sum (not S_incl - kv, which leaves rounding
-        # noise where the exact state is 0)
-        S_c = S0[:, :, None] + torch.cat([torch.zeros_like(kv[:, :, :1]), kv[:, :, :-1]], 2).cumsum(2)
-        z_c = z0[:, :, None] + torch.cat([torch.zeros_like(ks[:, :, :1]), ks[:, :, :-1]], 2).cumsum(2)
-        P = (a @ b.transpose(-1, -2)).tril()  # [B, H, N, C, C]
-        num = scale * (P @ vv + a @ S_c)
-        den = scale * (P.sum(-1) + (a * z_c[:, :, :, None, :]).sum(-1)) + eps
-        num = num.reshape(B, H, N * C, DV)[:, :, :T]
-        den = den.reshape(B, H, N * C)[:, :, :T]
-        S, z = S_c[:, :, -1] + kv[:, :, -1], z_c[:, :, -1] + ks[:, :, -1]
+        # one copy each into the chunked layout [B, H, N, C, *], zero-padded to N * C tokens
+        a1, b1 = (x.new_zeros(B, H, N * C, M) for x in (a, b))
+        v1 = vv.new_zeros(B, H, N * C, DV + 1)
+        a1[:, :, :T], b1[:, :, :T] = a, b
+        v1[:, :, :T, :DV] = vv
+        v1[:, :, :T, DV] = 1.0
+        a, b, v1 = (x.view(B, H, N, C, x.shape[-1]) for x in (a1, b1, v1))
+        kv = b.transpose(-1, -2) @ v1  # [B, H, N, M, DV + 1] chunk sums
+        # the state before each chunk: an exclusive prefix sum (not S_incl - kv, which leaves rounding noise
+        # where the exact state is 0)
+        S_c = S0[:, :, None] + torch.nn.functional.pad(kv[:, :, :-1], (0, 0, 0, 0, 1, 0)).cumsum(2)
+        P = (a @ b.transpose(-1, -2)).tril_()  # [B, H, N, C, C]
+        out = torch.baddbmm((a @ S_c).view(-1, C, DV + 1), P.view(-1, C, C), v1.view(-1, C, DV + 1))
+        out = out.view(B, H, N * C, DV + 1)[:, :, :T]
+        S = S_c[:, :, -1] + kv[:, :, -1]
+    num, den = scale * out[..., :DV], scale * out[..., DV] + eps
     o = num / den[..., None] if normalize else num
-    return o.transpose(1, 2).to(q.dtype), (S[:, ::G], z[:, ::G])
+    return o.transpose(1, 2).to(q.dtype), (S[:, ::G, :, :DV], S[:, ::G, :, DV])
 
 
 def linear_attention_step_torch(

@@ -161,3 +161,18 @@ def test_sanitize_case_kernel_variants_on_cpu():
 
     sanitize_case = importlib.import_module("bench.sanitize_case")
     assert sanitize_case._kernel_variants(torch.device("cpu"), ["fp32"]) == 0
+
+
+def test_cpu_path_benchmark_tiny(tmp_path):
+    """bench/cpu_path.py (issue #17's CPU table) at a tiny size, one round: the code cannot rot; no time is gated."""
+    from bench import cpu_path
+
+    out = tmp_path / "cpu.json"
+    res = click_testing.CliRunner().invoke(cpu_path.main, ["--T", "16,40", "--heads", "2", "--dim", "16", "--tokens",
+                                                           "80", "--reps", "1", "--backend", "torch", "--json", str(out)],
+                                           catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["T"] for r in rows if "T" in r] == [16, 40]
+    assert all(r["lintx_fwd"] > 0 and r["sdpa_fwdbwd"] > 0 and r["floor_fwd"] > 0 for r in rows if "T" in r)
+    assert [r["decode_B"] for r in rows if "decode_B" in r] == [1, 16]

@@ -1,0 +1,161 @@
+"""The CPU path (``backend="auto"`` without a GPU) against its floors, SDPA and fast-transformers, in one process.
+
+    python bench/cpu_path.py                                   # issue #17's table: H = 8, D = 64, B*T = 8192
+    python bench/cpu_path.py --ft-src ~/fast-transformers      # with fast-transformers' C++ CPU kernel beside it
+    python bench/cpu_path.py --T 64,128 --tokens 256 --reps 1  # tiny (what CI runs)
+
+Per T (B = tokens // T; fp32, elu(x) + 1, causal, normalized, scale 1), the median of ``--reps`` runs of:
+lintx forward and forward+backward (``lx.linear_attention``, the chunked PyTorch path), causal
+``scaled_dot_product_attention``, and fast-transformers' ``CausalLinearAttention`` (its elu feature map, its
+normalizer, its CPU ``causal_dot_product``) when ``--ft-src`` names a checkout of idiap/fast-transformers (its
+``fast_transformers/causal_product/causal_product_cpu.cpp`` is compiled once with torch's cpp_extension).
+
+The floor of a row is the time batched 64 x 64 x 64 fp32 matmuls take for the same FLOPs, measured in the same
+run: the forward's FLOPs are those of the chunked algorithm (4 D (D + C) per token and head at D = DV = M, chunk
+C), the forward+backward's three times as many. Each figure is also printed as a multiple of its floor.
+Decode: one ``linear_attention_step_`` and one ``LinearAttention.step`` at B = 1 and 16 against the time to
+read and write the state once (a copy of the state, measured).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import lintx_triton as lx  # noqa: E402
+from bench.harness import Timing, time_ms  # noqa: E402
+
+CHUNK = 64  # the chunk the FLOP count assumes (the path's own choice may differ; the floor does not move)
+
+
+def _median_ms(fn, reps: int) -> float:
+    """The median of ``reps`` perf_counter runs after one warm-up (bench/harness.py's CPU timer)."""
+    return time_ms(fn, torch.device("cpu"), Timing(cpu_warmup=1, cpu_reps=reps))[0]
+
+
+def _bmm_gflops(reps: int) -> float:
+    """GFLOP/s of batched 64 x 64 x 64 fp32 matmuls (the shape of the chunked algorithm's products)."""
+    a, b = torch.randn(256, 64, 64), torch.randn(256, 64, 64)
+    ms = _median_ms(lambda: torch.bmm(a, b), max(reps, 5))
+    return 2 * 256 * 64**3 / (ms * 1e-3) / 1e9
+
+
+def _ft_module(src: str):
+    from torch.utils.cpp_extension import load
+
+    path = os.path.join(os.path.expanduser(src), "fast_transformers", "causal_product", "causal_product_cpu.cpp")
+    if not os.path.exists(path):
+        raise click.BadParameter(f"no {path}", param_hint="--ft-src")
+    return load("ft_causal_product_cpu", [path], extra_cflags=["-O3", "-fopenmp", "-ffast-math"],
+                extra_ldflags=["-fopenmp"])
+
+
+def _ft_attention(ext):
+    """fast-transformers' CausalLinearAttention forward: elu + 1 features, its normalizer, its causal product."""
+
+    class CausalDot(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, Q, K, V):
+            ctx.save_for_backward(Q, K, V)
+            out = torch.zeros(Q.shape[:3] + (V.shape[-1],))
+            ext.causal_dot_product(Q, K, V, out)
+            return out
+
+        @staticmethod
+        def backward(ctx, g):
+            Q, K, V = ctx.saved_tensors
+            gq, gk, gv = torch.zeros_like(Q), torch.zeros_like(K), torch.zeros_like(V)
+            ext.causal_dot_backward(Q, K, V, g.contiguous(), gq, gk, gv)
+            return gq, gk, gv
+
+    def attn(q, k, v, eps=1e-6):  # [B, T, H, D] like lintx; fast-transformers' own layout
+        Q, K = F.elu(q) + 1, F.elu(k) + 1
+        Z = 1 / (torch.einsum("nlhi,nlhi->nlh", Q, K.cumsum(1)) + eps)
+        perm = lambda x: x.permute(0, 2, 1, 3).contiguous()  # noqa: E731
+        V = CausalDot.apply(perm(Q), perm(K), perm(v)).permute(0, 2, 1, 3)
+        return V * Z[:, :, :, None]
+
+    return attn
+
+
+def _fwd_bwd(f, q, k, v):
+    def run():
+        qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+        o = f(qq, kk, vv)
+        torch.autograd.grad(o, (qq, kk, vv), torch.ones_like(o))
+    return run
+
+
+@click.command()
+@click.option("--T", "Ts", default="256,1024,4096,8192", show_default=True)
+@click.option("--heads", "H", default=8, show_default=True)
+@click.option("--dim", "D", default=64, show_default=True)
+@click.option("--tokens", default=8192, show_default=True, help="B*T")
+@click.option("--reps", default=5, show_default=True)
+@click.option("--ft-src", default=None, help="a checkout of idiap/fast-transformers (compiled once)")
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "torch", "triton"]),
+              help="lintx's backend (auto: the PyTorch path on a CPU, unless TRITON_INTERPRET=1)")
+@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="write the rows here")
+def main(Ts, H, D, tokens, reps, ft_src, backend, json_out):
+    torch.manual_seed(0)
+    ft = _ft_attention(_ft_module(ft_src)) if ft_src else None
+    gflops = _bmm_gflops(reps)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batched 64x64x64 matmul: "
+          f"{gflops:.0f} GFLOP/s (the floor); fp32, elu+1, causal, normalized, H = {H}, D = DV = {D}, "
+          f"B*T = {tokens}; median ms of {reps}, (x floor)")
+    impls = {"lintx": lambda q, k, v: lx.linear_attention(q, k, v, backend=backend),
+             "sdpa": lambda q, k, v: F.scaled_dot_product_attention(
+                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True).transpose(1, 2)}
+    if ft is not None:
+        impls["ft"] = ft
+    rows = []
+    cols = " | ".join(f"{n} fwd | {n} fwd+bwd" for n in impls)
+    print(f"| T | B | floor fwd | floor fwd+bwd | {cols} |")
+    for T in (int(t) for t in Ts.split(",")):
+        B = max(1, tokens // T)
+        q, k, v = (torch.randn(B, T, H, D) for _ in range(3))
+        flops = 4 * D * (D + CHUNK) * B * T * H
+        floor = flops / (gflops * 1e9) * 1e3
+        row = dict(T=T, B=B, floor_fwd=floor, floor_fwdbwd=3 * floor)
+        cells = []
+        for name, f in impls.items():
+            with torch.no_grad():
+                fwd = _median_ms(lambda: f(q, k, v), reps)
+            fb = _median_ms(_fwd_bwd(f, q, k, v), reps)
+            row[f"{name}_fwd"], row[f"{name}_fwdbwd"] = fwd, fb
+            cells.append(f"{fwd:.1f} ({fwd / floor:.1f}x) | {fb:.1f} ({fb / (3 * floor):.1f}x)")
+        rows.append(row)
+        print(f"| {T} | {B} | {floor:.1f} | {3 * floor:.1f} | " + " | ".join(cells) + " |", flush=True)
+    # decode: one step against the state's memory floor (reading and writing it once)
+    print("\n| decode B | state KB | floor us | step_ us (x floor) | LinearAttention.step us (x floor) |")
+    M = D
+    for Bd in (1, 16):
+        S, z = torch.zeros(Bd, H, M, D), torch.zeros(Bd, H, M)
+        dst = torch.empty_like(S)
+        floor_us = _median_ms(lambda: dst.copy_(S), 200) * 1e3
+        qt, kt, vt = (torch.randn(Bd, H, D) for _ in range(3))
+        with torch.no_grad():
+            step_us = _median_ms(lambda: lx.linear_attention_step_(qt, kt, vt, (S, z), backend=backend), 200) * 1e3
+            layer = lx.nn.LinearAttention(H * D, H, backend=backend)
+            x = torch.randn(Bd, H * D)
+            state = layer.init_state(Bd)
+            mod_us = _median_ms(lambda: layer.step(x, state, inplace=True), 200) * 1e3
+        kb = S.numel() * 4 / 1024
+        rows.append(dict(decode_B=Bd, floor_us=floor_us, step_us=step_us, module_step_us=mod_us))
+        print(f"| {Bd} | {kb:.0f} | {floor_us:.1f} | {step_us:.1f} ({step_us / floor_us:.1f}x) | "
+              f"{mod_us:.1f} ({mod_us / floor_us:.1f}x) |", flush=True)
+    if json_out:
+        with open(json_out, "w") as fh:
+            json.dump(dict(torch=torch.__version__, threads=torch.get_num_threads(), bmm_gflops=gflops,
+                           rows=rows), fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
