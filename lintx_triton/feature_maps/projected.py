@@ -165,8 +165,10 @@ class ProjectedFeatureMap(FeatureMap):
     def magnitude(self, x: torch.Tensor, side: str = "key", stabilize: bool = False) -> torch.Tensor:
         """|phi| widened by the rounding of its arguments, with a gradient free of cancellation.
 
-        Value: |f| + |df/du| sum_d |x'_d W_dr| + |df/dn| n, the scale of the error an fp32 rounding of
-        u and n leaves in f (cos(u) is 0 where its error is not). Gradient: sum over the chain rule's
+        Value: |f| + |df/du| (sum_d |x'_d W_dr| + |b_r|) + |df/dn| n, the scale of the error an fp32 rounding
+        of u, of the bias added to it and of n leaves in f (cos(u) is 0 where its error is not; a random
+        Fourier sin feature is cos(u - pi/2), whose fp32 bias alone is off by 4e-8 where the feature is ~u).
+        Gradient: sum over the chain rule's
         terms in absolute value, s (|df/du_r| |W_dr| + |df/dn_r| |x'_d|) for d/dx_d, so that a bound
         built on it covers dL/dx = s (dL/du W^T + dL/dn x') however its terms cancel.
         """
@@ -179,7 +181,7 @@ class ProjectedFeatureMap(FeatureMap):
         du = du.abs() if du is not None else torch.zeros_like(u)
         dn = dn.abs() if dn is not None else torch.zeros_like(n)
         xa = xs * torch.where(xs >= 0, 1.0, -1.0).to(xs.dtype)  # |x'| with derivative +-s
-        value = f.detach().abs() + du * (xa.detach() @ W.abs()) + dn * n.detach()
+        value = f.detach().abs() + du * (xa.detach() @ W.abs() + b.abs()) + dn * n.detach()
         # d surrogate_r / dx_d = s sign(x_d) (|df/du_r| |W_dr| + |df/dn_r| |x'_d|); the value is 0
         surrogate = (du * (xa @ W.abs()) + dn * (xa.detach() * xa).sum(-1, keepdim=True))
         return value + surrogate - surrogate.detach()
