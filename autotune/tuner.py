@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import lintx_triton
-from lintx_triton import feature_maps, testing
+from lintx_triton import feature_maps
 from lintx_triton.codegen import cache_dir
 from lintx_triton.config import Config, gpu_heuristic
 from lintx_triton.spec import FAMILIES, GENERATOR_VERSION, KernelSpec, dtype_of
