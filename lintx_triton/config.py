@@ -291,4 +291,6 @@ def config_for(spec: KernelSpec, batch_heads: int, T: int, device: torch.device 
         cfg = _tuned(spec, batch_heads, T, device.index if device.index is not None else torch.cuda.current_device())
     for fields in _OVERRIDES:
         cfg = dataclasses.replace(cfg, **fields, source="override")
-    return dataclasses.replace(cfg, path=path_of(spec, cfg))
+    path = path_of(spec, cfg)
+    # every op call asks here: build a new Config only when the rule changes the path
+    return cfg if path == cfg.path else dataclasses.replace(cfg, path=path)
