@@ -26,7 +26,7 @@ _LAYOUTS = {"q": "[B, T, H, D]", "k": "[B, T, HKV, D]", "v": "[B, T, HKV, DV]"}
 
 
 def _check_inputs(q, k, v, fm: FeatureMap, causal, initial_state, scale, eps, backend, cu_seqlens=None,
-                  check_seqlens=True):
+                  check_seqlens=True, has_queries=True):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -60,6 +60,7 @@ def _check_inputs(q, k, v, fm: FeatureMap, causal, initial_state, scale, eps, ba
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     fm.check_head_dim(q.shape[-1])
+    fm.check_heads(H if has_queries else None, HKV)
     N = q.shape[0] if cu_seqlens is None else _check_seqlens(cu_seqlens, q, check_seqlens)
     if initial_state is None:
         return
@@ -107,6 +108,17 @@ def _check_state(state, what, B, H, M, DV, fm, device):
             raise TypeError(f"{what} {name} must be float32, got {t.dtype}")
         if t.device != device:
             raise ValueError(f"{what} {name} is on {t.device}, q on {device}")
+
+
+def _map_params(fm: FeatureMap, device, inference: bool = False) -> dict:
+    """The map's parameters for the ops: ``fq``, ``fk`` ([HW, D + 1, M] fp32, one tensor when the map is tied;
+    None for elementwise maps). A learnable map builds them from its ``nn.Parameter``s, so the ops' gradients
+    reach them; the decode step (``inference``), which has none, gets them detached."""
+    fq = fm.kernel_params("query", device)
+    fk = fq if getattr(fm, "tied", True) else fm.kernel_params("key", device)
+    if inference and fq is not None:
+        fq, fk = fq.detach(), fk.detach()
+    return dict(fq=fq, fk=fk)
 
 
 def _pick_backend(backend: str, q: Tensor, v: Tensor, fm: FeatureMap) -> str:
@@ -208,7 +220,7 @@ def linear_attention(
             o, (S, z) = _packed_torch(q, k, v, fm, cu_seqlens, initial_state, kw)
     else:
         o, _, S, z = torch.ops.lintx.linear_attention_fwd(
-            q=q, k=k, v=v, S0=S0, z0=z0, fm_params=fm.parameters(q.device), cu_seqlens=cu_seqlens,
+            q=q, k=k, v=v, S0=S0, z0=z0, **_map_params(fm, q.device), cu_seqlens=cu_seqlens,
             feature_map=fm.name, causal=bool(causal), normalize=bool(normalize), scale=float(scale), eps=float(eps))
     return (o, (S, z)) if return_state else o
 
@@ -247,11 +259,11 @@ def linear_attention_state(
         True
     """
     fm = feature_maps.resolve(feature_map)
-    _check_inputs(k, k, v, fm, True, initial_state, 1.0, 0.0, backend, cu_seqlens, check_seqlens)
+    _check_inputs(k, k, v, fm, True, initial_state, 1.0, 0.0, backend, cu_seqlens, check_seqlens, has_queries=False)
     if _pick_backend(backend, k, v, fm) == "torch":
         return _state_torch(k, v, fm, initial_state, cu_seqlens)
     S0, z0 = initial_state if initial_state is not None else (None, None)
-    return tuple(torch.ops.lintx.linear_attention_state(k=k, v=v, S0=S0, z0=z0, fm_params=fm.parameters(k.device),
+    return tuple(torch.ops.lintx.linear_attention_state(k=k, v=v, S0=S0, z0=z0, fk=_map_params(fm, k.device)["fk"],
                                                         cu_seqlens=cu_seqlens, feature_map=fm.name))
 
 
@@ -349,7 +361,7 @@ def linear_attention_step(
         return linear_attention_step_torch(q, k, v, fm, normalize=normalize, scale=float(scale), eps=float(eps),
                                            state=state)
     S0, z0 = state if state is not None else (None, None)
-    o, S, z = torch.ops.lintx.linear_attention_step(q=q, k=k, v=v, S0=S0, z0=z0, fm_params=fm.parameters(q.device),
+    o, S, z = torch.ops.lintx.linear_attention_step(q=q, k=k, v=v, S0=S0, z0=z0, **_map_params(fm, q.device, True),
                                                     feature_map=fm.name, normalize=bool(normalize),
                                                     scale=float(scale), eps=float(eps))
     return o, (S, z)
@@ -395,7 +407,7 @@ def linear_attention_step_(
         S.copy_(S1)
         z.copy_(z1)
         return o
-    return torch.ops.lintx.linear_attention_step_(q=q, k=k, v=v, S=S, z=z, fm_params=fm.parameters(q.device),
+    return torch.ops.lintx.linear_attention_step_(q=q, k=k, v=v, S=S, z=z, **_map_params(fm, q.device, True),
                                                   feature_map=fm.name, normalize=bool(normalize), scale=float(scale),
                                                   eps=float(eps))
 

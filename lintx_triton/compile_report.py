@@ -82,19 +82,23 @@ def family_launches(family: str, spec: KernelSpec, cfg: Config, *, heads: int = 
     B, H, D, DV, M = batch, heads, spec.head_dim, spec.value_dim, spec.feature_dim
     T = T if T is not None else 4 * max(cfg.chunk, cfg.bwd_chunk)
     meta = lambda *shape, dtype=dt: torch.empty(*shape, dtype=dtype, device="meta")  # noqa: E731
-    fm_params = spec.fmap.parameters("meta")
+    # the map's parameters, shared by the heads (per-head ones change a stride, not the kernels); a learnable
+    # map's backward also sums their gradients (HAS_DFM)
+    fm = spec.fmap.kernel_params("query", "meta")
+    if fm is not None:
+        fm = meta(1, *fm.shape[1:], dtype=f32)
     S0, z0 = (meta(B, H, M, DV, dtype=f32), meta(B, H, M, dtype=f32)) if spec.has_initial_state else (None, None)
     q, k, v = meta(B, T, H, D), meta(B, T, H, D), meta(B, T, H, DV)
     with ops.record() as (run, launches):
         if family == "forward":
-            ops.chunk_fwd(spec, cfg, q, k, v, S0, z0, fm_params, 1.0, 1e-6, run=run)
+            ops.chunk_fwd(spec, cfg, q, k, v, S0, z0, fm, fm, 1.0, 1e-6, run=run)
         elif family == "backward":
             den = meta(B, H, T, dtype=f32) if spec.normalize else meta(0, dtype=f32)
             ops.chunk_bwd(spec, cfg, meta(B, T, H, DV), None, None, q, k, v, meta(B, T, H, DV), den, S0, z0,
-                          fm_params, 1.0, run=run)
+                          fm, fm, 1.0, map_grads=spec.fmap.learnable, run=run)
         else:
             S, z = meta(B, H, M, DV, dtype=f32), meta(B, H, M, dtype=f32)
-            ops.decode_step(spec, cfg, q[:, 0], k[:, 0], v[:, 0], S, z, S, z, fm_params, 1.0, 1e-6, run=run)
+            ops.decode_step(spec, cfg, q[:, 0], k[:, 0], v[:, 0], S, z, S, z, fm, fm, 1.0, 1e-6, run=run)
     return launches
 
 

@@ -117,9 +117,9 @@ def test_module_errors():
 def test_opcheck_step_ops():
     q, k, v = torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 6)
     S, z = torch.rand(2, 3, 8, 6), torch.rand(2, 3, 8)
-    torch.library.opcheck(torch.ops.lintx.linear_attention_step.default, (q, k, v, S, z, None, "elu", True, 1.0, 1e-6))
-    torch.library.opcheck(torch.ops.lintx.linear_attention_step.default, (q, k, v, None, None, None, "relu", False, 0.5, 1e-6))
-    torch.library.opcheck(torch.ops.lintx.linear_attention_step_.default, (q, k, v, S, z, None, "elu", True, 1.0, 1e-6))
+    torch.library.opcheck(torch.ops.lintx.linear_attention_step.default, (q, k, v, S, z, None, None, "elu", True, 1.0, 1e-6))
+    torch.library.opcheck(torch.ops.lintx.linear_attention_step.default, (q, k, v, None, None, None, None, "relu", False, 0.5, 1e-6))
+    torch.library.opcheck(torch.ops.lintx.linear_attention_step_.default, (q, k, v, S, z, None, None, "elu", True, 1.0, 1e-6))
 
 
 def test_compiled_inplace_decode_loop():

@@ -155,10 +155,10 @@ def test_redraw_is_deterministic_and_keeps_the_kernels():
 
 def test_parameters_follow_the_device():
     fm = fmaps.favor(8, num_features=12, seed=0)
-    p = fm.parameters("cpu")
-    assert p.shape == (9, 12) and p.dtype == torch.float32 and p.is_contiguous()
-    assert fm.parameters("meta").device.type == "meta"
-    torch.testing.assert_close(p[:8].double(), fm.weight, atol=1e-6, rtol=1e-6)
+    p = fm.kernel_params("query", "cpu")
+    assert p.shape == (1, 9, 12) and p.dtype == torch.float32 and p.is_contiguous()
+    assert fm.kernel_params("key", "meta").device.type == "meta"
+    torch.testing.assert_close(p[0, :8].double(), fm.weight, atol=1e-6, rtol=1e-6)
 
 
 def test_key_shift_bounds_every_key_feature():

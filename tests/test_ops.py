@@ -37,7 +37,7 @@ def test_opcheck_forward(case):
     S0 = torch.rand(1, 2, 8, 12, requires_grad=True) if h0 else None
     z0 = torch.rand(1, 2, 8, requires_grad=True) if h0 else None
     torch.library.opcheck(
-        torch.ops.lintx.linear_attention_fwd.default, (q, k, v, S0, z0, None, None, "elu", causal, normalize, 0.5, 1e-6)
+        torch.ops.lintx.linear_attention_fwd.default, (q, k, v, S0, z0, None, None, None, "elu", causal, normalize, 0.5, 1e-6)
     )
 
 
@@ -45,14 +45,14 @@ def test_opcheck_forward(case):
 @pytest.mark.parametrize("with_state_grad", [True, False])
 def test_opcheck_backward(normalize, with_state_grad):
     q, k, v = _inputs(requires_grad=False)
-    o, den, S, z = torch.ops.lintx.linear_attention_fwd(q, k, v, None, None, None, None, "elu", True, normalize, 1.0,
+    o, den, S, z = torch.ops.lintx.linear_attention_fwd(q, k, v, None, None, None, None, None, "elu", True, normalize, 1.0,
                                                         1e-6)
     do = torch.randn_like(o)
     dS = torch.randn_like(S) if with_state_grad else None
     dz = torch.randn_like(z) if with_state_grad else None
     torch.library.opcheck(
         torch.ops.lintx.linear_attention_bwd.default,
-        (do, dS, dz, q, k, v, o, den, None, None, None, None, "elu", True, normalize, 1.0),
+        (do, dS, dz, q, k, v, o, den, None, None, None, None, None, "elu", True, normalize, 1.0, False),
     )
 
 
@@ -61,18 +61,18 @@ def test_opcheck_projected_map(normalize):
     """The feature map's parameter tensor travels through the schema (forward and backward)."""
     fm = lx.feature_maps.favor(8, num_features=12, seed=0)
     q, k, v = _inputs()
-    W = fm.parameters(q.device)
+    W = fm.kernel_params("query", q.device)
     torch.library.opcheck(torch.ops.lintx.linear_attention_fwd.default,
-                          (q, k, v, None, None, W, None, fm.name, True, normalize, 1.0, 1e-6))
+                          (q, k, v, None, None, W, W, None, fm.name, True, normalize, 1.0, 1e-6))
     with torch.no_grad():
-        o, den, S, z = torch.ops.lintx.linear_attention_fwd(q, k, v, None, None, W, None, fm.name, True, normalize, 1.0,
-                                                            1e-6)
+        o, den, S, z = torch.ops.lintx.linear_attention_fwd(q, k, v, None, None, W, W, None, fm.name, True, normalize,
+                                                            1.0, 1e-6)
     torch.library.opcheck(torch.ops.lintx.linear_attention_bwd.default,
                           (torch.randn_like(o), None, None, q.detach(), k.detach(), v.detach(), o, den, None, None, W,
-                           None, fm.name, True, normalize, 1.0))
+                           W, None, fm.name, True, normalize, 1.0, False))
     q1, k1, v1 = (x[:, 0].detach() for x in (q, k, v))
     torch.library.opcheck(torch.ops.lintx.linear_attention_step.default,
-                          (q1, k1, v1, S, z, W, fm.name, normalize, 1.0, 1e-6))
+                          (q1, k1, v1, S, z, W, W, fm.name, normalize, 1.0, 1e-6))
 
 
 def _counting_backend():

@@ -222,7 +222,7 @@ def test_state_ops_opcheck():
     torch.library.opcheck(torch.ops.lintx.linear_attention_state.default, (k[:1, :5], v[:1, :5], None, None, None,
                                                                            None, "relu"))
     torch.library.opcheck(torch.ops.lintx.linear_attention_state_bwd.default,
-                          (torch.randn(3, 2, 8, 5), torch.randn(3, 2, 8), k.detach(), v.detach(), None, cu, "elu"))
+                          (torch.randn(3, 2, 8, 5), torch.randn(3, 2, 8), k.detach(), v.detach(), None, cu, "elu", False))
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

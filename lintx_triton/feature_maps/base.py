@@ -34,10 +34,12 @@ class FeatureMap:
     """
 
     name: str
-    #: phi reads a parameter tensor (:meth:`parameters`) and is generated from ``phi_proj``.
+    #: phi reads a parameter tensor (:meth:`kernel_params`) and is generated from ``phi_proj``.
     projected: bool = False
     #: phi(x) can leave fp16's range (exponential random features): fp16 products take TF32 operands.
     unbounded: bool = False
+    #: the map's parameters are trained (:class:`~lintx_triton.feature_maps.LearnableFeatureMap`)
+    learnable: bool = False
 
     def check_head_dim(self, head_dim: int) -> None:
         """Raise ``ValueError`` if the map is not defined for head vectors of width ``head_dim``."""
@@ -61,9 +63,14 @@ class FeatureMap:
         f = self.features(x, side, stabilize)
         return f * torch.where(f >= 0, 1.0, -1.0).to(f.dtype)
 
-    def parameters(self, device) -> "torch.Tensor | None":
-        """The parameter tensor the kernels read (``None`` for elementwise maps)."""
+    def kernel_params(self, side: str, device) -> "torch.Tensor | None":
+        """The parameter tensor the kernels read for queries (``side="query"``) or keys: ``[HW, D + 1, M]`` fp32
+        (W then the bias row, per head or HW = 1 shared), ``None`` for elementwise maps."""
         return None
+
+    def check_heads(self, heads: "int | None", kv_heads: int) -> None:
+        """Raise ``ValueError`` if the map cannot serve ``heads`` query (None: no queries) and ``kv_heads`` key
+        heads."""
 
     def feature_dim(self, head_dim: int) -> int:
         """M, the width of phi(x) for head vectors of width ``head_dim``."""

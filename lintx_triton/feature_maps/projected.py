@@ -27,7 +27,7 @@ import torch
 
 from .base import FeatureMap
 
-__all__ = ["ProjectedFeatureMap"]
+__all__ = ["ProjectedFeatureMap", "head_matmul", "projected_magnitude"]
 
 SIDES = ("query", "key")
 
@@ -130,9 +130,10 @@ class ProjectedFeatureMap(FeatureMap):
             raise ValueError(f"feature map {self.name!r} projects head vectors of width D = {self.head_dim}, "
                              f"got D = {head_dim}; build the map for this D")
 
-    def parameters(self, device) -> torch.Tensor:
-        """``[D + 1, M]`` fp32 on ``device``: W, then the bias row. Cached per device until :meth:`set_weight`."""
-        return self._params_as(device, torch.float32)
+    def kernel_params(self, side: str, device) -> torch.Tensor:
+        """``[1, D + 1, M]`` fp32 on ``device``: W, then the bias row (one head: shared by all). Cached per device
+        until :meth:`set_weight`; the same for both sides."""
+        return self._params_as(device, torch.float32)[None]
 
     def _params_as(self, device, dtype: torch.dtype) -> torch.Tensor:
         # W and the bias row as one [D + 1, M] tensor, converted once per (device, dtype)
@@ -158,33 +159,13 @@ class ProjectedFeatureMap(FeatureMap):
             raise ValueError(f"side must be one of {SIDES}, got {side!r}")
         self.check_head_dim(x.shape[-1])
         xs, W, b = self._projection(x)
-        u = xs @ W
-        n = 0.5 * (xs * xs).sum(-1, keepdim=True)
-        return self.torch_phi(u, n, b, side, stabilize)
+        return self.torch_phi(head_matmul(xs, W), 0.5 * (xs * xs).sum(-1, keepdim=True), b, side, stabilize)
 
     def magnitude(self, x: torch.Tensor, side: str = "key", stabilize: bool = False) -> torch.Tensor:
-        """|phi| widened by the rounding of its arguments, with a gradient free of cancellation.
-
-        Value: |f| + |df/du| (sum_d |x'_d W_dr| + |b_r|) + |df/dn| n, the scale of the error an fp32 rounding
-        of u, of the bias added to it and of n leaves in f (cos(u) is 0 where its error is not; a random
-        Fourier sin feature is cos(u - pi/2), whose fp32 bias alone is off by 4e-8 where the feature is ~u).
-        Gradient: sum over the chain rule's
-        terms in absolute value, s (|df/du_r| |W_dr| + |df/dn_r| |x'_d|) for d/dx_d, so that a bound
-        built on it covers dL/dx = s (dL/du W^T + dL/dn x') however its terms cancel.
-        """
+        """|phi| widened by the rounding of its arguments, with a gradient free of cancellation
+        (:func:`projected_magnitude`)."""
         xs, W, b = self._projection(x)
-        u = (xs @ W).detach().requires_grad_()
-        n = (0.5 * (xs * xs).sum(-1, keepdim=True)).expand(u.shape).detach().requires_grad_()
-        with torch.enable_grad():
-            f = self.torch_phi(u, n, b, side, stabilize)
-            du, dn = torch.autograd.grad(f.sum(), (u, n), allow_unused=True)
-        du = du.abs() if du is not None else torch.zeros_like(u)
-        dn = dn.abs() if dn is not None else torch.zeros_like(n)
-        xa = xs * torch.where(xs >= 0, 1.0, -1.0).to(xs.dtype)  # |x'| with derivative +-s
-        value = f.detach().abs() + du * (xa.detach() @ W.abs() + b.abs()) + dn * n.detach()
-        # d surrogate_r / dx_d = s sign(x_d) (|df/du_r| |W_dr| + |df/dn_r| |x'_d|); the value is 0
-        surrogate = (du * (xa @ W.abs()) + dn * (xa.detach() * xa).sum(-1, keepdim=True))
-        return value + surrogate - surrogate.detach()
+        return projected_magnitude(self.torch_phi, xs, W, b, side, stabilize)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x, "key")
@@ -201,3 +182,39 @@ class ProjectedFeatureMap(FeatureMap):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, D={self.head_dim}, M={self.num_features})"
+
+
+def head_matmul(xs: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """u = x' W: ``xs`` [..., D] with W [D, M] (one W for every head), or ``xs`` [..., H, D] with W [HW, D, M]
+    (HW = 1: shared; HW = H: per head) -> [..., M] / [..., H, M]."""
+    if W.dim() == 2:
+        return xs @ W
+    if W.shape[0] == 1:
+        return xs @ W[0]
+    return torch.einsum("...hd,hdm->...hm", xs, W)
+
+
+def projected_magnitude(torch_phi: Callable, xs: torch.Tensor, W: torch.Tensor, b: torch.Tensor, side: str,
+                        stabilize: bool) -> torch.Tensor:
+    """|phi| widened by the rounding of its arguments, with a gradient free of cancellation.
+
+    Value: |f| + |df/du| (sum_d |x'_d W_dr| + |b_r|) + |df/dn| n, the scale of the error an fp32 rounding
+    of u, of the bias added to it and of n leaves in f (cos(u) is 0 where its error is not; a random
+    Fourier sin feature is cos(u - pi/2), whose fp32 bias alone is off by 4e-8 where the feature is ~u).
+    Gradient: sum over the chain rule's terms in absolute value, s (|df/du_r| |W_dr| + |df/dn_r| |x'_d|) for
+    d/dx_d, so that a bound built on it covers dL/dx = s (dL/du W^T + dL/dn x') however its terms cancel.
+    W is [D, M] or per head [HW, D, M] (:func:`head_matmul`); when W and b are trained, the gradient w.r.t. them
+    is the same absolute sum: |df/du_r| |x'_d| for W_dr, |df/du_r| for b_r.
+    """
+    u = head_matmul(xs, W).detach().requires_grad_()
+    n = (0.5 * (xs * xs).sum(-1, keepdim=True)).expand(u.shape).detach().requires_grad_()
+    with torch.enable_grad():
+        f = torch_phi(u, n, b.detach(), side, stabilize)
+        du, dn = torch.autograd.grad(f.sum(), (u, n), allow_unused=True)
+    du = du.abs() if du is not None else torch.zeros_like(u)
+    dn = dn.abs() if dn is not None else torch.zeros_like(n)
+    xa, Wa, ba = (t * torch.where(t >= 0, 1.0, -1.0).to(t.dtype) for t in (xs, W, b))  # |.| with derivative +-1
+    value = f.detach().abs() + du * (head_matmul(xa.detach(), Wa.detach()) + ba.detach()) + dn * n.detach()
+    # d surrogate_r / dx_d = s sign(x_d) (|df/du_r| |W_dr| + |df/dn_r| |x'_d|); the value is 0
+    surrogate = du * (head_matmul(xa, Wa) + ba) + dn * (xa.detach() * xa).sum(-1, keepdim=True)
+    return value + surrogate - surrogate.detach()

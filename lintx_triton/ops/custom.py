@@ -33,7 +33,8 @@ class _FwdArgs(NamedTuple):
     v: Tensor
     S0: Optional[Tensor]
     z0: Optional[Tensor]
-    fm_params: Optional[Tensor]
+    fq: Optional[Tensor]
+    fk: Optional[Tensor]
     cu_seqlens: Optional[Tensor]
     feature_map: str
     causal: bool
@@ -77,7 +78,8 @@ def linear_attention_fwd(
     v: Tensor,
     S0: Optional[Tensor],
     z0: Optional[Tensor],
-    fm_params: Optional[Tensor],
+    fq: Optional[Tensor],
+    fk: Optional[Tensor],
     cu_seqlens: Optional[Tensor],
     feature_map: str,
     causal: bool,
@@ -85,16 +87,19 @@ def linear_attention_fwd(
     scale: float,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> o [B, T, H, DV], den [B, H, T] fp32 (shape [0] unnormalized), ST [N, HKV, M, DV], zT [N, HKV, M]."""
+    """-> o [B, T, H, DV], den [B, H, T] fp32 (shape [0] unnormalized), ST [N, HKV, M, DV], zT [N, HKV, M].
+
+    ``fq``, ``fk``: the feature map's parameters for queries and keys, [HW, D + 1, M] fp32 (W then the bias
+    row; HW = 1 shared, or per head), None for elementwise maps; one tensor twice when the map is tied."""
     spec = make_spec(feature_map, q, v, causal, normalize, S0 is not None)
     B, T, H, _ = q.shape
     cfg = config_for(spec, B * H, T, q.device)
-    return chunk_fwd(spec, cfg, q.contiguous(), k.contiguous(), v.contiguous(), _c(S0), _c(z0), fm_params, scale,
-                     eps, cu=cu_seqlens)
+    return chunk_fwd(spec, cfg, q.contiguous(), k.contiguous(), v.contiguous(), _c(S0), _c(z0), _c(fq), _c(fk),
+                     scale, eps, cu=cu_seqlens)
 
 
 @linear_attention_fwd.register_fake
-def _(q, k, v, S0, z0, fm_params, cu_seqlens, feature_map, causal, normalize, scale, eps):
+def _(q, k, v, S0, z0, fq, fk, cu_seqlens, feature_map, causal, normalize, scale, eps):
     B, T, H, _ = q.shape
     s_shape, z_shape = _state_shapes(q, v, feature_map, cu_seqlens)
     o = q.new_empty(B, T, H, v.shape[-1])
@@ -114,23 +119,30 @@ def linear_attention_bwd(
     den: Tensor,
     S0: Optional[Tensor],
     z0: Optional[Tensor],
-    fm_params: Optional[Tensor],
+    fq: Optional[Tensor],
+    fk: Optional[Tensor],
     cu_seqlens: Optional[Tensor],
     feature_map: str,
     causal: bool,
     normalize: bool,
     scale: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> dq, dk, dv (input dtype), dS0 [N, HKV, M, DV], dz0 [N, HKV, M] (fp32)."""
+    map_grads: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> dq, dk, dv (input dtype), dS0 [N, HKV, M, DV], dz0 [N, HKV, M] (fp32), and with ``map_grads`` the
+    gradients of ``fq``, ``fk`` (fp32, their shapes; [0] otherwise)."""
     spec = make_spec(feature_map, q, v, causal, normalize, S0 is not None)
     B, T, H, _ = q.shape
     cfg = config_for(spec, B * H, T, q.device)
     return chunk_bwd(spec, cfg, _c(do), _c(dST), _c(dzT), _c(q), _c(k), _c(v), _c(o), _c(den), _c(S0), _c(z0),
-                     fm_params, scale, cu=cu_seqlens)
+                     _c(fq), _c(fk), scale, cu=cu_seqlens, map_grads=map_grads)
+
+
+def _map_grads_like(p: Optional[Tensor], map_grads: bool, like: Tensor) -> Tensor:
+    return like.new_empty(p.shape if map_grads and p is not None else (0,), dtype=F32)
 
 
 @linear_attention_bwd.register_fake
-def _(do, dST, dzT, q, k, v, o, den, S0, z0, fm_params, cu_seqlens, feature_map, causal, normalize, scale):
+def _(do, dST, dzT, q, k, v, o, den, S0, z0, fq, fk, cu_seqlens, feature_map, causal, normalize, scale, map_grads):
     s_shape, z_shape = _state_shapes(q, v, feature_map, cu_seqlens)
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
@@ -138,23 +150,30 @@ def _(do, dST, dzT, q, k, v, o, den, S0, z0, fm_params, cu_seqlens, feature_map,
         torch.empty_like(v, memory_format=torch.contiguous_format),
         q.new_empty(s_shape, dtype=F32),
         q.new_empty(z_shape, dtype=F32),
+        _map_grads_like(fq, map_grads, q),
+        _map_grads_like(fk, map_grads, q),
     )
 
 
 def _setup_context(ctx, inputs, output):
     a = _FwdArgs(*inputs)
     o, den, _, _ = output
-    ctx.save_for_backward(a.q, a.k, a.v, o, den, a.S0, a.z0, a.fm_params, a.cu_seqlens)
+    ctx.save_for_backward(a.q, a.k, a.v, o, den, a.S0, a.z0, a.fq, a.fk, a.cu_seqlens)
     ctx.flags = dict(feature_map=a.feature_map, causal=a.causal, normalize=a.normalize, scale=a.scale)
 
 
+def _wants(ctx, name: str) -> bool:
+    return ctx.needs_input_grad[_FwdArgs._fields.index(name)]
+
+
 def _backward(ctx, do, dden, dST, dzT):
-    q, k, v, o, den, S0, z0, fm_params, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv, dS0, dz0 = torch.ops.lintx.linear_attention_bwd(
-        do=do, dST=dST, dzT=dzT, q=q, k=k, v=v, o=o, den=den, S0=S0, z0=z0, fm_params=fm_params,
-        cu_seqlens=cu_seqlens, **ctx.flags)
-    grads = dict(q=dq, k=dk, v=dv, S0=dS0 if S0 is not None else None, z0=dz0 if S0 is not None else None)
-    # the feature map's parameters are fixed (random features are redrawn, not trained); flags have none
+    q, k, v, o, den, S0, z0, fq, fk, cu_seqlens = ctx.saved_tensors
+    map_grads = _wants(ctx, "fq") or _wants(ctx, "fk")  # a learnable map's parameters (fixed maps' need none)
+    dq, dk, dv, dS0, dz0, dfq, dfk = torch.ops.lintx.linear_attention_bwd(
+        do=do, dST=dST, dzT=dzT, q=q, k=k, v=v, o=o, den=den, S0=S0, z0=z0, fq=fq, fk=fk, cu_seqlens=cu_seqlens,
+        **ctx.flags, map_grads=map_grads)
+    grads = dict(q=dq, k=dk, v=dv, S0=dS0 if S0 is not None else None, z0=dz0 if S0 is not None else None,
+                 fq=dfq if _wants(ctx, "fq") else None, fk=dfk if _wants(ctx, "fk") else None)
     return tuple(grads.get(name) for name in _FwdArgs._fields)
 
 
@@ -177,17 +196,18 @@ def linear_attention_state(
     v: Tensor,
     S0: Optional[Tensor],
     z0: Optional[Tensor],
-    fm_params: Optional[Tensor],
+    fk: Optional[Tensor],
     cu_seqlens: Optional[Tensor],
     feature_map: str,
 ) -> tuple[Tensor, Tensor]:
-    """k [B, T, HKV, D], v [B, T, HKV, DV] -> ST [N, HKV, M, DV], zT [N, HKV, M] (fp32)."""
+    """k [B, T, HKV, D], v [B, T, HKV, DV] -> ST [N, HKV, M, DV], zT [N, HKV, M] (fp32); ``fk`` the key map's
+    parameters (or None)."""
     spec, cfg = _state_launch(feature_map, k, v)
-    return state_fwd(spec, cfg, k.contiguous(), v.contiguous(), _c(S0), _c(z0), fm_params, cu=cu_seqlens)
+    return state_fwd(spec, cfg, k.contiguous(), v.contiguous(), _c(S0), _c(z0), _c(fk), cu=cu_seqlens)
 
 
 @linear_attention_state.register_fake
-def _(k, v, S0, z0, fm_params, cu_seqlens, feature_map):
+def _(k, v, S0, z0, fk, cu_seqlens, feature_map):
     s_shape, z_shape = _state_shapes(k, v, feature_map, cu_seqlens)
     return k.new_empty(s_shape, dtype=F32), k.new_empty(z_shape, dtype=F32)
 
@@ -198,39 +218,44 @@ def linear_attention_state_bwd(
     dzT: Tensor,
     k: Tensor,
     v: Tensor,
-    fm_params: Optional[Tensor],
+    fk: Optional[Tensor],
     cu_seqlens: Optional[Tensor],
     feature_map: str,
-) -> tuple[Tensor, Tensor]:
-    """-> dk, dv (inputs' dtype) from the gradients of the final state."""
+    map_grads: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """-> dk, dv (inputs' dtype) from the gradients of the final state, and with ``map_grads`` the gradient of
+    ``fk`` (fp32; [0] otherwise)."""
     spec, cfg = _state_launch(feature_map, k, v)
-    return state_bwd(spec, cfg, dST.contiguous(), dzT.contiguous(), k.contiguous(), v.contiguous(), fm_params,
-                     cu=cu_seqlens)
+    return state_bwd(spec, cfg, dST.contiguous(), dzT.contiguous(), k.contiguous(), v.contiguous(), _c(fk),
+                     cu=cu_seqlens, map_grads=map_grads)
 
 
 @linear_attention_state_bwd.register_fake
-def _(dST, dzT, k, v, fm_params, cu_seqlens, feature_map):
+def _(dST, dzT, k, v, fk, cu_seqlens, feature_map, map_grads):
     return (torch.empty_like(k, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format))
+            torch.empty_like(v, memory_format=torch.contiguous_format),
+            _map_grads_like(fk, map_grads, k))
 
 
 def _state_setup(ctx, inputs, output):
-    k, v, S0, z0, fm_params, cu_seqlens, feature_map = inputs
-    ctx.save_for_backward(k, v, fm_params, cu_seqlens)
+    k, v, S0, z0, fk, cu_seqlens, feature_map = inputs
+    ctx.save_for_backward(k, v, fk, cu_seqlens)
     ctx.feature_map = feature_map
     ctx.has_init = S0 is not None
 
 
 def _state_backward(ctx, dST, dzT):
-    k, v, fm_params, cu_seqlens = ctx.saved_tensors
+    k, v, fk, cu_seqlens = ctx.saved_tensors
     s_shape, z_shape = _state_shapes(k, v, ctx.feature_map, cu_seqlens)
     dST = dST if dST is not None else torch.zeros(s_shape, dtype=F32, device=k.device)  # S or z unused
     dzT = dzT if dzT is not None else torch.zeros(z_shape, dtype=F32, device=k.device)
-    dk, dv = torch.ops.lintx.linear_attention_state_bwd(dST=dST, dzT=dzT, k=k, v=v, fm_params=fm_params,
-                                                        cu_seqlens=cu_seqlens, feature_map=ctx.feature_map)
+    map_grads = ctx.needs_input_grad[4]
+    dk, dv, dfk = torch.ops.lintx.linear_attention_state_bwd(dST=dST, dzT=dzT, k=k, v=v, fk=fk,
+                                                             cu_seqlens=cu_seqlens, feature_map=ctx.feature_map,
+                                                             map_grads=map_grads)
     # S = S0 + sums: the initial state's gradient is the final state's
     init = (dST, dzT) if ctx.has_init else (None, None)
-    return dk, dv, *init, None, None, None
+    return dk, dv, *init, dfk if map_grads else None, None, None
 
 
 linear_attention_state.register_autograd(_state_backward, setup_context=_state_setup)
@@ -257,7 +282,8 @@ def linear_attention_step(
     v: Tensor,
     S0: Optional[Tensor],
     z0: Optional[Tensor],
-    fm_params: Optional[Tensor],
+    fq: Optional[Tensor],
+    fk: Optional[Tensor],
     feature_map: str,
     normalize: bool,
     scale: float,
@@ -269,12 +295,13 @@ def linear_attention_step(
     s_shape, z_shape = _step_state_shapes(q, v, feature_map)
     ST = torch.empty(s_shape, dtype=F32, device=q.device)
     zT = torch.empty(z_shape, dtype=F32, device=q.device)
-    o = decode_step(spec, _step_config(spec, q), _c(q), _c(k), _c(v), _c(S0), _c(z0), ST, zT, fm_params, scale, eps)
+    o = decode_step(spec, _step_config(spec, q), _c(q), _c(k), _c(v), _c(S0), _c(z0), ST, zT, _c(fq), _c(fk), scale,
+                    eps)
     return o, ST, zT
 
 
 @linear_attention_step.register_fake
-def _(q, k, v, S0, z0, fm_params, feature_map, normalize, scale, eps):
+def _(q, k, v, S0, z0, fq, fk, feature_map, normalize, scale, eps):
     s_shape, z_shape = _step_state_shapes(q, v, feature_map)
     B, H, _ = q.shape
     return q.new_empty(B, H, v.shape[-1]), q.new_empty(s_shape, dtype=F32), q.new_empty(z_shape, dtype=F32)
@@ -287,7 +314,8 @@ def linear_attention_step_(
     v: Tensor,
     S: Tensor,
     z: Tensor,
-    fm_params: Optional[Tensor],
+    fq: Optional[Tensor],
+    fk: Optional[Tensor],
     feature_map: str,
     normalize: bool,
     scale: float,
@@ -298,10 +326,10 @@ def linear_attention_step_(
     Nothing is allocated but o, so a decode loop can be captured in a CUDA graph."""
     spec = make_spec(feature_map, q, v, True, normalize, False)
     return decode_step(spec, _step_config(spec, q), q.contiguous(), k.contiguous(), v.contiguous(), S, z, S, z,
-                       fm_params, scale, eps)
+                       _c(fq), _c(fk), scale, eps)
 
 
 @linear_attention_step_.register_fake
-def _(q, k, v, S, z, fm_params, feature_map, normalize, scale, eps):
+def _(q, k, v, S, z, fq, fk, feature_map, normalize, scale, eps):
     B, H, _ = q.shape
     return q.new_empty(B, H, v.shape[-1])

@@ -136,18 +136,20 @@ def g_plan(spec: KernelSpec, cfg: Config, lay: Layout) -> Plan:
     return Plan((lay.NT, lay.B * lay.H), dict(H=lay.H, BT=lay.BT, IS_VARLEN=lay.varlen), warps, stages)
 
 
-def dq_plan(spec: KernelSpec, cfg: Config, lay: Layout) -> Plan:
-    """``chunk_bwd_kernel_dq``: one program per (chunk slot, batch * head)."""
+def dq_plan(spec: KernelSpec, cfg: Config, lay: Layout, *, map_grads: bool = False) -> Plan:
+    """``chunk_bwd_kernel_dq``: one program per (chunk slot, batch * head). ``map_grads``: it also adds up the
+    query map's parameter gradient (HAS_DFM)."""
     BV, warps, stages = _pass(cfg, True)
-    return Plan((lay.NT, lay.B * lay.H), dict(H=lay.H, HKV=lay.HKV, BT=lay.BT, BV=BV, IS_VARLEN=lay.varlen),
-                warps, stages)
+    return Plan((lay.NT, lay.B * lay.H), dict(H=lay.H, HKV=lay.HKV, BT=lay.BT, BV=BV, IS_VARLEN=lay.varlen,
+                                              HAS_DFM=map_grads), warps, stages)
 
 
-def dkv_plan(spec: KernelSpec, cfg: Config, lay: Layout) -> Plan:
-    """``chunk_bwd_kernel_dkv``: one program per (chunk slot, batch * kv head), walking the group's query heads."""
+def dkv_plan(spec: KernelSpec, cfg: Config, lay: Layout, *, map_grads: bool = False) -> Plan:
+    """``chunk_bwd_kernel_dkv``: one program per (chunk slot, batch * kv head), walking the group's query heads.
+    ``map_grads``: it also adds up the key map's parameter gradient (HAS_DFM)."""
     BV, warps, stages = _pass(cfg, True)
-    return Plan((lay.NT, lay.B * lay.HKV), dict(H=lay.H, HKV=lay.HKV, BT=lay.BT, BV=BV, IS_VARLEN=lay.varlen),
-                warps, stages)
+    return Plan((lay.NT, lay.B * lay.HKV), dict(H=lay.H, HKV=lay.HKV, BT=lay.BT, BV=BV, IS_VARLEN=lay.varlen,
+                                                HAS_DFM=map_grads), warps, stages)
 
 
 def decode_plan(spec: KernelSpec, cfg: Config, B: int, H: int, HKV: int, *, has_state: bool) -> Plan:
@@ -191,8 +193,7 @@ def record():
 
 # ---------------------------------------------------------------- launchers
 
-def _chunk_states(spec, cfg, lay, run, stage, *, x, y, fm_params, den, g, init, final, scale, in_bwd, grads,
-                  unused):
+def _chunk_states(spec, cfg, lay, run, stage, *, x, y, fmap, den, g, init, final, scale, in_bwd, grads, unused):
     """Chunk sums then a scan over them, per kv head.
 
     Forward (x = k, y = v): S[c] becomes the state before chunk c, ``final`` the state after the last.
@@ -204,8 +205,8 @@ def _chunk_states(spec, cfg, lay, run, stage, *, x, y, fm_params, den, g, init, 
     S = torch.empty(lay.B * lay.HKV, lay.NT, M, DV, dtype=F32, device=x.device)
     z = torch.empty(lay.B * lay.HKV, lay.NT, M, dtype=F32, device=x.device)
     run(spec, Launch(f"{stage} chunk sums", "chunk_kernel_h", chunk_sums_plan(spec, cfg, lay, in_bwd=in_bwd, grads=grads),
-                     dict(x=x, y=y, fm_params=fm_params, den=den, g=g, S=S, z=z, **lay.seqs(unused), scale=scale,
-                          T=lay.T, NT=lay.NT)))
+                     dict(x=x, y=y, **fmap, den=den, g=g, S=S, z=z, **lay.seqs(unused), scale=scale, T=lay.T,
+                          NT=lay.NT)))
     S0, z0 = init if init is not None else (unused, unused)
     ST, zT = final
     run(spec, Launch(f"{stage} scan", "chunk_scan_kernel",
@@ -230,9 +231,31 @@ def _pass_through(S, z, S0, z0):
     return S.copy_(S0), z.copy_(z0)
 
 
-def chunk_fwd(spec: KernelSpec, cfg: Config, q, k, v, S0, z0, fm_params, scale: float, eps: float, cu=None, *,
+def _map_args(fq, fk, unused) -> dict:
+    """The feature map's parameters [HW, D + 1, M] for queries and keys (None for elementwise maps) as the kernels
+    take them: pointers and head strides (0 when HW = 1, one W shared by every head)."""
+    def stride(p):
+        return 0 if p is None or p.shape[0] == 1 else p.stride(0)
+    return dict(fq=fq if fq is not None else unused, fk=fk if fk is not None else unused, fq_hs=stride(fq),
+                fk_hs=stride(fk))
+
+
+def _map_grads(p, heads: int, device):
+    """A zeroed fp32 accumulator of dL/d(W, b) per head [heads, D + 1, M] (None without parameters)."""
+    return None if p is None else torch.zeros(heads, *p.shape[1:], dtype=F32, device=device)
+
+
+def _per_param(acc, p, device):
+    """The per-head accumulator summed to the parameters' heads (HW = 1: over every head); [0] without."""
+    if acc is None:
+        return torch.empty(0, dtype=F32, device=device)
+    return acc if p.shape[0] == acc.shape[0] else acc.sum(0, keepdim=True)
+
+
+def chunk_fwd(spec: KernelSpec, cfg: Config, q, k, v, S0, z0, fq, fk, scale: float, eps: float, cu=None, *,
               run: Runner = launch):
-    """-> o [B, T, H, DV], den [B, H, T] (or [0] unnormalized), ST [N, HKV, M, DV], zT [N, HKV, M]."""
+    """-> o [B, T, H, DV], den [B, H, T] (or [0] unnormalized), ST [N, HKV, M, DV], zT [N, HKV, M]. ``fq``, ``fk``:
+    the map's parameters for queries and keys ([HW, D + 1, M] fp32, or None)."""
     B, T, H, _ = q.shape
     lay = Layout(q, k, cu, cfg.chunk)
     o = torch.empty(B, T, H, spec.value_dim, dtype=q.dtype, device=q.device)
@@ -241,37 +264,43 @@ def chunk_fwd(spec: KernelSpec, cfg: Config, q, k, v, S0, z0, fm_params, scale: 
     if T == 0:
         return (o, den) + _pass_through(ST, zT, S0, z0)
     unused = ST  # a valid pointer for what a variant never reads
-    fm_params = fm_params if fm_params is not None else unused  # elementwise maps have none
+    fmap = _map_args(fq, fk, unused)
     plan = output_plan(spec, cfg, lay)
     if plan.constexprs["FUSED"]:
         S = z = unused  # the fused path carries the state on chip
     else:
-        S, z = _chunk_states(spec, cfg, lay, run, "fwd", x=k, y=v, fm_params=fm_params, den=unused, g=unused,
+        S, z = _chunk_states(spec, cfg, lay, run, "fwd", x=k, y=v, fmap=fmap, den=unused, g=unused,
                              init=(S0, z0) if S0 is not None else None, final=(ST, zT), scale=scale, in_bwd=False,
                              grads=False, unused=unused)
     run(spec, Launch("fwd output (fused)" if plan.constexprs["FUSED"] else "fwd output (chunked)", "chunk_fwd_kernel_o",
-                     plan, dict(q=q, k=k, v=v, fm_params=fm_params, o=o, den=den if spec.normalize else unused, S=S, z=z,
+                     plan, dict(q=q, k=k, v=v, **fmap, o=o, den=den if spec.normalize else unused, S=S, z=z,
                                 S0=S0 if S0 is not None else unused, z0=z0 if z0 is not None else unused, ST=ST,
                                 zT=zT, **lay.seqs(unused), scale=scale, eps=eps, T=T, NT=lay.NT)))
     return o, den, ST, zT
 
 
-def chunk_bwd(spec: KernelSpec, cfg: Config, do, dST, dzT, q, k, v, o, den, S0, z0, fm_params, scale: float,
-              cu=None, *, run: Runner = launch):
-    """-> dq, dk, dv, dS0 [N, HKV, M, DV], dz0 [N, HKV, M]. ``dST``/``dzT`` (gradients of the final state) may be None."""
+def chunk_bwd(spec: KernelSpec, cfg: Config, do, dST, dzT, q, k, v, o, den, S0, z0, fq, fk, scale: float,
+              cu=None, *, map_grads: bool = False, run: Runner = launch):
+    """-> dq, dk, dv, dS0 [N, HKV, M, DV], dz0 [N, HKV, M], dfq, dfk. ``dST``/``dzT`` (gradients of the final state)
+    may be None. ``map_grads``: dfq, dfk are the gradients of ``fq``, ``fk`` (fp32, their shapes), summed over
+    tokens and chunks with fp32 atomics (their order varies between runs on a GPU: the sums agree to fp32
+    rounding, not bit for bit); else [0]."""
     B, T, H, _ = q.shape
     lay = Layout(q, k, cu, cfg.bwd_chunk)
     G = H // lay.HKV
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dS0, dz0 = _state_like(q, spec, lay)
+    map_grads = map_grads and fq is not None
+    dfq_h, dfk_h = (_map_grads(fq, H, q.device), _map_grads(fk, lay.HKV, q.device)) if map_grads else (None, None)
+    dfm = (_per_param(dfq_h, fq, q.device), _per_param(dfk_h, fk, q.device))
     if dST is None and dzT is not None:
         dST = torch.zeros_like(dS0)
     if dzT is None and dST is not None:
         dzT = torch.zeros_like(dz0)
     if T == 0:
-        return (dq, dk, dv) + _pass_through(dS0, dz0, dST, dzT)
+        return (dq, dk, dv) + _pass_through(dS0, dz0, dST, dzT) + dfm
     unused = dS0  # a valid pointer for what a variant never reads
-    fm_params = fm_params if fm_params is not None else unused
+    fmap = _map_args(fq, fk, unused)
     if spec.normalize:
         g = torch.empty(B, H, T, dtype=F32, device=q.device)
         run(spec, Launch("bwd g", "bwd_kernel_g", g_plan(spec, cfg, lay),
@@ -279,27 +308,29 @@ def chunk_bwd(spec: KernelSpec, cfg: Config, do, dST, dzT, q, k, v, o, den, S0, 
     else:
         den = g = unused
     ST, zT = _state_like(q, spec, lay)  # recomputed final state: the total when not causal
-    S, z = _chunk_states(spec, cfg, lay, run, "bwd recomputed", x=k, y=v, fm_params=fm_params, den=unused,
-                         g=unused, init=(S0, z0) if S0 is not None else None, final=(ST, zT), scale=scale,
-                         in_bwd=True, grads=False, unused=unused)
-    dS, dz = _chunk_states(spec, cfg, lay, run, "bwd", x=q, y=do, fm_params=fm_params, den=den, g=g,
+    S, z = _chunk_states(spec, cfg, lay, run, "bwd recomputed", x=k, y=v, fmap=fmap, den=unused, g=unused,
+                         init=(S0, z0) if S0 is not None else None, final=(ST, zT), scale=scale, in_bwd=True,
+                         grads=False, unused=unused)
+    dS, dz = _chunk_states(spec, cfg, lay, run, "bwd", x=q, y=do, fmap=fmap, den=den, g=g,
                            init=(dST, dzT) if dST is not None else None, final=(dS0, dz0), scale=scale,
                            in_bwd=True, grads=True, unused=unused)
     if not spec.causal:
         S, z, dS, dz = ST, zT, dS0, dz0
     # grouped heads: the group's shares of dv are added into an fp32 buffer of dv's shape (dk sums on chip)
     dv_acc = dv if G == 1 else torch.zeros(v.shape, dtype=F32, device=q.device)
-    common = dict(q=q, k=k, v=v, fm_params=fm_params, do=do, den=den, g=g, **lay.seqs(unused), scale=scale, T=T,
-                  NT=lay.NT)
-    run(spec, Launch("bwd dq", "chunk_bwd_kernel_dq", dq_plan(spec, cfg, lay), dict(common, S=S, z=z, dq=dq)))
-    run(spec, Launch("bwd dk dv", "chunk_bwd_kernel_dkv", dkv_plan(spec, cfg, lay),
-                     dict(common, dS=dS, dz=dz, dk=dk, dv=dv_acc)))
+    common = dict(q=q, k=k, v=v, **fmap, do=do, den=den, g=g, **lay.seqs(unused), scale=scale, T=T, NT=lay.NT)
+    run(spec, Launch("bwd dq", "chunk_bwd_kernel_dq", dq_plan(spec, cfg, lay, map_grads=map_grads),
+                     dict(common, S=S, z=z, dq=dq, dfq=dfq_h if map_grads else unused)))
+    run(spec, Launch("bwd dk dv", "chunk_bwd_kernel_dkv", dkv_plan(spec, cfg, lay, map_grads=map_grads),
+                     dict(common, dS=dS, dz=dz, dk=dk, dv=dv_acc, dfk=dfk_h if map_grads else unused)))
     if G > 1:
         dv = dv_acc.to(v.dtype)
-    return dq, dk, dv, dS0, dz0
+    if map_grads:
+        dfm = (_per_param(dfq_h, fq, q.device), _per_param(dfk_h, fk, q.device))
+    return (dq, dk, dv, dS0, dz0) + dfm
 
 
-def decode_step(spec: KernelSpec, cfg: Config, q, k, v, S0, z0, ST, zT, fm_params, scale: float, eps: float, *,
+def decode_step(spec: KernelSpec, cfg: Config, q, k, v, S0, z0, ST, zT, fq, fk, scale: float, eps: float, *,
                 run: Runner = launch):
     """One token: q [B, H, D], k [B, HKV, D], v [B, HKV, DV] -> o [B, H, DV]; writes ST, zT (may be S0, z0)."""
     B, H, _ = q.shape
@@ -310,13 +341,12 @@ def decode_step(spec: KernelSpec, cfg: Config, q, k, v, S0, z0, ST, zT, fm_param
     has_state = S0 is not None
     unused = ST
     run(spec, Launch("decode step", "decode_kernel_step", decode_plan(spec, cfg, B, H, HKV, has_state=has_state),
-                     dict(q=q, k=k, v=v, fm_params=fm_params if fm_params is not None else unused, o=o,
-                          S0=S0 if has_state else unused, z0=z0 if has_state else unused, ST=ST, zT=zT, scale=scale,
-                          eps=eps)))
+                     dict(q=q, k=k, v=v, **_map_args(fq, fk, unused), o=o, S0=S0 if has_state else unused,
+                          z0=z0 if has_state else unused, ST=ST, zT=zT, scale=scale, eps=eps)))
     return o
 
 
-def state_fwd(spec: KernelSpec, cfg: Config, k, v, S0, z0, fm_params, cu=None, *, run: Runner = launch):
+def state_fwd(spec: KernelSpec, cfg: Config, k, v, S0, z0, fk, cu=None, *, run: Runner = launch):
     """The final state alone: (ST [N, HKV, M, DV], zT [N, HKV, M]) = (S0, z0) + sums of phi(k) v^T, phi(k).
 
     Chunk sums and the scan of the forward, nothing else (``spec`` is the non-causal variant, whose scan keeps
@@ -326,22 +356,26 @@ def state_fwd(spec: KernelSpec, cfg: Config, k, v, S0, z0, fm_params, cu=None, *
     if lay.T == 0:
         return _pass_through(ST, zT, S0, z0)
     unused = ST
-    _chunk_states(spec, cfg, lay, run, "state", x=k, y=v, fm_params=fm_params if fm_params is not None else unused,
-                  den=unused, g=unused, init=(S0, z0) if S0 is not None else None, final=(ST, zT), scale=1.0,
-                  in_bwd=False, grads=False, unused=unused)
+    _chunk_states(spec, cfg, lay, run, "state", x=k, y=v, fmap=_map_args(None, fk, unused), den=unused, g=unused,
+                  init=(S0, z0) if S0 is not None else None, final=(ST, zT), scale=1.0, in_bwd=False, grads=False,
+                  unused=unused)
     return ST, zT
 
 
-def state_bwd(spec: KernelSpec, cfg: Config, dS, dz, k, v, fm_params, cu=None, *, run: Runner = launch):
-    """dk, dv of the final state: dv = phi(k) dS, dk = phi's vjp of (v dS^T + dz); per token, one launch of the
-    (dk, dv) kernel in its non-causal, unnormalized form (which reads neither q, do, den nor g)."""
+def state_bwd(spec: KernelSpec, cfg: Config, dS, dz, k, v, fk, cu=None, *, map_grads: bool = False,
+              run: Runner = launch):
+    """dk, dv (and dfk, the key map's parameter gradient, as in :func:`chunk_bwd`) of the final state: dv = phi(k)
+    dS, dk = phi's vjp of (v dS^T + dz); per token, one launch of the (dk, dv) kernel in its non-causal,
+    unnormalized form (which reads neither q, do, den nor g)."""
     lay = Layout(k, k, cu, cfg.bwd_chunk)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
+    map_grads = map_grads and fk is not None
+    dfk_h = _map_grads(fk, lay.HKV, k.device) if map_grads else None
     if lay.T == 0:
-        return dk, dv
+        return dk, dv, _per_param(dfk_h, fk, k.device)
     unused = dS
-    run(spec, Launch("state dk dv", "chunk_bwd_kernel_dkv", dkv_plan(spec, cfg, lay),
-                     dict(q=unused, k=k, v=v, fm_params=fm_params if fm_params is not None else unused, do=unused,
-                          den=unused, g=unused, dS=dS, dz=dz, dk=dk, dv=dv, **lay.seqs(unused), scale=1.0, T=lay.T,
-                          NT=lay.NT)))
-    return dk, dv
+    run(spec, Launch("state dk dv", "chunk_bwd_kernel_dkv", dkv_plan(spec, cfg, lay, map_grads=map_grads),
+                     dict(q=unused, k=k, v=v, **_map_args(None, fk, unused), do=unused, den=unused, g=unused, dS=dS,
+                          dz=dz, dk=dk, dv=dv, dfk=dfk_h if map_grads else unused, **lay.seqs(unused), scale=1.0,
+                          T=lay.T, NT=lay.NT)))
+    return dk, dv, _per_param(dfk_h, fk, k.device)

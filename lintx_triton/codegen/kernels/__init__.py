@@ -18,7 +18,8 @@ only in registers: every kernel recomputes them from the q / k tiles it loads.
 Notation (FLA's): ``i_`` program indices, ``o_`` offset vectors, ``m_`` masks, ``p_`` pointers,
 ``b_`` on-chip blocks; ``BT`` chunk length, ``BV`` value block. One name per quantity in every layer:
 the state ``S`` and its normalizer sum ``z`` (``S0``, ``z0`` the initial state, ``ST``, ``zT`` the
-final one, ``dS``, ``dz`` their gradients), the feature map's parameters ``fm_params``.
+final one, ``dS``, ``dz`` their gradients), the feature map's parameters ``fq``, ``fk`` (for queries and keys;
+``fm_params`` the one head's slice a feature helper reads) and their gradients ``dfq``, ``dfk``.
 Layouts: q ``[B, T, H, D]``; k ``[B, T, HKV, D]``, v ``[B, T, HKV, DV]`` (HKV divides H: grouped-query
 heads read their kv head in place, nothing is repeated); o, do ``[B, T, H, DV]``; den, g ``[B, H, T]``
 fp32; chunk states S ``[B*HKV, NT, M, DV]``, z ``[B*HKV, NT, M]`` fp32; initial and final states

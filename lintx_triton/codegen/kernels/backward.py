@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from .constants import BDV, BM, DV, IS_CAUSAL, M, NORMALIZE
+from .constants import BDV, BM, D, DV, IS_CAUSAL, M, NORMALIZE
 from .elementwise import _phi, _store_phi_vjp  # the map's set: elementwise.py or projected.py
 from .helpers import _chunk, _den_offset, _load_rows, _mm, _mm_wide, _store_rows
 
@@ -57,16 +57,20 @@ def chunk_bwd_kernel_dq(
     q,  # [B, T, H, D]
     k,  # [B, T, HKV, D]
     v,  # [B, T, HKV, DV]
-    fm_params,  # [D + 1, M] feature-map parameters
+    fq,  # [HWQ, D + 1, M] fp32: the query map's W and bias row per head (fq_hs = (D + 1) M) or shared (fq_hs = 0)
+    fk,  # [HWK, D + 1, M] the key map's (fq, fk: projected maps only)
     do,  # [B, T, H, DV]
     den,  # [B, H, T]  NORMALIZE only
     g,  # [B, H, T]    NORMALIZE only
     S,  # [B*HKV, NT, M, DV] S_c (causal) or [N, HKV, M, DV] the total (not causal)
     z,  # [B*HKV, NT, M] / [N, HKV, M]
     dq,  # [B, T, H, D] out
+    dfq,  # [H, D + 1, M] fp32, HAS_DFM only: dL/d(W, b) of the query map per query head, accumulated
     cu,
     cmap,
     scale,
+    fq_hs,
+    fk_hs,
     T,
     NT,
     H: tl.constexpr,
@@ -74,8 +78,11 @@ def chunk_bwd_kernel_dq(
     BT: tl.constexpr,
     BV: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    HAS_DFM: tl.constexpr,
 ):
     i_h, row_q, row_k, p_t0, o_t, m_t, i_s = _bwd_program(T, NT, cu, cmap, H, HKV, BT, IS_VARLEN)
+    p_fq = fq + i_h * fq_hs  # this head's map parameters
+    p_fk = fk + (i_h // (H // HKV)) * fk_hs
     o_m = tl.arange(0, BM)
     m_m = o_m < M
     b_da = tl.zeros([BT, BM], dtype=tl.float32)  # do S^T, then dL/da without the factor scale
@@ -98,9 +105,10 @@ def chunk_bwd_kernel_dq(
         if NORMALIZE:
             b_dA = b_dA * b_rden[:, None] + b_g[:, None]
         b_dA = tl.where((o_t[:, None] >= o_t[None, :]) & m_t[:, None], b_dA, 0.0)
-        b_b = _phi(k, row_k, o_t, m_t, HKV, fm_params, False)  # [BT, BM]
+        b_b = _phi(k, row_k, o_t, m_t, HKV, p_fk, False)  # [BT, BM]
         b_da += _mm_wide(b_dA, b_b)
-    _store_phi_vjp(dq, row_q, H, q, row_q, H, o_t, m_t, scale * b_da, fm_params, True)
+    _store_phi_vjp(dq, row_q, H, q, row_q, H, o_t, m_t, scale * b_da, p_fq, True, dfq + i_h * ((D + 1) * M),
+                   HAS_DFM)
 
 
 # ---- backward: dk, dv of one chunk from dS_c (the state gradient after it), per (chunk, batch * kv head).
@@ -112,7 +120,8 @@ def chunk_bwd_kernel_dkv(
     q,  # [B, T, H, D]
     k,  # [B, T, HKV, D]
     v,  # [B, T, HKV, DV]
-    fm_params,  # [D + 1, M] feature-map parameters
+    fq,  # [HWQ, D + 1, M] fp32: the query map's W and bias row per head (fq_hs = (D + 1) M) or shared (fq_hs = 0)
+    fk,  # [HWK, D + 1, M] the key map's (fq, fk: projected maps only)
     do,  # [B, T, H, DV]
     den,  # [B, H, T]  NORMALIZE only
     g,  # [B, H, T]    NORMALIZE only
@@ -120,9 +129,12 @@ def chunk_bwd_kernel_dkv(
     dz,
     dk,  # [B, T, HKV, D] out
     dv,  # [B, T, HKV, DV] out: dv itself when HKV = H, else a zeroed fp32 buffer
+    dfk,  # [HKV, D + 1, M] fp32, HAS_DFM only: dL/d(W, b) of the key map per kv head, accumulated
     cu,
     cmap,
     scale,
+    fq_hs,
+    fk_hs,
     T,
     NT,
     H: tl.constexpr,
@@ -130,6 +142,7 @@ def chunk_bwd_kernel_dkv(
     BT: tl.constexpr,
     BV: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    HAS_DFM: tl.constexpr,
 ):
     i_c, i_bs = tl.program_id(0), tl.program_id(1)
     i_b, i_hk = i_bs // HKV, i_bs % HKV
@@ -143,7 +156,8 @@ def chunk_bwd_kernel_dkv(
     row_k = bos * HKV + i_hk
     o_m = tl.arange(0, BM)
     m_m = o_m < M
-    b_b = _phi(k, row_k, o_t, m_t, HKV, fm_params, False)  # [BT, BM]
+    p_fk = fk + i_hk * fk_hs  # the kv head's key map parameters
+    b_b = _phi(k, row_k, o_t, m_t, HKV, p_fk, False)  # [BT, BM]
     if IS_CAUSAL:
         m_c = (o_t[:, None] >= o_t[None, :]) & m_t[:, None]
     # unrolled: i_g is a compile-time constant, so the dS_c terms below cost no branch
@@ -157,7 +171,7 @@ def chunk_bwd_kernel_dkv(
         if NORMALIZE:
             b_rden = 1.0 / tl.load(den + p_t0 + o_t, mask=m_t, other=1.0)  # [BT]
         if IS_CAUSAL:
-            b_a = _phi(q, row_q, o_t, m_t, H, fm_params, True)  # [BT, BM]
+            b_a = _phi(q, row_q, o_t, m_t, H, fq + i_h * fq_hs, True)  # [BT, BM]
             b_A = tl.where(m_c, _mm(b_a, tl.trans(b_b)), 0.0)  # [BT, BT] scores a b^T
             if NORMALIZE:
                 b_A = b_A * b_rden[:, None]  # attention weights: dv's intra term is A^T do
@@ -193,4 +207,5 @@ def chunk_bwd_kernel_dkv(
                 b_dA = b_dA * b_rden[:, None] + b_g[:, None]
             b_dA = tl.where(m_c, b_dA, 0.0)
             b_db += scale * _mm_wide(tl.trans(b_dA), b_a)
-    _store_phi_vjp(dk, row_k, HKV, k, row_k, HKV, o_t, m_t, b_db, fm_params, False)
+    _store_phi_vjp(dk, row_k, HKV, k, row_k, HKV, o_t, m_t, b_db, p_fk, False, dfk + i_hk * ((D + 1) * M),
+                   HAS_DFM)

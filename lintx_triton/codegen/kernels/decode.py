@@ -23,7 +23,8 @@ def decode_kernel_step(
     q,  # [B, H, D]
     k,  # [B, HKV, D]
     v,  # [B, HKV, DV]
-    fm_params,  # [D + 1, M] feature-map parameters
+    fq,  # [HWQ, D + 1, M] fp32: the query map's W and bias row per head (fq_hs = (D + 1) M) or shared (fq_hs = 0)
+    fk,  # [HWK, D + 1, M] the key map's (fq, fk: projected maps only)
     o,  # [B, H, DV] out
     S0,  # [B, HKV, M, DV] fp32 (HAS_STATE)
     z0,  # [B, HKV, M]
@@ -31,6 +32,8 @@ def decode_kernel_step(
     zT,  # [B, HKV, M] out (may be z0)
     scale,
     eps,
+    fq_hs,
+    fk_hs,
     H: tl.constexpr,
     HKV: tl.constexpr,
     BV: tl.constexpr,
@@ -40,7 +43,7 @@ def decode_kernel_step(
     i_q0 = (i_bs // HKV) * H + (i_bs % HKV) * (H // HKV)  # the group's first query row
     o_m = tl.arange(0, BM)
     m_m = o_m < M
-    b_b = _phi_row(k, i_bs, fm_params, False)  # [BM]
+    b_b = _phi_row(k, i_bs, fk + (i_bs % HKV) * fk_hs, False)  # [BM]
     if HAS_STATE:
         b_z = tl.load(z0 + i_bs * M + o_m, mask=m_m, other=0.0)
     else:
@@ -58,7 +61,7 @@ def decode_kernel_step(
         b_v = tl.load(v + i_bs * DV + o_v, mask=m_v, other=0.0).to(tl.float32)  # [BV]
         b_S += b_b[:, None] * b_v[None, :]
         for i_g in range(0, H // HKV):
-            b_a = _phi_row(q, i_q0 + i_g, fm_params, True)  # [BM]
+            b_a = _phi_row(q, i_q0 + i_g, fq + ((i_bs % HKV) * (H // HKV) + i_g) * fq_hs, True)  # [BM]
             b_num = scale * tl.sum(b_a[:, None] * b_S, 0)  # [BV]
             if NORMALIZE:
                 b_num = b_num / (scale * tl.sum(b_a * b_z, 0) + eps)

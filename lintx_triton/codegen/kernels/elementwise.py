@@ -20,8 +20,9 @@ def _phi(ptr, row0, o_t, m_t, HS: tl.constexpr, fm_params, IS_Q: tl.constexpr):
 
 @triton.jit
 def _store_phi_vjp(dptr, drow0, DHS: tl.constexpr, ptr, row0, HS: tl.constexpr, o_t, m_t, g, fm_params,
-                   IS_Q: tl.constexpr):
+                   IS_Q: tl.constexpr, dfm, HAS_DFM: tl.constexpr):
     # dL/dx of those rows from g = dL/dphi [BT, BM], stored to the rows drow0 + o_t DHS of dptr [.., D]
+    # (an elementwise map has no parameters: fm_params, dfm and HAS_DFM are not read)
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     x = _load_rows(ptr, row0, o_t, m_t, o_d, m_d, HS, D)

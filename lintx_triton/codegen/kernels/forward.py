@@ -16,7 +16,8 @@ from .helpers import _chunk, _den_offset, _load_rows, _mm, _mm_wide, _seq, _stor
 def chunk_kernel_h(
     x,  # [B, T, HKV, D] k (forward) or [B, T, H, D] q (backward)
     y,  # [B, T, HKV, DV] v (forward) or [B, T, H, DV] do (backward)
-    fm_params,  # [D + 1, M] fp32 projected maps' W and bias row (not read by elementwise maps)
+    fq,  # [HWQ, D + 1, M] fp32: the query map's W and bias row per head (fq_hs = (D + 1) M) or shared (fq_hs = 0)
+    fk,  # [HWK, D + 1, M] the key map's (fq, fk: projected maps only)
     den,  # [B, H, T]    backward + NORMALIZE only
     g,  # [B, H, T]      backward + NORMALIZE only
     S,  # [B*HKV, NT, M, DV] out
@@ -24,6 +25,8 @@ def chunk_kernel_h(
     cu,  # [N + 1] IS_VARLEN only
     cmap,  # [NT, 2] IS_VARLEN only
     scale,
+    fq_hs,
+    fk_hs,
     T,
     NT,
     H: tl.constexpr,
@@ -48,7 +51,7 @@ def chunk_kernel_h(
         for i_g in range(0, H // HKV):
             i_h = i_hk * (H // HKV) + i_g
             row0 = bos * H + i_h
-            b_f = _phi(x, row0, o_t, m_t, H, fm_params, True)  # [BT, BM]
+            b_f = _phi(x, row0, o_t, m_t, H, fq + i_h * fq_hs, True)  # [BT, BM]
             b_y = _load_rows(y, row0, o_t, m_t, o_v, m_v, H, DV)  # [BT, BV]
             if NORMALIZE:
                 p_t = _den_offset(i_b, i_h, bos, T, H, IS_VARLEN) + o_t
@@ -61,7 +64,7 @@ def chunk_kernel_h(
                 b_S += scale * _mm(tl.trans(b_f), b_y)
     else:
         row0 = bos * HKV + i_hk
-        b_f = _phi(x, row0, o_t, m_t, HKV, fm_params, False)  # [BT, BM]
+        b_f = _phi(x, row0, o_t, m_t, HKV, fk + i_hk * fk_hs, False)  # [BT, BM]
         b_y = _load_rows(y, row0, o_t, m_t, o_v, m_v, HKV, DV)  # [BT, BV]
         b_z = tl.sum(b_f, 0)
         b_S = _mm(tl.trans(b_f), b_y)
@@ -143,7 +146,8 @@ def chunk_fwd_kernel_o(
     q,  # [B, T, H, D]
     k,  # [B, T, HKV, D]
     v,  # [B, T, HKV, DV]
-    fm_params,  # [D + 1, M] feature-map parameters
+    fq,  # [HWQ, D + 1, M] fp32: the query map's W and bias row per head (fq_hs = (D + 1) M) or shared (fq_hs = 0)
+    fk,  # [HWK, D + 1, M] the key map's (fq, fk: projected maps only)
     o,  # [B, T, H, DV] out
     den,  # [B, H, T] out, NORMALIZE only
     S,  # [B*HKV, NT, M, DV] state before each chunk (chunked, causal)
@@ -156,6 +160,8 @@ def chunk_fwd_kernel_o(
     cmap,  # [NT, 2] IS_VARLEN only
     scale,
     eps,
+    fq_hs,
+    fk_hs,
     T,
     NT,
     H: tl.constexpr,
@@ -198,6 +204,8 @@ def chunk_fwd_kernel_o(
             b_z = tl.zeros([BM], dtype=tl.float32)
     row_q = bos * H + i_h
     row_k = bos * HKV + i_hk
+    p_fq = fq + i_h * fq_hs  # this head's map parameters
+    p_fk = fk + i_hk * fk_hs
     p_den = den + _den_offset(i_b, i_h, bos, T, H, IS_VARLEN)
     for i_t in range(i_lo, i_hi):
         o_t = i_t * BT + tl.arange(0, BT)
@@ -210,11 +218,11 @@ def chunk_fwd_kernel_o(
             else:
                 b_S = tl.load(ST + p_f, mask=m_mv, other=0.0)
                 b_z = tl.load(zT + p_fz, mask=m_m, other=0.0)
-        b_a = _phi(q, row_q, o_t, m_t, H, fm_params, True)  # [BT, BM]
+        b_a = _phi(q, row_q, o_t, m_t, H, p_fq, True)  # [BT, BM]
         b_inter = _mm_wide(b_a, b_S)  # [BT, BV]
         b_den = tl.sum(b_a * b_z[None, :], 1)  # [BT]
         if IS_CAUSAL:
-            b_b = _phi(k, row_k, o_t, m_t, HKV, fm_params, False)  # [BT, BM]
+            b_b = _phi(k, row_k, o_t, m_t, HKV, p_fk, False)  # [BT, BM]
             b_v = _load_rows(v, row_k, o_t, m_t, o_v, m_v, HKV, DV)  # [BT, BV]
             b_P = tl.where(o_t[:, None] >= o_t[None, :], _mm(b_a, tl.trans(b_b)), 0.0)  # [BT, BT] fp32
             b_den += tl.sum(b_P, 1)

@@ -55,14 +55,17 @@ def _phi(ptr, row0, o_t, m_t, HS: tl.constexpr, fm_params, IS_Q: tl.constexpr):
 
 @triton.jit
 def _store_phi_vjp(dptr, drow0, DHS: tl.constexpr, ptr, row0, HS: tl.constexpr, o_t, m_t, g, fm_params,
-                   IS_Q: tl.constexpr):
+                   IS_Q: tl.constexpr, dfm, HAS_DFM: tl.constexpr):
     # dL/dx = IN_SCALE (dL/du W^T + dL/dn x') from g = dL/dphi [BT, BM], phi recomputed from x; stored
-    # BKP columns at a time to the rows drow0 + o_t DHS of dptr
+    # BKP columns at a time to the rows drow0 + o_t DHS of dptr. HAS_DFM (a learnable map): the chunk's share
+    # of dL/dW = x'^T dL/du and dL/db = sum_t dL/du is added (fp32 atomics) into dfm [D + 1, M], this head's
+    # accumulator
     u, n, b_b = _project(ptr, row0, o_t, m_t, HS, fm_params)
-    m_f = (tl.arange(0, BM) < M)[None, :]
+    o_m = tl.arange(0, BM)
+    m_f = (o_m < M)[None, :]
     f = tl.where(m_f, phi_proj(u, n, b_b, m_f, IS_Q, NORMALIZE), 0.0)
     du, dn = phi_proj_vjp(u, n, b_b, f, tl.where(m_f, g, 0.0), IS_Q)
-    du = tl.where(m_f, du, 0.0)
+    du = tl.where(m_t[:, None] & m_f, du, 0.0)
     for kk in range(0, BD, BKP):
         o_k = kk + tl.arange(0, BKP)
         m_k = o_k < D
@@ -70,3 +73,8 @@ def _store_phi_vjp(dptr, drow0, DHS: tl.constexpr, ptr, row0, HS: tl.constexpr, 
         # (tensor * constexpr: the interpreter turns constexpr * tensor into a constexpr)
         dx = (_mm_proj(du, tl.trans(_w_block(fm_params, o_k, m_k))) + dn * xs) * IN_SCALE
         _store_rows(dptr, dx, drow0, o_t, m_t, o_k, m_k, DHS, D)
+        if HAS_DFM:
+            tl.atomic_add(dfm + o_k[:, None] * M + o_m[None, :], _mm_proj(tl.trans(xs), du),
+                          mask=m_k[:, None] & m_f)  # [BKP, BM] rows o_k of dL/dW
+    if HAS_DFM:
+        tl.atomic_add(dfm + D * M + o_m, tl.sum(du, 0), mask=o_m < M)  # dL/db
