@@ -41,6 +41,7 @@ sequences (each sequence its own call); grouped heads need nothing more (k, v wi
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 
@@ -49,12 +50,13 @@ from hypothesis import strategies as st
 
 from . import feature_maps
 from .api import linear_attention, linear_attention_step, linear_attention_step_
-from .feature_maps import RANDOM_FAMILIES
+from .feature_maps import LEARNABLE_FAMILIES, RANDOM_FAMILIES
 from .reference import linear_attention_reference
 from .spec import DTYPES
 
 __all__ = [
-    "DTYPES", "TOL", "GTOL", "T_VALUES", "D_VALUES", "DV_VALUES", "M_VALUES", "RANDOM_FAMILIES", "ensure_map",
+    "DTYPES", "TOL", "GTOL", "T_VALUES", "D_VALUES", "DV_VALUES", "M_VALUES", "RANDOM_FAMILIES",
+    "LEARNABLE_FAMILIES", "ensure_map", "map_params",
     "cases", "case_id", "make_inputs", "decode_steps", "signed_map", "positive_den_inputs",
     "reference", "forward_bound", "state_bound", "reference_grads", "grad_bound",
     "error_ratio", "assert_within", "check_forward", "check_state", "check_grads", "forward_and_grads",
@@ -90,12 +92,40 @@ def _random_map(family: str, D: int, M: int, seed: int) -> feature_maps.FeatureM
     return RANDOM_FAMILIES[family](D, M, seed)
 
 
+@functools.lru_cache(maxsize=256)
+def _learnable_map(family: str, D: int, M: int, seed: int, heads: int, key_heads) -> feature_maps.FeatureMap:
+    # a learnable family with parameters drawn from the seed (not the family's init: a general W and a bias
+    # away from 0 exercise every term of the gradients); W ~ N(0, 1 / D), b ~ N(0, 1 / 4)
+    fm = LEARNABLE_FAMILIES[family](D, M, heads, key_heads)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in fm.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (D ** -0.5 if name.endswith("weight") else 0.5))
+    return fm
+
+
+def _build_map(spec: dict) -> feature_maps.FeatureMap:
+    if spec["family"] in LEARNABLE_FAMILIES:
+        return _learnable_map(spec["family"], spec["D"], spec["M"], spec["seed"], spec["heads"], spec["key_heads"])
+    return _random_map(spec["family"], spec["D"], spec["M"], spec["seed"])
+
+
+def map_params(fm: feature_maps.FeatureMap) -> list:
+    """A learnable map's parameters, in ``named_parameters`` order (the leaves its gradients are checked on);
+    [] for a fixed map."""
+    return list(fm.parameters()) if fm.learnable else []
+
+
+def _map_param_names(fm: feature_maps.FeatureMap) -> list:
+    return [f"map.{n}" for n, _ in fm.named_parameters()] if fm.learnable else []
+
+
 def ensure_map(c: dict) -> feature_maps.FeatureMap:
     """The case's feature map, registered; a random-feature case's draw (``c["map"]``) is put back in the
     registry, since a later case may have registered another draw under the same name."""
     spec = c.get("map")
     if spec is not None:
-        return feature_maps.register(_random_map(spec["family"], spec["D"], spec["M"], spec["seed"]))
+        return feature_maps.register(_build_map(spec))
     return feature_maps.get(c["feature_map"])
 
 
@@ -114,7 +144,8 @@ def signed_map(fm: feature_maps.FeatureMap) -> bool:
     if getattr(fm, "positive", False):
         return False
     if fm.projected:
-        x = 2 * torch.randn(512, fm.head_dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        # [512, 1, D]: one head, broadcast over a per-head W
+        x = 2 * torch.randn(512, 1, fm.head_dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     else:
         x = torch.linspace(-8.0, 8.0, 1601, dtype=torch.float64)[:, None]
     return any(bool((fm.features(x, side) < 0).any()) for side in ("query", "key"))
@@ -169,7 +200,8 @@ def cases(draw, maps=("elu", "relu", "identity"), dtypes=tuple(DTYPES), t_values
           normalize=None, initial_state=None, d_values=D_VALUES, dv_values=DV_VALUES, positive_den=False):
     """A random call: shapes, dtype, map and flags (a dict; fixed flags when given).
 
-    ``maps`` holds registered names and/or the families of :data:`RANDOM_FAMILIES`.
+    ``maps`` holds registered names and/or the families of :data:`RANDOM_FAMILIES` and
+    :data:`LEARNABLE_FAMILIES` (whose W is drawn per head or shared, tied or untied; parameters from the seed).
     ``positive_den``: a normalized case of a signed map (:func:`signed_map`) draws its inputs so that every
     term of its normalizer is positive (``inputs="positive_den"``, see :func:`positive_den_inputs`), as a
     gradient check needs; raises ValueError for a signed map with no such inputs."""
@@ -177,7 +209,17 @@ def cases(draw, maps=("elu", "relu", "identity"), dtypes=tuple(DTYPES), t_values
     D = draw(st.sampled_from(d_values))
     name = draw(st.sampled_from(maps))
     extra = {}
-    if name in RANDOM_FAMILIES:
+    H = None
+    if name in LEARNABLE_FAMILIES:
+        # W per head or shared; tied, or a key set of its own (per head or shared)
+        H = draw(st.integers(1, 3))
+        heads = draw(st.sampled_from([1, H]))
+        key_heads = None if draw(st.booleans()) else draw(st.sampled_from([1, H]))
+        extra["map"] = dict(family=name, D=D, M=draw(st.sampled_from(M_VALUES)), seed=draw(st.integers(0, 99)),
+                            heads=heads, key_heads=key_heads)
+        fm = _build_map(extra["map"])
+        name = fm.name
+    elif name in RANDOM_FAMILIES:
         extra["map"] = dict(family=name, D=D, M=draw(st.sampled_from(M_VALUES)), seed=draw(st.integers(0, 99)))
         fm = _random_map(name, D, extra["map"]["M"], extra["map"]["seed"])
         name = fm.name
@@ -188,7 +230,7 @@ def cases(draw, maps=("elu", "relu", "identity"), dtypes=tuple(DTYPES), t_values
     case = dict(
         B=draw(st.integers(1, 2)),
         T=draw(st.sampled_from(t_values)),
-        H=draw(st.integers(1, 3)),
+        H=draw(st.integers(1, 3)) if H is None else H,
         D=D,
         DV=draw(st.sampled_from(dv_values)),
         dtype=draw(st.sampled_from(dtypes)),
@@ -214,7 +256,15 @@ def case_id(c: dict) -> str:
         f"B{c['B']}-T{c['T']}-H{c['H']}-D{c['D']}-DV{c['DV']}-{c['dtype']}-{c['feature_map']}"
         f"-{'causal' if c['causal'] else 'full'}-{'norm' if c['normalize'] else 'raw'}"
         f"{'-h0' if c['initial_state'] else ''}-scale{c['scale']}{'-' + c['inputs'] if c.get('inputs') else ''}"
+        f"{_heads_id(c.get('map') or {})}"
     )
+
+
+def _heads_id(spec: dict) -> str:
+    # a learnable map's W heads: -W3 tied, -W3.k1 untied (key set with 1 head)
+    if spec.get("heads") is None:
+        return ""
+    return f"-W{spec['heads']}" + ("" if spec.get("key_heads") is None else f".k{spec['key_heads']}")
 
 
 def make_inputs(c: dict, requires_grad: bool = False, device="cpu"):
@@ -234,7 +284,7 @@ def make_inputs(c: dict, requires_grad: bool = False, device="cpu"):
     state = None
     if c["initial_state"]:
         # a state as a previous segment of 5 tokens would leave it
-        kk = fm.reference(qk(fm, torch.randn(B, 5, HKV, D, generator=g)))
+        kk = fm.reference(qk(fm, torch.randn(B, 5, HKV, D, generator=g))).detach()  # a leaf, not a map's output
         vv = torch.randn(B, 5, HKV, DV, generator=g)
         state = (torch.einsum("bthm,bthv->bhmv", kk, vv).contiguous(), kk.sum(1).contiguous())
     q, k, v = (x.to(device) for x in (q, k, v))
@@ -265,13 +315,27 @@ def _rows(state, row):
     return tuple(x[row] for x in state) if state is not None else None
 
 
-def reference(c: dict, q, k, v, state, absolute=False, dtype=torch.float64):
+def reference(c: dict, q, k, v, state, absolute=False, dtype=torch.float64, fm=None):
     """The float64 reference of a case (on the CPU): o, (S_T, z_T), num, den as
-    :func:`lintx_triton.reference.linear_attention_reference` returns them."""
+    :func:`lintx_triton.reference.linear_attention_reference` returns them. ``fm``: the map to use (default the
+    case's; a float64 copy of a learnable one whose parameters are leaves, see :func:`reference_grads`)."""
     cpu = lambda x: x.detach().cpu() if not x.requires_grad else x.cpu()  # noqa: E731
     st_ = tuple(cpu(x) for x in state) if state is not None else None
-    return linear_attention_reference(cpu(q), cpu(k), cpu(v), ensure_map(c),
+    return linear_attention_reference(cpu(q), cpu(k), cpu(v), fm if fm is not None else _map64(c),
                                       initial_state=st_, absolute=absolute, dtype=dtype, **_kwargs(c))
+
+
+def _map64(c: dict, params=None):
+    """The case's map; a learnable one as a float64 CPU copy holding the values of ``params`` (default its own):
+    the copy's parameters are the leaves a float64 gradient is taken on."""
+    fm = ensure_map(c)
+    if not fm.learnable:
+        return fm
+    fm64 = copy.deepcopy(fm).to("cpu", torch.float64)
+    with torch.no_grad():
+        for p64, p in zip(fm64.parameters(), params if params is not None else fm.parameters()):
+            p64.copy_(p.detach())
+    return fm64
 
 
 def forward_bound(c: dict, q, k, v, state, state_abs=None, cu_seqlens=None):
@@ -393,19 +457,31 @@ def check_state(c: dict, got, q, k, v, state, cu_seqlens=None) -> float:
 
 
 def _grads_per_sequence(fn, c, leaves, do, dS, dz, cu_seqlens):
-    """``fn`` (reference_grads or grad_bound) per packed sequence, joined: tokens on dim 1, states on dim 0."""
+    """``fn`` (reference_grads or grad_bound) per packed sequence, joined: tokens on dim 1, states on dim 0, a
+    learnable map's parameters summed over the sequences."""
     at = lambda x, i: x[i] if x is not None else None  # noqa: E731
-    parts = [fn(c, [x[:, t] for x in leaves[:3]] + [x[n] for x in leaves[3:]], at(do, (slice(None), t)),
+    base, params = _split_leaves(c, leaves)
+    parts = [fn(c, [x[:, t] for x in base[:3]] + [x[n] for x in base[3:]] + params, at(do, (slice(None), t)),
                 at(dS, n), at(dz, n)) for t, n in _sequences(cu_seqlens)]
     if not parts:
         return [torch.zeros(x.shape, dtype=torch.float64) for x in leaves]
-    return [torch.cat(x, 1 if i < 3 else 0) for i, x in enumerate(zip(*parts))]
+    return [torch.cat(x, 1 if i < 3 else 0) if i < len(base) else sum(x[1:], x[0])
+            for i, x in enumerate(zip(*parts))]
 
 
-def _float64_leaves(leaves):
-    """[q, k, v(, S_0, z_0)] as float64 CPU leaves of a new graph, and the state among them (or None)."""
-    leaves = [x.detach().double().cpu().requires_grad_() for x in leaves]
-    return leaves, (tuple(leaves[3:]) if len(leaves) > 3 else None)
+def _split_leaves(c: dict, leaves):
+    """[q, k, v(, S_0, z_0)(, the map's parameters)] -> (the first part, the parameters)."""
+    n = len(leaves) - len(map_params(ensure_map(c)))
+    return list(leaves[:n]), list(leaves[n:])
+
+
+def _float64_leaves(c: dict, leaves):
+    """[q, k, v(, S_0, z_0)(, map parameters)] as float64 CPU leaves of a new graph, the state among them (or
+    None) and the map to run (a learnable one copied to float64, its parameters being the last leaves)."""
+    base, params = _split_leaves(c, leaves)
+    base = [x.detach().double().cpu().requires_grad_() for x in base]
+    fm = _map64(c, params if params else None)
+    return base + map_params(fm), (tuple(base[3:]) if len(base) > 3 else None), fm
 
 
 def _loss(o, S, z, do, dS, dz, absolute: bool):
@@ -419,12 +495,12 @@ def _loss(o, S, z, do, dS, dz, absolute: bool):
 
 def reference_grads(c: dict, leaves, do=None, dS=None, dz=None, cu_seqlens=None) -> list:
     """The float64 gradients of L = sum(o do) + sum(S_T dS) + sum(z_T dz) through the reference, with respect
-    to ``leaves`` = [q, k, v] or [q, k, v, S_0, z_0]; a term whose weight is None is left out, and a leaf L
-    does not depend on gets zeros (z_0 unnormalized). ``cu_seqlens``: packed sequences, each its own call."""
+    to ``leaves`` = [q, k, v] or [q, k, v, S_0, z_0], then a learnable map's parameters (:func:`map_params`);
+    a term whose weight is None is left out, and a leaf L does not depend on gets zeros (z_0 unnormalized). ``cu_seqlens``: packed sequences, each its own call."""
     if cu_seqlens is not None:
         return _grads_per_sequence(reference_grads, c, leaves, do, dS, dz, cu_seqlens)
-    leaves, state = _float64_leaves(leaves)
-    o, (S, z), _, _ = reference(c, *leaves[:3], state)
+    leaves, state, fm = _float64_leaves(c, leaves)
+    o, (S, z), _, _ = reference(c, *leaves[:3], state, fm=fm)
     grads = torch.autograd.grad(_loss(o, S, z, do, dS, dz, absolute=False), leaves, allow_unused=True)
     return [g if g is not None else torch.zeros_like(x) for g, x in zip(grads, leaves)]
 
@@ -438,9 +514,9 @@ def grad_bound(c: dict, leaves, do=None, dS=None, dz=None, cu_seqlens=None) -> l
     """
     if cu_seqlens is not None:
         return _grads_per_sequence(grad_bound, c, leaves, do, dS, dz, cu_seqlens)
-    leaves, state = _float64_leaves(leaves)
-    o, _, _, den = reference(c, *(x.detach() for x in leaves[:3]), _detached(state))
-    _, (S_abs, z_abs), n_abs, d_abs = reference(c, *leaves[:3], state, absolute=True)
+    leaves, state, fm = _float64_leaves(c, leaves)
+    o, _, _, den = reference(c, *(x.detach() for x in leaves[:3]), _detached(state), fm=fm)
+    _, (S_abs, z_abs), n_abs, d_abs = reference(c, *leaves[:3], state, absolute=True, fm=fm)
     out = _output_bound(c, o, den, n_abs, d_abs)
     grads = torch.autograd.grad(_loss(out, S_abs, z_abs, do, dS, dz, absolute=True), leaves, allow_unused=True)
     return [g.abs() if g is not None else torch.zeros_like(x) for g, x in zip(grads, leaves)]
@@ -477,24 +553,25 @@ def forward_and_grads(c: dict, backend: str, device="cpu", final_state_grad: boo
                                          call=call)
     want = reference_grads(c, leaves, do, dS, dz, cu_seqlens=cu_seqlens)
     bounds = grad_bound(c, leaves, do, dS, dz, cu_seqlens=cu_seqlens)
-    return got, want, bounds, ["q", "k", "v", "S_0", "z_0"][: len(leaves)]
+    base, _ = _split_leaves(c, leaves)
+    return got, want, bounds, ["q", "k", "v", "S_0", "z_0"][: len(base)] + _map_param_names(ensure_map(c))
 
 
 def op_grads(c: dict, backend: str, device="cpu", final_state_grad: bool = True, *, inputs=None, cu_seqlens=None,
              call=linear_attention):
     """The op's half of :func:`forward_and_grads` (same arguments): run the case forward and backward, no
     reference; -> (got, leaves, (do, dS, dz)), the gradients of the loss with respect to ``leaves`` = [q, k, v]
-    or [q, k, v, S_0, z_0] and the loss's weights, as :func:`reference_grads` and :func:`grad_bound` take them.
+    or [q, k, v, S_0, z_0], then a learnable map's parameters, and the loss's weights, as :func:`reference_grads` and :func:`grad_bound` take them.
     ``lintx fuzz`` calls the halves apart: an exception here is the op's, one in the reference the harness's."""
     q, k, v, state = inputs if inputs is not None else make_inputs(c, requires_grad=True, device=device)
-    o, (S, z) = call(q, k, v, feature_map=c["feature_map"], initial_state=state, backend=backend,
+    o, (S, z) = call(q, k, v, feature_map=ensure_map(c), initial_state=state, backend=backend,
                      return_state=True, cu_seqlens=cu_seqlens, **_kwargs(c))
     g = torch.Generator().manual_seed(c["seed"] + 1)
     # the op receives do in o's dtype: round it once so that every evaluation sees the same do
     do = torch.randn(o.shape, generator=g).to(o.dtype).float()
     dS = torch.randn(S.shape, generator=g) if final_state_grad else torch.zeros(S.shape)
     dz = torch.randn(z.shape, generator=g) if final_state_grad else torch.zeros(z.shape)
-    leaves = [q, k, v] + (list(state) if state is not None else [])
+    leaves = [q, k, v] + (list(state) if state is not None else []) + map_params(ensure_map(c))
     loss = (o.float() * do.to(o.device)).sum() + (S * dS.to(S.device)).sum() + (z * dz.to(z.device)).sum()
     got = torch.autograd.grad(loss, leaves)
     return got, leaves, (do, dS, dz)
@@ -502,7 +579,7 @@ def op_grads(c: dict, backend: str, device="cpu", final_state_grad: bool = True,
 
 def decode_steps(c: dict, q, k, v, state, backend: str, inplace: bool = False):
     """The case's tokens one at a time through the RNN form; -> (o [B, T, H, DV], final state)."""
-    kw = dict(feature_map=c["feature_map"], normalize=c["normalize"], scale=c["scale"], backend=backend)
+    kw = dict(feature_map=ensure_map(c), normalize=c["normalize"], scale=c["scale"], backend=backend)
     B, T, H, D = q.shape
     outs = []
     if inplace:

@@ -2,7 +2,8 @@
 
 Built in: ``"elu"`` (elu(x) + 1), ``"relu"`` and ``"identity"``; random features
 :func:`favor` (FAVOR+, softmax kernel) and :func:`random_fourier` (Gaussian kernel), by family
-name in :data:`RANDOM_FAMILIES`.
+name in :data:`RANDOM_FAMILIES`; learnable maps :func:`hedgehog` (LoLCATs' and FLA's) and :func:`t2r`, by
+family name in :data:`LEARNABLE_FAMILIES`.
 A user map is an :class:`ElementwiseFeatureMap` (two Triton expressions plus a PyTorch
 reference) or a :class:`ProjectedFeatureMap` (two Triton functions of x W plus a PyTorch
 twin), passed to :func:`register` or directly as ``feature_map=``; a :class:`LearnableFeatureMap` is a
@@ -11,6 +12,7 @@ projected map whose W and b are ``nn.Parameter``s, per head or shared, trained t
 
 from .base import ElementwiseFeatureMap, FeatureMap, available, get, register, resolve
 from .builtin import elu, identity, relu
+from .hedgehog import HedgehogFeatureMap, T2RFeatureMap, hedgehog, t2r
 from .learnable import LearnableFeatureMap, Projection
 from .projected import ProjectedFeatureMap
 from .random import RANDOM_FAMILIES, RandomFeatureMap, favor, random_fourier
@@ -32,4 +34,20 @@ __all__ = [
     "favor",
     "random_fourier",
     "RANDOM_FAMILIES",
+    "HedgehogFeatureMap",
+    "T2RFeatureMap",
+    "hedgehog",
+    "t2r",
+    "LEARNABLE_FAMILIES",
 ]
+
+# The learnable families by name, each built as ``LEARNABLE_FAMILIES[name](D, M, heads, key_heads)`` (registered;
+# ``key_heads=None``: tied): what ``lintx emit --map hedgehog:M``, ``lintx fuzz`` and lintx_triton.testing's cases
+# draw. Each has a bias, so that its gradient is exercised.
+LEARNABLE_FAMILIES = {
+    "hedgehog": lambda D, M, heads, key_heads: hedgehog(D, M, heads=heads, tied=key_heads is None,
+                                                        key_heads=key_heads, bias=True),
+    "hedgehog_fla": lambda D, M, heads, key_heads: hedgehog(D, M, heads=heads, variant="fla",
+                                                            tied=key_heads is None, key_heads=key_heads),
+    "t2r": lambda D, M, heads, key_heads: t2r(D, M, heads=heads, tied=key_heads is None, key_heads=key_heads),
+}
