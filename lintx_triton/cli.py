@@ -46,7 +46,7 @@ def _import_modules(modules):
 def _check_maps(maps):
     from . import feature_maps
 
-    known = feature_maps.available() + list(feature_maps.RANDOM_FAMILIES)
+    known = feature_maps.available() + list(feature_maps.MAP_FAMILIES)
     bad = [m for m in maps if m not in known]
     if bad:
         raise click.BadParameter(f"unknown feature map(s) {bad}; registered: {known} "
@@ -184,11 +184,11 @@ def _traceback_tail(e: BaseException, lines: int = 12) -> str:
 
 
 def _representative_map(name: str):
-    """The registered map, or a draw of a random-feature family (whose sign does not depend on the draw)."""
+    """The registered map, or a map of a random or learnable family (whose sign does not depend on the draw)."""
     from . import feature_maps
 
-    if name in feature_maps.RANDOM_FAMILIES:
-        return feature_maps.RANDOM_FAMILIES[name](8, 16, 0)
+    if name in feature_maps.MAP_FAMILIES:
+        return feature_maps.family_map(name, 8, 16)
     return feature_maps.get(name)
 
 
@@ -485,8 +485,9 @@ def _finite(x: float):
                    f"{QUICK_SECONDS:.0f} s of examples (a minute in all on a 2-core CPU)")
 @click.option("--seed", default=0, show_default=True, help="seed of the first round")
 @click.option("--map", "maps", multiple=True,
-              help="feature map(s) [default: every registered map, and the random-feature families favor, "
-                   "favor_hyp, fourier (a fresh D, M and draw per example)]")
+              help="feature map(s) [default: every registered map, the random-feature families favor, "
+                   "favor_hyp, fourier and the learnable ones hedgehog, hedgehog_fla, t2r (a fresh D, M, draw and, "
+                   "for learnable maps, heads and tying per example)]")
 @click.option("--dtype", "dtypes", multiple=True, type=click.Choice(sorted(DTYPE_CHOICES)),
               help="dtype(s) [default: all three]")
 @click.option("--kernel", "kernels", multiple=True, type=click.Choice(FAMILIES),
@@ -537,7 +538,7 @@ def fuzz(examples, minutes, quick, seed, maps, dtypes, kernels, backends, normal
     _import_modules(imports)
     from . import feature_maps
 
-    maps = maps or tuple(feature_maps.available()) + tuple(feature_maps.RANDOM_FAMILIES)
+    maps = maps or tuple(feature_maps.available()) + feature_maps.MAP_FAMILIES
     _check_maps(maps)
     dts = tuple(dict.fromkeys(dtype_of(d).name for d in dtypes)) or tuple(DTYPES)
     dev = _fuzz_device(device, backends or ("triton",))
@@ -645,7 +646,8 @@ def fuzz(examples, minutes, quick, seed, maps, dtypes, kernels, backends, normal
 
 def _spec_options(f):
     f = click.option("--map", "feature_map", default="elu", show_default=True,
-                     help="feature map name, or favor[:M] / favor_hyp[:M] / fourier[:M] (M features, default 2D)")(f)
+                     help="feature map name, or a family with M features (default 2D): favor[:M], favor_hyp[:M], "
+                          "fourier[:M], hedgehog[:M], hedgehog_fla[:M], t2r[:M]")(f)
     f = click.option("--causal/--full", default=True, show_default=True)(f)
     f = click.option("--normalize/--raw", default=True, show_default=True)(f)
     f = click.option("--dtype", default="bf16", show_default=True, type=click.Choice(sorted(DTYPE_CHOICES)))(f)
@@ -663,11 +665,11 @@ def _make_spec(feature_map, causal, normalize, dtype, head_dim, value_dim, initi
     from .spec import KernelSpec
 
     family, _, m = feature_map.partition(":")
-    if family in feature_maps.RANDOM_FAMILIES:  # a random-feature map built for this D
+    if family in feature_maps.MAP_FAMILIES:  # a random-feature or learnable map built for this D
         if m and not m.isdigit():
             raise click.BadParameter(f"M must be a positive integer, got {feature_map!r}", param_hint="--map")
         try:
-            feature_map = feature_maps.RANDOM_FAMILIES[family](head_dim, int(m) if m else 2 * head_dim, 0).name
+            feature_map = feature_maps.family_map(family, head_dim, int(m) if m else 2 * head_dim).name
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--map") from None
     _check_maps([feature_map])

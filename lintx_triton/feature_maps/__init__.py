@@ -39,6 +39,8 @@ __all__ = [
     "hedgehog",
     "t2r",
     "LEARNABLE_FAMILIES",
+    "MAP_FAMILIES",
+    "family_map",
 ]
 
 # The learnable families by name, each built as ``LEARNABLE_FAMILIES[name](D, M, heads, key_heads)`` (registered;
@@ -51,3 +53,17 @@ LEARNABLE_FAMILIES = {
                                                             tied=key_heads is None, key_heads=key_heads),
     "t2r": lambda D, M, heads, key_heads: t2r(D, M, heads=heads, tied=key_heads is None, key_heads=key_heads),
 }
+
+#: every family a command line or a test draws by name (random features, then learnable maps)
+MAP_FAMILIES = tuple(RANDOM_FAMILIES) + tuple(LEARNABLE_FAMILIES)
+
+
+def family_map(family: str, D: int, M: int, seed: int = 0) -> FeatureMap:
+    """A registered map of ``family`` (one of :data:`MAP_FAMILIES`) for head width D and M features: a random
+    family's draw ``seed``; a learnable family with one W shared by the heads, tied, at its own init (its
+    kernels are those of any heads or tying: those change runtime strides)."""
+    if family in RANDOM_FAMILIES:
+        return RANDOM_FAMILIES[family](D, M, seed)
+    if family in LEARNABLE_FAMILIES:
+        return LEARNABLE_FAMILIES[family](D, M, 1, None)
+    raise ValueError(f"unknown map family {family!r}; families: {MAP_FAMILIES}")
