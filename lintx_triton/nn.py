@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .api import linear_attention, linear_attention_step, linear_attention_step_
-from .feature_maps import FeatureMap
+from .feature_maps import FeatureMap, LearnableFeatureMap
 
 __all__ = ["LinearAttention"]
 
@@ -28,7 +28,9 @@ class LinearAttention(nn.Module):
     Args:
         embed_dim (int): model width E.
         num_heads (int): heads H; E must be divisible by H unless ``head_dim`` is given.
-        feature_map (str | FeatureMap): as in :func:`lintx_triton.linear_attention`. Default: ``"elu"``.
+        feature_map (str | FeatureMap): as in :func:`lintx_triton.linear_attention`. A learnable map (an
+            ``nn.Module``, e.g. :func:`lintx_triton.feature_maps.hedgehog`) becomes a submodule: its parameters
+            are the module's, trained with it. Default: ``"elu"``.
         causal (bool): Default: ``True``.
         normalize (bool): Default: ``True``.
         head_dim (int | None): D per head. Default: ``embed_dim // num_heads``.
@@ -38,6 +40,9 @@ class LinearAttention(nn.Module):
         backend (str): Default: ``"auto"``.
         num_kv_heads (int | None): key/value heads HKV (grouped-query attention; HKV divides H, 1 is
             multi-query): smaller k, v projections and a state per kv head. Default: ``num_heads``.
+        query_map, key_map (LearnableFeatureMap | None): separate (untied) learnable maps for queries and keys,
+            of the same kind (as LoLCATs trains them), instead of ``feature_map``; both or neither.
+            Default: ``None``.
 
     Examples::
 
@@ -63,8 +68,18 @@ class LinearAttention(nn.Module):
         eps: float = 1e-6,
         backend: str = "auto",
         num_kv_heads: Optional[int] = None,
+        query_map: Optional[LearnableFeatureMap] = None,
+        key_map: Optional[LearnableFeatureMap] = None,
     ):
         super().__init__()
+        if (query_map is None) != (key_map is None):
+            raise ValueError("give both query_map and key_map (untied learnable maps), or neither")
+        if query_map is not None:
+            if not isinstance(query_map, LearnableFeatureMap):
+                raise TypeError(f"query_map must be a LearnableFeatureMap, got {type(query_map).__name__}")
+            if feature_map != "elu":
+                raise ValueError("give feature_map or query_map/key_map, not both")
+            feature_map = query_map.untied_with(key_map)
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_kv_heads < 1 or num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} must be a multiple of num_kv_heads {num_kv_heads}")
