@@ -9,8 +9,9 @@ Writes bench/COMPILE_REPORT.md. A family of ``feature_maps.MAP_FAMILIES`` (favor
 built at M = 2D for each D (``feature_maps.family_map``: a learnable map's W shared by the heads, tied; per-head
 W changes a stride, not the kernels; its backward launches sum dW, db: HAS_DFM). ``--merge`` recompiles only
 the rows asked for and keeps every other row of ``--out`` as it is, so a new map does not cost a full
-regeneration (about 1.5 minutes per variant on a CPU); the header then lists what was merged, and when. Needs no GPU: Triton compiles for the target and the cuobjdump /
-nvdisasm inside the triton wheel read the cubins (lintx_triton.compile_report).
+regeneration (about 1.5 minutes per variant on a CPU); the header then lists what was merged, and when.
+Needs no GPU: Triton compiles for the target and the cuobjdump / nvdisasm inside the triton wheel read the
+cubins (lintx_triton.compile_report).
 """
 
 from __future__ import annotations
