@@ -37,7 +37,9 @@ def _pairs(values, what: str, param: str) -> tuple[tuple[int, int], ...]:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--kernel", "kernels", multiple=True, type=click.Choice(FAMILIES), help="[default: all three]")
-@click.option("--map", "maps", multiple=True, metavar="NAME", help="feature map(s) [default: elu]")
+@click.option("--map", "maps", multiple=True, metavar="NAME",
+              help="feature map(s): registered names, or families with M features (default 2D) such as favor[:M], "
+                   "hedgehog[:M], t2r[:M] [default: elu]")
 @click.option("--dtype", "dtypes", multiple=True, type=click.Choice(sorted(DTYPE_CHOICES)), help="[default: bf16]")
 @click.option("--dims", "dims", multiple=True, metavar="D[xDV]", help="head widths [default: 64, 128]")
 @click.option("--shape", "shapes", multiple=True, metavar="BHxT",

@@ -55,8 +55,20 @@ def spec_of(feature_map: str, causal: bool, normalize: bool, dtype: str, head_di
     from lintx_triton.ops.custom import make_spec
 
     meta = lambda d: torch.empty(0, 0, 0, d, dtype=dtype_of(dtype).torch, device="meta")  # noqa: E731
-    return make_spec(feature_maps.get(feature_map).name, meta(head_dim), meta(value_dim), causal, normalize,
+    return make_spec(map_name(feature_map, head_dim), meta(head_dim), meta(value_dim), causal, normalize,
                      initial_state)
+
+
+def map_name(feature_map: str, head_dim: int) -> str:
+    """A registered map's name, or ``family[:M]`` (a random or learnable family, M default 2D) built for
+    ``head_dim`` and registered: a learnable map tunes like any other (its parameters are runtime arguments;
+    the backward's timing includes their gradients)."""
+    family, _, m = feature_map.partition(":")
+    if family in feature_maps.MAP_FAMILIES:
+        if m and not m.isdigit():
+            raise ValueError(f"M must be a positive integer, got {feature_map!r}")
+        return feature_maps.family_map(family, head_dim, int(m) if m else 2 * head_dim).name
+    return feature_maps.get(feature_map).name
 
 
 @dataclass(frozen=True)
@@ -104,7 +116,8 @@ class Grid:
         if bad:
             raise ValueError(f"kernels must be among {FAMILIES}, got {sorted(bad)}")
         for m in self.feature_maps:
-            feature_maps.get(m)  # raises on an unknown map
+            if m.partition(":")[0] not in feature_maps.MAP_FAMILIES:
+                feature_maps.get(m)  # raises on an unknown map
         if any(bh < 1 or T < 1 for bh, T in self.shapes) or any(bh < 1 for bh in self.decode_batch_heads):
             raise ValueError(f"B*H and T must be >= 1, got shapes {self.shapes}, decode {self.decode_batch_heads}")
 

@@ -134,6 +134,17 @@ def test_interpreter_runs_one_config_of_each_kernel_through_the_reference_check(
     assert 0 <= autotune.reference_check(kernel, SPEC, cfg, "cpu") <= 1
 
 
+def test_a_learnable_family_tunes_like_any_map():
+    """``--map hedgehog:12``: the family built for the grid's D; the backward's reference check covers dW, db."""
+    spec = autotune.spec_of("hedgehog:12", True, True, "float32", 8, 8)
+    assert spec.feature_map == "hedgehog_lolcats_d8_m12" and spec.feature_dim == 12
+    assert [t.spec for t in autotune.Grid(feature_maps=("hedgehog:12",), dtypes=("float32",), dims=((8, 8),),
+                                          kernels=("backward",),
+                                          shapes=((2, 64),)).tasks()] == [spec]
+    cfg = C.Config(chunk=16, bwd_chunk=16, block_v=16, bwd_block_v=16, path="chunked")
+    assert 0 <= autotune.reference_check("backward", spec, cfg, "cpu") <= 1
+
+
 @pytest.mark.parametrize("where", ["reference", "at-shape"])
 def test_a_fast_wrong_candidate_never_wins(tmp_path, monkeypatch, where):
     """chunk 32 is made wrong (at every length, or only at the tuned length T = 20) and timed fastest."""

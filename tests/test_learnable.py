@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 
 import lintx_triton as lx
 from helpers import cases, check_forward, check_grads, check_state, decode_steps, forward_and_grads, \
@@ -32,6 +32,11 @@ PACKED = dict(B=1, T=29, H=4, HKV=2, D=8, DV=5, dtype="float32", causal=True, no
 # half the profile's examples (ci: 20 of 40): each runs the forward twice and the backward (~3 s on 2 cores)
 @settings(max_examples=max(1, settings.default.max_examples // 2))
 @given(cases(maps=LEARNABLE, t_values=(1, 7, 17, 33), d_values=(1, 4, 13, 16), positive_den=True))
+# LoLCATs' two softmaxes with padding columns (M = 12 in a 16-wide tile), per head, untied: a second half that
+# let the padding into its sum once passed every draw of the profile
+@example(dict(B=1, T=33, H=2, D=8, DV=3, dtype="float32", feature_map="hedgehog_lolcats_d8_m12", causal=True,
+              normalize=True, initial_state=True, scale=0.5, seed=7,
+              map=dict(family="hedgehog", D=8, M=12, seed=5, heads=2, key_heads=1)))
 def test_forward_and_parameter_grads(c):
     """o, S_T and every gradient (q, k, v, the initial state, W and b of each side) on the Triton path."""
     q, k, v, state = make_inputs(c)
