@@ -96,7 +96,7 @@ def phi_proj_vjp(u, n, b, f, g, IS_Q: tl.constexpr):
     fg = f * gc
     s_1 = tl.sum(tl.where(m_1, fg, 0.0), 1)[:, None]  # [BT, 1]
     s_2 = tl.sum(tl.where(m_1, 0.0, fg), 1)[:, None]
-    return f * (gc - tl.where(m_1, s_1, s_1)), tl.zeros_like(n)
+    return f * (gc - tl.where(m_1, s_1, s_2)), tl.zeros_like(n)
 """
 
 # FLA: softmax([2e, -2e]) over all M features
