@@ -73,6 +73,14 @@ def test_packed_grouped_untied(family, heads, key_heads):
     check_grads(c, got, want, bounds, names)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_wide_map_parameter_grads(dtype):
+    """M = 132 (a 256-wide feature tile): dW is then a gradient product of the kernels' other kind (_mm_dw)."""
+    c = dict(_learnable_case("t2r", 2, None, M=132, B=1, T=17, H=2, HKV=2, D=4, DV=3), dtype=dtype)
+    got, want, bounds, names = forward_and_grads(c, "triton")
+    check_grads(c, got, want, bounds, names)
+
+
 def test_tied_per_head_map_needs_as_many_kv_heads():
     fm = lx.feature_maps.t2r(8, 6, heads=4)
     q, k = torch.randn(1, 5, 4, 8), torch.randn(1, 5, 2, 8)

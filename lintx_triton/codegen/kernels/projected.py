@@ -4,7 +4,7 @@ import triton
 import triton.language as tl
 
 from .constants import BD, BKP, BM, D, DOT_FP32, IN_SCALE, M, NORMALIZE, phi_proj, phi_proj_vjp
-from .helpers import _load_rows, _store_rows
+from .helpers import _load_rows, _mm_wide, _store_rows
 
 # %% kernels (the renderer joins what follows; the lines above are for editors and linters)
 
@@ -17,6 +17,19 @@ def _mm_proj(a, b):
         return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision="tf32x3")
+
+
+@triton.jit
+def _mm_dw(a, b):
+    # x'^T dL/du, a parameter gradient (sm_90 bf16 cubins, bench/NOTES.md): as exact as the projection up to
+    # BM = 128 (tf32x3; at D = 64, M = 128 the (dk, dv) kernel's stack is 48 bytes, 160 with one TF32 pass);
+    # wider, tf32x3 stages du [BT, BM] twice more in shared memory (288 KB for the dq kernel at D = 128,
+    # M = 256, over sm_90's 227 KB), so there it is a gradient product like the kernels' others (_mm_wide:
+    # bf16 operands in bf16 variants, 192 KB; TF32 in fp16; IEEE in fp32)
+    if BM <= 128:
+        return _mm_proj(a, b)
+    else:
+        return _mm_wide(a, b)
 
 
 @triton.jit
@@ -73,8 +86,7 @@ def _store_phi_vjp(dptr, drow0, DHS: tl.constexpr, ptr, row0, HS: tl.constexpr, 
         # (tensor * constexpr: the interpreter turns constexpr * tensor into a constexpr)
         dx = (_mm_proj(du, tl.trans(_w_block(fm_params, o_k, m_k))) + dn * xs) * IN_SCALE
         _store_rows(dptr, dx, drow0, o_t, m_t, o_k, m_k, DHS, D)
-        if HAS_DFM:
-            tl.atomic_add(dfm + o_k[:, None] * M + o_m[None, :], _mm_proj(tl.trans(xs), du),
-                          mask=m_k[:, None] & m_f)  # [BKP, BM] rows o_k of dL/dW
+        if HAS_DFM:  # [BKP, BM] rows o_k of dL/dW
+            tl.atomic_add(dfm + o_k[:, None] * M + o_m[None, :], _mm_dw(tl.trans(xs), du), mask=m_k[:, None] & m_f)
     if HAS_DFM:
         tl.atomic_add(dfm + D * M + o_m, tl.sum(du, 0), mask=o_m < M)  # dL/db
