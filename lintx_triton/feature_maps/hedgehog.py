@@ -290,8 +290,7 @@ def hedgehog(D: int, num_features: Optional[int] = None, heads: int = 1, variant
     Examples::
 
         >>> import torch, lintx_triton as lx
-        >>> from lintx_triton.feature_maps.hedgehog import hedgehog
-        >>> fm = hedgehog(16, 32, heads=2, variant="fla")
+        >>> fm = lx.feature_maps.hedgehog(16, 32, heads=2, variant="fla")
         >>> fm.query.weight.shape, fm.name
         (torch.Size([2, 16, 16]), 'hedgehog_fla_d16_m32')
         >>> q, k, v = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 4)
@@ -330,8 +329,7 @@ def t2r(D: int, num_features: Optional[int] = None, heads: int = 1, tied: bool =
     Examples::
 
         >>> import torch, lintx_triton as lx
-        >>> from lintx_triton.feature_maps.hedgehog import t2r
-        >>> fm = t2r(16, 32)
+        >>> fm = lx.feature_maps.t2r(16, 32)
         >>> q, k, v = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 4)
         >>> lx.linear_attention(q, k, v, feature_map=fm).shape
         torch.Size([1, 8, 2, 4])
