@@ -171,7 +171,9 @@ def linear_attention(
         feature_map (str | FeatureMap): ``"elu"`` (elu(x) + 1, default), ``"relu"``,
             ``"identity"``, or a :class:`lintx_triton.feature_maps.FeatureMap` such as
             ``lx.feature_maps.favor(D, num_features=M)``. M is its feature width (M = D for the
-            three named maps). A map's parameters (random projections) follow q's device.
+            three named maps). A fixed map's parameters (random projections) follow q's device; a
+            learnable map (``lx.feature_maps.hedgehog``, ``t2r``: an ``nn.Module``) must be on q's device, and
+            its parameters get gradients from the kernels.
         causal (bool): each position attends to itself and the past (default ``True``),
             or to every position.
         normalize (bool): divide by the normalizer (default ``True``).

@@ -226,6 +226,9 @@ class LearnableFeatureMap(nn.Module, FeatureMap):
         return self.features(x, side)
 
     def magnitude(self, x: torch.Tensor, side: str = "key", stabilize: bool = False) -> torch.Tensor:
+        """The elementwise envelope of :func:`~lintx_triton.feature_maps.projected.projected_magnitude`. It
+        assumes each feature depends on its own u: a map whose features share a row sum (a softmax) must
+        override it, or its gradient bounds come out 0 (Hedgehog does)."""
         xs, W, b = self._projection(x, side)
         return projected_magnitude(self.torch_phi, xs, W, b, side, stabilize)
 
