@@ -15,15 +15,17 @@ W [H, D, M]), forward + backward including the map's dL/dW and dL/db:
   (and the map's own intermediates) for the backward.
 
 Before anything is measured, both ways are checked on the first ``--check-window`` tokens of batch row 0
-(every head: W is per head) against the equations in float64 (``lintx_triton.reference``, with the map's
-PyTorch twin): the output, dq, dk, dv and every parameter gradient of each way must be within ``FUDGE``
-times the other way's error (or the dtype's rounding of the largest reference value, if larger): a
-tolerance that fails when either way computes something else. The exit code is 1 when a check fails.
+(every head: W is per head) against float64 with the tests' own criterion (``lintx_triton.testing``:
+``forward_bound`` and ``grad_bound``, every term of every sum by its magnitude, times ``TOL`` / ``GTOL``):
+the output, dq, dk, dv and every parameter gradient. The fused way must be within its bound, as in the
+tests; the PyTorch way within ``LOOSE`` (8) x its bound (in bf16 it rounds W, phi and dL/dphi to bf16 before
+the projection's backward sums over tokens). T2R's relu has a kink: in bf16 its dW is judged on the same
+slice in fp32 and reported in bf16 (see ``run_row``). The exit code is 1 when a check fails.
 
 Memory, everywhere: a TorchDispatchMode probe (:class:`LiveBytes`) follows every storage the step allocates
 (also inside the lintx custom ops, whose internal buffers it sees by redispatching them under the probe)
 and reports the peak of the live bytes, the bytes still live when the forward returns (what the backward
-keeps) and those of the kept tensors with T tokens and at least B*T*H*M elements: phi-sized buffers. On a
+keeps) and those of the kept tensors shaped B, T, H, M in any order: phi_q, phi_k and their copies. On a
 CPU the kernels run in the Triton interpreter (tiny shapes only), whose tile arithmetic lives in numpy and is
 not counted: what the probe counts is what a GPU would hold in memory. On a GPU, also the median time
 (``triton.testing.do_bench``, forward alone and forward + backward) and ``torch.cuda.max_memory_allocated``
@@ -33,6 +35,7 @@ The JSON is rewritten after every row, so a run killed at its time limit keeps w
 
 from __future__ import annotations
 
+import gc
 import os
 import pathlib
 import platform
@@ -52,15 +55,14 @@ if str(ROOT) not in sys.path:
 
 import lintx_triton as lx  # noqa: E402
 from bench import harness  # noqa: E402
-from lintx_triton.reference import linear_attention_reference  # noqa: E402
+from lintx_triton import testing  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WAYS = ("fused", "torch_phi")
-# a way's error against float64 may be this many times the other way's (or the dtype's rounding of the
-# largest reference value, if larger). Measured in the interpreter at B = 2, T = 72, H = 2, D = 16: fp32, the
-# two ways' errors within 0.5-1x of each other; bf16, at most 0.9 (fused) and 3.8 (PyTorch's way: its dW
-# from phi and W rounded to bf16) times bf16's rounding of the largest value
-FUDGE = 8.0
+# the PyTorch way may be this many times its bound (the harness's LOOSE for alternatives): in bf16 it rounds
+# W, phi and dL/dphi to bf16 before the projection's backward sums over tokens
+LOOSE = harness.LOOSE
+KINKED = ("t2r",)  # maps with a kink in phi: their dW is judged in fp32 (see run_row)
 
 
 def build_map(name: str, D: int, M: int, H: int, tied: bool):
@@ -82,42 +84,46 @@ def run_way(way: str, fm, q, k, v):
     return lx.linear_attention(phi_q, phi_k, v, feature_map="identity")
 
 
-def grads(fm, o, q, k, v, do) -> dict:
-    names = ["dq", "dk", "dv"] + [f"d{n}" for n, _ in fm.named_parameters()]
-    return dict(zip(names, torch.autograd.grad(o, (q, k, v, *fm.parameters()), do)))
+def grads(fm, o, q, k, v, do) -> tuple:
+    return torch.autograd.grad(o, (q, k, v, *fm.parameters()), do)
 
 
 # ---------------------------------------------------------------------------------------------------
 # the agreement check
 
 
-def check(fm, q, k, v, do, window: int) -> dict:
-    """Both ways against float64 on the first ``window`` tokens of batch row 0; raises AssertionError on failure."""
+def check(fm, q, k, v, do, window: int, params_gated: bool = True) -> dict:
+    """Both ways on the first ``window`` tokens of batch row 0 against float64, with the tests' bounds; -> per
+    output and gradient the worst error / (tolerance x bound) of each way and the largest errors. Raises
+    AssertionError when the fused way is outside its bound or the PyTorch way outside ``LOOSE`` x its bound
+    (the map's parameter gradients only reported, not judged, when not ``params_gated``)."""
     P = min(window, q.shape[1])
-    sl = [x[:1, :P].detach() for x in (q, k, v, do)]
-    x64 = [x.double().requires_grad_() for x in sl[:3]]
-    o64 = linear_attention_reference(*x64, fm)[0]  # the map in PyTorch, the equations, in float64
-    ref = dict(o=o64, **grads(fm, o64, *x64, sl[3].double()))
+    qs, ks, vs, dos = (x[:1, :P].detach() for x in (q, k, v, do))
+    dtype = str(q.dtype).removeprefix("torch.")
+    c = dict(feature_map=fm.name, causal=True, normalize=True, scale=1.0, dtype=dtype)  # run_way's defaults
+    params = list(fm.parameters())
+    names = ["o", "dq", "dk", "dv"] + [f"d{n}" for n, _ in fm.named_parameters()]
+    o_ref, o_bound = testing.forward_bound(c, qs, ks, vs, None)
+    want = [o_ref] + testing.reference_grads(c, [qs, ks, vs] + params, do=dos.float())
+    bounds = [o_bound] + testing.grad_bound(c, [qs, ks, vs] + params, do=dos.float())
+    tols = [testing.TOL[dtype]] + [testing.GTOL[dtype]] * (len(names) - 1)
     got = {}
     for way in WAYS:
-        xs = [x.clone().requires_grad_() for x in sl[:3]]
+        xs = [x.clone().requires_grad_() for x in (qs, ks, vs)]
         o = run_way(way, fm, *xs)
-        got[way] = dict(o=o, **grads(fm, o, *xs, sl[3]))
-    eps = torch.finfo(q.dtype).eps
+        got[way] = [o] + list(torch.autograd.grad(o, xs + params, dos))
     out, bad = {}, []
-    for name, r in ref.items():
-        r = r.double()
-        scale = r.abs().max().item()
-        err = {way: (got[way][name].double() - r).abs().max().item() for way in WAYS}
-        diff = (got["fused"][name].double() - got["torch_phi"][name].double()).abs().max().item()
-        floor = eps * scale
-        out[name] = dict(max_ref=scale, err_fused=err["fused"], err_torch_phi=err["torch_phi"], diff=diff)
-        for way, other in zip(WAYS, reversed(WAYS)):
-            if not err[way] <= FUDGE * max(err[other], floor):
-                bad.append(f"{name}: {way} error {err[way]:.3g} > {FUDGE} x max({other}'s {err[other]:.3g}, "
-                           f"rounding {floor:.3g}) (max |ref| {scale:.3g})")
+    for i, name in enumerate(names):
+        r = want[i].double().cpu()
+        e = {way: got[way][i].detach().double().cpu() - r for way in WAYS}
+        out[name] = dict(max_ref=r.abs().max().item(), **{f"err_{w}": e[w].abs().max().item() for w in WAYS},
+                         **{f"ratio_{w}": testing.error_ratio(name, got[w][i], r, bounds[i], tols[i]) for w in WAYS})
+        for way, limit in zip(WAYS, (1.0, LOOSE)):
+            if (i < 4 or params_gated) and not out[name][f"ratio_{way}"] <= limit:
+                bad.append(f"{name}: {way} error {out[name][f'err_{way}']:.3g} is {out[name][f'ratio_{way}']:.3g} "
+                           f"x its tolerance x bound (allowed {limit:g}; max |ref| {out[name]['max_ref']:.3g})")
     if bad:
-        raise AssertionError(f"{fm.name}: the two ways disagree on the first {P} tokens:\n  " + "\n  ".join(bad))
+        raise AssertionError(f"{fm.name}: the first {P} tokens against float64:\n  " + "\n  ".join(bad))
     return out
 
 
@@ -162,6 +168,9 @@ class LiveBytes(TorchDispatchMode):
                                           **kwargs)
             except (NotImplementedError, RuntimeError):  # no kernel at that key: count the outputs only
                 self.inside_ops = False
+            # measured: run under the probe (not otherwise), the op's internal buffers (the chunk states) are
+            # left in reference cycles and would count as live until the cyclic collector runs
+            gc.collect()
         if out is None:
             out = func(*args, **kwargs)
         seen = {a.untyped_storage().data_ptr() for a in tensors}
@@ -180,19 +189,18 @@ class LiveBytes(TorchDispatchMode):
 
 def probe(way: str, fm, q, k, v, do, B: int, T: int, H: int, M: int) -> dict:
     """Peak live bytes of one forward + backward, and what the forward leaves for the backward."""
-    phi_numel = B * T * H * M
     with LiveBytes() as p:
         o = run_way(way, fm, q, k, v)
         kept = p.live_now()
         fwd_peak = p.peak
         g = grads(fm, o, q, k, v, do)
     del o, g
-    phi_like = [(n, shape, op) for n, shape, op in kept if T in shape and n >= phi_numel * q.element_size()
-                and torch.Size(shape).numel() >= phi_numel]
+    # phi-shaped: B, T, H, M in any order (phi_q, phi_k or a copy; not the chunk states [B*H, N, M, DV])
+    phi_like = [(n, shape, op) for n, shape, op in kept if sorted(shape) == sorted((B, T, H, M))]
     return dict(peak_bytes=p.peak, fwd_peak_bytes=fwd_peak, probe_inside_ops=p.inside_ops,
-                kept_bytes=sum(n for n, _, _ in kept), kept_phi_sized=len(phi_like),
-                kept_phi_sized_bytes=sum(n for n, _, _ in phi_like),
-                kept_phi_sized_shapes=sorted({f"{list(s)} {op}" for _, s, op in phi_like}),
+                kept_bytes=sum(n for n, _, _ in kept), kept_phi_shaped=len(phi_like),
+                kept_phi_shaped_bytes=sum(n for n, _, _ in phi_like),
+                kept_phi_shaped_shapes=sorted({f"{list(s)} {op}" for _, s, op in phi_like}),
                 kept=[f"{n} B {list(s)} {op}" for n, s, op in sorted(kept, key=lambda e: -e[0])])
 
 
@@ -210,7 +218,14 @@ def run_row(name: str, B: int, T: int, H: int, D: int, M: int, DV: int, dtype, d
     phi_bytes = B * T * H * M * q.element_size()
     row = dict(map=fm.name, heads_of_W=fm.heads_of("query"), tied=fm.tied, B=B, T=T, H=H, D=D, M=M, DV=DV,
                dtype=str(dtype).removeprefix("torch."), phi_bytes=phi_bytes)
-    row["check"] = check(fm, q, k, v, do, window)
+    # a kink (T2R's relu) in bf16 / fp16: pre-activations within rounding of 0 (1.7 % of them at D = 64, M = 128)
+    # can take the other side of the kink than in float64, and each flip moves dW by a whole token's term,
+    # which the first-order bound does not cover (measured: fused dW 4.7x, PyTorch's 17x its bound in bf16,
+    # 0.08x in fp32): dW is judged on the same slice in fp32 there, and reported in the run's dtype
+    kinked = name in KINKED and dtype != torch.float32
+    row["check"] = check(fm, q, k, v, do, window, params_gated=not kinked)
+    if kinked:
+        row["check_fp32"] = check(fm, *(x.float() for x in (q, k, v, do)), window)
     for way in WAYS:
         row[way] = probe(way, fm, q, k, v, do, B, T, H, M)
     row["kept_extra_bytes"] = row["torch_phi"]["kept_bytes"] - row["fused"]["kept_bytes"]
@@ -240,15 +255,15 @@ def describe(r: dict) -> str:
     lines = [f"{r['map']} B={r['B']} T={r['T']} H={r['H']} D={r['D']} M={r['M']} DV={r['DV']} {r['dtype']} "
              f"(W per head: {r['heads_of_W']}, tied={r['tied']}); phi [B, T, H, M] = {mib(r['phi_bytes'])}"]
     c = r["check"]
-    lines.append("  check vs float64 (max abs error fused / torch_phi): " + ", ".join(
-        f"{n} {e['err_fused']:.2g}/{e['err_torch_phi']:.2g}" for n, e in c.items()))
+    lines.append("  check vs float64, worst error / (tol x bound), fused / torch_phi: " + ", ".join(
+        f"{n} {e['ratio_fused']:.2g}/{e['ratio_torch_phi']:.2g}" for n, e in c.items()))
     for way in WAYS:
         w = r[way]
         timing = (f"fwd {w['fwd_ms']:.3f} ms, fwd+bwd {w['fwdbwd_ms']:.3f} ms, cuda peak {w['peak_mib']:.1f} MiB; "
                   if "fwdbwd_ms" in w else "")
         lines.append(f"  {way:>9}: {timing}probe peak {mib(w['peak_bytes'])}, kept for the backward "
-                     f"{mib(w['kept_bytes'])}, of which {w['kept_phi_sized']} phi-sized tensors "
-                     f"({mib(w['kept_phi_sized_bytes'])})")
+                     f"{mib(w['kept_bytes'])}, of which {w['kept_phi_shaped']} phi-shaped tensors "
+                     f"({mib(w['kept_phi_shaped_bytes'])})")
     lines.append(f"  torch_phi keeps {r['kept_extra_in_phi']:.2f} x phi more than fused"
                  + (f"; fwd+bwd {r['fwdbwd_ratio']:.2f}x fused's time, fwd {r['fwd_ratio']:.2f}x, "
                     f"{r['peak_extra_mib']:.0f} MiB more at peak" if "fwdbwd_ratio" in r else ""))
