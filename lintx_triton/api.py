@@ -12,7 +12,7 @@ from . import feature_maps
 from .config import interpreting
 from .feature_maps import FeatureMap
 from .ops import custom  # noqa: F401  (registers torch.ops.lintx.*)
-from .reference import linear_attention_step_torch, linear_attention_torch
+from .reference import linear_attention_step_torch, linear_attention_step_torch_, linear_attention_torch
 from .spec import DTYPES, MAX_TRITON_DIM, KernelSpec, dtype_of, products_in_fp32
 
 __all__ = ["linear_attention", "linear_attention_state", "linear_attention_step", "linear_attention_step_", "emit",
@@ -404,11 +404,8 @@ def linear_attention_step_(
     if not (S.is_contiguous() and z.is_contiguous()):
         raise ValueError("linear_attention_step_ updates the state in place: S and z must be contiguous")
     if _pick_backend(backend, q, v, fm) == "torch":
-        o, (S1, z1) = linear_attention_step_torch(q, k, v, fm, normalize=normalize, scale=float(scale),
-                                                  eps=float(eps), state=state)
-        S.copy_(S1)
-        z.copy_(z1)
-        return o
+        return linear_attention_step_torch_(q, k, v, fm, S, z, normalize=normalize, scale=float(scale),
+                                            eps=float(eps))
     return torch.ops.lintx.linear_attention_step_(q=q, k=k, v=v, S=S, z=z, **_map_params(fm, q.device, True),
                                                   feature_map=fm.name, normalize=bool(normalize), scale=float(scale),
                                                   eps=float(eps))

@@ -16,7 +16,8 @@ from torch import Tensor
 
 from .feature_maps import FeatureMap
 
-__all__ = ["linear_attention_reference", "linear_attention_torch", "linear_attention_step_torch"]
+__all__ = ["linear_attention_reference", "linear_attention_torch", "linear_attention_step_torch",
+           "linear_attention_step_torch_"]
 
 
 def linear_attention_reference(
@@ -158,16 +159,34 @@ def linear_attention_step_torch(
     eps: float = 1e-6,
     state: Optional[tuple[Tensor, Tensor]] = None,
 ):
-    """One token of the RNN form in PyTorch (fp32): q [B, H, D], k [B, HKV, D], v [B, HKV, DV] -> o, (S, z)."""
+    """One token of the RNN form in PyTorch (fp32): q [B, H, D], k [B, HKV, D], v [B, HKV, DV] -> o, (S, z).
+
+    The new state is a copy of ``state`` (zeros when None) updated in place by
+    :func:`linear_attention_step_torch_`; differentiable."""
+    B, HKV = k.shape[:2]
+    M, DV = fm.feature_dim(q.shape[-1]), v.shape[-1]
+    if state is None:
+        S = torch.zeros(B, HKV, M, DV, device=q.device)
+        z = torch.zeros(B, HKV, M, device=q.device)
+    else:
+        S, z = (x.to(torch.float32, copy=True) for x in state)
+    o = linear_attention_step_torch_(q, k, v, fm, S, z, normalize=normalize, scale=scale, eps=eps)
+    return o, (S, z)
+
+
+def linear_attention_step_torch_(q: Tensor, k: Tensor, v: Tensor, fm: FeatureMap, S: Tensor, z: Tensor, *,
+                                 normalize: bool = True, scale: float = 1.0, eps: float = 1e-6) -> Tensor:
+    """:func:`linear_attention_step_torch` updating the fp32 state (S [B, HKV, M, DV], z [B, HKV, M]) in place:
+    one rank-1 update of S where it lies and two batched products, no new state (the decode hot path)."""
     f32 = torch.float32
-    G = q.shape[1] // k.shape[1]
+    B, H, _ = q.shape
+    HKV, M, DV = S.shape[1:]
     a = fm.features(q.to(f32), "query", stabilize=normalize)  # [B, H, M]
     b = fm.features(k.to(f32), "key")  # [B, HKV, M]
-    S = b[..., :, None] * v.to(f32)[..., None, :]  # [B, HKV, M, DV]
-    z = b
-    if state is not None:
-        S = state[0] + S
-        z = state[1] + z
-    num = scale * torch.einsum("bhm,bhmv->bhv", a, _repeat_heads(S, G, 1))
-    o = num / (scale * (a * _repeat_heads(z, G, 1)).sum(-1) + eps)[..., None] if normalize else num
-    return o.to(q.dtype), (S, z)
+    S.addcmul_(b[..., :, None], v.to(f32)[..., None, :])
+    z.add_(b)
+    a = a.reshape(B * HKV, H // HKV, M)  # the group's query heads share their kv head's state
+    o = torch.bmm(a, S.view(B * HKV, M, DV)).mul_(scale)  # [B*HKV, G, DV]
+    if normalize:
+        o = o.div_(torch.bmm(a, z.view(B * HKV, M, 1)).mul_(scale).add_(eps))
+    return o.view(B, H, DV).to(q.dtype)
