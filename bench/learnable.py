@@ -1,7 +1,7 @@
 """Learnable feature maps (issue #16) fused in the kernels against the same map applied in PyTorch first.
 
-    python bench/learnable.py --out bench/out/learnable.json            # GPU: bf16, H = 16, D = 64, M = 128,
-                                                                        # B*T = 32768, T = 1k, 4k, 16k
+    python bench/learnable.py --device cuda --out bench/out/learnable.json   # GPU: bf16, H = 16, D = 64, M = 128,
+                                                                             # B*T = 32768, T = 1k, 4k, 16k
     python bench/learnable.py --T 72 --tokens 72 --H 2 --D 16 --dtype fp32 --out /tmp/l.json   # CPU, tiny
 
 Two ways to train a learnable map (Hedgehog as LoLCATs writes it, per-head W [H, D, M/2]; T2R, per-head
@@ -298,10 +298,16 @@ def _ints(ctx, param, value):
 @click.option("--rep-ms", default=100.0, show_default=True, help="do_bench repetition budget (CUDA)")
 @click.option("--warmup-ms", default=25.0, show_default=True, help="do_bench warm-up budget (CUDA)")
 @click.option("--out", default=None, help="write the rows as JSON here (rewritten after every row)")
-def main(maps, Ts, tokens, H, D, M, DV, dtype, tied, check_window, rep_ms, warmup_ms, out):
-    cuda = torch.cuda.is_available()
+@click.option("--device", "device_name", default="auto", type=click.Choice(["auto", "cuda", "cpu"]), show_default=True,
+              help="auto: cuda when there is a GPU; cpu runs the kernels in the Triton interpreter, untimed")
+def main(maps, Ts, tokens, H, D, M, DV, dtype, tied, check_window, rep_ms, warmup_ms, out, device_name):
+    cuda = torch.cuda.is_available() if device_name == "auto" else device_name == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise click.UsageError("--device cuda: torch sees no GPU here")
+    if cuda and os.environ.get("TRITON_INTERPRET") == "1":
+        raise click.UsageError("--device cuda with TRITON_INTERPRET=1: the kernels would run in the interpreter")
     if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise click.UsageError("no GPU: the fused kernels need TRITON_INTERPRET=1 (set before Python starts)")
+        raise click.UsageError("--device cpu: the fused kernels need TRITON_INTERPRET=1 (set before Python starts)")
     device = torch.device("cuda" if cuda else "cpu")
     M, DV = M or 2 * D, DV or D
     timing = harness.Timing(warmup_ms=warmup_ms, rep_ms=rep_ms)
