@@ -8,10 +8,11 @@ absolute values), so cancellation cannot make a check flaky and a tolerance
 still means something.
 
 A case is a dict (B, T, H, D, DV, dtype, feature_map, causal, normalize, initial_state, scale, seed;
-optionally HKV for grouped heads, map for a random-feature draw). The public API:
+optionally HKV for grouped heads, map for a random-feature draw, eps, default 1e-6). The public API:
 
 Cases and inputs
     ``cases(...)``                  hypothesis strategy of cases; ``case_id(c)`` a readable id
+    ``call_kwargs(c)``              causal, normalize, scale and eps of a case, as the ops take them
     ``make_inputs(c)``              q, k, v and the initial state (or None), deterministic in the seed
     ``signed_map(fm)``              whether phi can be negative (a normalizer can then pass through 0)
     ``positive_den_inputs(fm)``     how inputs keep every term of such a map's normalizer positive (the case
@@ -57,7 +58,7 @@ from .spec import DTYPES
 __all__ = [
     "DTYPES", "TOL", "GTOL", "T_VALUES", "D_VALUES", "DV_VALUES", "M_VALUES", "RANDOM_FAMILIES",
     "LEARNABLE_FAMILIES", "ensure_map", "map_params",
-    "cases", "case_id", "make_inputs", "decode_steps", "signed_map", "positive_den_inputs",
+    "EPS_VALUES", "cases", "case_id", "call_kwargs", "make_inputs", "decode_steps", "signed_map", "positive_den_inputs",
     "reference", "forward_bound", "state_bound", "reference_grads", "grad_bound",
     "error_ratio", "assert_within", "check_forward", "check_state", "check_grads", "forward_and_grads",
     "op_grads", "EquivalenceError",
@@ -72,6 +73,10 @@ GTOL = {"float32": 5e-5, "float16": 5e-3, "bfloat16": 2e-2}
 T_VALUES = (1, 2, 7, 15, 16, 17, 31, 32, 33, 47, 61)
 D_VALUES = (1, 4, 8, 13, 16, 32, 48)
 DV_VALUES = (1, 3, 8, 16, 24, 48, 80)
+# The normalizer's eps (den = scale phi(q)^T z + eps): the default, and values large enough that a misplaced eps
+# (outside the scale, left out of the backward, or in the unnormalized output) moves o by more than its bound.
+EPS_DEFAULT = 1e-6
+EPS_VALUES = (EPS_DEFAULT, 1e-3, 0.5)
 
 
 class EquivalenceError(AssertionError):
@@ -197,14 +202,18 @@ def _positive_den(fm: feature_maps.FeatureMap, x: torch.Tensor) -> torch.Tensor:
 
 @st.composite
 def cases(draw, maps=("elu", "relu", "identity"), dtypes=tuple(DTYPES), t_values=T_VALUES, causal=None,
-          normalize=None, initial_state=None, d_values=D_VALUES, dv_values=DV_VALUES, positive_den=False):
+          normalize=None, initial_state=None, d_values=D_VALUES, dv_values=DV_VALUES, positive_den=False,
+          eps_values=(EPS_DEFAULT,)):
     """A random call: shapes, dtype, map and flags (a dict; fixed flags when given).
 
     ``maps`` holds registered names and/or the families of :data:`RANDOM_FAMILIES` and
     :data:`LEARNABLE_FAMILIES` (whose W is drawn per head or shared, tied or untied; parameters from the seed).
     ``positive_den``: a normalized case of a signed map (:func:`signed_map`) draws its inputs so that every
     term of its normalizer is positive (``inputs="positive_den"``, see :func:`positive_den_inputs`), as a
-    gradient check needs; raises ValueError for a signed map with no such inputs."""
+    gradient check needs; raises ValueError for a signed map with no such inputs.
+    ``eps_values``: the normalizer's eps is drawn from them (e.g. :data:`EPS_VALUES`; the case key ``eps``, drawn
+    last, so the other draws stay as they were); the default, 1e-6 alone, leaves the key out, for callers that
+    do not pass a case's eps to the op (pass :func:`call_kwargs` to the op to draw others)."""
     c = draw(st.booleans()) if causal is None else causal
     D = draw(st.sampled_from(d_values))
     name = draw(st.sampled_from(maps))
@@ -242,6 +251,8 @@ def cases(draw, maps=("elu", "relu", "identity"), dtypes=tuple(DTYPES), t_values
         scale=draw(st.sampled_from([1.0, 0.125, 0.5])),
         seed=draw(st.integers(0, 2**16)),
     )
+    if tuple(eps_values) != (EPS_DEFAULT,):
+        case["eps"] = draw(st.sampled_from(eps_values))
     if positive_den and case["normalize"] and signed_map(fm):  # decided after the draws: their order is kept
         if positive_den_inputs(fm) is None:
             raise ValueError(f"feature map {name!r} is signed and no inputs are known that keep its normalizer "
@@ -251,13 +262,19 @@ def cases(draw, maps=("elu", "relu", "identity"), dtypes=tuple(DTYPES), t_values
 
 
 def case_id(c: dict) -> str:
-    """``B2-T63-H3-D48-DV80-bfloat16-elu-causal-norm-h0-scale1.0``."""
+    """``B2-T63-H3-D48-DV80-bfloat16-elu-causal-norm-h0-scale1.0`` (``-eps0.5`` when eps is not the default)."""
     return (
         f"B{c['B']}-T{c['T']}-H{c['H']}-D{c['D']}-DV{c['DV']}-{c['dtype']}-{c['feature_map']}"
         f"-{'causal' if c['causal'] else 'full'}-{'norm' if c['normalize'] else 'raw'}"
-        f"{'-h0' if c['initial_state'] else ''}-scale{c['scale']}{'-' + c['inputs'] if c.get('inputs') else ''}"
+        f"{'-h0' if c['initial_state'] else ''}-scale{c['scale']}{_eps_id(c)}"
+        f"{'-' + c['inputs'] if c.get('inputs') else ''}"
         f"{_heads_id(c.get('map') or {})}"
     )
+
+
+def _eps_id(c: dict) -> str:
+    eps = c.get("eps", EPS_DEFAULT)
+    return "" if eps == EPS_DEFAULT else f"-eps{eps}"
 
 
 def _heads_id(spec: dict) -> str:
@@ -297,8 +314,13 @@ def make_inputs(c: dict, requires_grad: bool = False, device="cpu"):
     return q, k, v, state
 
 
-def _kwargs(c: dict) -> dict:
-    return dict(causal=c["causal"], normalize=c["normalize"], scale=c["scale"])
+def call_kwargs(c: dict) -> dict:
+    """causal, normalize, scale and eps of a case (eps 1e-6 when the case has none), as
+    :func:`lintx_triton.linear_attention` and the reference take them."""
+    return dict(causal=c["causal"], normalize=c["normalize"], scale=c["scale"], eps=c.get("eps", EPS_DEFAULT))
+
+
+_kwargs = call_kwargs
 
 
 def _detached(state):
@@ -515,7 +537,8 @@ def grad_bound(c: dict, leaves, do=None, dS=None, dz=None, cu_seqlens=None) -> l
     if cu_seqlens is not None:
         return _grads_per_sequence(grad_bound, c, leaves, do, dS, dz, cu_seqlens)
     leaves, state, fm = _float64_leaves(c, leaves)
-    o, _, _, den = reference(c, *(x.detach() for x in leaves[:3]), _detached(state), fm=fm)
+    with torch.no_grad():  # o and den held fixed, also with respect to a learnable map's parameters
+        o, _, _, den = reference(c, *(x.detach() for x in leaves[:3]), _detached(state), fm=fm)
     _, (S_abs, z_abs), n_abs, d_abs = reference(c, *leaves[:3], state, absolute=True, fm=fm)
     out = _output_bound(c, o, den, n_abs, d_abs)
     grads = torch.autograd.grad(_loss(out, S_abs, z_abs, do, dS, dz, absolute=True), leaves, allow_unused=True)
@@ -579,7 +602,8 @@ def op_grads(c: dict, backend: str, device="cpu", final_state_grad: bool = True,
 
 def decode_steps(c: dict, q, k, v, state, backend: str, inplace: bool = False):
     """The case's tokens one at a time through the RNN form; -> (o [B, T, H, DV], final state)."""
-    kw = dict(feature_map=ensure_map(c), normalize=c["normalize"], scale=c["scale"], backend=backend)
+    kw = dict(feature_map=ensure_map(c), normalize=c["normalize"], scale=c["scale"], eps=c.get("eps", EPS_DEFAULT),
+              backend=backend)
     B, T, H, D = q.shape
     outs = []
     if inplace:

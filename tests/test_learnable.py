@@ -55,6 +55,19 @@ def test_forward_and_parameter_grads(c, path):
     check_grads(c, got, want, bounds, names)
 
 
+@settings(max_examples=max(1, settings.default.max_examples // 2))
+@given(c=cases(maps=LEARNABLE, dtypes=("float32",), t_values=(1, 2, 7, 17), d_values=(1, 2, 4, 13),
+               positive_den=True))
+def test_gradient_bounds_cover_the_exact_gradients(c):
+    """Each gradient's bound sums magnitudes of the terms its exact value sums, so |exact| <= bound, the
+    parameters' included (their bounds once differentiated the held-fixed o and den too: 58x too small)."""
+    _, leaves, (do, dS, dz) = testing.op_grads(c, "torch")
+    want = testing.reference_grads(c, leaves, do, dS, dz)
+    bounds = testing.grad_bound(c, leaves, do, dS, dz)
+    for w, b in zip(want, bounds):
+        assert (w.abs() <= b * (1 + 1e-9) + 1e-300).all()
+
+
 def _learnable_case(family, heads, key_heads, M=6, **kw):
     c = dict(PACKED, **kw)
     spec = dict(family=family, D=c["D"], M=M, seed=1, heads=heads, key_heads=key_heads)
