@@ -13,23 +13,25 @@ from hypothesis import assume, given, note
 from hypothesis import strategies as st
 
 import lintx_triton as lx
-from helpers import case_id, cases, check_grads, forward_and_grads, grad_bound, make_inputs, reference_grads
+from helpers import CHUNKS, EPS_VALUES, case_id, cases, check_forward, check_grads, config, forward_and_grads, \
+    grad_bound, make_inputs, reference_grads
 
 
-def _grads(c, backend, path="chunked", chunk=16, final_state_grad=True):
-    with lx.config.override(path=path, bwd_chunk=chunk):
-        return forward_and_grads(c, backend, final_state_grad=final_state_grad)
+def _grads(c, backend, path="chunked", chunk=16, final_state_grad=True, device="cpu"):
+    with config(path=path, bwd_chunk=chunk):
+        return forward_and_grads(c, backend, device=device, final_state_grad=final_state_grad)
 
 
-@given(c=cases(), chunk=st.sampled_from([16, 32]), final_state_grad=st.booleans())
-def test_triton_gradients(c, chunk, final_state_grad):
+@given(c=cases(eps_values=EPS_VALUES), chunk=st.sampled_from(CHUNKS), final_state_grad=st.booleans())
+def test_triton_gradients(kernel_device, c, chunk, final_state_grad):
     assume(not (c["feature_map"] == "identity" and c["normalize"]))
     note(case_id(c))
-    got, want, bounds, names = _grads(c, "triton", chunk=chunk, final_state_grad=final_state_grad)
+    got, want, bounds, names = _grads(c, "triton", chunk=chunk, final_state_grad=final_state_grad,
+                                      device=kernel_device)
     check_grads(c, got, want, bounds, names)
 
 
-@given(c=cases())
+@given(c=cases(eps_values=EPS_VALUES))
 def test_torch_backend_gradients(c):
     assume(not (c["feature_map"] == "identity" and c["normalize"]))
     note(case_id(c))
@@ -37,11 +39,11 @@ def test_torch_backend_gradients(c):
     check_grads(c, got, want, bounds, names)
 
 
-def test_gradient_only_through_output():
+def test_gradient_only_through_output(kernel_device):
     """No gradient reaches the final state: the backward gets dS = dz = None."""
     c = dict(B=1, T=19, H=2, D=8, DV=8, dtype="float32", feature_map="elu", causal=True, normalize=True,
              initial_state=True, scale=1.0, seed=5)
-    q, k, v, state = make_inputs(c, requires_grad=True)
+    q, k, v, state = make_inputs(c, requires_grad=True, device=kernel_device)
     o = lx.linear_attention(q, k, v, initial_state=state, backend="triton")
     leaves = [q, k, v, *state]
     got = torch.autograd.grad(o.sum(), leaves)
@@ -50,21 +52,26 @@ def test_gradient_only_through_output():
     check_grads(c, got, want, bounds, ["q", "k", "v", "S_0", "z_0"])
 
 
-def test_torch_gradcheck_float64_torch_backend():
-    """The PyTorch path is differentiable in float64 too (finite differences)."""
+@pytest.mark.parametrize("causal", [True, False])
+def test_reference_gradcheck_and_torch_backend_values(causal):
+    """The float64 reference's autograd gradients are its derivatives (finite differences: what every gradient
+    check trusts), and the PyTorch path's output and gradients on those inputs are within the bounds."""
     from lintx_triton import feature_maps
-    from lintx_triton.reference import linear_attention_torch
+    from lintx_triton.reference import linear_attention_reference, linear_attention_torch
 
+    c = dict(B=1, T=7, H=1, D=3, DV=3, dtype="float32", feature_map="elu", causal=causal, normalize=True,
+             initial_state=False, scale=0.5, eps=1e-3, seed=0)
+    kw = dict(causal=causal, scale=0.5, eps=1e-3)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 7, 1, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
-
-    def f(q, k, v):
-        # float64 in, fp32 inside: compare the reference instead, which is what the kernels are checked against
-        from lintx_triton.reference import linear_attention_reference
-        return linear_attention_reference(q, k, v, feature_maps.get("elu"))[0]
-
-    assert torch.autograd.gradcheck(f, (q, k, v))
-    assert linear_attention_torch(q.float(), k.float(), v.float(), feature_maps.get("elu"))[0].shape == (1, 7, 1, 3)
+    fm = feature_maps.get("elu")
+    assert torch.autograd.gradcheck(lambda q, k, v: linear_attention_reference(q, k, v, fm, **kw)[0], (q, k, v))
+    leaves = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    o, (S, z) = linear_attention_torch(*leaves, fm, **kw)
+    check_forward(c, o, *leaves, None)
+    do = torch.randn(o.shape, generator=g, dtype=torch.float32)
+    got = torch.autograd.grad((o * do).sum(), leaves)
+    check_grads(c, got, reference_grads(c, leaves, do), grad_bound(c, leaves, do), ["q", "k", "v"])
 
 
 @pytest.mark.parametrize(
@@ -72,7 +79,7 @@ def test_torch_gradcheck_float64_torch_backend():
     # unnormalized float16 is left out: its output a^T S itself exceeds fp16's range
     [("float16", True), ("bfloat16", True), ("float32", True), ("bfloat16", False), ("float32", False)],
 )
-def test_long_prefix_keeps_fp16_in_range(dtype, normalize):
+def test_long_prefix_keeps_fp16_in_range(kernel_device, dtype, normalize):
     """A state as a ~10^6-token prefix leaves: S and den far outside fp16's range (max 65504).
 
     Products take do (not do / den, which would underflow) and states divided by their largest
@@ -80,7 +87,7 @@ def test_long_prefix_keeps_fp16_in_range(dtype, normalize):
     """
     c = dict(B=1, T=23, H=2, D=16, DV=24, dtype=dtype, feature_map="elu", causal=True, normalize=normalize,
              initial_state=True, scale=1.0, seed=11)
-    q, k, v, state = make_inputs(c)
+    q, k, v, state = make_inputs(c, device=kernel_device)
     state = tuple((x * 2e5).requires_grad_() for x in state)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     o, (S, z) = lx.linear_attention(q, k, v, initial_state=state, normalize=normalize, return_state=True,
@@ -88,6 +95,6 @@ def test_long_prefix_keeps_fp16_in_range(dtype, normalize):
     assert S.abs().max() > 1e6 and torch.isfinite(o).all()
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(0)).to(o.dtype).float()
     leaves = [q, k, v, *state]
-    got = torch.autograd.grad((o.float() * do).sum(), leaves)
+    got = torch.autograd.grad((o.float() * do.to(o.device)).sum(), leaves)
     want, bounds = reference_grads(c, leaves, do), grad_bound(c, leaves, do)  # z_0 is unused unnormalized: 0
     check_grads(c, got, want, bounds, ["q", "k", "v", "S_0", "z_0"])

@@ -10,7 +10,8 @@ from hypothesis import given, note
 import lintx_triton as lx
 from lintx_triton import codegen, feature_maps
 from lintx_triton.spec import KernelSpec
-from helpers import case_id, cases, check_forward, make_inputs
+from helpers import EPS_VALUES, case_id, cases, check_forward, check_grads, check_state, forward_and_grads, \
+    make_inputs
 
 KERNELS = [k for family in codegen.KERNELS.values() for k in family]  # every launched function, by family
 
@@ -64,24 +65,25 @@ SOFTPLUS = feature_maps.ElementwiseFeatureMap(
 )
 
 
-@given(c=cases(maps=("elu",), dtypes=("float32",)))
-def test_user_defined_map_gets_every_kernel(c):
-    """A map defined in a few lines of Triton: forward, state and gradients all generated for it."""
+@given(c=cases(maps=("elu",), dtypes=("float32",), eps_values=EPS_VALUES))
+def test_user_defined_map_gets_every_kernel(kernel_device, c):
+    """A map defined in a few lines of Triton: forward, state and gradients all generated for it, each against the
+    float64 reference within its bound (gradients of q, k, v, the initial state, through o and the final state)."""
     feature_maps.register(SOFTPLUS)
     c = dict(c, feature_map="softplus_test")
     note(case_id(c))
-    q, k, v, state = make_inputs(c, requires_grad=True)
-    o = lx.linear_attention(q, k, v, feature_map=SOFTPLUS, causal=c["causal"], normalize=c["normalize"],
-                            initial_state=state, scale=c["scale"], backend="triton")
-    check_forward(c, o.detach(), q.detach(), k.detach(), v.detach(),
-                         tuple(x.detach() for x in state) if state else None)
-    leaves = [q, k, v]
-    got = torch.autograd.grad(o.sum(), leaves)
-    ot = lx.linear_attention(q, k, v, feature_map="softplus_test", causal=c["causal"], normalize=c["normalize"],
-                             initial_state=state, scale=c["scale"], backend="torch")
-    want = torch.autograd.grad(ot.sum(), leaves)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-4)
+    out = []
+
+    def call(*args, **kwargs):
+        out.append(lx.linear_attention(*args, **kwargs))
+        return out[-1]
+
+    got, want, bounds, names = forward_and_grads(c, "triton", device=kernel_device, call=call)
+    check_grads(c, got, want, bounds, names)
+    o, (S, z) = out[0]
+    q, k, v, state = make_inputs(c, device=kernel_device)  # the inputs of that call (the seed's)
+    check_forward(c, o.detach(), q, k, v, state)
+    check_state(c, (S.detach(), z.detach()), q, k, v, state)
     assert "tl.sigmoid(x)" in lx.emit(feature_map="softplus_test")
 
 

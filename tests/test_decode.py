@@ -6,16 +6,19 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 
 import lintx_triton as lx
-from helpers import case_id, cases, check_forward, check_state, decode_steps, make_inputs
+from helpers import EPS_VALUES, TOL, case_id, cases, check_forward, check_state, decode_steps, forward_bound, \
+    make_inputs, on
+from lintx_triton.testing import assert_within
 
 T_SHORT = (1, 2, 5, 9)
 
 
-@given(c=cases(causal=True, t_values=T_SHORT), backend=st.sampled_from(["triton", "torch"]), inplace=st.booleans())
-def test_steps_match_reference(c, backend, inplace):
+@given(c=cases(causal=True, t_values=T_SHORT, eps_values=EPS_VALUES), backend=st.sampled_from(["triton", "torch"]),
+       inplace=st.booleans())
+def test_steps_match_reference(kernel_device, c, backend, inplace):
     """T steps (from an initial state or none) meet the same error bounds as the chunked op."""
     note(case_id(c))
-    q, k, v, state = make_inputs(c)
+    q, k, v, state = make_inputs(c, device=on(kernel_device, backend))
     o, st_ = decode_steps(c, q, k, v, state, backend, inplace)
     check_forward(c, o, q, k, v, state)
     check_state(c, st_, q, k, v, state)
@@ -23,27 +26,29 @@ def test_steps_match_reference(c, backend, inplace):
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_prefill_then_steps_equals_one_call(backend, normalize):
+def test_prefill_then_steps_equals_one_call(kernel_device, backend, normalize):
     c = dict(B=2, T=23, H=2, D=12, DV=20, dtype="float32", feature_map="elu", causal=True, normalize=normalize,
-             initial_state=False, scale=0.5, seed=4)
-    q, k, v, _ = make_inputs(c)
-    kw = dict(normalize=normalize, scale=0.5, backend=backend)
+             initial_state=False, scale=0.5, eps=1e-3, seed=4)
+    q, k, v, _ = make_inputs(c, device=on(kernel_device, backend))
+    kw = dict(normalize=normalize, scale=0.5, eps=1e-3, backend=backend)
     o_all, (S, z) = lx.linear_attention(q, k, v, return_state=True, **kw)
     o_pre, state = lx.linear_attention(q[:, :17], k[:, :17], v[:, :17], return_state=True, **kw)
     outs = [o_pre]
     for t in range(17, 23):
         o_t, state = lx.linear_attention_step(q[:, t], k[:, t], v[:, t], state, **kw)
         outs.append(o_t[:, None])
+    check_forward(c, torch.cat(outs, 1), q, k, v, None, name="prefill + steps o")
+    check_state(c, state, q, k, v, None)
     torch.testing.assert_close(torch.cat(outs, 1), o_all, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(state[0], S, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(state[1], z, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_inplace_equals_functional(backend):
+def test_inplace_equals_functional(kernel_device, backend):
     c = dict(B=2, T=4, H=3, D=8, DV=8, dtype="bfloat16", feature_map="relu", causal=True, normalize=True,
              initial_state=True, scale=1.0, seed=9)
-    q, k, v, state = make_inputs(c)
+    q, k, v, state = make_inputs(c, device=on(kernel_device, backend))
     o1, (S1, z1) = decode_steps(c, q, k, v, state, backend, inplace=False)
     o2, (S2, z2) = decode_steps(c, q, k, v, state, backend, inplace=True)
     torch.testing.assert_close(o1, o2, rtol=0, atol=0)
@@ -84,25 +89,64 @@ def test_inplace_needs_a_contiguous_state():
         lx.linear_attention_step_(q1, q1, v1, None)
 
 
+# nn.LinearAttention(24, 3, value_dim=5) with these changes; "favor" is a FAVOR+ map of head_dim 4 (6 heads)
+MODULES = {
+    "elu": dict(),
+    "relu-mqa-eps": dict(feature_map="relu", num_kv_heads=1, eps=0.5),
+    "favor-gqa": dict(feature_map="favor", num_heads=6, num_kv_heads=3),
+    "raw-head_dim": dict(normalize=False, head_dim=5),
+    "full": dict(causal=False),
+    "full-raw-gqa-eps": dict(causal=False, normalize=False, num_heads=6, num_kv_heads=2, eps=0.5),
+}
+
+
+def _module_reference(attn, x, T):
+    """The float64 reference of ``attn`` on the first T tokens of x: y and the bound of its rounding error, the
+    attention's (testing.forward_bound) carried through out_proj, whose own rounding (H DV + 1 terms, far fewer
+    than TOL / 2^-24) its terms |o| |W| + |b| cover; and the case of the attention, with q, k, v."""
+    q, k, v = (t.detach() for t in attn._qkv(x[:, :T]))
+    fm = lx.feature_maps.resolve(attn.feature_map)
+    B, _, H, D = q.shape
+    c = dict(B=B, T=T, H=H, HKV=attn.num_kv_heads, D=D, DV=attn.value_dim, dtype="float32", feature_map=fm.name,
+             causal=attn.causal, normalize=attn.normalize, initial_state=False, scale=1.0, eps=attn.eps, seed=0)
+    o, bound = forward_bound(c, q, k, v, None)
+    W, b = (p.detach().cpu().double() for p in (attn.out_proj.weight, attn.out_proj.bias))
+    o, bound = (t.reshape(B, T, H * attn.value_dim) for t in (o, bound))
+    return o @ W.T + b, (bound + o.abs()) @ W.abs().T + b.abs(), (c, q, k, v)
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-@pytest.mark.parametrize("feature_map,kv_heads", [("elu", None), ("relu", None), ("elu", 1), ("favor", 3)])
-def test_module_forward_and_step_agree(backend, feature_map, kv_heads):
+@pytest.mark.parametrize("name", list(MODULES))
+def test_module_matches_reference(kernel_device, backend, name):
+    """forward(), forward(return_state=True) and step() (functional and in-place) against the float64 reference
+    of the module's own projections: causal or not, normalized or not, grouped heads, a head_dim, an eps."""
     torch.manual_seed(0)
-    if feature_map == "favor":
-        feature_map = lx.feature_maps.favor(4, num_features=10, seed=0)
-    attn = lx.nn.LinearAttention(24, 6 if kv_heads == 3 else 3, feature_map=feature_map, backend=backend,
-                                 value_dim=5, num_kv_heads=kv_heads)
-    x = torch.randn(2, 11, 24)
+    kw = dict(dict(num_heads=3, value_dim=5), **MODULES[name])
+    if kw.get("feature_map") == "favor":
+        kw["feature_map"] = lx.feature_maps.favor(4, num_features=10, seed=0)
+    dev = on(kernel_device, backend)
+    attn = lx.nn.LinearAttention(24, backend=backend, **kw).to(dev)
+    T, P = 9, 5  # tokens, of which the prefill
+    x = torch.randn(2, T, 24).to(dev)
     y = attn(x)
-    y_pre, state = attn(x[:, :6], return_state=True)
-    ys = [y_pre]
-    for t in range(6, 11):
-        y_t, state = attn.step(x[:, t], state)
-        ys.append(y_t[:, None])
-    torch.testing.assert_close(torch.cat(ys, 1), y, rtol=1e-5, atol=1e-5)
-    S, z = attn.init_state(2)
-    ys2 = [attn.step(x[:, t], (S, z), inplace=True)[0] for t in range(11)]
-    torch.testing.assert_close(torch.stack(ys2, 1), y, rtol=1e-5, atol=1e-5)
+    y_ref, bound, (c, q, k, v) = _module_reference(attn, x, T)
+    tol = TOL["float32"]
+    assert_within("y", y, y_ref, bound, tol)
+    y_pre, state = attn(x[:, :P], return_state=True)
+    yp_ref, bound_p, (cp, qp, kp, vp) = _module_reference(attn, x, P)  # non-causal: P tokens attend to P
+    assert_within("prefill y", y_pre, yp_ref, bound_p, tol)
+    check_state(cp, state, qp, kp, vp, None)
+    if attn.causal:
+        ys = [y_pre]
+        for t in range(P, T):
+            y_t, state = attn.step(x[:, t], state)
+            ys.append(y_t[:, None])
+        assert_within("prefill + steps y", torch.cat(ys, 1), y_ref, bound, tol)
+        check_state(c, state, q, k, v, None)
+        S, z = attn.init_state(2)
+        ys2 = [attn.step(x[:, t], (S, z), inplace=True)[0] for t in range(T)]
+        assert_within("in-place steps y", torch.stack(ys2, 1), y_ref, bound, tol)
+        check_state(c, (S, z), q, k, v, None)
     y.sum().backward()  # forward() trains
     assert attn.q_proj.weight.grad is not None
 

@@ -6,20 +6,20 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 
 import lintx_triton as lx
-from helpers import case_id, cases, check_forward, check_state, make_inputs, run
+from helpers import CHUNKS, EPS_VALUES, case_id, cases, check_forward, check_state, config, make_inputs, on, run
 
 
-@given(c=cases(), path=st.sampled_from(["chunked", "fused"]), chunk=st.sampled_from([16, 32]))
-def test_triton_forward_matches_reference(c, path, chunk):
+@given(c=cases(eps_values=EPS_VALUES), path=st.sampled_from(["chunked", "fused"]), chunk=st.sampled_from(CHUNKS))
+def test_triton_forward_matches_reference(kernel_device, c, path, chunk):
     note(case_id(c))
-    q, k, v, state = make_inputs(c)
-    with lx.config.override(path=path, chunk=chunk):
+    q, k, v, state = make_inputs(c, device=kernel_device)
+    with config(path=path, chunk=chunk):
         o, st_ = run(c, q, k, v, state, backend="triton", return_state=True)
     check_forward(c, o, q, k, v, state)
     check_state(c, st_, q, k, v, state)
 
 
-@given(c=cases())
+@given(c=cases(eps_values=EPS_VALUES))
 def test_torch_backend_matches_reference(c):
     note(case_id(c))
     q, k, v, state = make_inputs(c)
@@ -30,10 +30,10 @@ def test_torch_backend_matches_reference(c):
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_non_contiguous_inputs(backend, causal):
+def test_non_contiguous_inputs(kernel_device, backend, causal):
     c = dict(B=2, T=21, H=3, D=16, DV=24, dtype="float32", feature_map="elu", causal=causal, normalize=True,
              initial_state=False, scale=1.0, seed=3)
-    q, k, v, _ = make_inputs(c)
+    q, k, v, _ = make_inputs(c, device=on(kernel_device, backend))
     # [B, H, T, D] storage viewed as [B, T, H, D]; and a strided slice of a wider v
     qn = q.transpose(1, 2).contiguous().transpose(1, 2)
     kn = torch.stack([k, torch.zeros_like(k)], dim=-1).flatten(-2)[..., ::2]
@@ -45,9 +45,9 @@ def test_non_contiguous_inputs(backend, causal):
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("return_state", [False, True])
-def test_empty_sequence(backend, return_state):
-    q = torch.randn(2, 0, 3, 8)
-    v = torch.randn(2, 0, 3, 5)
+def test_empty_sequence(kernel_device, backend, return_state):
+    q = torch.randn(2, 0, 3, 8, device=on(kernel_device, backend))
+    v = torch.randn(2, 0, 3, 5, device=q.device)
     out = lx.linear_attention(q, q, v, backend=backend, return_state=return_state)
     o = out[0] if return_state else out
     assert o.shape == (2, 0, 3, 5) and o.dtype == q.dtype
@@ -58,10 +58,11 @@ def test_empty_sequence(backend, return_state):
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_empty_sequence_passes_state_through(backend):
-    q = torch.randn(1, 0, 2, 4)
-    v = torch.randn(1, 0, 2, 3)
-    S0, z0 = torch.rand(1, 2, 4, 3), torch.rand(1, 2, 4)
+def test_empty_sequence_passes_state_through(kernel_device, backend):
+    dev = on(kernel_device, backend)
+    q = torch.randn(1, 0, 2, 4, device=dev)
+    v = torch.randn(1, 0, 2, 3, device=dev)
+    S0, z0 = torch.rand(1, 2, 4, 3, device=dev), torch.rand(1, 2, 4, device=dev)
     _, (S, z) = lx.linear_attention(q, q, v, initial_state=(S0, z0), return_state=True, backend=backend)
     torch.testing.assert_close(S, S0)
     torch.testing.assert_close(z, z0)
