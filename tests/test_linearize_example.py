@@ -87,7 +87,8 @@ def test_forward_and_tokenizer_match_sentence_transformers():
     hf = Tokenizer.from_file(str(path / "tokenizer.json"))
     hf.no_truncation()
     hf.no_padding()
-    texts = demo.sentences(demo.prose_paragraphs()[1])[:40] + ["Héllo wörld, naïve café! 中文\u200b ok", "a" * 120]
+    odd = ["Héllo wörld, naïve café! 中文\u200b ok", "a" * 120]  # accents, CJK, a zero-width space, a long word
+    texts = demo.sentences(demo.prose_paragraphs()[1])[:40] + odd
     for t in texts:
         assert tok.encode(t, max_len=10**6).tolist() == hf.encode(t).ids, t
     ref = torch.tensor(st.SentenceTransformer(str(path), device="cpu").encode(texts, normalize_embeddings=True))
