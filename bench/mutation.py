@@ -23,8 +23,9 @@ a fresh kernel cache (``LINTX_TRITON_CACHE_DIR``, ``TRITON_CACHE_DIR``), no byte
 size and second as the original would otherwise reuse a stale ``.pyc``) and Hypothesis's ``ci`` profile without
 the shrink phase (a failure is reported at its first example: a kill is all we need; ``--examples`` changes its
 count). Each mutant may name test files to run first (``first``: where a kill is likely); the set is the same. Outcomes: ``killed`` (pytest
-exit 1, or 2: the mutant broke collection), ``survived`` (exit 0), ``timeout``, ``error`` (anything else: the
-machinery, not the mutant). The JSON is rewritten after every mutant, so an interrupted run keeps what it did;
+exit 1, or 2: the mutant broke collection), ``crashed`` (the test process died of a signal: an out-of-bounds
+access), ``survived`` (exit 0), ``timeout``, ``error`` (anything else: the machinery, not the mutant). The score:
+(killed + crashed + timeout) / mutants. The JSON is rewritten after every mutant, so an interrupted run keeps what it did;
 ``--resume`` skips the mutants a JSON already has.
 """
 
@@ -34,6 +35,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -341,13 +343,25 @@ def check(mutants, src: Path = ROOT) -> None:
 
 # ---------------------------------------------------------------- private copies
 
-# Loaded by pytest in the copy (-p): Hypothesis's ci profile without shrinking (a kill needs one failing example).
+# Loaded by pytest in the copy (-p). After tests/conftest.py has configured its profile (``ci``, or
+# HYPOTHESIS_PROFILE's; its seed handling included), the same settings without the shrink phase (a kill needs one
+# failing example) and, with --examples, another count. (Derived at configure time, not at import: a -p plugin is
+# imported before conftest.py registers ``ci``, when Hypothesis's own built-in ``ci`` profile would be found.)
 PLUGIN = '''\
 import os
+
+import pytest
 from hypothesis import Phase, settings
-_n = os.environ.get("LINTX_MUTATION_EXAMPLES")
-settings.register_profile("mutation", settings.get_profile("ci"), phases=[Phase.explicit, Phase.reuse, Phase.generate],
-                          **({"max_examples": int(_n)} if _n else {}))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    n = os.environ.get("LINTX_MUTATION_EXAMPLES")
+    base = settings.get_profile(config.getoption("--hypothesis-profile", default=None)
+                                or os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+    settings.register_profile("lintx_mutation", base, phases=[Phase.explicit, Phase.reuse, Phase.generate],
+                              **({"max_examples": int(n)} if n else {}))
+    settings.load_profile("lintx_mutation")
 '''
 PLUGIN_NAME = "_mutation_plugin"
 
@@ -356,14 +370,18 @@ def _source_files(src: Path) -> list[str]:
     """The files of a checkout: tracked and untracked-but-not-ignored (its working tree, uncommitted edits included)."""
     out = subprocess.run(["git", "-C", str(src), "ls-files", "-co", "--exclude-standard", "-z"], check=True,
                          capture_output=True).stdout.decode()
-    return [f for f in out.split("\0") if f and (src / f).is_file()]
+    return [f for f in out.split("\0") if f and ((src / f).is_file() or (src / f).is_symlink())]
 
 
 def make_copy(src: Path, dst: Path) -> Path:
-    """A private copy of ``src``'s checkout at ``dst`` (no .git, no caches), with the pytest plugin."""
+    """A private copy of ``src``'s checkout at ``dst`` (no .git, no caches), with the pytest plugin. Links stay
+    links (lintx_triton/autotune -> ../autotune, where the shipped configs are found)."""
     for f in _source_files(src):
         (dst / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src / f, dst / f)
+        if (src / f).is_symlink():
+            os.symlink(os.readlink(src / f), dst / f)
+        else:
+            shutil.copy2(src / f, dst / f)
     (dst / f"{PLUGIN_NAME}.py").write_text(PLUGIN)
     return dst
 
@@ -375,7 +393,6 @@ def test_env(copy: Path, cache: Path, examples: int | None = None) -> dict:
         env["LINTX_MUTATION_EXAMPLES"] = str(examples)
     # COLUMNS: pytest cuts its short summary (what killed the mutant) to the terminal's width, 80 in a pipe
     env.update(COLUMNS="250", PYTHONPATH=str(copy), PYTHONDONTWRITEBYTECODE="1", TRITON_INTERPRET="1",
-               HYPOTHESIS_PROFILE="mutation",
                LINTX_TRITON_CACHE_DIR=str(cache / "lintx"), TRITON_CACHE_DIR=str(cache / "triton"))
     return env
 
@@ -390,12 +407,28 @@ def verify_copy(copy: Path) -> None:
 
 
 def _summary(text: str) -> str:
-    """The first FAILED/ERROR line of pytest's short summary (what killed the mutant)."""
+    """The first FAILED/ERROR line of pytest's short summary (what killed the mutant); after a crash, the test
+    that was running (from the fault handler's traceback)."""
     for line in text.splitlines():
         if line.startswith(("FAILED ", "ERROR ")):
             return line[:300]
+    crash = re.findall(r'File "[^"]*?(tests/test_\w+\.py)", line \d+ in (\w+)', text)
+    if crash:
+        return f"crashed in {crash[-1][0]}::{crash[-1][1]}"
     tail = [line for line in text.splitlines() if line.strip()]
     return tail[-1][:300] if tail else ""
+
+
+def classify(rc: int | None) -> str:
+    """pytest's exit status -> the mutant's outcome. A signal (rc < 0) is a crash of the test process: the
+    interpreter's out-of-bounds access, an illegal address on a GPU; the suite fails, so the mutant is detected."""
+    if rc is None:
+        return "timeout"
+    if rc == 0:
+        return "survived"
+    if rc in (1, 2):
+        return "killed"
+    return "crashed" if rc < 0 else "error"
 
 
 def run_mutant(m: Mutant | None, copy: Path, tests, timeout: float, examples: int | None = None) -> dict:
@@ -421,14 +454,7 @@ def run_mutant(m: Mutant | None, copy: Path, tests, timeout: float, examples: in
         finally:
             if m:
                 target.write_text(original)
-    if rc is None:
-        outcome = "timeout"
-    elif rc == 0:
-        outcome = "survived"
-    elif rc in (1, 2):
-        outcome = "killed"
-    else:
-        outcome = "error"
+    outcome = classify(rc)
     res = dict(outcome=outcome, rc=rc, seconds=round(time.perf_counter() - t0, 1), by=_summary(out or ""))
     if outcome == "error":
         res["tail"] = (out or "")[-2000:]
@@ -437,8 +463,9 @@ def run_mutant(m: Mutant | None, copy: Path, tests, timeout: float, examples: in
 
 def score(results: dict) -> dict:
     n = len(results)
-    counts = {k: sum(r["outcome"] == k for r in results.values()) for k in ("killed", "survived", "timeout", "error")}
-    detected = counts["killed"] + counts["timeout"]
+    counts = {k: sum(r["outcome"] == k for r in results.values())
+              for k in ("killed", "crashed", "timeout", "survived", "error")}
+    detected = counts["killed"] + counts["crashed"] + counts["timeout"]
     return dict(mutants=n, **counts, score=round(detected / n, 4) if n else None)
 
 
@@ -457,6 +484,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="the JSON to write (rewritten after every mutant)")
     ap.add_argument("--resume", action="store_true", help="skip the mutants --out already has")
     ap.add_argument("--baseline", action="store_true", help="first run the tests on the unmutated copy (must pass)")
+    ap.add_argument("--baseline-only", action="store_true", help="run the unmutated copy's tests and no mutant")
     ap.add_argument("--check", action="store_true", help="only check that every mutant applies to exactly one place")
     ap.add_argument("--list", action="store_true", help="print the mutants and exit")
     a = ap.parse_args(argv)
@@ -483,6 +511,8 @@ def main(argv=None) -> int:
     out = Path(a.out) if a.out else None
     if out and a.resume and out.exists():
         results = json.loads(out.read_text())["results"]
+    if a.baseline_only:
+        a.baseline, mutants = True, []
     todo = [m for m in mutants if m.id not in results]
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="lintx_mutation_"))
     jobs = max(1, min(a.jobs, len(todo) or 1))
