@@ -52,7 +52,10 @@ def test_random_maps_forward_matches_reference(cm, path):
 
 
 @FEW
-@given(cm=random_map_cases(t_values=(1, 7, 16, 33)))
+# positive_den: a normalized signed map (Fourier features) draws inputs whose normalizer terms are all positive;
+# without them the first-order bound means nothing where den passes near 0 (commit 53bc9d8's seed drew
+# fourier_d4_m2, normalized: dq 2.2x its bound, err 1.4e3)
+@given(cm=random_map_cases(t_values=(1, 7, 16, 33), positive_den=True))
 def test_random_maps_gradients_match_reference(cm):
     c, fm = cm
     note(case_id(c))
