@@ -366,11 +366,25 @@ def pytest_configure(config):
 PLUGIN_NAME = "_mutation_plugin"
 
 
+SKIP_DIRS = {".git", ".venv", "__pycache__", ".hypothesis", ".pytest_cache", ".benchmarks", "build", "dist"}
+
+
 def _source_files(src: Path) -> list[str]:
-    """The files of a checkout: tracked and untracked-but-not-ignored (its working tree, uncommitted edits included)."""
-    out = subprocess.run(["git", "-C", str(src), "ls-files", "-co", "--exclude-standard", "-z"], check=True,
-                         capture_output=True).stdout.decode()
-    return [f for f in out.split("\0") if f and ((src / f).is_file() or (src / f).is_symlink())]
+    """The files of a checkout: tracked and untracked-but-not-ignored (its working tree, uncommitted edits included);
+    without git, every file outside SKIP_DIRS."""
+    try:
+        out = subprocess.run(["git", "-C", str(src), "ls-files", "-co", "--exclude-standard", "-z"], check=True,
+                             capture_output=True).stdout.decode()
+        files = out.split("\0")
+    except (OSError, subprocess.CalledProcessError):
+        files = []
+        for d, dirs, names in os.walk(src):
+            dirs[:] = [x for x in dirs if x not in SKIP_DIRS and not x.endswith(".egg-info")
+                       and not (Path(d, x).is_symlink())]
+            files += [str(Path(d, n).relative_to(src)) for n in names]
+            files += [str(Path(d, x).relative_to(src)) for x in os.listdir(d) if Path(d, x).is_symlink()
+                      and Path(d, x).is_dir()]
+    return sorted({f for f in files if f and ((src / f).is_file() or (src / f).is_symlink())})
 
 
 def make_copy(src: Path, dst: Path) -> Path:
