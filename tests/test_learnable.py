@@ -149,7 +149,7 @@ def test_parameter_grads_of_two_runs_agree():
 @pytest.mark.parametrize("inplace", [False, True])
 def test_decode_and_state_api(inplace):
     """The decode step and the state alone with a per-head, untied map: the same as the parallel forward."""
-    c = _learnable_case("hedgehog_fla", 4, 2, T=9)
+    c = _learnable_case("hedgehog_fla", 4, 2, T=9, B=2)  # B = 2: a wrong head index in decode shows
     q, k, v, _ = make_inputs(c)
     fm = testing.ensure_map(c)
     o, (S, z) = lx.linear_attention(q, k, v, feature_map=fm, backend="triton", return_state=True, scale=0.5)
