@@ -13,7 +13,7 @@ from .config import interpreting
 from .feature_maps import FeatureMap
 from .ops import custom  # noqa: F401  (registers torch.ops.lintx.*)
 from .reference import linear_attention_step_torch, linear_attention_step_torch_, linear_attention_torch
-from .spec import DTYPES, MAX_TRITON_DIM, KernelSpec, dtype_of, products_in_fp32
+from .spec import DTYPES, KernelSpec, dtype_of, products_in_fp32, triton_limits
 
 __all__ = ["linear_attention", "linear_attention_state", "linear_attention_step", "linear_attention_step_", "emit",
            "BACKENDS"]
@@ -131,12 +131,9 @@ def _pick_backend(backend: str, q: Tensor, v: Tensor, fm: FeatureMap) -> str:
             f"call to run the kernels in Triton's CPU interpreter; got tensors on {q.device}. "
             f"Use backend='torch' or 'auto' on CPU."
         )
-    D, DV = q.shape[-1], v.shape[-1]
-    if backend == "triton" and max(D, DV, fm.feature_dim(D)) > MAX_TRITON_DIM:
-        raise ValueError(
-            f"the Triton kernels take D, DV and M up to {MAX_TRITON_DIM}, got D = {D}, DV = {DV}, "
-            f"M = {fm.feature_dim(D)}; use backend='torch'"
-        )
+    why = triton_limits(fm, q.shape[-1], v.shape[-1]) if backend == "triton" else None
+    if why is not None:
+        raise ValueError(f"{why}; use backend='torch'")
     return backend
 
 

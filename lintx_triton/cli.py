@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 import click
 
-from .spec import DTYPES, FAMILIES, MAX_TRITON_DIM, dtype_of, products_in_fp32
+from .spec import DTYPES, FAMILIES, MAX_TRITON_DIM, dtype_of, products_in_fp32, triton_limits
 
 # every name of a dtype: bf16 or bfloat16 (lintx_triton.spec.DTYPES)
 DTYPE_CHOICES = [n for d in DTYPES.values() for n in (d.short, d.name)]
@@ -647,7 +647,8 @@ def fuzz(examples, minutes, quick, seed, maps, dtypes, kernels, backends, normal
 def _spec_options(f):
     f = click.option("--map", "feature_map", default="elu", show_default=True,
                      help="feature map name, or a family with M features (default 2D): favor[:M], favor_hyp[:M], "
-                          "fourier[:M], hedgehog[:M], hedgehog_fla[:M], t2r[:M]")(f)
+                          "fourier[:M], hedgehog[:M], hedgehog_fla[:M], t2r[:M]; or a polynomial family (M follows "
+                          "from D): taylor, taylor_c")(f)
     f = click.option("--causal/--full", default=True, show_default=True)(f)
     f = click.option("--normalize/--raw", default=True, show_default=True)(f)
     f = click.option("--dtype", default="bf16", show_default=True, type=click.Choice(sorted(DTYPE_CHOICES)))(f)
@@ -665,7 +666,10 @@ def _make_spec(feature_map, causal, normalize, dtype, head_dim, value_dim, initi
     from .spec import KernelSpec
 
     family, _, m = feature_map.partition(":")
-    if family in feature_maps.MAP_FAMILIES:  # a random-feature or learnable map built for this D
+    if family in feature_maps.POLYNOMIAL_FAMILIES and m:
+        raise click.BadParameter(f"a polynomial map's M follows from D: pass {family!r} without ':M'",
+                                 param_hint="--map")
+    if family in feature_maps.MAP_FAMILIES:  # a random-feature, learnable or polynomial map built for this D
         if m and not m.isdigit():
             raise click.BadParameter(f"M must be a positive integer, got {feature_map!r}", param_hint="--map")
         try:
@@ -676,6 +680,9 @@ def _make_spec(feature_map, causal, normalize, dtype, head_dim, value_dim, initi
     dt = dtype_of(dtype).name
     if initial_state and not causal:
         raise click.BadParameter("an initial state needs --causal", param_hint="--initial-state")
+    why = triton_limits(feature_maps.get(feature_map), head_dim, value_dim or head_dim)
+    if why is not None:
+        raise click.BadParameter(why, param_hint="--head-dim")
     return KernelSpec(
         feature_map=feature_maps.get(feature_map).name, causal=causal, normalize=normalize, dtype=dt,
         head_dim=head_dim, value_dim=value_dim or head_dim, has_initial_state=initial_state,

@@ -17,6 +17,7 @@ import torch
 from . import feature_maps
 
 __all__ = ["KernelSpec", "GENERATOR_VERSION", "DType", "DTYPES", "dtype_of", "FAMILIES", "MAX_TRITON_DIM",
+           "FEATURE_BLOCK", "MAX_BLOCKED_D", "MAX_BLOCKED_M", "triton_limits",
            "products_in_fp32"]
 
 # Bump when the kernel files or the renderer change their meaning (the tuned files record it); the cache
@@ -26,6 +27,29 @@ GENERATOR_VERSION = 8
 # The widest D, DV and M the generated kernels take: they keep a [BT, M] and an [M, BV] tile on chip, and
 # beyond this would spill (every entry point checks it before a launch).
 MAX_TRITON_DIM = 256
+
+# Blocked maps (polynomial features) walk phi in blocks of at most this many features, and take D up to
+# MAX_BLOCKED_D and M up to MAX_BLOCKED_M: [BT, 64] feature tiles as an elementwise map at D = 64 has, however
+# large M is (Based's Taylor map at D = 16 has M = 273).
+FEATURE_BLOCK = 64
+MAX_BLOCKED_D = 32
+MAX_BLOCKED_M = 1024
+
+
+
+def triton_limits(fm: "feature_maps.FeatureMap", D: int, DV: int) -> "str | None":
+    """Why the Triton kernels cannot take ``fm`` at head width D and value width DV (a sentence), or None. The
+    one place these limits are decided (the API, the command line)."""
+    M = fm.feature_dim(D)
+    if fm.blocked:
+        if D > MAX_BLOCKED_D or DV > MAX_TRITON_DIM or M > MAX_BLOCKED_M:
+            return (f"the Triton kernels take a blocked map ({fm.name!r}) with D up to {MAX_BLOCKED_D}, DV up to "
+                    f"{MAX_TRITON_DIM} and M up to {MAX_BLOCKED_M}, got D = {D}, DV = {DV}, M = {M}")
+        return None
+    if max(D, DV, M) > MAX_TRITON_DIM:
+        return f"the Triton kernels take D, DV and M up to {MAX_TRITON_DIM}, got D = {D}, DV = {DV}, M = {M}"
+    return None
+
 
 # The kernel families: what is tuned (one config file each), fuzzed and timed as a unit. The Triton
 # functions that make them up are lintx_triton.codegen.KERNELS.
@@ -120,7 +144,15 @@ class KernelSpec:
 
     @property
     def block_m(self) -> int:
-        return max(16, _next_pow2(self.feature_dim))
+        """BM: M padded to a power of two >= 16; for a blocked map (polynomial features), the width of the
+        blocks the kernels walk phi in (at most :data:`FEATURE_BLOCK`)."""
+        bm = max(16, _next_pow2(self.feature_dim))
+        return min(bm, FEATURE_BLOCK) if self.fmap.blocked else bm
+
+    @property
+    def feature_blocks(self) -> int:
+        """NMB: the blocks of BM features the kernels walk (1 unless the map is blocked)."""
+        return -(-self.feature_dim // self.block_m)
 
     @property
     def block_dv(self) -> int:

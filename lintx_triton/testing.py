@@ -51,13 +51,13 @@ from hypothesis import strategies as st
 
 from . import feature_maps
 from .api import linear_attention, linear_attention_step, linear_attention_step_
-from .feature_maps import LEARNABLE_FAMILIES, RANDOM_FAMILIES
+from .feature_maps import LEARNABLE_FAMILIES, POLYNOMIAL_FAMILIES, RANDOM_FAMILIES
 from .reference import linear_attention_reference
 from .spec import DTYPES
 
 __all__ = [
     "DTYPES", "TOL", "GTOL", "T_VALUES", "D_VALUES", "DV_VALUES", "M_VALUES", "RANDOM_FAMILIES",
-    "LEARNABLE_FAMILIES", "ensure_map", "map_params",
+    "LEARNABLE_FAMILIES", "POLYNOMIAL_FAMILIES", "ensure_map", "map_params",
     "EPS_VALUES", "cases", "case_id", "call_kwargs", "make_inputs", "decode_steps", "signed_map", "positive_den_inputs",
     "reference", "forward_bound", "state_bound", "reference_grads", "grad_bound",
     "error_ratio", "assert_within", "check_forward", "check_state", "check_grads", "forward_and_grads",
@@ -110,6 +110,8 @@ def _learnable_map(family: str, D: int, M: int, seed: int, heads: int, key_heads
 
 
 def _build_map(spec: dict) -> feature_maps.FeatureMap:
+    if spec["family"] in POLYNOMIAL_FAMILIES:
+        return POLYNOMIAL_FAMILIES[spec["family"]](spec["D"])
     if spec["family"] in LEARNABLE_FAMILIES:
         return _learnable_map(spec["family"], spec["D"], spec["M"], spec["seed"], spec["heads"], spec["key_heads"])
     return _random_map(spec["family"], spec["D"], spec["M"], spec["seed"])
@@ -206,8 +208,9 @@ def cases(draw, maps=("elu", "relu", "identity"), dtypes=tuple(DTYPES), t_values
           eps_values=(EPS_DEFAULT,)):
     """A random call: shapes, dtype, map and flags (a dict; fixed flags when given).
 
-    ``maps`` holds registered names and/or the families of :data:`RANDOM_FAMILIES` and
-    :data:`LEARNABLE_FAMILIES` (whose W is drawn per head or shared, tied or untied; parameters from the seed).
+    ``maps`` holds registered names and/or the families of :data:`RANDOM_FAMILIES`,
+    :data:`LEARNABLE_FAMILIES` (whose W is drawn per head or shared, tied or untied; parameters from the seed)
+    and :data:`POLYNOMIAL_FAMILIES` (blocked families draw D at most 16).
     ``positive_den``: a normalized case of a signed map (:func:`signed_map`) draws its inputs so that every
     term of its normalizer is positive (``inputs="positive_den"``, see :func:`positive_den_inputs`), as a
     gradient check needs; raises ValueError for a signed map with no such inputs.
@@ -219,6 +222,9 @@ def cases(draw, maps=("elu", "relu", "identity"), dtypes=tuple(DTYPES), t_values
     name = draw(st.sampled_from(maps))
     extra = {}
     H = None
+    if name in feature_maps.BLOCKED_FAMILIES:
+        # M grows as D^2: D up to 16 (M = 273 for Based's map, five feature blocks)
+        D = min(D, 16)
     if name in LEARNABLE_FAMILIES:
         # W per head or shared; tied, or a key set of its own (per head or shared)
         H = draw(st.integers(1, 3))
@@ -226,6 +232,10 @@ def cases(draw, maps=("elu", "relu", "identity"), dtypes=tuple(DTYPES), t_values
         key_heads = None if draw(st.booleans()) else draw(st.sampled_from([1, H]))
         extra["map"] = dict(family=name, D=D, M=draw(st.sampled_from(M_VALUES)), seed=draw(st.integers(0, 99)),
                             heads=heads, key_heads=key_heads)
+        fm = _build_map(extra["map"])
+        name = fm.name
+    elif name in POLYNOMIAL_FAMILIES:
+        extra["map"] = dict(family=name, D=D)
         fm = _build_map(extra["map"])
         name = fm.name
     elif name in RANDOM_FAMILIES:

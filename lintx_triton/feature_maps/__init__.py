@@ -14,6 +14,7 @@ from .base import ElementwiseFeatureMap, FeatureMap, available, get, register, r
 from .builtin import elu, identity, relu
 from .hedgehog import HedgehogFeatureMap, T2RFeatureMap, hedgehog, t2r
 from .learnable import LearnableFeatureMap, Projection
+from .polynomial import PolynomialFeatureMap, ReBasedFeatureMap, rebased, taylor
 from .projected import ProjectedFeatureMap
 from .random import RANDOM_FAMILIES, RandomFeatureMap, favor, random_fourier
 
@@ -23,6 +24,12 @@ __all__ = [
     "ProjectedFeatureMap",
     "LearnableFeatureMap",
     "Projection",
+    "PolynomialFeatureMap",
+    "ReBasedFeatureMap",
+    "taylor",
+    "rebased",
+    "BLOCKED_FAMILIES",
+    "POLYNOMIAL_FAMILIES",
     "RandomFeatureMap",
     "register",
     "get",
@@ -52,18 +59,32 @@ LEARNABLE_FAMILIES = {
     "hedgehog_fla": lambda D, M, heads, key_heads: hedgehog(D, M, heads=heads, variant="fla",
                                                             tied=key_heads is None, key_heads=key_heads),
     "t2r": lambda D, M, heads, key_heads: t2r(D, M, heads=heads, tied=key_heads is None, key_heads=key_heads),
+    # ReBased: M follows from D (D^2), the M asked for is not read
+    "rebased": lambda D, M, heads, key_heads: rebased(D, heads=heads, tied=key_heads is None, key_heads=key_heads),
 }
 
-#: every family a command line or a test draws by name (random features, then learnable maps)
-MAP_FAMILIES = tuple(RANDOM_FAMILIES) + tuple(LEARNABLE_FAMILIES)
+# The polynomial families by name, each built as ``POLYNOMIAL_FAMILIES[name](D)`` (registered; M follows from D)
+POLYNOMIAL_FAMILIES = {
+    "taylor": lambda D: taylor(D),
+    "taylor_c": lambda D: taylor(D, compressed=True),
+}
+
+#: the families whose maps are blocked (polynomial features: M grows as D^2)
+BLOCKED_FAMILIES = tuple(POLYNOMIAL_FAMILIES) + ("rebased",)
+
+#: every family a command line or a test draws by name (random features, learnable maps, polynomial maps)
+MAP_FAMILIES = tuple(RANDOM_FAMILIES) + tuple(LEARNABLE_FAMILIES) + tuple(POLYNOMIAL_FAMILIES)
 
 
 def family_map(family: str, D: int, M: int, seed: int = 0) -> FeatureMap:
     """A registered map of ``family`` (one of :data:`MAP_FAMILIES`) for head width D and M features: a random
     family's draw ``seed``; a learnable family with one W shared by the heads, tied, at its own init (its
-    kernels are those of any heads or tying: those change runtime strides)."""
+    kernels are those of any heads or tying: those change runtime strides); a polynomial family's map for D
+    (its M follows from D: ``M`` is not read)."""
     if family in RANDOM_FAMILIES:
         return RANDOM_FAMILIES[family](D, M, seed)
     if family in LEARNABLE_FAMILIES:
         return LEARNABLE_FAMILIES[family](D, M, 1, None)
+    if family in POLYNOMIAL_FAMILIES:
+        return POLYNOMIAL_FAMILIES[family](D)
     raise ValueError(f"unknown map family {family!r}; families: {MAP_FAMILIES}")

@@ -40,6 +40,9 @@ class FeatureMap:
     unbounded: bool = False
     #: the map's parameters are trained (:class:`~lintx_triton.feature_maps.LearnableFeatureMap`)
     learnable: bool = False
+    #: the kernels walk phi in blocks of features, so M may exceed one tile
+    #: (:class:`~lintx_triton.feature_maps.PolynomialFeatureMap`: products of the input's entries)
+    blocked: bool = False
 
     def check_head_dim(self, head_dim: int) -> None:
         """Raise ``ValueError`` if the map is not defined for head vectors of width ``head_dim``."""
@@ -67,6 +70,11 @@ class FeatureMap:
         """The parameter tensor the kernels read for queries (``side="query"``) or keys: ``[HW, D + 1, M]`` fp32
         (W then the bias row, per head or HW = 1 shared), ``None`` for elementwise maps."""
         return None
+
+    def params_per_head(self, head_dim: int) -> int:
+        """The elements of one head's parameters in :meth:`kernel_params` (the kernels' head stride of their
+        gradient): (D + 1) M for a projected map's W and bias row."""
+        return (head_dim + 1) * self.feature_dim(head_dim)
 
     def check_heads(self, heads: "int | None", kv_heads: int) -> None:
         """Raise ``ValueError`` if the map cannot serve ``heads`` query (None: no queries) and ``kv_heads`` key

@@ -30,7 +30,7 @@ from torch import nn
 from .base import FeatureMap
 from .projected import SIDES, head_matmul, projected_magnitude
 
-__all__ = ["LearnableFeatureMap", "Projection"]
+__all__ = ["LearnableFeatureMap", "Projection", "HeadParams"]
 
 
 class Projection(nn.Module):
@@ -53,7 +53,59 @@ def _positive_int(what: str, val) -> int:
     return val
 
 
-class LearnableFeatureMap(nn.Module, FeatureMap):
+class HeadParams:
+    """What a learnable map of any family shares: a parameter set ``query`` (and ``key`` when untied, else None),
+    each for 1 head (shared) or as many as the heads it serves; a subclass says how many (:meth:`heads_of`)."""
+
+    query: nn.Module
+    key: Optional[nn.Module]
+
+    @property
+    def tied(self) -> bool:
+        return self.key is None
+
+    def side_params(self, side: str) -> nn.Module:
+        if side not in SIDES:
+            raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+        return self.query if side == "query" or self.key is None else self.key
+
+    def heads_of(self, side: str) -> int:
+        """HW of ``side``'s parameters (1: shared by every head)."""
+        raise NotImplementedError
+
+    def untied_with(self, key_map):
+        """This map for queries and ``key_map``'s query parameters for keys: one map of two parameter sets
+        (``key_map`` must be the same kind of map: same name, hence the same kernels)."""
+        if not isinstance(key_map, HeadParams) or key_map.source_hash() != self.source_hash():
+            raise ValueError(f"the key map must be a learnable map of the same kind as {self.name!r} (same D, M and "
+                             f"formula), got {key_map!r}")
+        pair = copy.copy(self)
+        pair._modules = dict(self._modules)
+        pair.key = key_map.query
+        return pair
+
+    def check_heads(self, heads: int, kv_heads: int) -> None:
+        for side, n in (("query", heads), ("key", kv_heads)):
+            if n is None:
+                continue
+            HW = self.heads_of(side)
+            if HW not in (1, n):
+                hint = (" (a tied map serves queries and keys: with grouped heads build it untied, tied=False, "
+                        "key_heads=HKV)" if self.tied and heads not in (None, kv_heads) else "")
+                raise ValueError(f"feature map {self.name!r} has {HW} {side} heads: it must have 1 (shared) or the "
+                                 f"{n} {side} heads of the call{hint}")
+
+    def _to_kernels(self, p: torch.Tensor, device) -> torch.Tensor:
+        """One side's kernel parameters (built from the nn.Parameters, differentiably) as the kernels read them:
+        fp32, contiguous, on ``device`` (a clear error when the map's parameters are elsewhere)."""
+        if p.device != torch.device(device) and torch.device(device).type != "meta":
+            raise ValueError(f"feature map {self.name!r} has its parameters on {p.device}, the inputs are on "
+                             f"{torch.device(device)}: move the map with .to()")
+        p = p.to(torch.float32)
+        return p.to(device) if torch.device(device).type == "meta" else p.contiguous()
+
+
+class LearnableFeatureMap(HeadParams, nn.Module, FeatureMap):
     """A projected feature map with trained, optionally per-head, W and b.
 
     Args:
@@ -144,21 +196,12 @@ class LearnableFeatureMap(nn.Module, FeatureMap):
     # ---- the map
 
     @property
-    def tied(self) -> bool:
-        return self.key is None
-
-    @property
     def head_dim(self) -> int:
         return self._D
 
     @property
     def num_features(self) -> int:
         return self._M
-
-    def side_params(self, side: str) -> nn.Module:
-        if side not in SIDES:
-            raise ValueError(f"side must be one of {SIDES}, got {side!r}")
-        return self.query if side == "query" or self.key is None else self.key
 
     def heads_of(self, side: str) -> int:
         """HW of ``side``'s W (1: shared by every head)."""
@@ -173,17 +216,6 @@ class LearnableFeatureMap(nn.Module, FeatureMap):
                              f"[HW, {self._M}], got {tuple(W.shape)} and {tuple(b.shape)}")
         return W, b
 
-    def untied_with(self, key_map: "LearnableFeatureMap") -> "LearnableFeatureMap":
-        """This map for queries and ``key_map``'s query parameters for keys: one map of two parameter sets
-        (``key_map`` must be the same kind of map: same name, hence the same kernels)."""
-        if not isinstance(key_map, LearnableFeatureMap) or key_map.source_hash() != self.source_hash():
-            raise ValueError(f"the key map must be a learnable map of the same kind as {self.name!r} (same D, M and "
-                             f"formula), got {key_map!r}")
-        pair = copy.copy(self)
-        pair._modules = dict(self._modules)
-        pair.key = key_map.query
-        return pair
-
     def feature_dim(self, head_dim: int) -> int:
         return self._M
 
@@ -192,25 +224,10 @@ class LearnableFeatureMap(nn.Module, FeatureMap):
             raise ValueError(f"feature map {self.name!r} projects head vectors of width D = {self._D}, "
                              f"got D = {head_dim}; build the map for this D")
 
-    def check_heads(self, heads: int, kv_heads: int) -> None:
-        for side, n in (("query", heads), ("key", kv_heads)):
-            if n is None:
-                continue
-            HW = self.heads_of(side)
-            if HW not in (1, n):
-                hint = (" (a tied map serves queries and keys: with grouped heads build it untied, tied=False, "
-                        "key_heads=HKV)" if self.tied and heads not in (None, kv_heads) else "")
-                raise ValueError(f"feature map {self.name!r} has {HW} {side} heads: it must have 1 (shared) or the "
-                                 f"{n} {side} heads of the call{hint}")
-
     def kernel_params(self, side: str, device) -> torch.Tensor:
         """``[HW, D + 1, M]`` fp32: W then the bias row, built from the parameters (differentiably)."""
         W, b = self.projection(side)
-        if W.device != torch.device(device) and torch.device(device).type != "meta":
-            raise ValueError(f"feature map {self.name!r} has its parameters on {W.device}, the inputs are on "
-                             f"{torch.device(device)}: move the map with .to()")
-        p = torch.cat([W, b[:, None, :]], 1).to(torch.float32)
-        return p.to(device) if torch.device(device).type == "meta" else p.contiguous()
+        return self._to_kernels(torch.cat([W, b[:, None, :]], 1), device)
 
     def _projection(self, x: torch.Tensor, side: str):
         W, b = self.projection(side)

@@ -104,10 +104,11 @@ def _pass(cfg: Config, in_bwd: bool) -> tuple[int, int, int]:
 
 
 def chunk_sums_plan(spec: KernelSpec, cfg: Config, lay: Layout, *, in_bwd: bool, grads: bool) -> Plan:
-    """``chunk_kernel_h``: one program per (chunk slot, value block, batch * kv head). ``grads``: sums of the
-    state's gradient (BACKWARD); ``in_bwd``: launched by the backward pass (its BV, warps, stages)."""
+    """``chunk_kernel_h``: one program per (chunk slot, value block and feature block, batch * kv head).
+    ``grads``: sums of the state's gradient (BACKWARD); ``in_bwd``: launched by the backward pass (its BV, warps,
+    stages)."""
     BV, warps, stages = _pass(cfg, in_bwd)
-    return Plan((lay.NT, _cdiv(spec.value_dim, BV), lay.B * lay.HKV),
+    return Plan((lay.NT, _cdiv(spec.value_dim, BV) * spec.feature_blocks, lay.B * lay.HKV),
                 dict(H=lay.H, HKV=lay.HKV, BT=lay.BT, BV=BV, BACKWARD=grads, IS_VARLEN=lay.varlen), warps, stages)
 
 
@@ -266,7 +267,13 @@ def chunk_fwd(spec: KernelSpec, cfg: Config, q, k, v, S0, z0, fq, fk, scale: flo
     unused = ST  # a valid pointer for what a variant never reads
     fmap = _map_args(fq, fk, unused)
     plan = output_plan(spec, cfg, lay)
-    if plan.constexprs["FUSED"]:
+    if plan.constexprs["FUSED"] and spec.feature_blocks > 1:
+        # a blocked map's running state, one per (sequence, query head) and z's per value block too: the kernel
+        # reads and writes it a feature block at a time
+        NV = plan.grid[1]
+        S = torch.empty(lay.N * H, spec.feature_dim, spec.value_dim, dtype=F32, device=q.device)
+        z = torch.empty(lay.N * H * NV, spec.feature_dim, dtype=F32, device=q.device)
+    elif plan.constexprs["FUSED"]:
         S = z = unused  # the fused path carries the state on chip
     else:
         S, z = _chunk_states(spec, cfg, lay, run, "fwd", x=k, y=v, fmap=fmap, den=unused, g=unused,

@@ -2,8 +2,9 @@
 import triton
 import triton.language as tl
 
-from .constants import BDV, BM, D, DV, IS_CAUSAL, M, NORMALIZE
-from .elementwise import _phi, _store_phi_vjp  # the map's set: elementwise.py or projected.py
+from .constants import BDA, BDV, BM, DV, FMS, IS_CAUSAL, M, NMB, NORMALIZE
+# the map's set: elementwise.py, projected.py or polynomial.py
+from .elementwise import _phi, _phi_blk, _phi_vjp_acc, _phi_vjp_store, _store_phi_vjp
 from .helpers import _chunk, _den_offset, _load_rows, _mm, _mm_wide, _store_rows
 
 # %% kernels (the renderer joins what follows; the lines above are for editors and linters)
@@ -65,7 +66,7 @@ def chunk_bwd_kernel_dq(
     S,  # [B*HKV, NT, M, DV] S_c (causal) or [N, HKV, M, DV] the total (not causal)
     z,  # [B*HKV, NT, M] / [N, HKV, M]
     dq,  # [B, T, H, D] out
-    dfq,  # [H, D + 1, M] fp32, HAS_DFM only: dL/d(W, b) of the query map per query head, accumulated
+    dfq,  # [H, *fq's per-head shape] fp32, HAS_DFM only: the query map's parameter gradient per query head (FMS each)
     cu,
     cmap,
     scale,
@@ -85,30 +86,65 @@ def chunk_bwd_kernel_dq(
     p_fk = fk + (i_h // (H // HKV)) * fk_hs
     o_m = tl.arange(0, BM)
     m_m = o_m < M
-    b_da = tl.zeros([BT, BM], dtype=tl.float32)  # do S^T, then dL/da without the factor scale
-    if IS_CAUSAL:
-        b_dA = tl.zeros([BT, BT], dtype=tl.float32)  # do v^T, then dL/d(a b^T)
-    for i_v in range(0, tl.cdiv(DV, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_v = o_v < DV
-        b_S = tl.load(S + (i_s * M + o_m[:, None]) * DV + o_v[None, :], mask=m_m[:, None] & m_v[None, :], other=0.0)
-        b_do = _load_rows(do, row_q, o_t, m_t, o_v, m_v, H, DV)  # [BT, BV]
-        b_da += _mm_wide(b_do, tl.trans(b_S))
+    if NMB == 1:
+        b_da = tl.zeros([BT, BM], dtype=tl.float32)  # do S^T, then dL/da without the factor scale
         if IS_CAUSAL:
-            b_dA += _mm(b_do, tl.trans(_load_rows(v, row_k, o_t, m_t, o_v, m_v, HKV, DV)))
-    if NORMALIZE:
-        b_rden = 1.0 / tl.load(den + p_t0 + o_t, mask=m_t, other=1.0)  # [BT]
-        b_g = tl.load(g + p_t0 + o_t, mask=m_t, other=0.0)
-        b_z = tl.load(z + i_s * M + o_m, mask=m_m, other=0.0)  # [BM]
-        b_da = b_da * b_rden[:, None] + b_g[:, None] * b_z[None, :]
-    if IS_CAUSAL:
+            b_dA = tl.zeros([BT, BT], dtype=tl.float32)  # do v^T, then dL/d(a b^T)
+        for i_v in range(0, tl.cdiv(DV, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_v = o_v < DV
+            b_S = tl.load(S + (i_s * M + o_m[:, None]) * DV + o_v[None, :], mask=m_m[:, None] & m_v[None, :],
+                          other=0.0)
+            b_do = _load_rows(do, row_q, o_t, m_t, o_v, m_v, H, DV)  # [BT, BV]
+            b_da += _mm_wide(b_do, tl.trans(b_S))
+            if IS_CAUSAL:
+                b_dA += _mm(b_do, tl.trans(_load_rows(v, row_k, o_t, m_t, o_v, m_v, HKV, DV)))
         if NORMALIZE:
-            b_dA = b_dA * b_rden[:, None] + b_g[:, None]
-        b_dA = tl.where((o_t[:, None] >= o_t[None, :]) & m_t[:, None], b_dA, 0.0)
-        b_b = _phi(k, row_k, o_t, m_t, HKV, p_fk, False)  # [BT, BM]
-        b_da += _mm_wide(b_dA, b_b)
-    _store_phi_vjp(dq, row_q, H, q, row_q, H, o_t, m_t, scale * b_da, p_fq, True, dfq + i_h * ((D + 1) * M),
-                   HAS_DFM)
+            b_rden = 1.0 / tl.load(den + p_t0 + o_t, mask=m_t, other=1.0)  # [BT]
+            b_g = tl.load(g + p_t0 + o_t, mask=m_t, other=0.0)
+            b_z = tl.load(z + i_s * M + o_m, mask=m_m, other=0.0)  # [BM]
+            b_da = b_da * b_rden[:, None] + b_g[:, None] * b_z[None, :]
+        if IS_CAUSAL:
+            if NORMALIZE:
+                b_dA = b_dA * b_rden[:, None] + b_g[:, None]
+            b_dA = tl.where((o_t[:, None] >= o_t[None, :]) & m_t[:, None], b_dA, 0.0)
+            b_b = _phi(k, row_k, o_t, m_t, HKV, p_fk, False)  # [BT, BM]
+            b_da += _mm_wide(b_dA, b_b)
+        _store_phi_vjp(dq, row_q, H, q, row_q, H, o_t, m_t, scale * b_da, p_fq, True, dfq + i_h * FMS,
+                       HAS_DFM)
+    else:
+        # blocked map: dL/dy' (y' = [pre(q), 1]) summed over the feature blocks, dq from it once
+        if NORMALIZE:
+            b_rden = 1.0 / tl.load(den + p_t0 + o_t, mask=m_t, other=1.0)  # [BT]
+            b_g = tl.load(g + p_t0 + o_t, mask=m_t, other=0.0)
+        if IS_CAUSAL:
+            b_dA = tl.zeros([BT, BT], dtype=tl.float32)
+            for i_v in range(0, tl.cdiv(DV, BV)):
+                o_v = i_v * BV + tl.arange(0, BV)
+                m_v = o_v < DV
+                b_do = _load_rows(do, row_q, o_t, m_t, o_v, m_v, H, DV)  # [BT, BV]
+                b_dA += _mm(b_do, tl.trans(_load_rows(v, row_k, o_t, m_t, o_v, m_v, HKV, DV)))
+            if NORMALIZE:
+                b_dA = b_dA * b_rden[:, None] + b_g[:, None]
+            b_dA = tl.where((o_t[:, None] >= o_t[None, :]) & m_t[:, None], b_dA, 0.0)
+        b_dy = tl.zeros([BT, BDA], dtype=tl.float32)
+        for i_mb in tl.static_range(NMB):
+            o_mb = i_mb * BM + o_m
+            m_mb = o_mb < M
+            b_da = tl.zeros([BT, BM], dtype=tl.float32)
+            for i_v in range(0, tl.cdiv(DV, BV)):
+                o_v = i_v * BV + tl.arange(0, BV)
+                m_v = o_v < DV
+                b_S = tl.load(S + (i_s * M + o_mb[:, None]) * DV + o_v[None, :], mask=m_mb[:, None] & m_v[None, :],
+                              other=0.0)
+                b_da += _mm_wide(_load_rows(do, row_q, o_t, m_t, o_v, m_v, H, DV), tl.trans(b_S))
+            if NORMALIZE:
+                b_z = tl.load(z + i_s * M + o_mb, mask=m_mb, other=0.0)  # [BM]
+                b_da = b_da * b_rden[:, None] + b_g[:, None] * b_z[None, :]
+            if IS_CAUSAL:
+                b_da += _mm_wide(b_dA, _phi_blk(k, row_k, o_t, m_t, HKV, p_fk, False, i_mb))
+            b_dy = _phi_vjp_acc(b_dy, q, row_q, H, o_t, m_t, scale * b_da, p_fq, True, i_mb)
+        _phi_vjp_store(b_dy, dq, row_q, H, q, row_q, H, o_t, m_t, p_fq, True, dfq + i_h * FMS, HAS_DFM)
 
 
 # ---- backward: dk, dv of one chunk from dS_c (the state gradient after it), per (chunk, batch * kv head).
@@ -129,7 +165,7 @@ def chunk_bwd_kernel_dkv(
     dz,
     dk,  # [B, T, HKV, D] out
     dv,  # [B, T, HKV, DV] out: dv itself when HKV = H, else a zeroed fp32 buffer
-    dfk,  # [HKV, D + 1, M] fp32, HAS_DFM only: dL/d(W, b) of the key map per kv head, accumulated
+    dfk,  # [HKV, *fk's per-head shape] fp32, HAS_DFM only: the key map's parameter gradient per kv head (FMS each)
     cu,
     cmap,
     scale,
@@ -157,55 +193,123 @@ def chunk_bwd_kernel_dkv(
     o_m = tl.arange(0, BM)
     m_m = o_m < M
     p_fk = fk + i_hk * fk_hs  # the kv head's key map parameters
-    b_b = _phi(k, row_k, o_t, m_t, HKV, p_fk, False)  # [BT, BM]
-    if IS_CAUSAL:
-        m_c = (o_t[:, None] >= o_t[None, :]) & m_t[:, None]
-    # unrolled: i_g is a compile-time constant, so the dS_c terms below cost no branch
-    for i_g in tl.static_range(H // HKV):
-        i_h = i_hk * (H // HKV) + i_g
-        if H == HKV:
-            row_q = row_k
-        else:
-            row_q = bos * H + i_h
-        p_t0 = _den_offset(i_b, i_h, bos, T, H, IS_VARLEN)
-        if NORMALIZE:
-            b_rden = 1.0 / tl.load(den + p_t0 + o_t, mask=m_t, other=1.0)  # [BT]
+    if NMB == 1:
+        b_b = _phi(k, row_k, o_t, m_t, HKV, p_fk, False)  # [BT, BM]
         if IS_CAUSAL:
-            b_a = _phi(q, row_q, o_t, m_t, H, fq + i_h * fq_hs, True)  # [BT, BM]
-            b_A = tl.where(m_c, _mm(b_a, tl.trans(b_b)), 0.0)  # [BT, BT] scores a b^T
-            if NORMALIZE:
-                b_A = b_A * b_rden[:, None]  # attention weights: dv's intra term is A^T do
-            b_dA = tl.zeros([BT, BT], dtype=tl.float32)  # do v^T, then dL/d(a b^T)
-        if i_g == 0:
-            b_db = tl.zeros([BT, BM], dtype=tl.float32)  # dL/db, summed over the group (created late: registers)
-        for i_v in range(0, tl.cdiv(DV, BV)):
-            o_v = i_v * BV + tl.arange(0, BV)
-            m_v = o_v < DV
-            if i_g == 0:  # the kv head's state gradient: once
-                b_dS = tl.load(dS + (i_s * M + o_m[:, None]) * DV + o_v[None, :], mask=m_m[:, None] & m_v[None, :],
-                               other=0.0)
-                b_v = _load_rows(v, row_k, o_t, m_t, o_v, m_v, HKV, DV)  # [BT, BV]
-                b_db += _mm_wide(b_v, tl.trans(b_dS))
-                b_dv = _mm_wide(b_b, b_dS)  # [BT, BV]
-            else:
-                b_v = _load_rows(v, row_k, o_t, m_t, o_v, m_v, HKV, DV)
-                b_dv = tl.zeros([BT, BV], dtype=tl.float32)
-            if IS_CAUSAL:
-                b_do = _load_rows(do, row_q, o_t, m_t, o_v, m_v, H, DV)
-                b_dA += _mm(b_do, tl.trans(b_v))
-                b_dv += scale * _mm_wide(tl.trans(b_A), b_do)
+            m_c = (o_t[:, None] >= o_t[None, :]) & m_t[:, None]
+        # unrolled: i_g is a compile-time constant, so the dS_c terms below cost no branch
+        for i_g in tl.static_range(H // HKV):
+            i_h = i_hk * (H // HKV) + i_g
             if H == HKV:
-                _store_rows(dv, b_dv, row_k, o_t, m_t, o_v, m_v, HKV, DV)
+                row_q = row_k
             else:
-                p_dv = dv + (row_k + o_t[:, None].to(tl.int64) * HKV) * DV + o_v[None, :]
-                tl.atomic_add(p_dv, b_dv, mask=m_t[:, None] & m_v[None, :])
-        if i_g == 0:
-            b_db += tl.load(dz + i_s * M + o_m, mask=m_m, other=0.0)[None, :]
-        if IS_CAUSAL:
+                row_q = bos * H + i_h
+            p_t0 = _den_offset(i_b, i_h, bos, T, H, IS_VARLEN)
             if NORMALIZE:
-                b_g = tl.load(g + p_t0 + o_t, mask=m_t, other=0.0)
-                b_dA = b_dA * b_rden[:, None] + b_g[:, None]
-            b_dA = tl.where(m_c, b_dA, 0.0)
-            b_db += scale * _mm_wide(tl.trans(b_dA), b_a)
-    _store_phi_vjp(dk, row_k, HKV, k, row_k, HKV, o_t, m_t, b_db, p_fk, False, dfk + i_hk * ((D + 1) * M),
-                   HAS_DFM)
+                b_rden = 1.0 / tl.load(den + p_t0 + o_t, mask=m_t, other=1.0)  # [BT]
+            if IS_CAUSAL:
+                b_a = _phi(q, row_q, o_t, m_t, H, fq + i_h * fq_hs, True)  # [BT, BM]
+                b_A = tl.where(m_c, _mm(b_a, tl.trans(b_b)), 0.0)  # [BT, BT] scores a b^T
+                if NORMALIZE:
+                    b_A = b_A * b_rden[:, None]  # attention weights: dv's intra term is A^T do
+                b_dA = tl.zeros([BT, BT], dtype=tl.float32)  # do v^T, then dL/d(a b^T)
+            if i_g == 0:
+                b_db = tl.zeros([BT, BM], dtype=tl.float32)  # dL/db, summed over the group (created late: registers)
+            for i_v in range(0, tl.cdiv(DV, BV)):
+                o_v = i_v * BV + tl.arange(0, BV)
+                m_v = o_v < DV
+                if i_g == 0:  # the kv head's state gradient: once
+                    b_dS = tl.load(dS + (i_s * M + o_m[:, None]) * DV + o_v[None, :], mask=m_m[:, None] & m_v[None, :],
+                                   other=0.0)
+                    b_v = _load_rows(v, row_k, o_t, m_t, o_v, m_v, HKV, DV)  # [BT, BV]
+                    b_db += _mm_wide(b_v, tl.trans(b_dS))
+                    b_dv = _mm_wide(b_b, b_dS)  # [BT, BV]
+                else:
+                    b_v = _load_rows(v, row_k, o_t, m_t, o_v, m_v, HKV, DV)
+                    b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+                if IS_CAUSAL:
+                    b_do = _load_rows(do, row_q, o_t, m_t, o_v, m_v, H, DV)
+                    b_dA += _mm(b_do, tl.trans(b_v))
+                    b_dv += scale * _mm_wide(tl.trans(b_A), b_do)
+                if H == HKV:
+                    _store_rows(dv, b_dv, row_k, o_t, m_t, o_v, m_v, HKV, DV)
+                else:
+                    p_dv = dv + (row_k + o_t[:, None].to(tl.int64) * HKV) * DV + o_v[None, :]
+                    tl.atomic_add(p_dv, b_dv, mask=m_t[:, None] & m_v[None, :])
+            if i_g == 0:
+                b_db += tl.load(dz + i_s * M + o_m, mask=m_m, other=0.0)[None, :]
+            if IS_CAUSAL:
+                if NORMALIZE:
+                    b_g = tl.load(g + p_t0 + o_t, mask=m_t, other=0.0)
+                    b_dA = b_dA * b_rden[:, None] + b_g[:, None]
+                b_dA = tl.where(m_c, b_dA, 0.0)
+                b_db += scale * _mm_wide(tl.trans(b_dA), b_a)
+        _store_phi_vjp(dk, row_k, HKV, k, row_k, HKV, o_t, m_t, b_db, p_fk, False, dfk + i_hk * FMS,
+                       HAS_DFM)
+    else:
+        # blocked map: dv needs the scores a b^T summed over the feature blocks first; dk sums dL/dy'
+        # (y' = [pre(k), 1]) over the feature blocks and the group's query heads, dk from it once
+        if IS_CAUSAL:
+            m_c = (o_t[:, None] >= o_t[None, :]) & m_t[:, None]
+        b_dy = tl.zeros([BT, BDA], dtype=tl.float32)
+        for i_g in tl.static_range(H // HKV):
+            i_h = i_hk * (H // HKV) + i_g
+            if H == HKV:
+                row_q = row_k
+            else:
+                row_q = bos * H + i_h
+            p_t0 = _den_offset(i_b, i_h, bos, T, H, IS_VARLEN)
+            p_fq = fq + i_h * fq_hs
+            if NORMALIZE:
+                b_rden = 1.0 / tl.load(den + p_t0 + o_t, mask=m_t, other=1.0)  # [BT]
+            if IS_CAUSAL:
+                b_A = tl.zeros([BT, BT], dtype=tl.float32)  # scores a b^T
+                for i_mb in tl.static_range(NMB):
+                    b_A += _mm(_phi_blk(q, row_q, o_t, m_t, H, p_fq, True, i_mb),
+                               tl.trans(_phi_blk(k, row_k, o_t, m_t, HKV, p_fk, False, i_mb)))
+                b_A = tl.where(m_c, b_A, 0.0)
+                if NORMALIZE:
+                    b_A = b_A * b_rden[:, None]
+                b_dA = tl.zeros([BT, BT], dtype=tl.float32)  # do v^T, then dL/d(a b^T)
+            for i_v in range(0, tl.cdiv(DV, BV)):
+                o_v = i_v * BV + tl.arange(0, BV)
+                m_v = o_v < DV
+                b_v = _load_rows(v, row_k, o_t, m_t, o_v, m_v, HKV, DV)  # [BT, BV]
+                b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+                if i_g == 0:  # the kv head's state gradient: once
+                    for i_mb in tl.static_range(NMB):
+                        o_mb = i_mb * BM + o_m
+                        b_dS = tl.load(dS + (i_s * M + o_mb[:, None]) * DV + o_v[None, :],
+                                       mask=(o_mb < M)[:, None] & m_v[None, :], other=0.0)
+                        b_dv += _mm_wide(_phi_blk(k, row_k, o_t, m_t, HKV, p_fk, False, i_mb), b_dS)
+                if IS_CAUSAL:
+                    b_do = _load_rows(do, row_q, o_t, m_t, o_v, m_v, H, DV)
+                    b_dA += _mm(b_do, tl.trans(b_v))
+                    b_dv += scale * _mm_wide(tl.trans(b_A), b_do)
+                if H == HKV:
+                    _store_rows(dv, b_dv, row_k, o_t, m_t, o_v, m_v, HKV, DV)
+                else:
+                    p_dv = dv + (row_k + o_t[:, None].to(tl.int64) * HKV) * DV + o_v[None, :]
+                    tl.atomic_add(p_dv, b_dv, mask=m_t[:, None] & m_v[None, :])
+            if IS_CAUSAL:
+                if NORMALIZE:
+                    b_g = tl.load(g + p_t0 + o_t, mask=m_t, other=0.0)
+                    b_dA = b_dA * b_rden[:, None] + b_g[:, None]
+                b_dA = tl.where(m_c, b_dA, 0.0)
+                for i_mb in tl.static_range(NMB):
+                    b_a = _phi_blk(q, row_q, o_t, m_t, H, p_fq, True, i_mb)
+                    b_dy = _phi_vjp_acc(b_dy, k, row_k, HKV, o_t, m_t, scale * _mm_wide(tl.trans(b_dA), b_a), p_fk,
+                                        False, i_mb)
+        for i_mb in tl.static_range(NMB):  # the kv head's state gradient: v dS^T + dz
+            o_mb = i_mb * BM + o_m
+            m_mb = o_mb < M
+            b_db = tl.zeros([BT, BM], dtype=tl.float32)
+            for i_v in range(0, tl.cdiv(DV, BV)):
+                o_v = i_v * BV + tl.arange(0, BV)
+                m_v = o_v < DV
+                b_dS = tl.load(dS + (i_s * M + o_mb[:, None]) * DV + o_v[None, :], mask=m_mb[:, None] & m_v[None, :],
+                               other=0.0)
+                b_db += _mm_wide(_load_rows(v, row_k, o_t, m_t, o_v, m_v, HKV, DV), tl.trans(b_dS))
+            b_db += tl.load(dz + i_s * M + o_mb, mask=m_mb, other=0.0)[None, :]
+            b_dy = _phi_vjp_acc(b_dy, k, row_k, HKV, o_t, m_t, b_db, p_fk, False, i_mb)
+        _phi_vjp_store(b_dy, dk, row_k, HKV, k, row_k, HKV, o_t, m_t, p_fk, False, dfk + i_hk * FMS, HAS_DFM)

@@ -23,6 +23,9 @@ FEAT_TF32 = tl.constexpr(False)
 ELEM = tl.constexpr(tl.bfloat16)
 IN_SCALE = tl.constexpr(1.0)
 BKP = tl.constexpr(16)
+NMB = tl.constexpr(1)
+FMS = tl.constexpr(65 * 64)
+BDA = tl.constexpr(128)
 
 
 # Stand-ins for the feature map's functions (elu(x) + 1 here); each map's own are spliced in.
@@ -44,3 +47,23 @@ def phi_proj(u, n, b, m_f, IS_Q: tl.constexpr, STAB: tl.constexpr):
 @triton.jit
 def phi_proj_vjp(u, n, b, f, g, IS_Q: tl.constexpr):
     return g * f, -tl.sum(g * f, 1)[:, None]
+
+
+@triton.jit
+def poly_pre(x, m_d, p):
+    return x
+
+
+@triton.jit
+def poly_pre_vjp(x, m_d, p, g):
+    return g
+
+
+@triton.jit
+def poly_pre_dparams(x, m_d, p, g, dfm):
+    pass
+
+
+@triton.jit
+def poly_index(f):
+    return f * 0 + D, f * 0 + D, tl.where(f == 0, 1.0, 0.0)

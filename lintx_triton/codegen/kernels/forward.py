@@ -2,14 +2,14 @@
 import triton
 import triton.language as tl
 
-from .constants import BM, DV, HAS_S0, IS_CAUSAL, M, NORMALIZE
-from .elementwise import _phi  # the map's set: elementwise.py or projected.py
+from .constants import BM, DV, HAS_S0, IS_CAUSAL, M, NMB, NORMALIZE
+from .elementwise import _phi, _phi_blk  # the map's set: elementwise.py, projected.py or polynomial.py
 from .helpers import _chunk, _den_offset, _load_rows, _mm, _mm_wide, _seq, _store_rows
 
 # %% kernels (the renderer joins what follows; the lines above are for editors and linters)
 
 
-# ---- chunk sums: forward  S_c = b^T v,  z_c = sum b                  (one program per kv head)
+# ---- chunk sums: forward  S_c = b^T v,  z_c = sum b   (one program per value block and feature block, kv head)
 #                  backward dS_c = scale sum_g a_g^T (do_g / den_g),   dz_c = scale sum_g a_g^T g_g
 #                  (the G = H / HKV query heads sharing the kv head: its state's gradient sums them) ----
 @triton.jit(do_not_specialize=["T", "NT"])
@@ -36,12 +36,16 @@ def chunk_kernel_h(
     BACKWARD: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    i_c, i_v, i_bs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_bs = tl.program_id(0), tl.program_id(2)
+    if NMB == 1:
+        i_v, i_mb = tl.program_id(1), 0
+    else:  # axis 1: (feature block, value block)
+        i_v, i_mb = tl.program_id(1) % tl.cdiv(DV, BV), tl.program_id(1) // tl.cdiv(DV, BV)
     i_b, i_hk = i_bs // HKV, i_bs % HKV
     bos, T_n, i_n, i_t = _chunk(i_c, i_b, T, cu, cmap, IS_VARLEN)
     o_t = i_t * BT + tl.arange(0, BT)
     m_t = o_t < T_n
-    o_m = tl.arange(0, BM)
+    o_m = i_mb * BM + tl.arange(0, BM)
     m_m = o_m < M
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < DV
@@ -51,7 +55,7 @@ def chunk_kernel_h(
         for i_g in range(0, H // HKV):
             i_h = i_hk * (H // HKV) + i_g
             row0 = bos * H + i_h
-            b_f = _phi(x, row0, o_t, m_t, H, fq + i_h * fq_hs, True)  # [BT, BM]
+            b_f = _phi_blk(x, row0, o_t, m_t, H, fq + i_h * fq_hs, True, i_mb)  # [BT, BM]
             b_y = _load_rows(y, row0, o_t, m_t, o_v, m_v, H, DV)  # [BT, BV]
             if NORMALIZE:
                 p_t = _den_offset(i_b, i_h, bos, T, H, IS_VARLEN) + o_t
@@ -64,7 +68,7 @@ def chunk_kernel_h(
                 b_S += scale * _mm(tl.trans(b_f), b_y)
     else:
         row0 = bos * HKV + i_hk
-        b_f = _phi(x, row0, o_t, m_t, HKV, fk + i_hk * fk_hs, False)  # [BT, BM]
+        b_f = _phi_blk(x, row0, o_t, m_t, HKV, fk + i_hk * fk_hs, False, i_mb)  # [BT, BM]
         b_y = _load_rows(y, row0, o_t, m_t, o_v, m_v, HKV, DV)  # [BT, BV]
         b_z = tl.sum(b_f, 0)
         b_S = _mm(tl.trans(b_f), b_y)
@@ -140,7 +144,9 @@ def chunk_scan_kernel(
 
 
 # ---- forward output (FUSED: one program per (value block, sequence, head) walks its chunks carrying the
-#      state; only the group's first query head writes the kv head's final state) ----
+#      state; only the group's first query head writes the kv head's final state). Blocked maps (NMB > 1) sum
+#      each chunk's products over the feature blocks; fused, their state lives in a scratch buffer per program
+#      (S, z), read and written one feature block at a time ----
 @triton.jit(do_not_specialize=["T", "NT"])
 def chunk_fwd_kernel_o(
     q,  # [B, T, H, D]
@@ -150,8 +156,8 @@ def chunk_fwd_kernel_o(
     fk,  # [HWK, D + 1, M] the key map's (fq, fk: projected maps only)
     o,  # [B, T, H, DV] out
     den,  # [B, H, T] out, NORMALIZE only
-    S,  # [B*HKV, NT, M, DV] state before each chunk (chunked, causal)
-    z,  # [B*HKV, NT, M]
+    S,  # [B*HKV, NT, M, DV] state before each chunk (chunked, causal); FUSED and NMB > 1: [N*H, M, DV] scratch
+    z,  # [B*HKV, NT, M]; FUSED and NMB > 1: [N*H*NV, M] scratch (NV value blocks)
     S0,  # [N, HKV, M, DV] initial state (FUSED + HAS_S0)
     z0,  # [N, HKV, M]
     ST,  # [N, HKV, M, DV] final state: out when FUSED, the total when not causal
@@ -195,13 +201,29 @@ def chunk_fwd_kernel_o(
         i_hi = i_t + 1
     p_f = ((i_n * HKV + i_hk) * M + o_m[:, None]) * DV + o_v[None, :]
     p_fz = (i_n * HKV + i_hk) * M + o_m
+    i_w = i_n * H + i_h  # FUSED, NMB > 1: the program's scratch state (z's: row i_w NV + i_v)
+    i_wz = i_w * tl.cdiv(DV, BV) + i_v
     if FUSED:
-        if HAS_S0:
-            b_S = tl.load(S0 + p_f, mask=m_mv, other=0.0)  # [BM, BV]
-            b_z = tl.load(z0 + p_fz, mask=m_m, other=0.0)  # [BM]
+        if NMB == 1:
+            if HAS_S0:
+                b_S = tl.load(S0 + p_f, mask=m_mv, other=0.0)  # [BM, BV]
+                b_z = tl.load(z0 + p_fz, mask=m_m, other=0.0)  # [BM]
+            else:
+                b_S = tl.zeros([BM, BV], dtype=tl.float32)
+                b_z = tl.zeros([BM], dtype=tl.float32)
         else:
-            b_S = tl.zeros([BM, BV], dtype=tl.float32)
-            b_z = tl.zeros([BM], dtype=tl.float32)
+            for i_mb in tl.static_range(NMB):
+                o_mb = i_mb * BM + o_m
+                m_mbv = (o_mb < M)[:, None] & m_v[None, :]
+                if HAS_S0:
+                    b_S = tl.load(S0 + p_f + i_mb * BM * DV, mask=m_mbv, other=0.0)
+                    b_z = tl.load(z0 + p_fz + i_mb * BM, mask=o_mb < M, other=0.0)
+                else:
+                    b_S = tl.zeros([BM, BV], dtype=tl.float32)
+                    b_z = tl.zeros([BM], dtype=tl.float32)
+                tl.store(S + (i_w * M + o_mb[:, None]) * DV + o_v[None, :], b_S, mask=m_mbv)
+                tl.store(z + i_wz * M + o_mb, b_z, mask=o_mb < M)
+            tl.debug_barrier()
     row_q = bos * H + i_h
     row_k = bos * HKV + i_hk
     p_fq = fq + i_h * fq_hs  # this head's map parameters
@@ -210,22 +232,58 @@ def chunk_fwd_kernel_o(
     for i_t in range(i_lo, i_hi):
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < T_n
-        if not FUSED:
+        if NMB == 1:
+            if not FUSED:
+                if IS_CAUSAL:
+                    i_s = (i_b * HKV + i_hk).to(tl.int64) * NT + i_c
+                    b_S = tl.load(S + (i_s * M + o_m[:, None]) * DV + o_v[None, :], mask=m_mv, other=0.0)
+                    b_z = tl.load(z + i_s * M + o_m, mask=m_m, other=0.0)
+                else:
+                    b_S = tl.load(ST + p_f, mask=m_mv, other=0.0)
+                    b_z = tl.load(zT + p_fz, mask=m_m, other=0.0)
+            b_a = _phi(q, row_q, o_t, m_t, H, p_fq, True)  # [BT, BM]
+            b_inter = _mm_wide(b_a, b_S)  # [BT, BV]
+            b_den = tl.sum(b_a * b_z[None, :], 1)  # [BT]
             if IS_CAUSAL:
-                i_s = (i_b * HKV + i_hk).to(tl.int64) * NT + i_c
-                b_S = tl.load(S + (i_s * M + o_m[:, None]) * DV + o_v[None, :], mask=m_mv, other=0.0)
-                b_z = tl.load(z + i_s * M + o_m, mask=m_m, other=0.0)
-            else:
-                b_S = tl.load(ST + p_f, mask=m_mv, other=0.0)
-                b_z = tl.load(zT + p_fz, mask=m_m, other=0.0)
-        b_a = _phi(q, row_q, o_t, m_t, H, p_fq, True)  # [BT, BM]
-        b_inter = _mm_wide(b_a, b_S)  # [BT, BV]
-        b_den = tl.sum(b_a * b_z[None, :], 1)  # [BT]
-        if IS_CAUSAL:
-            b_b = _phi(k, row_k, o_t, m_t, HKV, p_fk, False)  # [BT, BM]
-            b_v = _load_rows(v, row_k, o_t, m_t, o_v, m_v, HKV, DV)  # [BT, BV]
-            b_P = tl.where(o_t[:, None] >= o_t[None, :], _mm(b_a, tl.trans(b_b)), 0.0)  # [BT, BT] fp32
-            b_den += tl.sum(b_P, 1)
+                b_b = _phi(k, row_k, o_t, m_t, HKV, p_fk, False)  # [BT, BM]
+                b_v = _load_rows(v, row_k, o_t, m_t, o_v, m_v, HKV, DV)  # [BT, BV]
+                b_P = tl.where(o_t[:, None] >= o_t[None, :], _mm(b_a, tl.trans(b_b)), 0.0)  # [BT, BT] fp32
+                b_den += tl.sum(b_P, 1)
+        else:
+            b_inter = tl.zeros([BT, BV], dtype=tl.float32)
+            b_den = tl.zeros([BT], dtype=tl.float32)
+            if IS_CAUSAL:
+                b_v = _load_rows(v, row_k, o_t, m_t, o_v, m_v, HKV, DV)  # [BT, BV]
+                b_P = tl.zeros([BT, BT], dtype=tl.float32)
+            for i_mb in tl.static_range(NMB):
+                o_mb = i_mb * BM + o_m
+                m_mb = o_mb < M
+                m_mbv = m_mb[:, None] & m_v[None, :]
+                if FUSED:
+                    p_w = S + (i_w * M + o_mb[:, None]) * DV + o_v[None, :]
+                    b_S = tl.load(p_w, mask=m_mbv, other=0.0)
+                    b_z = tl.load(z + i_wz * M + o_mb, mask=m_mb, other=0.0)
+                elif IS_CAUSAL:
+                    i_s = (i_b * HKV + i_hk).to(tl.int64) * NT + i_c
+                    b_S = tl.load(S + (i_s * M + o_mb[:, None]) * DV + o_v[None, :], mask=m_mbv, other=0.0)
+                    b_z = tl.load(z + i_s * M + o_mb, mask=m_mb, other=0.0)
+                else:
+                    b_S = tl.load(ST + p_f + i_mb * BM * DV, mask=m_mbv, other=0.0)
+                    b_z = tl.load(zT + p_fz + i_mb * BM, mask=m_mb, other=0.0)
+                b_a = _phi_blk(q, row_q, o_t, m_t, H, p_fq, True, i_mb)  # [BT, BM]
+                b_inter += _mm_wide(b_a, b_S)
+                b_den += tl.sum(b_a * b_z[None, :], 1)
+                if IS_CAUSAL:
+                    b_b = _phi_blk(k, row_k, o_t, m_t, HKV, p_fk, False, i_mb)  # [BT, BM]
+                    b_P += _mm(b_a, tl.trans(b_b))
+                    if FUSED:
+                        tl.store(p_w, b_S + _mm(tl.trans(b_b), b_v), mask=m_mbv)
+                        tl.store(z + i_wz * M + o_mb, b_z + tl.sum(b_b, 0), mask=m_mb)
+            if FUSED:
+                tl.debug_barrier()
+            if IS_CAUSAL:
+                b_P = tl.where(o_t[:, None] >= o_t[None, :], b_P, 0.0)  # [BT, BT] fp32
+                b_den += tl.sum(b_P, 1)
         if NORMALIZE:
             b_den = scale * b_den + eps
             b_r = scale / b_den  # [BT]
@@ -240,11 +298,21 @@ def chunk_fwd_kernel_o(
                 b_inter += _mm_wide(b_P, b_v)
             b_o = scale * b_inter
         _store_rows(o, b_o, row_q, o_t, m_t, o_v, m_v, H, DV)
-        if FUSED:
+        if FUSED and NMB == 1:
             b_S += _mm(tl.trans(b_b), b_v)
             b_z += tl.sum(b_b, 0)
     if FUSED:
         if i_h % (H // HKV) == 0:
-            tl.store(ST + p_f, b_S, mask=m_mv)
-            if i_v == 0:
-                tl.store(zT + p_fz, b_z, mask=m_m)
+            if NMB == 1:
+                tl.store(ST + p_f, b_S, mask=m_mv)
+                if i_v == 0:
+                    tl.store(zT + p_fz, b_z, mask=m_m)
+            else:
+                for i_mb in tl.static_range(NMB):
+                    o_mb = i_mb * BM + o_m
+                    m_mbv = (o_mb < M)[:, None] & m_v[None, :]
+                    b_S = tl.load(S + (i_w * M + o_mb[:, None]) * DV + o_v[None, :], mask=m_mbv, other=0.0)
+                    tl.store(ST + p_f + i_mb * BM * DV, b_S, mask=m_mbv)
+                    if i_v == 0:
+                        b_z = tl.load(z + i_wz * M + o_mb, mask=o_mb < M, other=0.0)
+                        tl.store(zT + p_fz + i_mb * BM, b_z, mask=o_mb < M)
