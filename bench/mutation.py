@@ -347,8 +347,9 @@ def check(mutants, src: Path = ROOT) -> None:
 # Loaded by pytest in the copy (-p). After tests/conftest.py has configured its profile (``ci``, or
 # HYPOTHESIS_PROFILE's; its seed handling included), the same settings without the shrink phase (a kill needs one
 # failing example) and, with --examples, another count; with --explicit-only, the explicit examples (@example)
-# alone: no draw, so a kill shows that a test's fixed cases catch the mutant whatever the seed or the count. (Derived at configure time, not at import: a -p plugin is
-# imported before conftest.py registers ``ci``, when Hypothesis's own built-in ``ci`` profile would be found.)
+# alone: no draw, so a kill shows that a test's fixed cases catch the mutant whatever the seed or the count.
+# (Derived at configure time, not at import: a -p plugin is imported before conftest.py registers ``ci``, when
+# Hypothesis's own built-in ``ci`` profile would be found.)
 PLUGIN = '''\
 import os
 
@@ -465,8 +466,8 @@ def run_mutant(m: Mutant | None, copy: Path, tests, timeout: float, examples: in
                 target.write_text(m.apply(original))
             cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider", "-p", PLUGIN_NAME,
                    *(m.tests(tests) if m else tests)]
-            proc = subprocess.Popen(cmd, cwd=copy, env=test_env(copy, Path(cache), examples, explicit_only), stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            proc = subprocess.Popen(cmd, cwd=copy, env=test_env(copy, Path(cache), examples, explicit_only),
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
             try:
                 out, _ = proc.communicate(timeout=timeout)
                 rc = proc.returncode
