@@ -127,6 +127,8 @@ def test_prune_by_compiling_for_sm90_in_a_child_process():
 
 
 # ---------------------------------------------------------------- correctness gates
+# (in the interpreter, device "cpu", also on a GPU: these test the tuner's gates and bookkeeping with injected
+# timers; `lintx autotune` on a GPU runs the same reference_check on the compiled kernels of every candidate)
 
 @pytest.mark.parametrize("kernel", ["forward", "backward", "decode"])
 def test_interpreter_runs_one_config_of_each_kernel_through_the_reference_check(kernel):
