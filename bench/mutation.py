@@ -14,6 +14,7 @@ Usage::
     python bench/mutation.py --out bench/out/mutation.json              # every mutant, 2 jobs
     python bench/mutation.py --examples 15 --out /tmp/m.json            # fewer Hypothesis examples: faster
     python bench/mutation.py --ids out-causal-strict,dq-drop-scale      # a few
+    python bench/mutation.py --ids scan-z-every-block --explicit-only   # the tests' @example cases alone
     python bench/mutation.py --ids-from bench/out/mutation.json --tests tests    # survivors, the whole suite
     python bench/mutation.py --check                                    # each applies to exactly one place
 
@@ -345,8 +346,10 @@ def check(mutants, src: Path = ROOT) -> None:
 
 # Loaded by pytest in the copy (-p). After tests/conftest.py has configured its profile (``ci``, or
 # HYPOTHESIS_PROFILE's; its seed handling included), the same settings without the shrink phase (a kill needs one
-# failing example) and, with --examples, another count. (Derived at configure time, not at import: a -p plugin is
-# imported before conftest.py registers ``ci``, when Hypothesis's own built-in ``ci`` profile would be found.)
+# failing example) and, with --examples, another count; with --explicit-only, the explicit examples (@example)
+# alone: no draw, so a kill shows that a test's fixed cases catch the mutant whatever the seed or the count.
+# (Derived at configure time, not at import: a -p plugin is imported before conftest.py registers ``ci``, when
+# Hypothesis's own built-in ``ci`` profile would be found.)
 PLUGIN = '''\
 import os
 
@@ -359,7 +362,9 @@ def pytest_configure(config):
     n = os.environ.get("LINTX_MUTATION_EXAMPLES")
     base = settings.get_profile(config.getoption("--hypothesis-profile", default=None)
                                 or os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-    settings.register_profile("lintx_mutation", base, phases=[Phase.explicit, Phase.reuse, Phase.generate],
+    explicit = os.environ.get("LINTX_MUTATION_EXPLICIT") == "1"
+    phases = [Phase.explicit] if explicit else [Phase.explicit, Phase.reuse, Phase.generate]
+    settings.register_profile("lintx_mutation", base, phases=phases,
                               **({"max_examples": int(n)} if n else {}))
     settings.load_profile("lintx_mutation")
 '''
@@ -400,11 +405,14 @@ def make_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_env(copy: Path, cache: Path, examples: int | None = None) -> dict:
+def test_env(copy: Path, cache: Path, examples: int | None = None, explicit_only: bool = False) -> dict:
     env = dict(os.environ)
     env.pop("LINTX_MUTATION_EXAMPLES", None)
+    env.pop("LINTX_MUTATION_EXPLICIT", None)
     if examples:
         env["LINTX_MUTATION_EXAMPLES"] = str(examples)
+    if explicit_only:
+        env["LINTX_MUTATION_EXPLICIT"] = "1"
     # COLUMNS: pytest cuts its short summary (what killed the mutant) to the terminal's width, 80 in a pipe
     env.update(COLUMNS="250", PYTHONPATH=str(copy), PYTHONDONTWRITEBYTECODE="1", TRITON_INTERPRET="1",
                LINTX_TRITON_CACHE_DIR=str(cache / "lintx"), TRITON_CACHE_DIR=str(cache / "triton"))
@@ -445,8 +453,10 @@ def classify(rc: int | None) -> str:
     return "crashed" if rc < 0 else "error"
 
 
-def run_mutant(m: Mutant | None, copy: Path, tests, timeout: float, examples: int | None = None) -> dict:
-    """Apply ``m`` (None: the unmutated baseline) in ``copy``, run pytest, restore the file."""
+def run_mutant(m: Mutant | None, copy: Path, tests, timeout: float, examples: int | None = None,
+               explicit_only: bool = False) -> dict:
+    """Apply ``m`` (None: the unmutated baseline) in ``copy``, run pytest, restore the file. ``explicit_only``:
+    Hypothesis runs the tests' explicit examples and draws none."""
     target = copy / m.file if m else None
     original = target.read_text() if m else None
     t0 = time.perf_counter()
@@ -456,8 +466,8 @@ def run_mutant(m: Mutant | None, copy: Path, tests, timeout: float, examples: in
                 target.write_text(m.apply(original))
             cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider", "-p", PLUGIN_NAME,
                    *(m.tests(tests) if m else tests)]
-            proc = subprocess.Popen(cmd, cwd=copy, env=test_env(copy, Path(cache), examples), stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            proc = subprocess.Popen(cmd, cwd=copy, env=test_env(copy, Path(cache), examples, explicit_only),
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
             try:
                 out, _ = proc.communicate(timeout=timeout)
                 rc = proc.returncode
@@ -492,6 +502,9 @@ def main(argv=None) -> int:
                     "PyTorch-backend cases; 'tests' for the whole suite)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--examples", type=int, help="Hypothesis examples per property test (default: the ci profile's)")
+    ap.add_argument("--explicit-only", action="store_true",
+                    help="run only the property tests' explicit examples (@example), no draws: whether the fixed "
+                         "cases alone kill a mutant")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per mutant (default 1800)")
     ap.add_argument("--source", default=str(ROOT), help="the checkout to copy (default: this one)")
     ap.add_argument("--workdir", help="where the private copies go (default: a temporary directory)")
@@ -538,7 +551,7 @@ def main(argv=None) -> int:
         copies.append(make_copy(src, d))
         verify_copy(d)
     meta = dict(command=" ".join([Path(sys.executable).name, *sys.argv]), source=str(src), tests=a.tests,
-                examples=a.examples or "ci profile", jobs=jobs,
+                examples="explicit only" if a.explicit_only else (a.examples or "ci profile"), jobs=jobs,
                 timeout_s=a.timeout)
     t_start = time.perf_counter()
     lock = threading.Lock()
@@ -551,7 +564,7 @@ def main(argv=None) -> int:
             out.write_text(json.dumps(doc, indent=1) + "\n")
 
     if a.baseline:
-        base = run_mutant(None, copies[0], a.tests, a.timeout, a.examples)
+        base = run_mutant(None, copies[0], a.tests, a.timeout, a.examples, a.explicit_only)
         passed = "passed" if base["outcome"] == "survived" else base["outcome"]
         print(f"baseline: {passed} in {base['seconds']} s", flush=True)
         if base["outcome"] != "survived":
@@ -565,7 +578,7 @@ def main(argv=None) -> int:
         with lock:
             copy = free.pop()
         try:
-            r = run_mutant(m, copy, a.tests, a.timeout, a.examples)
+            r = run_mutant(m, copy, a.tests, a.timeout, a.examples, a.explicit_only)
         finally:
             with lock:
                 free.append(copy)

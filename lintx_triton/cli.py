@@ -116,19 +116,20 @@ class Result:
 
 
 SNIPPET = '''\
-# Reproduces a lintx fuzz failure: {label}
+# Reproduces a lintx fuzz failure: {label}, case {case_id}
 import os
 {interp}import torch
 import lintx_triton as lx
-from lintx_triton.testing import check_forward, check_grads, check_state, decode_steps, forward_and_grads, make_inputs
+from lintx_triton.testing import (call_kwargs, check_forward, check_grads, check_state, decode_steps,
+                                  forward_and_grads, make_inputs)
 {imports}
 case = {case!r}
 {body}'''
 
 FORWARD_BODY = '''q, k, v, state = make_inputs(case, device={device!r})
-o, final_state = lx.linear_attention(
-    q, k, v, feature_map=case["feature_map"], causal=case["causal"], normalize=case["normalize"],
-    scale=case["scale"], initial_state=state, return_state=True, backend={backend!r},
+o, final_state = lx.linear_attention(  # call_kwargs: the case's causal, normalize, scale and eps
+    q, k, v, feature_map=case["feature_map"], initial_state=state, return_state=True, backend={backend!r},
+    **call_kwargs(case),
 )
 check_forward(case, o, q, k, v, state)  # raises lintx_triton.testing.EquivalenceError
 check_state(case, final_state, q, k, v, state)
@@ -146,12 +147,14 @@ check_grads(case, got, want, bounds, names)  # raises lintx_triton.testing.Equiv
 
 
 def _snippet(v: Variant, case: dict, device: str, imports) -> str:
+    from .testing import case_id
+
     body = {"forward": FORWARD_BODY, "backward": BACKWARD_BODY, "decode": DECODE_BODY}[v.kernel]
     body = body.format(device=device, backend=v.backend)
     interp = 'os.environ.setdefault("TRITON_INTERPRET", "1")  # no GPU: Triton\'s interpreter\n' \
         if (device == "cpu" and v.backend == "triton") else ""
     imp = "".join(f"import {m}  # as lintx fuzz --import {m} did (maps, or a changed op)\n" for m in imports)
-    return SNIPPET.format(label=v.label(), interp=interp, imports=imp, case=case, body=body)
+    return SNIPPET.format(label=v.label(), case_id=case_id(case), interp=interp, imports=imp, case=case, body=body)
 
 
 class _Stop(BaseException):
@@ -278,19 +281,20 @@ def _run_variant(v: Variant, seed: int, device, imports, *, limit=None, examples
     clock = clock or _Clock(None)
     failed: dict = {}  # the last failing case (the smallest so far while shrinking), its error and kind
     decode = v.kernel == "decode"
+    # eps drawn as the tests draw it (a misplaced eps shows only away from 1e-6): in the case, its id and the
+    # reproducer
     strategy = testing.cases(maps=(v.feature_map,), dtypes=(v.dtype,), normalize=v.normalize,
                              causal=True if (v.state or decode) else None, initial_state=v.state,
                              t_values=DECODE_T_VALUES if decode else testing.T_VALUES,
-                             positive_den=v.kernel == "backward")
+                             positive_den=v.kernel == "backward", eps_values=testing.EPS_VALUES)
     bounded = limit is not None
 
     def forward(c, inputs):
         q, k, v_, state = inputs
         if decode:
             return testing.decode_steps(c, q, k, v_, state, v.backend)
-        return api.linear_attention(q, k, v_, feature_map=c["feature_map"], causal=c["causal"],
-                                    normalize=c["normalize"], scale=c["scale"], initial_state=state,
-                                    return_state=True, backend=v.backend)
+        return api.linear_attention(q, k, v_, feature_map=c["feature_map"], initial_state=state,
+                                    return_state=True, backend=v.backend, **testing.call_kwargs(c))
 
     def check(c, inputs, out):
         if v.kernel == "backward":
@@ -508,7 +512,8 @@ def fuzz(examples, minutes, quick, seed, maps, dtypes, kernels, backends, normal
 
     Each variant (kernel: forward, backward or decode steps; x backend x map x dtype x normalize x
     initial state) draws random shapes
-    (T = 1, chunk boundaries, primes; D and DV not powers of two) and checks every output element,
+    (T = 1, chunk boundaries, primes; D and DV not powers of two), scale and the normalizer's eps
+    (1e-6, 1e-3, 0.5: in the case id of a failure and its reproducer) and checks every output element,
     or gradient element, against a bound scaled by the magnitude of the terms it sums. The gradients of
     a normalized signed map (identity, fourier) are drawn on inputs that keep every term of the
     normalizer positive; a variant with no meaning is listed as skipped, with the reason.
@@ -537,6 +542,7 @@ def fuzz(examples, minutes, quick, seed, maps, dtypes, kernels, backends, normal
     t0, own_process = _process_start()
     _import_modules(imports)
     from . import feature_maps
+    from .testing import case_id
 
     maps = maps or tuple(feature_maps.available()) + feature_maps.MAP_FAMILIES
     _check_maps(maps)
@@ -631,9 +637,10 @@ def fuzz(examples, minutes, quick, seed, maps, dtypes, kernels, backends, normal
             out.print(f"[magenta]ERROR[/magenta] {note}")
         for r in results.values():
             if r.status == "FAIL":
-                out.print(f"\n[red]FAIL[/red] ({r.fault}) {r.variant.label()}: {r.error}\nMinimal reproducer "
-                          f"(raises when run):\n", highlight=False)
-                out.print(r.snippet, markup=False, highlight=False)
+                out.print(f"\n[red]FAIL[/red] ({r.fault}) {r.variant.label()} {case_id(r.case)}: {r.error}\n"
+                          f"Minimal reproducer (raises when run):\n", highlight=False, soft_wrap=True)
+                # soft_wrap: the lines as they are (the case dict is longer than a terminal), to copy and run
+                out.print(r.snippet, markup=False, highlight=False, soft_wrap=True)
             elif r.status == "ERROR":
                 out.print(f"\n[magenta]ERROR[/magenta] ({r.fault}) {r.variant.label()}: {r.error}\n"
                           f"(the fuzzer or the environment failed, not the kernel)", highlight=False)

@@ -18,7 +18,7 @@ import torch
 from click.testing import CliRunner
 
 import lintx_triton as lx
-from lintx_triton import autotune
+from lintx_triton import autotune, testing
 from lintx_triton import config as C
 from lintx_triton import tuned_configs as TC
 from lintx_triton.autotune import (
@@ -127,11 +127,31 @@ def test_prune_by_compiling_for_sm90_in_a_child_process():
 
 
 # ---------------------------------------------------------------- correctness gates
+# (in the interpreter, device "cpu", also on a GPU: these test the tuner's gates and bookkeeping with injected
+# timers; `lintx autotune` on a GPU runs the same reference_check on the compiled kernels of every candidate)
 
 @pytest.mark.parametrize("kernel", ["forward", "backward", "decode"])
 def test_interpreter_runs_one_config_of_each_kernel_through_the_reference_check(kernel):
     cfg = C.Config(chunk=16, bwd_chunk=16, block_v=16, bwd_block_v=16, path="fused")
     assert 0 <= autotune.reference_check(kernel, SPEC, cfg, "cpu") <= 1
+
+
+def test_reference_check_sees_a_dropped_eps(monkeypatch):
+    """The gate's case has eps and scale away from their defaults: a forward that ignores eps (1e-6 always, which
+    the default eps would hide) is rejected."""
+    import lintx_triton.ops.custom as custom
+
+    chunk_fwd = custom.chunk_fwd
+
+    def ignores_eps(spec, cfg, q, k, v, S0, z0, fq, fk, scale, eps, *args, **kwargs):
+        return chunk_fwd(spec, cfg, q, k, v, S0, z0, fq, fk, scale, 1e-6, *args, **kwargs)
+
+    cfg = C.Config(chunk=16, bwd_chunk=16, block_v=16, bwd_block_v=16, path="chunked")
+    spec = autotune.spec_of("elu", True, True, "float32", 16, 16)
+    assert 0 <= autotune.reference_check("forward", spec, cfg, "cpu") <= 1
+    monkeypatch.setattr(custom, "chunk_fwd", ignores_eps)
+    with pytest.raises(testing.EquivalenceError, match="o: "):
+        autotune.reference_check("forward", spec, cfg, "cpu")
 
 
 def test_a_learnable_family_tunes_like_any_map():

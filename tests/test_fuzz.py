@@ -213,6 +213,26 @@ def test_op_crash_is_a_kernel_fault_and_fail_beats_error(registry, monkeypatch):
     assert rows["fuzz_broken_reference"]["status"] == "ERROR" and _json(r)["counts"]["ERROR"] == 1
 
 
+def test_eps_is_drawn_and_reaches_the_op(monkeypatch):
+    """The fuzz draws eps as the tests do (testing.EPS_VALUES): a forward that ignores its eps (always 1e-6) FAILs,
+    and the failing case carries its eps into the case id and the reproducer's call."""
+    chunk_fwd = custom.chunk_fwd
+
+    def ignores_eps(spec, cfg, q, k, v, S0, z0, fq, fk, scale, eps, *args, **kwargs):
+        return chunk_fwd(spec, cfg, q, k, v, S0, z0, fq, fk, scale, testing.EPS_VALUES[0], *args, **kwargs)
+
+    monkeypatch.setattr(custom, "chunk_fwd", ignores_eps)
+    r = CliRunner().invoke(main, ["fuzz", "-n", "20", "--map", "elu", "--kernel", "forward", "--backend", "triton",
+                                  "--dtype", "fp32", "--normalize", "--no-state", "--json"])
+    assert r.exit_code == 1, r.output
+    (res,) = _json(r)["results"]
+    assert res["status"] == "FAIL" and res["fault"] == "mismatch", res
+    eps = res["case"]["eps"]
+    assert eps != testing.EPS_VALUES[0] and eps in testing.EPS_VALUES
+    assert f"case {testing.case_id(res['case'])}" in res["snippet"] and f"-eps{eps}" in res["snippet"]
+    assert "**call_kwargs(case)" in res["snippet"]
+
+
 def test_unsatisfiable_strategy_is_error(monkeypatch):
     cases = testing.cases
     monkeypatch.setattr(testing, "cases", lambda *a, **k: cases(*a, **k).filter(lambda c: False))

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lintx_triton as lx
-from helpers import GTOL, case_id, check_forward, check_grads, check_state, decode_steps, forward_and_grads, \
-    make_inputs
+from helpers import EPS_VALUES, GTOL, call_kwargs, case_id, check_forward, check_grads, check_state, decode_steps, \
+    forward_and_grads, make_inputs
 from lintx_triton.feature_maps.hedgehog import LOLCATS_EPS, HedgehogFeatureMap, T2RFeatureMap, hedgehog, t2r
 from lintx_triton.reference import linear_attention_reference
 from lintx_triton.testing import _loss, _output_bound, assert_within
@@ -150,6 +150,8 @@ def test_t2r_features_match_fla_code(D, M, H, per_head, bias, seed):
 
 
 # ---- (b) the kernels against the float64 reference
+# (in the interpreter on CPU tensors, also on a GPU: no kernel_device, since make_inputs and the references run
+# these maps on the CPU, and moving a map's parameters for the op alone would leave its gradients elsewhere)
 
 @st.composite
 def learnable_cases(draw, t_values=(1, 7, 16, 17, 33, 40), causal=None):
@@ -174,6 +176,7 @@ def learnable_cases(draw, t_values=(1, 7, 16, 17, 33, 40), causal=None):
         scale=draw(st.sampled_from([1.0, 0.5])), seed=draw(st.integers(0, 2**16)),
     )
     c["initial_state"] = c["causal"] and draw(st.booleans())
+    c["eps"] = draw(st.sampled_from(EPS_VALUES))  # drawn last: the other draws stay as they were
     return c, fm
 
 
@@ -220,7 +223,7 @@ def _param_grads(c, fm):
     q, k, v, state = make_inputs(c, requires_grad=True)
     if state is not None:  # a leaf: S_0 built by the map must not pass the map's gradient back through it
         state = tuple(x.detach().requires_grad_() for x in state)
-    kw = dict(causal=c["causal"], normalize=c["normalize"], scale=c["scale"])
+    kw = call_kwargs(c)
     o, (S, z) = lx.linear_attention(q, k, v, feature_map=fm, initial_state=state, backend="triton",
                                     return_state=True, **kw)
     g = torch.Generator().manual_seed(c["seed"] + 1)

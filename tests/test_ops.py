@@ -1,4 +1,9 @@
-"""The torch.library registrations: opcheck on every op, torch.compile without graph breaks or per-length recompiles."""
+"""The torch.library registrations: opcheck on every op, torch.compile without graph breaks or per-length recompiles.
+
+The opchecks take ``kernel_device`` (on a GPU: the fake implementations against the compiled kernels' outputs);
+the torch.compile tests compare a compiled call with the same op run eagerly, on the CPU (the values are the
+reference tests' business).
+"""
 
 import pytest
 import torch
@@ -6,10 +11,10 @@ import torch
 import lintx_triton as lx
 
 
-def _inputs(B=1, T=19, H=2, D=8, DV=12, dtype=torch.float32, requires_grad=True, seed=0):
+def _inputs(B=1, T=19, H=2, D=8, DV=12, dtype=torch.float32, requires_grad=True, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    q, k = (torch.randn(B, T, H, D, generator=g).to(dtype).requires_grad_(requires_grad) for _ in range(2))
-    v = torch.randn(B, T, H, DV, generator=g).to(dtype).requires_grad_(requires_grad)
+    q, k = (torch.randn(B, T, H, D, generator=g).to(dtype).to(device).requires_grad_(requires_grad) for _ in range(2))
+    v = torch.randn(B, T, H, DV, generator=g).to(dtype).to(device).requires_grad_(requires_grad)
     return q, k, v
 
 
@@ -31,11 +36,11 @@ FWD_CASES = {
 
 
 @pytest.mark.parametrize("case", list(FWD_CASES), ids=list(FWD_CASES))
-def test_opcheck_forward(case):
+def test_opcheck_forward(kernel_device, case):
     causal, normalize, h0 = FWD_CASES[case]
-    q, k, v = _inputs()
-    S0 = torch.rand(1, 2, 8, 12, requires_grad=True) if h0 else None
-    z0 = torch.rand(1, 2, 8, requires_grad=True) if h0 else None
+    q, k, v = _inputs(device=kernel_device)
+    S0 = torch.rand(1, 2, 8, 12).to(kernel_device).requires_grad_() if h0 else None
+    z0 = torch.rand(1, 2, 8).to(kernel_device).requires_grad_() if h0 else None
     torch.library.opcheck(
         torch.ops.lintx.linear_attention_fwd.default, (q, k, v, S0, z0, None, None, None, "elu", causal, normalize, 0.5, 1e-6)
     )
@@ -43,8 +48,8 @@ def test_opcheck_forward(case):
 
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("with_state_grad", [True, False])
-def test_opcheck_backward(normalize, with_state_grad):
-    q, k, v = _inputs(requires_grad=False)
+def test_opcheck_backward(kernel_device, normalize, with_state_grad):
+    q, k, v = _inputs(requires_grad=False, device=kernel_device)
     o, den, S, z = torch.ops.lintx.linear_attention_fwd(q, k, v, None, None, None, None, None, "elu", True, normalize, 1.0,
                                                         1e-6)
     do = torch.randn_like(o)
@@ -57,10 +62,10 @@ def test_opcheck_backward(normalize, with_state_grad):
 
 
 @pytest.mark.parametrize("normalize", [True, False])
-def test_opcheck_projected_map(normalize):
+def test_opcheck_projected_map(kernel_device, normalize):
     """The feature map's parameter tensor travels through the schema (forward and backward)."""
     fm = lx.feature_maps.favor(8, num_features=12, seed=0)
-    q, k, v = _inputs()
+    q, k, v = _inputs(device=kernel_device)
     W = fm.kernel_params("query", q.device)
     torch.library.opcheck(torch.ops.lintx.linear_attention_fwd.default,
                           (q, k, v, None, None, W, W, None, fm.name, True, normalize, 1.0, 1e-6))
