@@ -82,6 +82,63 @@ def test_bad_step_input(name, inplace):
         fn(args["q"], args["k"], args["v"], args["state"])
 
 
+# what only the cache key tells apart from a good step with the same tensors: the map, eps, scale's type, the backend
+KEYWORD_BAD = {
+    "map-M": (dict(feature_map=lx.feature_maps.favor(8, num_features=10, seed=0)), ValueError,
+              r"state S must have shape \[2, 3, 10, 6\]"),
+    "eps-negative": (dict(eps=-1.0), ValueError, r"eps must be a real number >= 0"),
+    "eps-unhashable": (dict(eps=[1e-6]), ValueError, r"eps must be a real number >= 0"),
+    "scale-bool": (dict(scale=True), TypeError, r"scale must be a real number"),
+    "backend": (dict(backend="cuda"), ValueError, r"backend must be one of"),
+}
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("name", list(BAD) + list(KEYWORD_BAD), ids=list(BAD) + list(KEYWORD_BAD))
+def test_bad_step_input_after_a_good_one(name, inplace):
+    """The checks a decode step skips once its arguments' key was seen still run for any change of the key: bad
+    input after good input raises as it does first, and nothing of the state moves."""
+    changes, exc, pattern = {**BAD, **KEYWORD_BAD}[name]
+    fn = lx.linear_attention_step_ if inplace else lx.linear_attention_step
+    good = dict(q=q1, k=q1, v=v1, state=(S_ok.clone(), z_ok.clone()))
+    kw = dict(feature_map="elu", eps=1e-6, scale=1.0, backend="torch")
+    for _ in range(2):  # the second good call is answered from the cache
+        fn(good["q"], good["k"], good["v"], good["state"], **kw)
+    args = dict(good, state=(S_ok.clone(), z_ok.clone()))
+    args.update({a: b for a, b in changes.items() if a in args})
+    kw.update({a: b for a, b in changes.items() if a not in args})
+    state_before = [t.clone() for t in args["state"]] if isinstance(args["state"], tuple) else None
+    with pytest.raises(exc, match=pattern):
+        fn(args["q"], args["k"], args["v"], args["state"], **kw)
+    if state_before is not None:
+        for t, t0 in zip(args["state"], state_before):
+            torch.testing.assert_close(t, t0, rtol=0, atol=0)
+
+
+def test_step_checks_run_once_per_key(monkeypatch):
+    """A repeated decode step skips _check_step; a new shape, dtype, map or contiguity runs it again; the cache is
+    cleared when full."""
+    from lintx_triton import api
+
+    calls = []
+    check = api._check_step
+    monkeypatch.setattr(api, "_check_step", lambda *a: (calls.append(a[0].shape), check(*a))[1])
+    monkeypatch.setattr(api, "_STEP_KEYS", {})
+    monkeypatch.setattr(api, "_STEP_KEYS_MAX", 3)
+    S, z = S_ok.clone(), z_ok.clone()
+    for _ in range(3):
+        lx.linear_attention_step_(q1, q1, v1, (S, z), backend="torch")
+    assert len(calls) == 1
+    lx.linear_attention_step(q1, q1, v1, (S, z), backend="torch")  # functional: another key
+    lx.linear_attention_step_(q1[:1], q1[:1], v1[:1], (S[:1], z[:1]), backend="torch")  # B = 1
+    lx.linear_attention_step_(q1, q1, v1, (S, z), feature_map="relu", backend="torch")
+    assert len(calls) == 4 and len(api._STEP_KEYS) == 1  # the fourth key cleared the three before it
+    with pytest.raises(ValueError, match="contiguous"):  # the same shapes, a non-contiguous S
+        lx.linear_attention_step_(q1, q1, v1, (torch.zeros(2, 3, 6, 8).transpose(-1, -2), z), backend="torch")
+    lx.linear_attention_step_(q1.half(), q1.half(), v1.half(), (S, z), backend="torch")
+    assert len(calls) == 6
+
+
 def test_inplace_needs_a_contiguous_state():
     with pytest.raises(ValueError, match="contiguous"):
         lx.linear_attention_step_(q1, q1, v1, (torch.zeros(2, 3, 6, 8).transpose(-1, -2), z_ok.clone()))
