@@ -129,13 +129,14 @@ def test_step_checks_run_once_per_key(monkeypatch):
     for _ in range(3):
         lx.linear_attention_step_(q1, q1, v1, (S, z), backend="torch")
     assert len(calls) == 1
-    lx.linear_attention_step(q1, q1, v1, (S, z), backend="torch")  # functional: another key
-    lx.linear_attention_step_(q1[:1], q1[:1], v1[:1], (S[:1], z[:1]), backend="torch")  # B = 1
-    lx.linear_attention_step_(q1, q1, v1, (S, z), feature_map="relu", backend="torch")
-    assert len(calls) == 4 and len(api._STEP_KEYS) == 1  # the fourth key cleared the three before it
     with pytest.raises(ValueError, match="contiguous"):  # the same shapes, a non-contiguous S
         lx.linear_attention_step_(q1, q1, v1, (torch.zeros(2, 3, 6, 8).transpose(-1, -2), z), backend="torch")
-    lx.linear_attention_step_(q1.half(), q1.half(), v1.half(), (S, z), backend="torch")
+    lx.linear_attention_step(q1, q1, v1, (S, z), backend="torch")  # functional: another key
+    lx.linear_attention_step_(q1[:1], q1[:1], v1[:1], (S[:1], z[:1]), backend="torch")  # B = 1
+    assert len(calls) == 4 and len(api._STEP_KEYS) == 3
+    lx.linear_attention_step_(q1, q1, v1, (S, z), feature_map="relu", backend="torch")
+    assert len(calls) == 5 and len(api._STEP_KEYS) == 1  # the fourth key cleared the three before it
+    lx.linear_attention_step_(q1.half(), q1.half(), v1.half(), (S, z), feature_map="relu", backend="torch")
     assert len(calls) == 6
 
 
