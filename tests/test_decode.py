@@ -269,3 +269,23 @@ def test_cuda_graph_decode_loop():
     S_ref = state[0]
     torch.testing.assert_close(S, S_ref)
     torch.testing.assert_close(o.float(), o_ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_cpu_decode_benchmark_tiny(tmp_path):
+    """bench/cpu_decode.py (issue #17's decode rows) at a tiny size, one small round: the code cannot rot; no time is
+    gated."""
+    import json
+
+    from click import testing as click_testing
+
+    from bench import cpu_decode
+
+    out = tmp_path / "decode.json"
+    res = click_testing.CliRunner().invoke(
+        cpu_decode.main, ["--B", "1,3", "--heads", "2", "--dim", "8", "--rounds", "2", "--calls", "2", "--modes",
+                          "no_grad,inference", "--backend", "torch", "--json", str(out)],
+        catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["B"], r["mode"]) for r in rows] == [(1, "no_grad"), (1, "inference"), (3, "no_grad"), (3, "inference")]
+    assert all(r[k] > 0 for r in rows for k in ("floor_state", "floor_module_gemm", "step_", "module_fused_qkv"))
