@@ -289,3 +289,27 @@ def test_cpu_decode_benchmark_tiny(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["B"], r["mode"]) for r in rows] == [(1, "no_grad"), (1, "inference"), (3, "no_grad"), (3, "inference")]
     assert all(r[k] > 0 for r in rows for k in ("floor_state", "floor_module_gemm", "step_", "module_fused_qkv"))
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_torch_step_gradients_equal_the_chunked_path(normalize):
+    """linear_attention_step on the torch backend stays differentiable: its gradients with respect to q, k, v and
+    the state equal those of a one-token linear_attention from that state (the chunked path, autograd's own)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(2, 4, 8, generator=g), torch.randn(2, 2, 8, generator=g), torch.randn(2, 2, 6, generator=g)
+    S, z = torch.rand(2, 2, 8, 6, generator=g), torch.rand(2, 2, 8, generator=g)
+    w = torch.randn(2, 4, 6, generator=g)
+    kw = dict(normalize=normalize, scale=0.5, eps=1e-3, backend="torch")
+    grads = []
+    for one_call in (False, True):
+        xs = [t.clone().requires_grad_() for t in (q, k, v, S, z)]
+        if one_call:
+            o, (S1, z1) = lx.linear_attention(*(t[:, None] for t in xs[:3]), initial_state=tuple(xs[3:]),
+                                              return_state=True, **kw)
+            o = o[:, 0]
+        else:
+            o, (S1, z1) = lx.linear_attention_step(*xs[:3], tuple(xs[3:]), **kw)
+        ((o * w).sum() + S1.square().sum() + z1.sum()).backward()
+        grads.append([t.grad for t in xs])
+    for name, a, b in zip("q k v S z".split(), *grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"d{name}: {m}")
