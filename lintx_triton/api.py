@@ -429,7 +429,9 @@ def linear_attention_step_(
 
     The state ``(S [B, H, M, DV], z [B, H, M])`` must be contiguous float32 (start from zeros). The op
     declares the mutation to torch.library, so it works under ``torch.compile``, and allocates only o,
-    so a whole decode loop can be captured in a CUDA graph.
+    so a whole decode loop can be captured in a CUDA graph. A loop's steps after the first skip the argument
+    checks while the arguments' types, shapes, dtypes, devices, the map and the options stay the same (any
+    change is checked again).
 
     Examples::
 
