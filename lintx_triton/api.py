@@ -320,9 +320,10 @@ def _check_step(q, k, v, state, fm: FeatureMap, scale, eps, backend):
 
 
 # Decode steps that passed _check_step, by everything the checks read -> the backend they run on. A decode loop
-# repeats one key, so its steps after the first skip the checks (about 25 us of Python per step on a 2-core CPU,
-# more than the step's arithmetic at B = 1); any change of type, shape, dtype, device, contiguity, map, scale's type,
-# eps or backend is a new key and is checked. Cleared when it reaches _STEP_KEYS_MAX keys.
+# repeats one key, so its steps after the first skip the checks (24 us of Python a step on a 2-core CPU, against
+# 30-50 us for the step's arithmetic at B = 1; the key and the lookup cost 3 us: bench/NOTES.md, issue #17); any
+# change of type, shape, dtype, device, contiguity, map, eps, scale's type, backend or TRITON_INTERPRET is a new
+# key and is checked. Cleared when it reaches _STEP_KEYS_MAX keys.
 _STEP_KEYS: dict = {}
 _STEP_KEYS_MAX = 256
 
