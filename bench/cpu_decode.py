@@ -19,7 +19,8 @@ outside the timing: what fusing the projections would save), and the dispatch co
 sequence of torch calls can reach: ``empty_op`` (``torch.add`` of two 1-element tensors into a third) and
 ``view``. With ``--compile``: ``compiled_body`` (``torch.compile(fullgraph=True)`` of the body, inductor's C++
 kernel), ``compiled_empty`` (a compiled function of one in-place add: the per-call price of a compiled graph),
-and the first call's compile time.
+and the first call's compile time. In grad mode the module rows are left out: the in-place state would carry
+each step's autograd graph into the next.
 
 Timing: each row is timed in ``--rounds`` rounds of ``--calls`` calls, the rows interleaved round by round so
 that load from other processes falls on all of them alike; the figure is the best round's mean per call (us;
@@ -68,10 +69,15 @@ def _copy_of(numel: int):
     return lambda: dst.copy_(src)
 
 
+def _qkv_weight(layer: lx.nn.LinearAttention) -> tuple[torch.Tensor, torch.Tensor]:
+    """The q, k, v projections' weights and biases, concatenated (a copy)."""
+    projs = (layer.q_proj, layer.k_proj, layer.v_proj)
+    return torch.cat([p.weight for p in projs]).detach(), torch.cat([p.bias for p in projs]).detach()
+
+
 def _fused_step(layer: lx.nn.LinearAttention):
     """LinearAttention.step with q, k, v from one matmul against a concatenated weight (built once, here)."""
-    W = torch.cat([layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight]).detach()
-    b = torch.cat([layer.q_proj.bias, layer.k_proj.bias, layer.v_proj.bias]).detach()
+    W, b = _qkv_weight(layer)
     H, HKV, D, DV = layer.num_heads, layer.num_kv_heads, layer.head_dim, layer.value_dim
     splits = (H * D, HKV * D, HKV * DV)
 
@@ -103,8 +109,7 @@ def decode_rows(Bs, H: int, D: int, modes, rounds: int, calls: int, compile_: bo
         state_numel = S.numel() + z.numel()
         weights = torch.cat([p.detach().reshape(-1) for p in layer.parameters()])
         one, one_out, t = torch.ones(1), torch.empty(1), torch.randn(B, H, D)
-        Wqkv, bqkv = (torch.cat([getattr(layer, f"{n}_proj").weight if w else getattr(layer, f"{n}_proj").bias
-                                 for n in "qkv"]).detach() for w in (True, False))
+        Wqkv, bqkv = _qkv_weight(layer)
         o_in = torch.randn(B, H * DV)
         state_copy = _copy_of(state_numel)
         fns = {
@@ -136,21 +141,27 @@ def decode_rows(Bs, H: int, D: int, modes, rounds: int, calls: int, compile_: bo
             fns["compiled_body"] = lambda: body(q, k, v, fm, S, z)
             fns["compiled_empty"] = lambda: empty(one_out)
         for mode in modes:
+            # with grad the module's in-place state would take each step's autograd graph into the next: its rows
+            # would time a growing graph, so grad mode times the step alone
+            run = {n: f for n, f in fns.items() if mode != "grad" or not n.startswith("module")}
             with MODES[mode]():
-                us = interleaved_us(fns, rounds, calls, stat)
+                us = interleaved_us(run, rounds, calls, stat)
             rows.append(dict(B=B, H=H, D=D, mode=mode, state_bytes=4 * state_numel,
                              weight_bytes=4 * weights.numel(), **extra, **us))
     return rows
 
 
 def print_rows(rows: list[dict]) -> None:
-    keys = [k for k in rows[0] if k not in ("B", "H", "D", "mode", "state_bytes", "weight_bytes", "compile_s")]
+    meta = ("B", "H", "D", "mode", "state_bytes", "weight_bytes", "compile_s")
+    keys = list(dict.fromkeys(k for r in rows for k in r if k not in meta))  # grad mode has no module rows
     print("| B | mode | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 2) + "|")
     for r in rows:
         cells = []
         for k in keys:
-            if k.startswith(("floor", "empty", "view")):
+            if k not in r:
+                cells.append("-")
+            elif k.startswith(("floor", "empty", "view")):
                 cells.append(f"{r[k]:.1f}")
             elif k.startswith("module"):
                 cells.append(f"{r[k]:.1f} ({r[k] / r['floor_module']:.1f}x / {r[k] / r['floor_module_gemm']:.1f}x)")
