@@ -13,9 +13,9 @@ normalizer, its CPU ``causal_dot_product``) when ``--ft-src`` names a checkout o
 The floor of a row is the time batched 64 x 64 x 64 fp32 matmuls take for the same FLOPs, measured in the same
 run: the forward's FLOPs are those of the chunked algorithm (4 D (D + C) per token and head at D = DV = M, chunk
 C), the forward+backward's three times as many. Each figure is also printed as a multiple of its floor.
-Decode: bench/cpu_decode.py's rows at B = 1 and 16 (one ``linear_attention_step_`` against a copy of the state,
-one ``LinearAttention.step`` against the state's and the projections' floors; ``python bench/cpu_decode.py``
-for its grad modes, torch.compile and thread options).
+Decode: one ``linear_attention_step_`` and one ``LinearAttention.step`` at B = 1 and 16 against the time to
+read and write the state once (a copy of the state, measured), the module also against its weights' floors:
+bench/cpu_decode.py's rows (``python bench/cpu_decode.py`` for its grad modes, torch.compile and threads).
 """
 
 from __future__ import annotations
@@ -134,8 +134,8 @@ def main(Ts, H, D, tokens, reps, ft_src, backend, json_out):
             cells.append(f"{fwd:.1f} ({fwd / floor:.1f}x) | {fb:.1f} ({fb / (3 * floor):.1f}x)")
         rows.append(row)
         print(f"| {T} | {B} | {floor:.1f} | {3 * floor:.1f} | " + " | ".join(cells) + " |", flush=True)
-    # decode: one step against the state's memory floor (and the module against its weights' floors)
-    from bench.cpu_decode import decode_rows, print_rows
+    # decode: one step against the state's memory floor (reading and writing it once)
+    from bench.cpu_decode import decode_rows, print_rows  # and the module against its weights' floors
 
     print()
     decode = decode_rows((1, 16), H, D, ["no_grad"], rounds=max(3, reps), calls=20, backend=backend)
