@@ -14,7 +14,8 @@ The floor of a row is the time batched 64 x 64 x 64 fp32 matmuls take for the sa
 run: the forward's FLOPs are those of the chunked algorithm (4 D (D + C) per token and head at D = DV = M, chunk
 C), the forward+backward's three times as many. Each figure is also printed as a multiple of its floor.
 Decode: one ``linear_attention_step_`` and one ``LinearAttention.step`` at B = 1 and 16 against the time to
-read and write the state once (a copy of the state, measured).
+read and write the state once (a copy of the state, measured), the module also against its weights' floors:
+bench/cpu_decode.py's rows (``python bench/cpu_decode.py`` for its grad modes, torch.compile and threads).
 """
 
 from __future__ import annotations
@@ -134,23 +135,12 @@ def main(Ts, H, D, tokens, reps, ft_src, backend, json_out):
         rows.append(row)
         print(f"| {T} | {B} | {floor:.1f} | {3 * floor:.1f} | " + " | ".join(cells) + " |", flush=True)
     # decode: one step against the state's memory floor (reading and writing it once)
-    print("\n| decode B | state KB | floor us | step_ us (x floor) | LinearAttention.step us (x floor) |")
-    M = D
-    for Bd in (1, 16):
-        S, z = torch.zeros(Bd, H, M, D), torch.zeros(Bd, H, M)
-        dst = torch.empty_like(S)
-        floor_us = _median_ms(lambda: dst.copy_(S), 200) * 1e3
-        qt, kt, vt = (torch.randn(Bd, H, D) for _ in range(3))
-        with torch.no_grad():
-            step_us = _median_ms(lambda: lx.linear_attention_step_(qt, kt, vt, (S, z), backend=backend), 200) * 1e3
-            layer = lx.nn.LinearAttention(H * D, H, backend=backend)
-            x = torch.randn(Bd, H * D)
-            state = layer.init_state(Bd)
-            mod_us = _median_ms(lambda: layer.step(x, state, inplace=True), 200) * 1e3
-        kb = S.numel() * 4 / 1024
-        rows.append(dict(decode_B=Bd, floor_us=floor_us, step_us=step_us, module_step_us=mod_us))
-        print(f"| {Bd} | {kb:.0f} | {floor_us:.1f} | {step_us:.1f} ({step_us / floor_us:.1f}x) | "
-              f"{mod_us:.1f} ({mod_us / floor_us:.1f}x) |", flush=True)
+    from bench.cpu_decode import decode_rows, print_rows  # and the module against its weights' floors
+
+    print()
+    decode = decode_rows((1, 16), H, D, ["no_grad"], rounds=max(3, reps), calls=20, backend=backend)
+    print_rows(decode)
+    rows.extend(dict(decode_B=r["B"], **r) for r in decode)
     if json_out:
         with open(json_out, "w") as fh:
             json.dump(dict(torch=torch.__version__, threads=torch.get_num_threads(), bmm_gflops=gflops,

@@ -316,6 +316,52 @@ def _check_step(q, k, v, state, fm: FeatureMap, scale, eps, backend):
         _check_state(state, "state", B, k.shape[1], fm.feature_dim(D), v.shape[-1], fm, q.device)
 
 
+# Decode steps that passed _check_step, by everything the checks read -> the backend they run on. A decode loop
+# repeats one key, so its steps after the first skip the checks (24 us of Python a step on a 2-core CPU, against
+# 30-50 us for the step's arithmetic at B = 1; the key and the lookup cost 3 us: bench/NOTES.md, issue #17); any
+# change of type, shape, dtype, device, contiguity, map, eps, scale's type, backend or TRITON_INTERPRET is a new
+# key and is checked. Cleared when it reaches _STEP_KEYS_MAX keys.
+_STEP_KEYS: dict = {}
+_STEP_KEYS_MAX = 256
+
+
+def _step_key(q, k, v, state, fm, scale, eps, backend, inplace):
+    """The cache key of a decode step's arguments, or None when they are not all tensors where tensors belong
+    (the full checks then run, and raise)."""
+    if type(state) not in (tuple, list) or len(state) != 2:
+        return None
+    S, z = state
+    try:
+        return (fm, backend, type(scale), type(eps), eps, inplace, interpreting(),
+                type(q), q.shape, q.dtype, q.device, type(k), k.shape, k.dtype, k.device,
+                type(v), v.shape, v.dtype, v.device, type(state), type(S), S.shape, S.dtype, S.device,
+                type(z), z.shape, z.dtype, z.device, inplace and S.is_contiguous() and z.is_contiguous())
+    except AttributeError:  # not tensors: the full checks say what is wrong
+        return None
+
+
+def _step_backend(q, k, v, state, fm: FeatureMap, scale, eps, backend, inplace: bool) -> str:
+    """Check a decode step's arguments (once per key, see _STEP_KEYS) -> its backend, "torch" or "triton"."""
+    compiling = torch.compiler.is_compiling()  # dynamo traces the checks once and guards on what they read
+    key = None if compiling or state is None else _step_key(q, k, v, state, fm, scale, eps, backend, inplace)
+    if key is not None:
+        try:
+            hit = _STEP_KEYS.get(key)
+        except TypeError:  # an unhashable eps: the checks say what is wrong
+            key = hit = None
+        if hit is not None:
+            return hit
+    _check_step(q, k, v, state, fm, scale, eps, backend)
+    if inplace and not (state[0].is_contiguous() and state[1].is_contiguous()):
+        raise ValueError("linear_attention_step_ updates the state in place: S and z must be contiguous")
+    picked = _pick_backend(backend, q, v, fm)
+    if key is not None:
+        if len(_STEP_KEYS) >= _STEP_KEYS_MAX:
+            _STEP_KEYS.clear()
+        _STEP_KEYS[key] = picked
+    return picked
+
+
 def linear_attention_step(
     q: Tensor,
     k: Tensor,
@@ -355,8 +401,7 @@ def linear_attention_step(
         True
     """
     fm = feature_maps.resolve(feature_map)
-    _check_step(q, k, v, state, fm, scale, eps, backend)
-    if _pick_backend(backend, q, v, fm) == "torch":
+    if _step_backend(q, k, v, state, fm, scale, eps, backend, False) == "torch":
         return linear_attention_step_torch(q, k, v, fm, normalize=normalize, scale=float(scale), eps=float(eps),
                                            state=state)
     S0, z0 = state if state is not None else (None, None)
@@ -382,7 +427,9 @@ def linear_attention_step_(
 
     The state ``(S [B, H, M, DV], z [B, H, M])`` must be contiguous float32 (start from zeros). The op
     declares the mutation to torch.library, so it works under ``torch.compile``, and allocates only o,
-    so a whole decode loop can be captured in a CUDA graph.
+    so a whole decode loop can be captured in a CUDA graph. A loop's steps after the first skip the argument
+    checks while the arguments' types, shapes, dtypes, devices, the map and the options stay the same (any
+    change is checked again).
 
     Examples::
 
@@ -396,11 +443,9 @@ def linear_attention_step_(
     fm = feature_maps.resolve(feature_map)
     if state is None:
         raise TypeError("linear_attention_step_ needs a preallocated state (S, z); use linear_attention_step for None")
-    _check_step(q, k, v, state, fm, scale, eps, backend)
+    backend = _step_backend(q, k, v, state, fm, scale, eps, backend, True)
     S, z = state
-    if not (S.is_contiguous() and z.is_contiguous()):
-        raise ValueError("linear_attention_step_ updates the state in place: S and z must be contiguous")
-    if _pick_backend(backend, q, v, fm) == "torch":
+    if backend == "torch":
         return linear_attention_step_torch_(q, k, v, fm, S, z, normalize=normalize, scale=float(scale),
                                             eps=float(eps))
     return torch.ops.lintx.linear_attention_step_(q=q, k=k, v=v, S=S, z=z, **_map_params(fm, q.device, True),

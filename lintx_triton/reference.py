@@ -177,16 +177,30 @@ def linear_attention_step_torch(
 def linear_attention_step_torch_(q: Tensor, k: Tensor, v: Tensor, fm: FeatureMap, S: Tensor, z: Tensor, *,
                                  normalize: bool = True, scale: float = 1.0, eps: float = 1e-6) -> Tensor:
     """:func:`linear_attention_step_torch` updating the fp32 state (S [B, HKV, M, DV], z [B, HKV, M]) in place:
-    one rank-1 update of S where it lies and two batched products, no new state (the decode hot path)."""
+    one rank-1 update of S where it lies and two batched products, no new state (the decode hot path).
+
+    Each torch call costs about 3 us of dispatch on a 2-core CPU, as much as reading the whole state at B = 1, so
+    the body makes as few as the arithmetic needs (bench/NOTES.md, issue #17): no dtype conversion of fp32 inputs,
+    no multiplication by a scale of 1, the normalizer's eps added in place."""
     f32 = torch.float32
     B, H, _ = q.shape
     HKV, M, DV = S.shape[1:]
-    a = fm.features(q.to(f32), "query", stabilize=normalize)  # [B, H, M]
-    b = fm.features(k.to(f32), "key")  # [B, HKV, M]
-    S.addcmul_(b[..., :, None], v.to(f32)[..., None, :])
+    dtype = q.dtype
+    if dtype != f32:
+        q, k, v = q.to(f32), k.to(f32), v.to(f32)
+    a = fm.features(q, "query", stabilize=normalize)  # [B, H, M]
+    b = fm.features(k, "key")  # [B, HKV, M]
+    S.addcmul_(b[..., :, None], v[..., None, :])
     z.add_(b)
-    a = a.reshape(B * HKV, H // HKV, M)  # the group's query heads share their kv head's state
-    o = torch.bmm(a, S.view(B * HKV, M, DV)).mul_(scale)  # [B*HKV, G, DV]
+    BH = B * HKV
+    a = a.reshape(BH, H // HKV, M)  # the group's query heads share their kv head's state
+    o = torch.bmm(a, S.view(BH, M, DV))  # [B*HKV, G, DV]
     if normalize:
-        o = o.div_(torch.bmm(a, z.view(B * HKV, M, 1)).mul_(scale).add_(eps))
-    return o.view(B, H, DV).to(q.dtype)
+        den = torch.bmm(a, z.view(BH, M, 1))  # [B*HKV, G, 1]
+        if scale != 1.0:
+            o, den = o.mul_(scale), den.mul_(scale)
+        o = o.div_(den.add_(eps))
+    elif scale != 1.0:
+        o = o.mul_(scale)
+    o = o.view(B, H, DV)
+    return o if dtype == f32 else o.to(dtype)

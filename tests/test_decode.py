@@ -82,6 +82,64 @@ def test_bad_step_input(name, inplace):
         fn(args["q"], args["k"], args["v"], args["state"])
 
 
+# what only the cache key tells apart from a good step with the same tensors: the map, eps, scale's type, the backend
+KEYWORD_BAD = {
+    "map-M": (dict(feature_map=lx.feature_maps.favor(8, num_features=10, seed=0)), ValueError,
+              r"state S must have shape \[2, 3, 10, 6\]"),
+    "eps-negative": (dict(eps=-1.0), ValueError, r"eps must be a real number >= 0"),
+    "eps-unhashable": (dict(eps=[1e-6]), ValueError, r"eps must be a real number >= 0"),
+    "scale-bool": (dict(scale=True), TypeError, r"scale must be a real number"),
+    "backend": (dict(backend="cuda"), ValueError, r"backend must be one of"),
+}
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("name", list(BAD) + list(KEYWORD_BAD), ids=list(BAD) + list(KEYWORD_BAD))
+def test_bad_step_input_after_a_good_one(name, inplace):
+    """The checks a decode step skips once its arguments' key was seen still run for any change of the key: bad
+    input after good input raises as it does first, and nothing of the state moves."""
+    changes, exc, pattern = {**BAD, **KEYWORD_BAD}[name]
+    fn = lx.linear_attention_step_ if inplace else lx.linear_attention_step
+    good = dict(q=q1, k=q1, v=v1, state=(S_ok.clone(), z_ok.clone()))
+    kw = dict(feature_map="elu", eps=1e-6, scale=1.0, backend="torch")
+    for _ in range(2):  # the second good call is answered from the cache
+        fn(good["q"], good["k"], good["v"], good["state"], **kw)
+    args = dict(good, state=(S_ok.clone(), z_ok.clone()))
+    args.update({a: b for a, b in changes.items() if a in args})
+    kw.update({a: b for a, b in changes.items() if a not in args})
+    state_before = [t.clone() for t in args["state"]] if isinstance(args["state"], tuple) else None
+    with pytest.raises(exc, match=pattern):
+        fn(args["q"], args["k"], args["v"], args["state"], **kw)
+    if state_before is not None:
+        for t, t0 in zip(args["state"], state_before):
+            torch.testing.assert_close(t, t0, rtol=0, atol=0)
+
+
+def test_step_checks_run_once_per_key(monkeypatch):
+    """A repeated decode step skips _check_step; a new shape, dtype, map or contiguity runs it again; the cache is
+    cleared when full."""
+    from lintx_triton import api
+
+    calls = []
+    check = api._check_step
+    monkeypatch.setattr(api, "_check_step", lambda *a: (calls.append(a[0].shape), check(*a))[1])
+    monkeypatch.setattr(api, "_STEP_KEYS", {})
+    monkeypatch.setattr(api, "_STEP_KEYS_MAX", 3)
+    S, z = S_ok.clone(), z_ok.clone()
+    for _ in range(3):
+        lx.linear_attention_step_(q1, q1, v1, (S, z), backend="torch")
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="contiguous"):  # the same shapes, a non-contiguous S
+        lx.linear_attention_step_(q1, q1, v1, (torch.zeros(2, 3, 6, 8).transpose(-1, -2), z), backend="torch")
+    lx.linear_attention_step(q1, q1, v1, (S, z), backend="torch")  # functional: another key
+    lx.linear_attention_step_(q1[:1], q1[:1], v1[:1], (S[:1], z[:1]), backend="torch")  # B = 1
+    assert len(calls) == 4 and len(api._STEP_KEYS) == 3
+    lx.linear_attention_step_(q1, q1, v1, (S, z), feature_map="relu", backend="torch")
+    assert len(calls) == 5 and len(api._STEP_KEYS) == 1  # the fourth key cleared the three before it
+    lx.linear_attention_step_(q1.half(), q1.half(), v1.half(), (S, z), feature_map="relu", backend="torch")
+    assert len(calls) == 6
+
+
 def test_inplace_needs_a_contiguous_state():
     with pytest.raises(ValueError, match="contiguous"):
         lx.linear_attention_step_(q1, q1, v1, (torch.zeros(2, 3, 6, 8).transpose(-1, -2), z_ok.clone()))
@@ -211,3 +269,47 @@ def test_cuda_graph_decode_loop():
     S_ref = state[0]
     torch.testing.assert_close(S, S_ref)
     torch.testing.assert_close(o.float(), o_ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_cpu_decode_benchmark_tiny(tmp_path):
+    """bench/cpu_decode.py (issue #17's decode rows) at a tiny size, one small round: the code cannot rot; no time is
+    gated."""
+    import json
+
+    from click import testing as click_testing
+
+    from bench import cpu_decode
+
+    out = tmp_path / "decode.json"
+    res = click_testing.CliRunner().invoke(
+        cpu_decode.main, ["--B", "1,3", "--heads", "2", "--dim", "8", "--rounds", "2", "--calls", "2", "--modes",
+                          "no_grad,inference", "--backend", "torch", "--json", str(out)],
+        catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["B"], r["mode"]) for r in rows] == [(1, "no_grad"), (1, "inference"), (3, "no_grad"), (3, "inference")]
+    assert all(r[k] > 0 for r in rows for k in ("floor_state", "floor_module_gemm", "step_", "module_fused_qkv"))
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_torch_step_gradients_equal_the_chunked_path(normalize):
+    """linear_attention_step on the torch backend stays differentiable: its gradients with respect to q, k, v and
+    the state equal those of a one-token linear_attention from that state (the chunked path, autograd's own)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(2, 4, 8, generator=g), torch.randn(2, 2, 8, generator=g), torch.randn(2, 2, 6, generator=g)
+    S, z = torch.rand(2, 2, 8, 6, generator=g), torch.rand(2, 2, 8, generator=g)
+    w = torch.randn(2, 4, 6, generator=g)
+    kw = dict(normalize=normalize, scale=0.5, eps=1e-3, backend="torch")
+    grads = []
+    for one_call in (False, True):
+        xs = [t.clone().requires_grad_() for t in (q, k, v, S, z)]
+        if one_call:
+            o, (S1, z1) = lx.linear_attention(*(t[:, None] for t in xs[:3]), initial_state=tuple(xs[3:]),
+                                              return_state=True, **kw)
+            o = o[:, 0]
+        else:
+            o, (S1, z1) = lx.linear_attention_step(*xs[:3], tuple(xs[3:]), **kw)
+        ((o * w).sum() + S1.square().sum() + z1.sum()).backward()
+        grads.append([t.grad for t in xs])
+    for name, a, b in zip("q k v S z".split(), *grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"d{name}: {m}")

@@ -1,0 +1,206 @@
+"""Decode on the CPU against its memory floors (issue #17): one step of ``lx.linear_attention_step_`` and of
+``lx.nn.LinearAttention.step``, in one process.
+
+    python bench/cpu_decode.py                        # B = 1 and 16, H = 8, D = DV = 64, fp32, elu+1
+    python bench/cpu_decode.py --modes grad,no_grad,inference --compile   # grad modes; torch.compile's costs
+    python bench/cpu_decode.py --B 2 --rounds 3 --calls 2                  # tiny (what CI runs)
+
+Floors, measured in the same run. ``state``: a copy of S and z's bytes ([B, H, M, DV] and [B, H, M] fp32),
+which a step reads and writes once. ``module``: a copy of the state's and the four projections' weights' and
+biases' bytes, which ``LinearAttention.step`` has to read (the issue's floor; a copy also writes the weights,
+so it is the generous one); ``module_read``: the state's copy plus one read of the weights (a sum);
+``module_gemm``: the state's copy plus the projections' matmuls alone (x against the concatenated q, k, v
+weights, then the output projection: two calls), the floor once the projections' FLOPs outweigh their bytes.
+
+Rows: ``step_`` (the public in-place step: argument checks, then the arithmetic), ``body`` (the arithmetic
+alone: ``reference.linear_attention_step_torch_``), ``module`` (``LinearAttention.step(x, state, inplace=True)``),
+``module_fused_qkv`` (the same step with q, k, v from one matmul against a concatenated weight, built once
+outside the timing: what fusing the projections would save), and the dispatch costs that bound what any
+sequence of torch calls can reach: ``empty_op`` (``torch.add`` of two 1-element tensors into a third) and
+``view``. With ``--compile``: ``compiled_body`` (``torch.compile(fullgraph=True)`` of the body, inductor's C++
+kernel), ``compiled_empty`` (a compiled function of one in-place add: the per-call price of a compiled graph),
+and the first call's compile time. In grad mode the module rows are left out: the in-place state would carry
+each step's autograd graph into the next.
+
+Timing: each row is timed in ``--rounds`` rounds of ``--calls`` calls, the rows interleaved round by round so
+that load from other processes falls on all of them alike; the figure is the best round's mean per call (us;
+``--stat median`` for the median round: on a machine shared with other work the best round is the one least
+disturbed by it), and each is also printed as a multiple of its floor (the module rows: of ``module``'s and of
+``module_gemm``'s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import click
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import lintx_triton as lx  # noqa: E402
+from lintx_triton.reference import linear_attention_step_torch_  # noqa: E402
+
+MODES = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference": torch.inference_mode}
+
+
+def interleaved_us(fns: dict, rounds: int, calls: int, stat: str = "min") -> dict:
+    """The best (``stat="min"``) or median round's mean us per call of each of ``fns``, of ``rounds`` rounds of
+    ``calls`` calls, the rows interleaved round by round."""
+    for fn in fns.values():  # warm-up
+        for _ in range(max(2, calls // 4)):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[name].append((time.perf_counter() - t0) / calls * 1e6)
+    return {name: min(ts) if stat == "min" else sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
+
+def _copy_of(numel: int):
+    src, dst = torch.randn(numel), torch.empty(numel)
+    return lambda: dst.copy_(src)
+
+
+def _qkv_weight(layer: lx.nn.LinearAttention) -> tuple[torch.Tensor, torch.Tensor]:
+    """The q, k, v projections' weights and biases, concatenated (a copy)."""
+    projs = (layer.q_proj, layer.k_proj, layer.v_proj)
+    return torch.cat([p.weight for p in projs]).detach(), torch.cat([p.bias for p in projs]).detach()
+
+
+def _fused_step(layer: lx.nn.LinearAttention):
+    """LinearAttention.step with q, k, v from one matmul against a concatenated weight (built once, here)."""
+    W, b = _qkv_weight(layer)
+    H, HKV, D, DV = layer.num_heads, layer.num_kv_heads, layer.head_dim, layer.value_dim
+    splits = (H * D, HKV * D, HKV * DV)
+
+    def step(x, state):
+        q, k, v = F.linear(x, W, b).split(splits, -1)
+        B = x.shape[0]
+        o = lx.linear_attention_step_(q.view(B, H, D), k.view(B, HKV, D), v.view(B, HKV, DV), state,
+                                      feature_map=layer.feature_map, normalize=layer.normalize, eps=layer.eps,
+                                      backend=layer.backend)
+        return layer.out_proj(o.view(B, H * DV))
+
+    return step
+
+
+def decode_rows(Bs, H: int, D: int, modes, rounds: int, calls: int, compile_: bool = False,
+                stat: str = "min", backend: str = "auto") -> list[dict]:
+    """One dict per (B, grad mode): the floors and the rows of the module docstring, in us per call; ``backend``
+    for the step and the module (the body is the PyTorch path's)."""
+    rows = []
+    fm = lx.feature_maps.get("elu")
+    for B in Bs:
+        torch.manual_seed(0)
+        M = DV = D
+        layer = lx.nn.LinearAttention(H * D, H, backend=backend)
+        x = torch.randn(B, H * D)
+        q, k, v = (torch.randn(B, H, D) for _ in range(3))
+        S, z = torch.zeros(B, H, M, DV), torch.zeros(B, H, M)
+        mS, mz = layer.init_state(B)
+        state_numel = S.numel() + z.numel()
+        weights = torch.cat([p.detach().reshape(-1) for p in layer.parameters()])
+        one, one_out, t = torch.ones(1), torch.empty(1), torch.randn(B, H, D)
+        Wqkv, bqkv = _qkv_weight(layer)
+        o_in = torch.randn(B, H * DV)
+        state_copy = _copy_of(state_numel)
+        fns = {
+            "floor_state": state_copy,
+            "floor_module": _copy_of(state_numel + weights.numel()),
+            "floor_module_read": lambda: (state_copy(), weights.sum()),
+            "floor_module_gemm": lambda: (state_copy(), F.linear(x, Wqkv, bqkv), layer.out_proj(o_in)),
+            "empty_op": lambda: torch.add(one, one, out=one_out),
+            "view": lambda: t.view(B * H, D),
+            "step_": lambda: lx.linear_attention_step_(q, k, v, (S, z), backend=backend),
+            "body": lambda: linear_attention_step_torch_(q, k, v, fm, S, z),
+            "module": lambda: layer.step(x, (mS, mz), inplace=True),
+            "module_fused_qkv": (lambda f: lambda: f(x, (mS, mz)))(_fused_step(layer)),
+        }
+        extra = {}
+        if compile_:
+            body = torch.compile(linear_attention_step_torch_, fullgraph=True, dynamic=False)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                body(q, k, v, fm, S, z)
+            extra["compile_s"] = time.perf_counter() - t0
+
+            def add_(a):
+                a.add_(1)
+
+            empty = torch.compile(add_, fullgraph=True, dynamic=False)
+            with torch.no_grad():
+                empty(one_out)
+            fns["compiled_body"] = lambda: body(q, k, v, fm, S, z)
+            fns["compiled_empty"] = lambda: empty(one_out)
+        for mode in modes:
+            # with grad the module's in-place state would take each step's autograd graph into the next: its rows
+            # would time a growing graph, so grad mode times the step alone
+            run = {n: f for n, f in fns.items() if mode != "grad" or not n.startswith("module")}
+            with MODES[mode]():
+                us = interleaved_us(run, rounds, calls, stat)
+            rows.append(dict(B=B, H=H, D=D, mode=mode, state_bytes=4 * state_numel,
+                             weight_bytes=4 * weights.numel(), **extra, **us))
+    return rows
+
+
+def print_rows(rows: list[dict]) -> None:
+    meta = ("B", "H", "D", "mode", "state_bytes", "weight_bytes", "compile_s")
+    keys = list(dict.fromkeys(k for r in rows for k in r if k not in meta))  # grad mode has no module rows
+    print("| B | mode | " + " | ".join(keys) + " |")
+    print("|---" * (len(keys) + 2) + "|")
+    for r in rows:
+        cells = []
+        for k in keys:
+            if k not in r:
+                cells.append("-")
+            elif k.startswith(("floor", "empty", "view")):
+                cells.append(f"{r[k]:.1f}")
+            elif k.startswith("module"):
+                cells.append(f"{r[k]:.1f} ({r[k] / r['floor_module']:.1f}x / {r[k] / r['floor_module_gemm']:.1f}x)")
+            else:
+                cells.append(f"{r[k]:.1f} ({r[k] / r['floor_state']:.1f}x)")
+        print(f"| {r['B']} | {r['mode']} | " + " | ".join(cells) + " |")
+    for r in rows:
+        if "compile_s" in r and r["mode"] == rows[0]["mode"]:
+            print(f"B = {r['B']}: first compiled call (compile) {r['compile_s']:.1f} s")
+
+
+@click.command()
+@click.option("--B", "Bs", default="1,16", show_default=True)
+@click.option("--heads", "H", default=8, show_default=True)
+@click.option("--dim", "D", default=64, show_default=True)
+@click.option("--modes", default="no_grad", show_default=True, help="grad modes, of grad,no_grad,inference")
+@click.option("--rounds", default=31, show_default=True)
+@click.option("--calls", default=20, show_default=True)
+@click.option("--stat", default="min", show_default=True, type=click.Choice(["min", "median"]),
+              help="the best or the median round")
+@click.option("--threads", default=0, show_default=True, help="torch.set_num_threads (0: torch's default)")
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "torch", "triton"]),
+              help="the step's and the module's backend (auto: the PyTorch path on a CPU, unless TRITON_INTERPRET=1)")
+@click.option("--compile", "compile_", is_flag=True, help="also torch.compile the body (a C++ compiler needed)")
+@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="write the rows here")
+def main(Bs, H, D, modes, rounds, calls, stat, threads, backend, compile_, json_out):
+    if threads:
+        torch.set_num_threads(threads)
+    modes = [m for m in modes.split(",") if m]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32, elu+1, normalized, H = {H}, "
+          f"D = DV = {D}; us per call, {'best' if stat == 'min' else 'median'} of {rounds} rounds of {calls}; "
+          f"(x floor: the state's; for the module rows floor_module's / floor_module_gemm's)")
+    rows = decode_rows([int(b) for b in Bs.split(",")], H, D, modes, rounds, calls, compile_, stat, backend)
+    print_rows(rows)
+    if json_out:
+        with open(json_out, "w") as fh:
+            json.dump(dict(torch=torch.__version__, threads=torch.get_num_threads(), stat=stat, rounds=rounds,
+                           calls=calls, rows=rows), fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
