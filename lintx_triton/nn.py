@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .api import linear_attention, linear_attention_step, linear_attention_step_
 from .feature_maps import FeatureMap, LearnableFeatureMap
+from .feature_maps.learnable import HeadParams
 
 __all__ = ["LinearAttention"]
 
@@ -40,9 +41,9 @@ class LinearAttention(nn.Module):
         backend (str): Default: ``"auto"``.
         num_kv_heads (int | None): key/value heads HKV (grouped-query attention; HKV divides H, 1 is
             multi-query): smaller k, v projections and a state per kv head. Default: ``num_heads``.
-        query_map, key_map (LearnableFeatureMap | None): separate (untied) learnable maps for queries and keys,
-            of the same kind (as LoLCATs trains them), instead of ``feature_map``; both or neither.
-            Default: ``None``.
+        query_map, key_map (LearnableFeatureMap | ReBasedFeatureMap | None): separate (untied) learnable maps for
+            queries and keys, of the same kind (as LoLCATs trains them), instead of ``feature_map``; both or
+            neither. Default: ``None``.
 
     Examples::
 
@@ -75,8 +76,9 @@ class LinearAttention(nn.Module):
         if (query_map is None) != (key_map is None):
             raise ValueError("give both query_map and key_map (untied learnable maps), or neither")
         if query_map is not None:
-            if not isinstance(query_map, LearnableFeatureMap):
-                raise TypeError(f"query_map must be a LearnableFeatureMap, got {type(query_map).__name__}")
+            if not isinstance(query_map, HeadParams):
+                raise TypeError(f"query_map must be a learnable map (LearnableFeatureMap, ReBasedFeatureMap), got "
+                                f"{type(query_map).__name__}")
             if feature_map != "elu":
                 raise ValueError("give feature_map or query_map/key_map, not both")
             feature_map = query_map.untied_with(key_map)

@@ -1,6 +1,7 @@
-"""Polynomial feature maps (Based's Taylor map, full and compressed) through the kernels, which walk phi in
-blocks of features (M = 273 at D = 16: five blocks of 64), against the float64 reference of lintx_triton.testing;
-and the maps against the paper's formula."""
+"""Polynomial feature maps (Based's Taylor map, full and compressed; ReBased's learnable one) through the kernels,
+which walk phi in blocks of features (M = 273 at D = 16: five blocks of 64), against the float64 reference of
+lintx_triton.testing; and the maps against the papers' formulas. ReBased is also drawn by test_learnable's
+properties (a learnable family)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from lintx_triton import testing
 from test_feature_maps import _Allocations
 
 POLY = tuple(lx.feature_maps.POLYNOMIAL_FAMILIES)
+BLOCKED = lx.feature_maps.BLOCKED_FAMILIES  # the polynomial families and ReBased
 
 
 def _based_taylor_exp(x: torch.Tensor) -> torch.Tensor:
@@ -47,6 +49,26 @@ def test_taylor_is_based_map_and_its_kernel(D, seed):
         assert ((got - want).abs() <= 64 * torch.finfo(torch.float64).eps * scale * (1 + D)).all(), fm.name
 
 
+@given(D=st.integers(2, 20), heads=st.sampled_from([1, 3]), compressed=st.booleans(), seed=st.integers(0, 2**16))
+def test_rebased_is_its_papers_kernel(D, heads, compressed, seed):
+    """y = gamma LayerNorm(x) + beta as torch's layer_norm computes it, and phi(q)^T phi(k) = (y_q . y_k)^2 / D:
+    the scores of corl-team/rebased's model (LayerNorm, then parallel_rebased's (q.k / sqrt(d))^2)."""
+    g = torch.Generator().manual_seed(seed)
+    fm = lx.feature_maps.rebased(D, heads=heads, compressed=compressed)
+    with torch.no_grad():
+        fm.query.weight.copy_(1 + torch.randn(heads, D, generator=g))
+        fm.query.bias.copy_(torch.randn(heads, D, generator=g))
+    q, k = (torch.randn(4, heads, D, generator=g, dtype=torch.float64) for _ in range(2))
+    gamma, beta = fm.query.weight.double(), fm.query.bias.double()
+    y = [torch.stack([torch.nn.functional.layer_norm(x[:, h], (D,), gamma[h], beta[h], eps=1e-5)
+                      for h in range(heads)], 1) for x in (q, k)]
+    want = (y[0] * y[1]).sum(-1) ** 2 / D
+    got = (fm.features(q, "query") * fm.features(k, "key")).sum(-1)
+    scale = (y[0].abs() * y[1].abs()).sum(-1) ** 2 / D
+    assert ((got - want).abs() <= 64 * torch.finfo(torch.float64).eps * scale * D).all()
+    assert fm.feature_dim(D) == (D * (D + 1) // 2 if compressed else D * D)
+
+
 # an eighth of the profile's examples (ci: 5 of 40, ~10 s each on 2 cores): D = 16 runs five feature blocks
 # through every kernel in the interpreter
 @settings(max_examples=max(4, settings.default.max_examples // 8))
@@ -71,12 +93,16 @@ def test_forward_state_and_grads(kernel_device, c, path):
     check_grads(c, got, want, bounds, names)
 
 
-@pytest.mark.parametrize("family,D", [("taylor", 16), ("taylor_c", 10)], ids=["taylor-D16", "taylor_c-D10"])
+@pytest.mark.parametrize("family,D", [("taylor", 16), ("taylor_c", 10), ("rebased", 10)],
+                         ids=["taylor-D16", "taylor_c-D10", "rebased-D10-W4.k2"])
 def test_packed_grouped(kernel_device, family, D):
     """Three packed sequences (one empty) on grouped heads (M = 273: five feature blocks; M = 66: two, the last
-    2 wide): outputs and gradients against the reference run sequence by sequence."""
+    2 wide; ReBased M = 100, untied, gamma and beta per head): outputs and gradients (gamma's and beta's too)
+    against the reference run sequence by sequence."""
     c = dict(B=1, T=29, H=4, HKV=2, D=D, DV=5, dtype="float32", causal=True, normalize=True, initial_state=False,
              scale=0.5, seed=3, map=dict(family=family, D=D))
+    if family == "rebased":
+        c["map"].update(M=D * D, seed=1, heads=4, key_heads=2)
     c["feature_map"] = testing.ensure_map(c).name
     cu = torch.tensor([0, 11, 11, 29], device=kernel_device)
     q, k, v, _ = make_inputs(c, requires_grad=True, device=kernel_device)
@@ -88,7 +114,7 @@ def test_packed_grouped(kernel_device, family, D):
 
 
 @settings(max_examples=max(4, settings.default.max_examples // 8))
-@given(c=cases(maps=POLY, causal=True, t_values=(1, 5, 9), d_values=(4, 16), dv_values=(3, 40)),
+@given(c=cases(maps=BLOCKED, causal=True, t_values=(1, 5, 9), d_values=(4, 16), dv_values=(3, 40)),
        inplace=st.booleans())
 def test_decode_and_state_api(kernel_device, c, inplace):
     """Token by token through the decode kernel (in place or not), and the state alone: the same as the
@@ -162,6 +188,32 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.lintx.linear_attention_state_bwd.default,
                           (torch.randn_like(S), torch.randn_like(z), k.detach(), v.detach(), None, None, fm.name,
                            False))
+
+
+def test_rebased_opcheck_and_module():
+    """gamma, beta through the schemas with map_grads on; the module registers them and trains them, and its
+    decode step continues a prefill."""
+    fm = lx.feature_maps.rebased(8, heads=2, tied=False)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 7, 2, 8, generator=g, requires_grad=True) for _ in range(3))
+    fq, fk = (fm.kernel_params(s, "cpu").detach().requires_grad_() for s in ("query", "key"))
+    torch.library.opcheck(torch.ops.lintx.linear_attention_fwd.default,
+                          (q, k, v, None, None, fq, fk, None, fm.name, True, True, 1.0, 1e-3))
+    with torch.no_grad():
+        o, den, S, z = torch.ops.lintx.linear_attention_fwd(q, k, v, None, None, fq, fk, None, fm.name, True, True,
+                                                            1.0, 1e-3)
+    torch.library.opcheck(torch.ops.lintx.linear_attention_bwd.default,
+                          (torch.randn_like(o), None, None, q.detach(), k.detach(), v.detach(), o, den, None, None,
+                           fq.detach(), fk.detach(), None, fm.name, True, True, 1.0, True))
+    m = lx.nn.LinearAttention(32, 4, feature_map=lx.feature_maps.rebased(8, heads=4))
+    assert {"feature_map.query.weight", "feature_map.query.bias"} <= {n for n, _ in m.named_parameters()}
+    x = torch.randn(2, 9, 32, generator=g)
+    m(x).square().sum().backward()
+    assert m.feature_map.query.weight.grad.abs().sum() > 0 and m.feature_map.query.bias.grad.abs().sum() > 0
+    with torch.no_grad():
+        y, state = m(x[:, :8], return_state=True)
+        y_last, _ = m.step(x[:, 8], state)
+        torch.testing.assert_close(y_last, m(x)[:, 8], atol=1e-5, rtol=1e-4)
 
 
 def test_compile_fullgraph_forward_and_backward():

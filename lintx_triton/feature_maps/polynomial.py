@@ -238,6 +238,34 @@ def taylor(D: int, compressed: bool = False) -> PolynomialFeatureMap:
     return register(fm)
 
 
+class _NormEnvelope(torch.autograd.Function):
+    """y_env = |gamma| (|xhat| + |mu| r) + |beta| of xhat = (x - mu) r, r = 1 / sqrt(var + eps): at least |y|
+    and the rounding y carries (x - mu loses |mu| ulps), for the bounds of :mod:`lintx_triton.testing`. Its
+    backward, for weights w >= 0 (a bound's), returns sums of w times upper bounds of |dy/dx|, |dy/dgamma|,
+    |dy/dbeta|: |dxhat_i/dx_l| <= r (delta_il + 1/D + |xhat_i| |xhat_l| / D), which autograd of y itself would
+    cancel in places."""
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, eps):
+        mu = x.mean(-1, keepdim=True)
+        xc = x - mu
+        r = torch.rsqrt(xc.square().mean(-1, keepdim=True) + eps)
+        xhat = xc * r
+        a = xhat.abs() + mu.abs() * r
+        ctx.save_for_backward(a, xhat, r, gamma)
+        ctx.shapes = (gamma.shape, beta.shape)
+        return gamma.abs() * a + beta.abs()
+
+    @staticmethod
+    def backward(ctx, w):
+        a, xhat, r, gamma = ctx.saved_tensors
+        w = w.abs()
+        D = xhat.shape[-1]
+        wg = w * gamma.abs()
+        dx = r * (wg + wg.sum(-1, keepdim=True) / D + xhat.abs() * (wg * xhat.abs()).sum(-1, keepdim=True) / D)
+        return dx, (w * a).sum_to_size(ctx.shapes[0]), w.sum_to_size(ctx.shapes[1]), None
+
+
 class _Affine(nn.Module):
     """ReBased's gamma (``weight``, ones) and beta (``bias``, zeros), ``[heads, D]`` each."""
 
@@ -292,6 +320,13 @@ class ReBasedFeatureMap(HeadParams, nn.Module, PolynomialFeatureMap):
 
     def forward(self, x: torch.Tensor, side: str = "key") -> torch.Tensor:
         return self.features(x, side)
+
+    def magnitude(self, x: torch.Tensor, side: str = "key", stabilize: bool = False) -> torch.Tensor:
+        """phi of the envelope |gamma| (|xhat| + |mu| / sigma) + |beta| of |y| (non-negative, so are its factors),
+        whose gradient bounds |dphi/dx| and |dphi/d(gamma, beta)| term by term (see ``_NormEnvelope``)."""
+        self.check_head_dim(x.shape[-1])
+        a = self.side_params(side)
+        return self._expand(_NormEnvelope.apply(x, a.weight.to(x.dtype), a.bias.to(x.dtype), self.eps))
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x, "key")
