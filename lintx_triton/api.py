@@ -401,9 +401,9 @@ def linear_attention_step(
     if window is not None:
         from .hybrid import hybrid_attention_step
 
-        return hybrid_attention_step(q, k, v, state, fm, window=window, window_mix=window_mix, window_kind=window_kind,
-                                     window_affine=window_affine, window_scale=window_scale, scale=scale,
-                                     backend=backend, inplace=False)
+        return hybrid_attention_step(q, k, v, state, fm, window=window, window_mix=window_mix,
+                                     window_kind=window_kind, window_affine=window_affine, window_scale=window_scale,
+                                     scale=scale, backend=backend, inplace=False)
     _check_step(q, k, v, state, fm, scale, eps, backend)
     if _pick_backend(backend, q, v, fm) == "torch":
         return linear_attention_step_torch(q, k, v, fm, normalize=normalize, scale=float(scale), eps=float(eps),
@@ -453,9 +453,9 @@ def linear_attention_step_(
     if window is not None:  # LoLCATs' hybrid: state is a lintx_triton.hybrid.WindowState, its ring buffer updated
         from .hybrid import hybrid_attention_step
 
-        return hybrid_attention_step(q, k, v, state, fm, window=window, window_mix=window_mix, window_kind=window_kind,
-                                     window_affine=window_affine, window_scale=window_scale, scale=scale,
-                                     backend=backend, inplace=True)
+        return hybrid_attention_step(q, k, v, state, fm, window=window, window_mix=window_mix,
+                                     window_kind=window_kind, window_affine=window_affine, window_scale=window_scale,
+                                     scale=scale, backend=backend, inplace=True)
     if state is None:
         raise TypeError("linear_attention_step_ needs a preallocated state (S, z); use linear_attention_step for None")
     _check_step(q, k, v, state, fm, scale, eps, backend)

@@ -5,7 +5,8 @@ The hybrid (Zhang et al. 2024, "LoLCATs"), per query head h, for a query at posi
 
     a_sm(t, s) = f_h exp(c q_t.k_s - m_t)        for s in the window of t (causal), m_t = max_s of c q_t.k_s there
     a_ln(t, s) = g_h scale phi(q_t)^T phi(k_s)   for every earlier s outside the window
-    o_t = (sum_s (a_sm + a_ln)(t, s) v_s + g_h scale phi(q_t)^T S_0) / (sum_s (a_sm + a_ln)(t, s) + g_h scale phi(q_t)^T z_0)
+    o_t = (sum_s (a_sm + a_ln)(t, s) v_s + g_h scale phi(q_t)^T S_0)
+          / (sum_s (a_sm + a_ln)(t, s) + g_h scale phi(q_t)^T z_0)
 
 with f_h = sigmoid(alpha_h) (``window_mix`` = alpha, one per query head), g_h = 1 (LoLCATs' default) or
 g_h = 1 - f_h (``affine=True``, LoLCATs' ``affine_attention_factors``), c the softmax scale (1/sqrt(D) by
@@ -239,10 +240,14 @@ def hybrid_attention_reference(
     step and the kernels are checked against; never fast.
 
     With ``absolute=True`` every factor is replaced by its magnitude (|v|, |S_0|, |z_0|, ``fm.magnitude`` for
-    phi) and each softmax term f exp(c q.k_s - m_t) (value held fixed) by itself times
-    (1 + c |q|.|k_s| + c |q|.|k_max|): the rounding error of the exponent's argument is that sum times the unit
-    roundoff, and its derivatives are the magnitudes of the gradient's terms. The result bounds what a
-    rounding-error bound scales with (as :func:`lintx_triton.reference.linear_attention_reference`).
+    phi) and each softmax term f exp(c q.k_s - m_t) (value held fixed) by itself times 1 + X, X =
+    c |q|.|k_s| + c |q|.|k_max|: the rounding error of the exponent's argument is X times the unit roundoff.
+    Its derivative with respect to q and k is (1 + X) dX, the magnitude of a gradient term through the
+    exponential times that same relative error. The result bounds what a rounding-error bound scales with (as
+    :func:`lintx_triton.reference.linear_attention_reference`). ``absolute="softmax"`` or ``"linear"``: the
+    magnitudes of one part alone (the other's terms zero; the state is the linear part's): the derivatives of
+    the two parts can have opposite signs (|q| against phi(q)), so a gradient bound adds the two parts'
+    gradients in magnitude rather than taking the magnitude of their sum.
 
     Args:
         q ``[B, T, H, D]``, k ``[B, T, HKV, D]``, v ``[B, T, HKV, DV]``, window_mix ``[H]``; initial_state a
@@ -290,14 +295,21 @@ def hybrid_attention_reference(
     e = torch.exp(s - m)  # 0 outside the window
     if absolute:
         qk = c * torch.einsum("bthd,bshd->bhts", qd * _sign(qd), rep(kx * _sign(kx)))
-        top = qk.gather(-1, s.detach().argmax(-1, keepdim=True))  # the |q|.|k| of the maximum's key
-        e = e.detach() * (1 + qk + top)
+        X = qk + qk.gather(-1, s.detach().argmax(-1, keepdim=True))  # + the |q|.|k| of the maximum's key
+        # value 1 + X, derivative (1 + X) dX: a gradient term through exp carries the exponent's relative
+        # error u X besides its own (first order alone, dX, would leave that product out)
+        Xd = X.detach()
+        e = e.detach() * (1 + Xd + (X - Xd) * (1 + Xd))
     e = e.masked_fill(~sm, 0.0)
     p = scale * torch.einsum("bthm,bshm->bhts", a, rep(b)).masked_fill(~ln, 0.0)
+    if absolute == "softmax":  # the softmax terms alone (a gradient bound sums the parts' magnitudes)
+        p, S0, z0 = p * 0, S0 * 0, z0 * 0
+    elif absolute == "linear":
+        e = e * 0
     w_ = f * e + g * p  # [B, H, T, L]
     num = torch.einsum("bhts,bshv->bthv", w_, rep(vv)) \
-        + (g * scale * torch.einsum("bthm,bhmv->bhtv", a, rep_state(S0, G))).transpose(1, 2)
-    den = w_.sum(-1).transpose(1, 2) + (g[..., 0] * scale * torch.einsum("bthm,bhm->bht", a, rep_state(z0, G))
+        + (g * scale * torch.einsum("bthm,bhmv->bhtv", a, _rep_state(S0, G))).transpose(1, 2)
+    den = w_.sum(-1).transpose(1, 2) + (g[..., 0] * scale * torch.einsum("bthm,bhm->bht", a, _rep_state(z0, G))
                                         ).transpose(1, 2)
     o = num / den[..., None]
     # the state after P0 + T tokens: tokens before window_start(P0 + T) leave for (S, z)
@@ -312,7 +324,7 @@ def hybrid_attention_reference(
     return o, st, num, den
 
 
-def rep_state(x: Tensor, G: int) -> Tensor:
+def _rep_state(x: Tensor, G: int) -> Tensor:
     """A per-kv-head state [B, HKV, ...] repeated for the G query heads of each group: [B, H, ...]."""
     return x.repeat_interleave(G, 1) if G > 1 else x
 
@@ -406,8 +418,8 @@ def hybrid_attention_torch(
     vl = v1.reshape(B, HKV, N * C, DV + 1)[:, :, :n_lin]
     S1 = S0 + bl.transpose(-1, -2) @ vl
     Cap = window_capacity(window, kind)
-    st = WindowState(S1[..., :DV].contiguous(), S1[..., DV].contiguous(), _ring(kx[:, n_lin:], start1, Cap), _ring(vx[:, n_lin:], start1, Cap),
-                     state.pos + T)
+    st = WindowState(S1[..., :DV].contiguous(), S1[..., DV].contiguous(), _ring(kx[:, n_lin:], start1, Cap),
+                     _ring(vx[:, n_lin:], start1, Cap), state.pos + T)
     return o, st
 
 
@@ -418,7 +430,9 @@ def hybrid_step_torch_(q: Tensor, k: Tensor, v: Tensor, fm: FeatureMap, window_m
     updating ``state`` (a :class:`WindowState`) in place: the token is written into its ring slot, the output
     read from the window's slots and (S, z), then the tokens the next query no longer sees are folded into
     (S, z) (one token per step for the sliding window, a block of w at the end of each block for the
-    terraced one, from the keys kept in the buffer). Rows may be at different positions. No new state."""
+    terraced one, from the keys kept in the buffer). Rows may be at different positions. No new state. The
+    terraced fold is decided on the host (one ``any()`` of the rows' positions): this PyTorch step cannot be
+    captured in a CUDA graph."""
     f32 = torch.float32
     S, z, kb, vb, pos = state
     B, H, D = q.shape
@@ -480,8 +494,7 @@ def hybrid_attention(q, k, v, fm, *, window, window_mix, window_kind, window_aff
     sequence with ``cu_seqlens``)."""
     from .api import _check_inputs, _check_seqlens
 
-    _check_inputs(q, k, v, fm, True, None, scale, eps, backend if backend != "auto" else "torch", cu_seqlens,
-                  check_seqlens)
+    _check_inputs(q, k, v, fm, True, None, scale, eps, backend, cu_seqlens, check_seqlens)
     check_window(window, window_kind, window_mix, q.shape[2], q.device, window_affine, window_scale)
     if not causal:
         raise ValueError("the windowed hybrid is causal: window= needs causal=True")
@@ -528,8 +541,7 @@ def hybrid_attention_step(q, k, v, state, fm, *, window, window_mix, window_kind
                              f"v [B, HKV, DV])")
     from .api import _check_inputs
 
-    _check_inputs(q[:, None], k[:, None], v[:, None], fm, True, None, scale, 0.0,
-                  backend if backend != "auto" else "torch")
+    _check_inputs(q[:, None], k[:, None], v[:, None], fm, True, None, scale, 0.0, backend)
     B, H, D = q.shape
     HKV, DV = k.shape[1], v.shape[-1]
     check_window(window, window_kind, window_mix, H, q.device, window_affine, window_scale)
