@@ -2,7 +2,7 @@
 SDPA with a sliding-window mask, time and peak memory of one forward + backward.
 
     python bench/hybrid.py                                   # T = 1k..8k (bench/RESULTS.md)
-    python bench/hybrid.py --T 16384,32768 --quad-max-T 0    # long T: the quadratic way is not run
+    python bench/hybrid.py --T 16384,32768 --repeat 1        # long T: LoLCATs' quadratic way is not run
     python bench/hybrid.py --T 64 --H 1 --D 16 --window 16 --repeat 1   # tiny (what the tests run)
 
 Rows (fp32, B = 1, elu(x) + 1, f = sigmoid(alpha) with alpha = logit(0.1), g = 1, softmax scale 1/sqrt(D)):
@@ -107,7 +107,10 @@ def main(argv=None):
     ap.add_argument("--D", type=int, default=64)
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--quad-max-T", type=int, default=8192, help="longest T the quadratic ways run at")
+    ap.add_argument("--quad-max-T", type=int, default=8192,
+                    help="longest T LoLCATs' quadratic way runs at (its [B, H, T, T] fp32 tensors)")
+    ap.add_argument("--sdpa-max-T", type=int, default=16384,
+                    help="longest T the SDPA rows run at (quadratic time; the sliding one a [T, T] mask)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     ap.add_argument("--json", default=None, help="write the rows here")
     a = ap.parse_args(argv)
@@ -124,11 +127,14 @@ def main(argv=None):
         do = torch.randn(a.B, T, a.H, a.D, generator=g)
         base = None
         for name, fn in ways(T, a.window).items():
-            if name != "hybrid (chunked)" and T > a.quad_max_T:
-                gib = a.B * a.H * T * T * 4 / 2**30
-                print(f"{T:>6} {name:<18} {'not run: one [B, H, T, T] fp32 tensor is %.1f GiB' % gib}")
-                rows.append(dict(T=T, way=name, ms=None, peak_mib=None, note=f"not run: [B, H, T, T] fp32 = "
-                                 f"{gib:.1f} GiB each"))
+            note = None
+            if name == "lolcats quadratic" and T > a.quad_max_T:
+                note = f"not run: its [B, H, T, T] fp32 tensors are {a.B * a.H * T * T * 4 / 2**30:.1f} GiB each"
+            elif name.startswith("sdpa") and T > a.sdpa_max_T:
+                note = "not run (--sdpa-max-T)"
+            if note:
+                print(f"{T:>6} {name:<18} {note}")
+                rows.append(dict(T=T, way=name, ms=None, peak_mib=None, note=note))
                 continue
             run = lambda: fwd_bwd(fn, q, k, v, alpha, do)  # noqa: E731
             with LiveBytes() as p:
