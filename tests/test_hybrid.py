@@ -6,8 +6,8 @@ reference on magnitudes, times TOL / GTOL); the reference against a transcriptio
 from __future__ import annotations
 
 import copy
+import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -470,9 +470,91 @@ def test_bad_step_input_raises():
         lx.linear_attention_step_(q, k, v, None, window=16)
 
 
-def test_bench_runs_tiny():
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "hybrid.py"), "--T", "64", "--H", "1", "--D", "16",
-                        "--window", "16", "--repeat", "1"], capture_output=True, text=True, timeout=120,
-                       cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
-    assert r.returncode == 0, r.stderr
-    assert "hybrid (chunked)" in r.stdout and "sdpa" in r.stdout
+def test_bench_runs_tiny(capsys, tmp_path):
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from bench import hybrid as bench_hybrid
+
+    threads = torch.get_num_threads()
+    try:
+        bench_hybrid.main(["--T", "64,96", "--H", "1", "--D", "16", "--window", "16", "--repeat", "1", "--quad-max-T",
+                           "64", "--threads", "1", "--json", str(tmp_path / "rows.json")])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "hybrid (chunked)" in out and "sdpa sliding" in out and "not run" in out
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert len(rows) == 8 and all(r["ms"] > 0 for r in rows if r["way"] != "lolcats quadratic" or r["T"] == 64)
+
+
+# ---- shapes: the largest windows, empty calls, packed continuation, no T x T tensor
+
+
+@pytest.mark.parametrize("window,T", [(256, 530), (1024, 1100)])
+def test_large_windows(window, T):
+    c = dict(B=1, T=T, H=2, HKV=1, D=4, DV=3, dtype="float32", map="elu", window=window, kind="terraced",
+             affine=False, window_scale=None, scale=1.0, state=None, seed=T)
+    for kind in hy.KINDS:
+        c["kind"] = kind
+        q, k, v, alpha, fm, _ = inputs(c)
+        o, st_ = lx.linear_attention(q, k, v, feature_map=fm, return_state=True, **_api_kw(c, alpha))
+        check_state(c, st_, *check_forward(c, o, q, k, v, alpha, fm, None))
+
+
+@pytest.mark.parametrize("state", [None, "pair", 23])
+def test_empty_call_passes_state_through(state):
+    c = dict(_lolcats_case(0, 16, False, seed=4, state=state, m="elu"), B=2)
+    q, k, v, alpha, fm, st0 = inputs(c)
+    o, st_ = lx.linear_attention(q, k, v, feature_map=fm, initial_state=st0, return_state=True, **_api_kw(c, alpha))
+    assert o.shape == (2, 0, 2, 5)
+    if st0 is None:
+        assert (st_.S == 0).all() and (st_.pos == 0).all()
+    elif isinstance(st0, hy.WindowState):
+        assert all(torch.equal(a, b) for a, b in zip(st_, st0))
+
+
+def test_packed_call_continues_packed_states():
+    """A packed call from the states of an earlier packed call equals one packed call over the joined sequences."""
+    c = dict(B=1, T=90, H=2, HKV=2, D=8, DV=5, dtype="float32", map="relu", window=16, kind="terraced",
+             affine=True, window_scale=None, scale=1.0, state=None, seed=8)
+    q, k, v, alpha, fm, _ = inputs(c)
+    first, second = [(0, 10), (10, 40), (40, 40)], [(40, 55), (55, 55), (55, 90)]  # sequence n: first[n] + second[n]
+    cu = lambda parts: torch.tensor([0] + [b - parts[0][0] for _, b in parts])  # noqa: E731
+    sl = lambda x, parts: x[:, parts[0][0]:parts[-1][1]]  # noqa: E731
+    for kind in hy.KINDS:
+        kw = dict(_api_kw(c, alpha), window_kind=kind)
+        o1, st1 = lx.linear_attention(*(sl(x, first) for x in (q, k, v)), feature_map=fm, cu_seqlens=cu(first),
+                                      return_state=True, **kw)
+        o2, st2 = lx.linear_attention(*(sl(x, second) for x in (q, k, v)), feature_map=fm, cu_seqlens=cu(second),
+                                      initial_state=st1, return_state=True, **kw)
+        for n in range(3):
+            idx = list(range(*first[n])) + list(range(*second[n]))
+            o, st_ = lx.linear_attention(q[:, idx], k[:, idx], v[:, idx], feature_map=fm, return_state=True, **kw)
+            got = torch.cat([o1[:, first[n][0]:first[n][1]], o2[:, second[n][0] - 40:second[n][1] - 40]], 1)
+            torch.testing.assert_close(got, o, rtol=1e-5, atol=1e-6)
+            assert torch.equal(st2.k[n], st_.k[0]) and int(st2.pos[n]) == len(idx)
+
+
+def test_no_quadratic_tensor():
+    """Forward + backward at T = 1024, w = 16: no tensor allocated holds T x T elements per head (the largest is
+    the chunks' [w, 2w] score tiles, T x 2w per head)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    Largest.numel = max(Largest.numel, t.numel())
+            return out
+
+    B, T, H, D, w = 1, 1024, 2, 8, 16
+    q, k, v = (torch.randn(B, T, H, D, requires_grad=True) for _ in range(3))
+    alpha = torch.zeros(H, requires_grad=True)
+    with Largest():
+        o = lx.linear_attention(q, k, v, window=w, window_mix=alpha)
+        torch.autograd.grad(o.sum(), (q, k, v, alpha))
+    assert Largest.numel <= B * H * T * 2 * w < T * T
