@@ -14,7 +14,10 @@ Rows (fp32, B = 1, elu(x) + 1, f = sigmoid(alpha) with alpha = logit(0.1), g = 1
   tokens): softmax alone, no linear part; what a model without the hybrid would run.
 * ``sdpa causal``: ``is_causal=True`` over the whole sequence (the softmax attention being replaced).
 
-Time: the median of ``--repeat`` forward + backward runs after one warm-up (perf_counter). Memory: the peak of
+Time: the minimum (and the median) of ``--repeat`` forward + backward runs after one warm-up, ``--chunked-repeat``
+for the chunked hybrid (perf_counter; the minimum, as the least disturbed run on a shared machine; the ratios
+are of minima). ``--threads 1`` on a machine shared with other work: two threads' small batched products wait
+on a descheduled thread (bench/NOTES.md, 2026-12-01). Memory: the peak of
 the bytes alive during one forward + backward beyond the inputs, counted by bench/learnable.py's
 TorchDispatchMode probe (every storage allocated, until freed), run apart from the timed runs.
 """
@@ -89,14 +92,15 @@ def fwd_bwd(fn, q, k, v, alpha, do):
     return torch.autograd.grad(o, (q, k, v, alpha) if alpha.requires_grad else (q, k, v), do, allow_unused=True)
 
 
-def median_ms(fn, repeat: int) -> float:
+def times_ms(fn, repeat: int) -> tuple[float, float]:
+    """(min, median) of ``repeat`` runs after one warm-up, in ms."""
     fn()  # warm-up
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return min(times), statistics.median(times)
 
 
 def main(argv=None):
@@ -106,7 +110,8 @@ def main(argv=None):
     ap.add_argument("--H", type=int, default=2)
     ap.add_argument("--D", type=int, default=64)
     ap.add_argument("--window", type=int, default=64)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs of each way (after a warm-up)")
+    ap.add_argument("--chunked-repeat", type=int, default=10, help="timed runs of the chunked hybrid (cheap)")
     ap.add_argument("--quad-max-T", type=int, default=8192,
                     help="longest T LoLCATs' quadratic way runs at (its [B, H, T, T] fp32 tensors)")
     ap.add_argument("--sdpa-max-T", type=int, default=16384,
@@ -119,7 +124,8 @@ def main(argv=None):
     rows = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B={a.B} H={a.H} D={a.D} w={a.window}, "
           f"fp32, forward + backward")
-    print(f"{'T':>6} {'way':<18} {'ms':>10} {'peak MiB':>10} {'ms / chunked':>13} {'MiB / chunked':>14}")
+    print(f"{'T':>6} {'way':<18} {'min ms':>10} {'median':>10} {'peak MiB':>10} {'ms / chunked':>13} "
+          f"{'MiB / chunked':>14}")
     for T in (int(t) for t in a.T.split(",")):
         g = torch.Generator().manual_seed(T)
         q, k, v = (torch.randn(a.B, T, a.H, a.D, generator=g).requires_grad_() for _ in range(3))
@@ -140,12 +146,14 @@ def main(argv=None):
             with LiveBytes() as p:
                 run()
             peak = p.peak / 2**20
-            ms = median_ms(run, a.repeat)
+            n = a.chunked_repeat if name == "hybrid (chunked)" else a.repeat
+            ms, med = times_ms(run, n)
             if base is None:
                 base = (ms, peak)
-            rows.append(dict(T=T, way=name, ms=ms, peak_mib=peak, B=a.B, H=a.H, D=a.D, window=a.window))
-            print(f"{T:>6} {name:<18} {ms:>10.1f} {peak:>10.1f} {ms / base[0]:>13.2f} {peak / base[1]:>14.2f}",
-                  flush=True)
+            rows.append(dict(T=T, way=name, ms=ms, median_ms=med, runs=n, peak_mib=peak, B=a.B, H=a.H, D=a.D,
+                             window=a.window))
+            print(f"{T:>6} {name:<18} {ms:>10.1f} {med:>10.1f} {peak:>10.1f} {ms / base[0]:>13.2f} "
+                  f"{peak / base[1]:>14.2f}", flush=True)
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(dict(torch=torch.__version__, threads=torch.get_num_threads(), rows=rows), fh, indent=1)
