@@ -447,10 +447,10 @@ def hybrid_step_torch_(q: Tensor, k: Tensor, v: Tensor, fm: FeatureMap, window_m
     tok = pos[:, None] - ((pos[:, None] - slots) % Cap)  # [B, Cap]: the token each slot holds
     start = window_start(pos, window, kind)
     seen = (tok >= start[:, None])[:, None, None, :]  # [B, 1, 1, Cap]
-    qg = q.to(f32).view(B, HKV, G, D)
+    qg = q.to(f32).reshape(B, HKV, G, D)
     s = (c * qg @ kb.to(f32).transpose(-1, -2)).masked_fill(~seen, float("-inf"))  # [B, HKV, G, Cap]
     e = torch.exp(s - s.amax(-1, keepdim=True))
-    a = fm.features(q.to(f32), "query").view(B, HKV, G, -1)  # [B, HKV, G, M]
+    a = fm.features(q.to(f32), "query").reshape(B, HKV, G, -1)  # [B, HKV, G, M]
     f, g = _factors(window_mix, affine, f32)
     f, g = f.view(1, HKV, G, 1), g.view(1, HKV, G, 1)
     num = f * (e @ vb.to(f32)) + g * scale * (a @ S)

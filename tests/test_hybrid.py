@@ -558,3 +558,18 @@ def test_no_quadratic_tensor():
         o = lx.linear_attention(q, k, v, window=w, window_mix=alpha)
         torch.autograd.grad(o.sum(), (q, k, v, alpha))
     assert Largest.numel <= B * H * T * 2 * w < T * T
+
+
+def test_non_contiguous_inputs():
+    c = _lolcats_case(37, 16, True, seed=12, kind="sliding", m="elu")
+    q, k, v, alpha, fm, _ = inputs(c)
+    nc = lambda x: x.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731  ([B, H, T, D] storage)
+    assert not nc(q).is_contiguous()
+    kw = _api_kw(c, alpha)
+    o, st_ = lx.linear_attention(nc(q), nc(k), nc(v), feature_map=fm, return_state=True, **kw)
+    check_forward(c, o, q, k, v, alpha, fm, None)
+    o_t = lx.linear_attention_step_(nc(q)[:, -1].transpose(0, 1).contiguous().transpose(0, 1), k[:, -1], v[:, -1],
+                                    st_, feature_map=fm, **kw)
+    q2, k2, v2 = (torch.cat([x, x[:, -1:]], 1) for x in (q, k, v))
+    torch.testing.assert_close(o_t, lx.linear_attention(q2, k2, v2, feature_map=fm, **kw)[:, -1], rtol=1e-5,
+                               atol=1e-6)
