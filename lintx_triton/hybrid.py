@@ -174,6 +174,15 @@ def _check_state(state, B: int, HKV: int, M: int, D: int, DV: int, window: int, 
     return state
 
 
+def _starting_state(initial_state, q, k, v, fm, window: int, kind: str, buffer_dtype) -> WindowState:
+    """The state a call starts from: ``initial_state`` checked (a pair made a WindowState), or an empty one."""
+    B, _, _, D = q.shape
+    HKV, DV, M = k.shape[2], v.shape[-1], fm.feature_dim(D)
+    if initial_state is None:
+        return empty_window_state(B, HKV, M, D, DV, window, kind, k.dtype, q.device)
+    return _check_state(initial_state, B, HKV, M, D, DV, window, kind, buffer_dtype, q.device)
+
+
 def _factors(window_mix: Tensor, affine: bool, dtype, absolute: bool = False):
     """(f, g) per query head [H]: f = sigmoid(alpha), g = 1 or 1 - f. With ``absolute`` g = 1 - f keeps its value
     but gets the derivative +f(1 - f) (magnitudes add up in a bound, they do not cancel)."""
@@ -258,10 +267,8 @@ def hybrid_attention_reference(
     """
     B, T, H, D = q.shape
     HKV, DV = k.shape[2], v.shape[-1]
-    M = fm.feature_dim(D)
     # (the buffer's dtype is free here: float64 inputs may continue a float32 call's state)
-    state = _check_state(initial_state, B, HKV, M, D, DV, window, kind, None, q.device) \
-        if initial_state is not None else empty_window_state(B, HKV, M, D, DV, window, kind, k.dtype, q.device)
+    state = _starting_state(initial_state, q, k, v, fm, window, kind, None)
     if B > 1 and bool((state.pos != state.pos[0]).any()):
         o, st = _rows_apart(hybrid_attention_reference, q, k, v, state, fm=fm, window_mix=window_mix, window=window,
                             kind=kind, affine=affine, window_scale=window_scale, scale=scale, absolute=absolute,
@@ -357,8 +364,7 @@ def hybrid_attention_torch(
     HKV, DV = k.shape[2], v.shape[-1]
     M = fm.feature_dim(D)
     f32 = torch.float32
-    state = _check_state(initial_state, B, HKV, M, D, DV, window, kind, k.dtype, q.device) \
-        if initial_state is not None else empty_window_state(B, HKV, M, D, DV, window, kind, k.dtype, q.device)
+    state = _starting_state(initial_state, q, k, v, fm, window, kind, k.dtype)
     if B > 1 and bool((state.pos != state.pos[0]).any()):
         return _rows_apart(hybrid_attention_torch, q, k, v, state, fm=fm, window_mix=window_mix, window=window,
                            kind=kind, affine=affine, window_scale=window_scale, scale=scale)
