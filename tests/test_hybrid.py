@@ -140,7 +140,11 @@ def test_torch_path_gradients_match_reference(c):
     """dq, dk, dv, dalpha and a learnable map's parameters of sum(o do) + sum(S dS) + sum(z dz), against float64
     autograd of the reference; the bound is the gradient of the magnitudes' loss (testing.grad_bound's way)."""
     note(hid(c))
-    q, k, v, alpha, fm, state = inputs(c, requires_grad=True)
+    check_grads(c, *inputs(c, requires_grad=True))
+
+
+def check_grads(c, q, k, v, alpha, fm, state):
+    """The call's gradients within GTOL x bound of float64 autograd through the reference."""
     o, st_ = lx.linear_attention(q, k, v, feature_map=fm, initial_state=state, return_state=True,
                                  **_api_kw(c, alpha))
     g = torch.Generator().manual_seed(c["seed"] + 1)
@@ -558,6 +562,24 @@ def test_no_quadratic_tensor():
         o = lx.linear_attention(q, k, v, window=w, window_mix=alpha)
         torch.autograd.grad(o.sum(), (q, k, v, alpha))
     assert Largest.numel <= B * H * T * 2 * w < T * T
+
+
+@pytest.mark.parametrize("family", ["favor", "fourier"])
+@pytest.mark.parametrize("kind", hy.KINDS)
+def test_random_feature_maps(family, kind):
+    """Random-feature maps: FAVOR+'s positive features, and random Fourier's signed ones on inputs that keep each
+    phi(q)^T phi(k) >= 1/2 (lintx_triton.testing.positive_den_inputs); outputs and gradients with their bounds."""
+    fm = lx.feature_maps.RANDOM_FAMILIES[family](8, 12, 3)
+    c = dict(B=2, T=53, H=2, HKV=1, D=8, DV=4, dtype="float32", map="elu", window=16, kind=kind, affine=True,
+             window_scale=None, scale=0.5, state=None, seed=21)
+    q, k, v, alpha, _, _ = inputs(c)
+    if family == "fourier":
+        from lintx_triton.testing import _positive_den
+
+        q, k = _positive_den(fm, q), _positive_den(fm, k)
+    o = lx.linear_attention(q, k, v, feature_map=fm, **_api_kw(c, alpha))
+    check_forward(c, o, q, k, v, alpha, fm, None)
+    check_grads(c, *(x.requires_grad_() for x in (q, k, v, alpha)), fm, None)
 
 
 def test_non_contiguous_inputs():
