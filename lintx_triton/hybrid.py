@@ -368,8 +368,10 @@ def hybrid_attention_torch(
     if B > 1 and bool((state.pos != state.pos[0]).any()):
         return _rows_apart(hybrid_attention_torch, q, k, v, state, fm=fm, window_mix=window_mix, window=window,
                            kind=kind, affine=affine, window_scale=window_scale, scale=scale)
-    if T == 0:  # nothing moves; the output still hangs off the inputs, so autograd can run through it
-        return q.new_zeros(B, 0, H, DV) + 0 * (q.sum() + k.sum() + v.sum()).to(q.dtype), state
+    if T == 0:  # nothing moves; the output still hangs off the inputs, so autograd can run through it. The state
+        # is a copy: an in-place step on what a call returned must not write into its initial_state
+        return (q.new_zeros(B, 0, H, DV) + 0 * (q.sum() + k.sum() + v.sum()).to(q.dtype),
+                WindowState(*(x.clone() for x in state)))
     c = float(window_scale) if window_scale is not None else D ** -0.5
     kw, vw, P0, base = _window_tokens(state, window, kind)
     n0 = kw.shape[1]  # window tokens carried in; the chunks are aligned on position ``base`` (a multiple of w

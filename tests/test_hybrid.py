@@ -515,6 +515,8 @@ def test_empty_call_passes_state_through(state):
         assert (st_.S == 0).all() and (st_.pos == 0).all()
     elif isinstance(st0, hy.WindowState):
         assert all(torch.equal(a, b) for a, b in zip(st_, st0))
+    # a copy: an in-place step on the returned state leaves the initial state alone
+    assert not any(a.data_ptr() == b.data_ptr() for a, b in zip(st_, st0 or ()))
 
 
 def test_packed_call_continues_packed_states():
