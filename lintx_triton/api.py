@@ -205,7 +205,11 @@ def linear_attention(
             exp(c q_t.k_s - m_t) v_s + g_h scale sum_older phi(q_t)^T phi(k_s) v_s) / (the same sums without v),
             m_t the exact maximum of the window's scores. A multiple of 16 from 16 to 1024; causal and
             normalized only; ``eps`` unused. Runs the chunked PyTorch path (``backend="auto"`` or
-            ``"torch"``; the fused Triton kernels are not built yet). Default: ``None`` (linear attention).
+            ``"torch"``; the fused Triton kernels are not built yet). ``initial_state`` is then a
+            :class:`lintx_triton.hybrid.WindowState` (the linear state of the tokens that left the window, a ring
+            buffer of the window's keys and values, the position) or a pair ``(S_0, z_0)`` of a prefix seen in
+            linear form only; ``return_state`` returns a ``WindowState``, which :func:`linear_attention_step`
+            continues token by token. Default: ``None`` (linear attention).
         window_mix (torch.Tensor | None): alpha ``[H]``, f_h = sigmoid(alpha_h) per query head; gradients
             flow to it. Default: ``None`` (alpha = 0, f = 1/2).
         window_kind (str): ``"terraced"`` (LoLCATs' training form: tokens in blocks of w counted from the first
@@ -214,10 +218,6 @@ def linear_attention(
         window_affine (bool): g_h = 1 - f_h (LoLCATs' ``affine_attention_factors``) instead of g_h = 1.
             Default: ``False``.
         window_scale (float | None): c, the softmax scale. Default: ``None`` (1/sqrt(D)).
-            With ``window``, ``initial_state`` is a :class:`lintx_triton.hybrid.WindowState` (the linear state
-            of the tokens that left the window, a ring buffer of the window's keys and values, the position),
-            or a pair ``(S_0, z_0)`` of a prefix seen in linear form only; ``return_state`` returns a
-            ``WindowState``, which :func:`linear_attention_step` continues token by token.
 
     Returns:
         o (torch.Tensor): ``[B, T, H, DV]`` in the inputs' dtype, and ``(S_T, z_T)`` when ``return_state``.
