@@ -563,6 +563,9 @@ def hybrid_attention_step(q, k, v, state, fm, *, window, window_mix, window_kind
                             "empty_window_state); use linear_attention_step for None")
         state = empty_window_state(B, HKV, M, D, DV, window, window_kind, k.dtype, q.device)
     else:
+        if inplace and not isinstance(state, WindowState):  # a pair's ring buffer would be a temporary
+            raise TypeError(f"the in-place step updates a WindowState (lintx_triton.hybrid.empty_window_state, or a "
+                            f"call's return_state), got {type(state).__name__}")
         state = _check_state(state, B, HKV, M, D, DV, window, window_kind, k.dtype, q.device)
         if inplace and not all(x.is_contiguous() for x in state):
             raise ValueError("the in-place step updates the state where it lies: its tensors must be contiguous")

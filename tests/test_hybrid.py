@@ -472,6 +472,14 @@ def test_bad_step_input_raises():
         lx.linear_attention_step_(q, k, v, hy.empty_window_state(1, 2, 8, 8, 5, 16, "sliding"), window=16)
     with pytest.raises(TypeError, match="preallocated"):
         lx.linear_attention_step_(q, k, v, None, window=16)
+    with pytest.raises(TypeError, match="updates a WindowState"):
+        lx.linear_attention_step_(q, k, v, (torch.zeros(1, 2, 8, 5), torch.zeros(1, 2, 8)), window=16)
+    st_ = hy.empty_window_state(1, 2, 8, 8, 5, 16, "terraced")
+    with pytest.raises(ValueError, match="contiguous"):
+        lx.linear_attention_step_(q, k, v, st_._replace(S=st_.S.transpose(2, 3).contiguous().transpose(2, 3)),
+                                  window=16)
+    with pytest.raises(ValueError, match=r"shape \[H\]"):
+        lx.linear_attention_step(q, k, v, None, window=16, window_mix=torch.zeros(5))
 
 
 def test_bench_runs_tiny(capsys, tmp_path):
