@@ -291,7 +291,10 @@ def hybrid_attention_reference(
     vv = vx
     if absolute:
         vv, S0, z0 = (x * _sign(x) for x in (vx, S0, z0))
-    f, g = _factors(window_mix, affine, dtype, absolute)
+    # f and g written out here, not taken from _factors (which the chunked path and the step use), so that a
+    # mistake there cannot hide in both
+    f = torch.sigmoid(window_mix.to(dtype))
+    g = (1 - f if not absolute else _factors(window_mix, True, dtype, True)[1]) if affine else torch.ones_like(f)
     f, g = f[None, :, None, None], g[None, :, None, None]  # [1, H, 1, 1]
     pos_q = torch.arange(P0, P0 + T, device=q.device)
     pos_k = torch.arange(base, base + L, device=q.device)

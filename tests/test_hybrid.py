@@ -272,6 +272,18 @@ def test_lolcats_quadratic(T, window, affine, state):
     torch.testing.assert_close(ref, y, rtol=1e-10, atol=1e-12)
     o = lx.linear_attention(q, k, v, feature_map=fm, initial_state=st0, **_api_kw(c, alpha))
     check_forward(c, o, q, k, v, alpha, fm, st0)
+    # the reference's gradients (q, k, v, alpha) are LoLCATs' function's, through float64 autograd
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v, alpha)]
+    fm64 = _map64(fm)
+    wf = torch.sigmoid(leaves[3])[None, :, None, None]
+    y = tr(lolcats_hybrid_attention_quadratic(tr(leaves[0]), tr(leaves[1]), tr(fm64.features(leaves[0], "query")),
+                                              tr(fm64.features(leaves[1], "key")), tr(leaves[2]), wf,
+                                              1 - wf if affine else 1, window, kv_state, k_state))
+    ref, *_ = hy.hybrid_attention_reference(*leaves[:3], fm64, leaves[3], initial_state=st0, **_kw(c))
+    do = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for name, a, b in zip("q k v alpha".split(), torch.autograd.grad((y * do).sum(), leaves),
+                          torch.autograd.grad((ref * do).sum(), leaves)):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11, msg=f"d{name}")
 
 
 def test_lolcats_mask_differs_where_documented():
