@@ -13,9 +13,9 @@ g_h = 1 - f_h (``affine=True``, LoLCATs' ``affine_attention_factors``), c the so
 default), ``scale`` the factor on phi(q)^T phi(k) (1 by default, as LoLCATs has none), and (S_0, z_0) the
 linear state of a preceding segment. m_t is not a free stabilizer: the linear part is not multiplied by
 exp(-m_t), so m_t sets the balance between the two parts and must be exactly the row's window maximum. A
-kernel with an online (running) max m' must carry its linear part scaled by exp(m' - m_t) until the final
-max is known; here the max of the whole window row is taken first, so no term exceeds f_h and scores of any
-size (1e3 and more) do not overflow. No eps is added: the denominator holds f_h exp(0) from the row maximum.
+kernel with an online (running) max must keep the linear part apart from its rescaled softmax accumulator (or
+rescale it with every change of the max) and join the two with the final m_t only; here the max of the whole
+window row is taken first, so no term exceeds f_h and scores of any size (1e3 and more) do not overflow. No eps is added: the denominator holds f_h exp(0) from the row maximum.
 ``phi(q)`` is taken without the per-query stabilization of :func:`lintx_triton.linear_attention` (which
 cancels there in num / den, and would not cancel here).
 
@@ -54,7 +54,6 @@ step over the last ``window_size`` keys (lines 180-195, cache update lines 316-3
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import torch
