@@ -152,6 +152,11 @@ def linear_attention(
     backend: str = "auto",
     cu_seqlens: Optional[Tensor] = None,
     check_seqlens: bool = True,
+    window: Optional[int] = None,
+    window_mix: Optional[Tensor] = None,
+    window_kind: str = "terraced",
+    window_affine: bool = False,
+    window_scale: Optional[float] = None,
 ):
     r"""Linear attention of "Transformers are RNNs" with the feature map fused into the kernels.
 
@@ -192,6 +197,24 @@ def linear_attention(
             (one small device-to-host copy; skipped while compiling or capturing). With ``False`` (or
             under torch.compile / a CUDA graph) the offsets are trusted: offsets past total_T make the
             kernels read out of bounds. Default: ``True``.
+        window (int | None): the softmax window w of LoLCATs' hybrid (:mod:`lintx_triton.hybrid`): recent tokens
+            in softmax form, older ones in linear form, under one normalizer: o_t = (f_h sum_win
+            exp(c q_t.k_s - m_t) v_s + g_h scale sum_older phi(q_t)^T phi(k_s) v_s) / (the same sums without v),
+            m_t the exact maximum of the window's scores. A multiple of 16 from 16 to 1024; causal and
+            normalized only; ``eps`` unused. Runs the chunked PyTorch path (``backend="auto"`` or
+            ``"torch"``; the fused Triton kernels are not built yet). ``initial_state`` is then a
+            :class:`lintx_triton.hybrid.WindowState` (the linear state of the tokens that left the window, a ring
+            buffer of the window's keys and values, the position) or a pair ``(S_0, z_0)`` of a prefix seen in
+            linear form only; ``return_state`` returns a ``WindowState``, which :func:`linear_attention_step`
+            continues token by token. Default: ``None`` (linear attention).
+        window_mix (torch.Tensor | None): alpha ``[H]``, f_h = sigmoid(alpha_h) per query head; gradients
+            flow to it. Default: ``None`` (alpha = 0, f = 1/2).
+        window_kind (str): ``"terraced"`` (LoLCATs' training form: tokens in blocks of w counted from the first
+            token; a query sees its block and the previous one in softmax form) or ``"sliding"`` (the last w
+            tokens, itself included). Default: ``"terraced"``.
+        window_affine (bool): g_h = 1 - f_h (LoLCATs' ``affine_attention_factors``) instead of g_h = 1.
+            Default: ``False``.
+        window_scale (float | None): c, the softmax scale. Default: ``None`` (1/sqrt(D)).
 
     Returns:
         o (torch.Tensor): ``[B, T, H, DV]`` in the inputs' dtype, and ``(S_T, z_T)`` when ``return_state``.
@@ -206,8 +229,16 @@ def linear_attention(
         >>> o2 = lx.linear_attention(q[:, 60:], k[:, 60:], v[:, 60:], initial_state=state)
         >>> torch.allclose(torch.cat([o1, o2], 1), o, atol=1e-5)
         True
+        >>> o = lx.linear_attention(q, k, v, window=64, window_mix=torch.zeros(4))   # LoLCATs' hybrid
     """
     fm = feature_maps.resolve(feature_map)
+    if window is not None:
+        from .hybrid import hybrid_attention
+
+        return hybrid_attention(q, k, v, fm, window=window, window_mix=window_mix, window_kind=window_kind,
+                                window_affine=window_affine, window_scale=window_scale, scale=scale, causal=causal,
+                                normalize=normalize, initial_state=initial_state, return_state=return_state,
+                                backend=backend, cu_seqlens=cu_seqlens, check_seqlens=check_seqlens, eps=eps)
     _check_inputs(q, k, v, fm, causal, initial_state, scale, eps, backend, cu_seqlens, check_seqlens)
     backend = _pick_backend(backend, q, v, fm)
     S0, z0 = initial_state if initial_state is not None else (None, None)
@@ -373,6 +404,11 @@ def linear_attention_step(
     scale: float = 1.0,
     eps: float = 1e-6,
     backend: str = "auto",
+    window: Optional[int] = None,
+    window_mix: Optional[Tensor] = None,
+    window_kind: str = "terraced",
+    window_affine: bool = False,
+    window_scale: Optional[float] = None,
 ):
     r"""One step of the RNN form: a new token's output and the updated state, in constant time.
 
@@ -387,6 +423,10 @@ def linear_attention_step(
         state (tuple[torch.Tensor, torch.Tensor] | None): ``(S [B, HKV, M, DV], z [B, HKV, M])`` float32, or
             ``None`` for an empty one. Not modified.
         feature_map, normalize, scale, eps, backend: as in :func:`linear_attention`.
+        window, window_mix, window_kind, window_affine, window_scale: LoLCATs' hybrid, as in
+            :func:`linear_attention` (the torch path); ``state`` is then a
+            :class:`lintx_triton.hybrid.WindowState` (or None), the one a call with ``return_state=True``
+            returns.
 
     Returns:
         o (torch.Tensor): ``[B, H, DV]`` in the inputs' dtype, and the new state ``(S, z)``.
@@ -401,6 +441,12 @@ def linear_attention_step(
         True
     """
     fm = feature_maps.resolve(feature_map)
+    if window is not None:
+        from .hybrid import hybrid_attention_step
+
+        return hybrid_attention_step(q, k, v, state, fm, window=window, window_mix=window_mix,
+                                     window_kind=window_kind, window_affine=window_affine, window_scale=window_scale,
+                                     scale=scale, backend=backend, inplace=False)
     if _step_backend(q, k, v, state, fm, scale, eps, backend, False) == "torch":
         return linear_attention_step_torch(q, k, v, fm, normalize=normalize, scale=float(scale), eps=float(eps),
                                            state=state)
@@ -422,6 +468,11 @@ def linear_attention_step_(
     scale: float = 1.0,
     eps: float = 1e-6,
     backend: str = "auto",
+    window: Optional[int] = None,
+    window_mix: Optional[Tensor] = None,
+    window_kind: str = "terraced",
+    window_affine: bool = False,
+    window_scale: Optional[float] = None,
 ) -> Tensor:
     r""":func:`linear_attention_step` updating a preallocated state in place; returns o ``[B, H, DV]``.
 
@@ -429,7 +480,9 @@ def linear_attention_step_(
     declares the mutation to torch.library, so it works under ``torch.compile``, and allocates only o,
     so a whole decode loop can be captured in a CUDA graph. A loop's steps after the first skip the argument
     checks while the arguments' types, shapes, dtypes, devices, the map and the options stay the same (any
-    change is checked again).
+    change is checked again). With ``window`` (LoLCATs' hybrid, the arguments of :func:`linear_attention`) the
+    state is a :class:`lintx_triton.hybrid.WindowState` (``lintx_triton.hybrid.empty_window_state`` to start),
+    whose ring buffer is updated in place too.
 
     Examples::
 
@@ -441,6 +494,12 @@ def linear_attention_step_(
         torch.Size([2, 4, 32])
     """
     fm = feature_maps.resolve(feature_map)
+    if window is not None:  # LoLCATs' hybrid: state is a lintx_triton.hybrid.WindowState, its ring buffer updated
+        from .hybrid import hybrid_attention_step
+
+        return hybrid_attention_step(q, k, v, state, fm, window=window, window_mix=window_mix,
+                                     window_kind=window_kind, window_affine=window_affine, window_scale=window_scale,
+                                     scale=scale, backend=backend, inplace=True)
     if state is None:
         raise TypeError("linear_attention_step_ needs a preallocated state (S, z); use linear_attention_step for None")
     backend = _step_backend(q, k, v, state, fm, scale, eps, backend, True)

@@ -44,6 +44,14 @@ class LinearAttention(nn.Module):
         query_map, key_map (LearnableFeatureMap | ReBasedFeatureMap | None): separate (untied) learnable maps for
             queries and keys, of the same kind (as LoLCATs trains them), instead of ``feature_map``; both or
             neither. Default: ``None``.
+        window (int | None): LoLCATs' hybrid: softmax over a window of w recent tokens, linear attention over
+            older ones (:func:`lintx_triton.linear_attention`'s ``window``); the mix alpha is the parameter
+            ``window_mix [H]``, initialised to ``window_mix_init`` (LoLCATs' ``init_window_factor``; its
+            distillation configs use -2.1972 = logit(0.1): f = 0.1). The state of ``forward(return_state=True)``
+            and ``step`` is then a :class:`lintx_triton.hybrid.WindowState`. Default: ``None``.
+        window_kind, window_affine: as in :func:`lintx_triton.linear_attention`. Defaults: ``"terraced"``,
+            ``False``.
+        window_mix_init (float): Default: ``-2.1972245773362196``.
 
     Examples::
 
@@ -71,6 +79,10 @@ class LinearAttention(nn.Module):
         num_kv_heads: Optional[int] = None,
         query_map: Optional[LearnableFeatureMap] = None,
         key_map: Optional[LearnableFeatureMap] = None,
+        window: Optional[int] = None,
+        window_kind: str = "terraced",
+        window_affine: bool = False,
+        window_mix_init: float = -2.1972245773362196,
     ):
         super().__init__()
         if (query_map is None) != (key_map is None):
@@ -99,9 +111,18 @@ class LinearAttention(nn.Module):
         self.k_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(embed_dim, num_kv_heads * value_dim, bias=bias)
         self.out_proj = nn.Linear(num_heads * value_dim, embed_dim, bias=bias)
+        self.window, self.window_kind, self.window_affine = window, window_kind, window_affine
+        if window is not None:  # LoLCATs: init_window_factor * torch.ones(1, num_heads, 1, 1), a parameter
+            if not causal:
+                raise ValueError("window= (the hybrid) is causal: build the module with causal=True")
+            self.window_mix = nn.Parameter(torch.full((num_heads,), float(window_mix_init)))
 
     def _kw(self) -> dict:
-        return dict(feature_map=self.feature_map, normalize=self.normalize, eps=self.eps, backend=self.backend)
+        kw = dict(feature_map=self.feature_map, normalize=self.normalize, eps=self.eps, backend=self.backend)
+        if self.window is not None:
+            kw.update(window=self.window, window_mix=self.window_mix, window_kind=self.window_kind,
+                      window_affine=self.window_affine)
+        return kw
 
     def _qkv(self, x: Tensor):
         lead = x.shape[:-1]
@@ -136,5 +157,10 @@ class LinearAttention(nn.Module):
 
         M = resolve(self.feature_map).feature_dim(self.head_dim)
         dev = device if device is not None else self.q_proj.weight.device
+        if self.window is not None:  # the hybrid's state: (S, z) and the window's ring buffer
+            from .hybrid import empty_window_state
+
+            return empty_window_state(batch, self.num_kv_heads, M, self.head_dim, self.value_dim, self.window,
+                                      self.window_kind, self.q_proj.weight.dtype, dev)
         return (torch.zeros(batch, self.num_kv_heads, M, self.value_dim, device=dev),
                 torch.zeros(batch, self.num_kv_heads, M, device=dev))

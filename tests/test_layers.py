@@ -35,7 +35,8 @@ LAYERS = [
     ("configs", ("lintx_triton.tuned_configs", "lintx_triton.config")),
     # the backends: the Triton ops and the PyTorch reference / chunked path
     ("ops", ("lintx_triton.ops", "lintx_triton.reference")),
-    ("public API", ("lintx_triton.api", "lintx_triton")),
+    # hybrid: LoLCATs' window hybrid, its reference, torch path and the entry points api.py hands window= to
+    ("public API", ("lintx_triton.api", "lintx_triton.hybrid", "lintx_triton")),
     ("front ends", ("lintx_triton.nn", "lintx_triton.distributed", "lintx_triton.cli", "lintx_triton.__main__")),
 ]
 API_LAYER = "public API"
