@@ -164,12 +164,16 @@ def _to_chunks(x: Tensor, C: int, ones: bool = False) -> Tensor:
     return out
 
 
-def _from_chunks(x: Tensor, T: int) -> Tensor:
-    """The inverse of :func:`_to_chunks`: ``[N, B, H, C, W]`` -> ``[B, T, H, W]`` (the padding dropped)."""
+def _from_chunks(x: Tensor, T: int, plus: Optional[Tensor] = None) -> Tensor:
+    """The inverse of :func:`_to_chunks`: ``[N, B, H, C, W]`` -> ``[B, T, H, W]`` (the padding dropped); with
+    ``plus`` (shaped as x), of x + plus, summed in the same pass."""
     N, B, H, C, W = x.shape
     out = x.new_empty(B, T, H, W)
     for view, n, c in _chunk_views(out, C):
-        view.copy_(x[n, :, :, :c])
+        if plus is None:
+            view.copy_(x[n, :, :, :c])
+        else:
+            torch.add(x[n, :, :, :c], plus[n, :, :, :c], out=view)
     return out
 
 
@@ -200,13 +204,11 @@ class _ChunkedCausal(torch.autograd.Function):
             S[n + 1].add_(S[n])
         P = torch.bmm(A3, B3.transpose(1, 2)).tril_()  # [N*B*H, C, C]
         out = torch.bmm(A3, S[:N].view(N * B * H, M, DV + 1)).baddbmm_(P, V3).view(N, B, H, C, DV + 1)
-        if normalize:
-            r = out[..., DV:].mul(scale).add_(eps).reciprocal_().mul_(scale)  # scale / den, [N, B, H, C, 1]
-            y = out[..., :DV] * r
-        else:
-            r = None
-            y = out[..., :DV] * scale
-        o = _from_chunks(y, T)
+        # o = out[:DV] * r with r = scale / den ([N, B, H, C, 1]), written straight into [B, T, H, DV]
+        r = out[..., DV:].mul(scale).add_(eps).reciprocal_().mul_(scale) if normalize else None
+        o = a.new_empty(B, T, H, DV)
+        for view, n, c in _chunk_views(o, C):
+            torch.mul(out[n, :, :, :c, :DV], r[n, :, :, :c] if normalize else scale, out=view)
         ctx.save_for_backward(A, Bk, V1, S, P, out, r)
         ctx.C, ctx.normalize, ctx.scale = C, normalize, scale
         return o, S[N]
@@ -242,17 +244,25 @@ class _ChunkedCausal(torch.autograd.Function):
                 Gs[n].add_(Gs[n + 1])
             G3 = Gs[1:].view(NBH, M, DV + 1)
             dS0 = Gs[0] if need_s else None
+        # each gradient is two products summed where it is copied out of the chunked layout (two bmm into
+        # reused buffers and one add: baddbmm_ is slower on the CPU than bmm)
+        W = max(M, DV + 1)
+        X, Y = (A.new_empty(NBH * C * W) for _ in range(2))
+        buf = lambda x, w: x[:NBH * C * w].view(NBH, C, w)  # noqa: E731
         if need_a or need_b:
             dP = torch.bmm(D3, V3.transpose(1, 2)).tril_()  # [NBH, C, C]
             if need_a:
-                da3 = torch.bmm(D3, S[:N].view(NBH, M, DV + 1).transpose(1, 2)).baddbmm_(dP, B3)
-                da = _from_chunks(da3.view(N, B, H, C, M), T)
+                x = torch.bmm(D3, S[:N].view(NBH, M, DV + 1).transpose(1, 2), out=buf(X, M))
+                y = torch.bmm(dP, B3, out=buf(Y, M))
+                da = _from_chunks(x.view(N, B, H, C, M), T, y.view(N, B, H, C, M))
             if need_b:
-                db3 = torch.bmm(V3, G3.transpose(1, 2)).baddbmm_(dP.transpose(1, 2), A3)
-                db = _from_chunks(db3.view(N, B, H, C, M), T)
+                x = torch.bmm(V3, G3.transpose(1, 2), out=buf(X, M))
+                y = torch.bmm(dP.transpose(1, 2), A3, out=buf(Y, M))
+                db = _from_chunks(x.view(N, B, H, C, M), T, y.view(N, B, H, C, M))
         if need_v:
-            dv3 = torch.bmm(B3, G3).baddbmm_(P.transpose(1, 2), D3)
-            dv = _from_chunks(dv3.view(N, B, H, C, DV + 1)[..., :DV], T)
+            x = torch.bmm(B3, G3, out=buf(X, DV + 1)).view(N, B, H, C, DV + 1)
+            y = torch.bmm(P.transpose(1, 2), D3, out=buf(Y, DV + 1)).view(N, B, H, C, DV + 1)
+            dv = _from_chunks(x[..., :DV], T, y[..., :DV])
         return da, db, dv, dS0, None, None, None, None
 
 
