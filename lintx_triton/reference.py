@@ -166,14 +166,13 @@ def _to_chunks(x: Tensor, C: int, ones: bool = False) -> Tensor:
 
 def _from_chunks(x: Tensor, T: int, plus: Optional[Tensor] = None) -> Tensor:
     """The inverse of :func:`_to_chunks`: ``[N, B, H, C, W]`` -> ``[B, T, H, W]`` (the padding dropped); with
-    ``plus`` (shaped as x), of x + plus, summed in the same pass."""
+    ``plus`` (shaped as x), of x + plus."""
     N, B, H, C, W = x.shape
     out = x.new_empty(B, T, H, W)
     for view, n, c in _chunk_views(out, C):
-        if plus is None:
-            view.copy_(x[n, :, :, :c])
-        else:
-            torch.add(x[n, :, :, :c], plus[n, :, :, :c], out=view)
+        view.copy_(x[n, :, :, :c])
+        if plus is not None:  # in place, not torch.add(out=view): torch.compile takes no strided out=
+            view.add_(plus[n, :, :, :c])
     return out
 
 
@@ -207,8 +206,8 @@ class _ChunkedCausal(torch.autograd.Function):
         # o = out[:DV] * r with r = scale / den ([N, B, H, C, 1]), written straight into [B, T, H, DV]
         r = out[..., DV:].mul(scale).add_(eps).reciprocal_().mul_(scale) if normalize else None
         o = a.new_empty(B, T, H, DV)
-        for view, n, c in _chunk_views(o, C):
-            torch.mul(out[n, :, :, :c, :DV], r[n, :, :, :c] if normalize else scale, out=view)
+        for view, n, c in _chunk_views(o, C):  # in place, not out=: torch.compile takes no strided out=
+            view.copy_(out[n, :, :, :c, :DV]).mul_(r[n, :, :, :c] if normalize else scale)
         ctx.save_for_backward(A, Bk, V1, S, P, out, r)
         ctx.C, ctx.normalize, ctx.scale = C, normalize, scale
         return o, S[N]
@@ -245,7 +244,7 @@ class _ChunkedCausal(torch.autograd.Function):
             G3 = Gs[1:].view(NBH, M, DV + 1)
             dS0 = Gs[0] if need_s else None
         # each gradient is two products summed where it is copied out of the chunked layout (two bmm into
-        # reused buffers and one add: baddbmm_ is slower on the CPU than bmm)
+        # reused buffers and an add: baddbmm_ is slower on the CPU than bmm)
         W = max(M, DV + 1)
         X, Y = (A.new_empty(NBH * C * W) for _ in range(2))
         buf = lambda x, w: x[:NBH * C * w].view(NBH, C, w)  # noqa: E731

@@ -65,6 +65,28 @@ def test_torch_chunked_backward_at_several_chunks(c, chunk, kv_heads, final_stat
     check_grads(c, got, want, bounds, names)
 
 
+def test_torch_chunked_path_compiles_fullgraph():
+    """torch.compile(fullgraph=True) traces the PyTorch path's autograd.Function (no strided out= inside it, no
+    graph break), several chunks and a partial last one, with the eager gradients."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def f(q, k, v):
+        o, (S, z) = lx.linear_attention(q, k, v, backend="torch", return_state=True)
+        return o.square().sum() + S.sum() + z.sum()
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 150, 2, 8, generator=g, requires_grad=True) for _ in range(3))
+    got = torch.autograd.grad(torch.compile(f, backend=backend, fullgraph=True)(q, k, v), (q, k, v))
+    want = torch.autograd.grad(f(q, k, v), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    assert len(graphs) == 1
+
+
 def test_gradient_only_through_output(kernel_device):
     """No gradient reaches the final state: the backward gets dS = dz = None."""
     c = dict(B=1, T=19, H=2, D=8, DV=8, dtype="float32", feature_map="elu", causal=True, normalize=True,
