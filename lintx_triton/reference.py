@@ -3,8 +3,9 @@
 :func:`linear_attention_reference` is written straight from the equations
 (prefix sums of outer products, O(T * M * DV) memory): it is what every kernel
 is checked against, never fast. :func:`linear_attention_torch` is the chunked
-algorithm of the kernels in plain PyTorch (fp32, differentiable by autograd):
-the ``backend="torch"`` path on CPU.
+algorithm of the kernels in plain PyTorch (fp32, differentiable: the causal products
+have a hand-written chunked backward, :class:`_ChunkedCausal`): the ``backend="torch"``
+path on CPU.
 """
 
 from __future__ import annotations
@@ -210,7 +211,9 @@ class _ChunkedCausal(torch.autograd.Function):
             view.copy_(out[n, :, :, :c, :DV]).mul_(r[n, :, :, :c] if normalize else scale)
         ctx.save_for_backward(A, Bk, V1, S, P, out, r)
         ctx.C, ctx.normalize, ctx.scale = C, normalize, scale
-        return o, S[N]
+        # a copy, not a view of the saved states: a custom Function's view outputs cannot be modified in place,
+        # and the returned state is one a decode step updates in place
+        return o, S[N].clone()
 
     @staticmethod
     def backward(ctx, do, dS):

@@ -87,6 +87,19 @@ def test_torch_chunked_path_compiles_fullgraph():
     assert len(graphs) == 1
 
 
+def test_torch_path_state_can_be_updated_in_place():
+    """The final state the PyTorch path returns is its own tensor (as before the custom Function), so it may be
+    updated in place while o's graph is kept: no view-of-a-custom-Function error, o's gradients unchanged."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 70, 2, 8, generator=g, requires_grad=True) for _ in range(3))
+    o, (S, z) = lx.linear_attention(q, k, v, backend="torch", return_state=True)
+    want = torch.autograd.grad(o.sum(), (q, k, v), retain_graph=True)
+    S.add_(1.0)
+    z.add_(1.0)
+    for a, b in zip(torch.autograd.grad(o.sum(), (q, k, v)), want):
+        torch.testing.assert_close(a, b)
+
+
 def test_gradient_only_through_output(kernel_device):
     """No gradient reaches the final state: the backward gets dS = dz = None."""
     c = dict(B=1, T=19, H=2, D=8, DV=8, dtype="float32", feature_map="elu", causal=True, normalize=True,
