@@ -143,9 +143,9 @@ def main(Ts, H, D, tokens, reps, ft_src, backend, threads, clock, json_out):
         B = max(1, tokens // T)
         q, k, v = (torch.randn(B, T, H, D) for _ in range(3))
         flops = 4 * D * (D + CHUNK) * B * T * H
-        gflops = _bmm_gflops(reps, clock)  # again per row: on a shared machine the rate moves with the others' load
-        floor = flops / (gflops * 1e9) * 1e3
-        row = dict(T=T, B=B, bmm_gflops=gflops, floor_fwd=floor, floor_fwdbwd=3 * floor)
+        rate = _bmm_gflops(reps, clock)  # again per row: on a shared machine the rate moves with the others' load
+        floor = flops / (rate * 1e9) * 1e3
+        row = dict(T=T, B=B, bmm_gflops=rate, floor_fwd=floor, floor_fwdbwd=3 * floor)
         cells = []
         for name, f in impls.items():
             with torch.no_grad():
