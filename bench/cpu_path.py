@@ -3,6 +3,7 @@
     python bench/cpu_path.py                                   # issue #17's table: H = 8, D = 64, B*T = 8192
     python bench/cpu_path.py --ft-src ~/fast-transformers      # with fast-transformers' C++ CPU kernel beside it
     python bench/cpu_path.py --T 64,128 --tokens 256 --reps 1  # tiny (what CI runs)
+    python bench/cpu_path.py --threads 1 --clock cpu           # CPU time at one thread: a loaded machine
 
 Per T (B = tokens // T; fp32, elu(x) + 1, causal, normalized, scale 1), the median of ``--reps`` runs of:
 lintx forward and forward+backward (``lx.linear_attention``, the chunked PyTorch path), causal
@@ -11,8 +12,9 @@ normalizer, its CPU ``causal_dot_product``) when ``--ft-src`` names a checkout o
 ``fast_transformers/causal_product/causal_product_cpu.cpp`` is compiled once with torch's cpp_extension).
 
 The floor of a row is the time batched 64 x 64 x 64 fp32 matmuls take for the same FLOPs, measured in the same
-run: the forward's FLOPs are those of the chunked algorithm (4 D (D + C) per token and head at D = DV = M, chunk
-C), the forward+backward's three times as many. Each figure is also printed as a multiple of its floor.
+run just before the row (the load average, printed with it, says how busy the machine was): the forward's FLOPs
+are those of the chunked algorithm (4 D (D + C) per token and head at D = DV = M, chunk C = 64, whatever chunk the
+path picks), the forward+backward's three times as many. Each figure is also printed as a multiple of its floor.
 Decode: one ``linear_attention_step_`` and one ``LinearAttention.step`` at B = 1 and 16 against the time to
 read and write the state once (a copy of the state, measured), the module also against its weights' floors:
 bench/cpu_decode.py's rows (``python bench/cpu_decode.py`` for its grad modes, torch.compile and threads).
@@ -22,7 +24,9 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
+import time
 
 import click
 import torch
@@ -36,16 +40,26 @@ from bench.harness import Timing, time_ms  # noqa: E402
 CHUNK = 64  # the chunk the FLOP count assumes (the path's own choice may differ; the floor does not move)
 
 
-def _median_ms(fn, reps: int) -> float:
-    """The median of ``reps`` perf_counter runs after one warm-up (bench/harness.py's CPU timer)."""
-    return time_ms(fn, torch.device("cpu"), Timing(cpu_warmup=1, cpu_reps=reps))[0]
+def _median_ms(fn, reps: int, clock: str = "wall") -> float:
+    """The median of ``reps`` runs after one warm-up: perf_counter (bench/harness.py's CPU timer), or with
+    ``clock="cpu"`` the process's CPU time (user + system of all its threads), which other processes' load moves
+    far less than the wall clock: a measure of work, not of latency (use it at one thread)."""
+    if clock == "wall":
+        return time_ms(fn, torch.device("cpu"), Timing(cpu_warmup=1, cpu_reps=reps))[0]
+    fn()
+    times = []
+    for _ in range(max(1, reps)):
+        t0 = time.process_time()
+        fn()
+        times.append((time.process_time() - t0) * 1e3)
+    return statistics.median(times)
 
 
-def _bmm_gflops(reps: int) -> float:
+def _bmm_gflops(reps: int, clock: str = "wall") -> float:
     """GFLOP/s of batched 64 x 64 x 64 fp32 matmuls (the shape of the chunked algorithm's products)."""
     a, b = torch.randn(256, 64, 64), torch.randn(256, 64, 64)
-    ms = _median_ms(lambda: torch.bmm(a, b), max(reps, 5))
-    return 2 * 256 * 64**3 / (ms * 1e-3) / 1e9
+    ms = _median_ms(lambda: [torch.bmm(a, b) for _ in range(4)], max(reps, 5), clock)
+    return 4 * 2 * 256 * 64**3 / (ms * 1e-3) / 1e9
 
 
 def _ft_module(src: str):
@@ -95,7 +109,7 @@ def _fwd_bwd(f, q, k, v):
 
 
 @click.command()
-@click.option("--T", "Ts", default="256,1024,4096,8192", show_default=True)
+@click.option("--T", "Ts", default="256,512,1024,4096,8192", show_default=True)
 @click.option("--heads", "H", default=8, show_default=True)
 @click.option("--dim", "D", default=64, show_default=True)
 @click.option("--tokens", default=8192, show_default=True, help="B*T")
@@ -103,14 +117,21 @@ def _fwd_bwd(f, q, k, v):
 @click.option("--ft-src", default=None, help="a checkout of idiap/fast-transformers (compiled once)")
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "torch", "triton"]),
               help="lintx's backend (auto: the PyTorch path on a CPU, unless TRITON_INTERPRET=1)")
+@click.option("--threads", default=None, type=int, help="torch.set_num_threads (default: torch's own)")
+@click.option("--clock", default="wall", show_default=True, type=click.Choice(["wall", "cpu"]),
+              help="forward and backward timed by the wall clock, or by the process's CPU time (with --threads 1: "
+                   "robust to other processes' load on a shared machine; the decode rows stay on the wall clock)")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="write the rows here")
-def main(Ts, H, D, tokens, reps, ft_src, backend, json_out):
+def main(Ts, H, D, tokens, reps, ft_src, backend, threads, clock, json_out):
     torch.manual_seed(0)
+    if threads:
+        torch.set_num_threads(threads)
     ft = _ft_attention(_ft_module(ft_src)) if ft_src else None
-    gflops = _bmm_gflops(reps)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batched 64x64x64 matmul: "
-          f"{gflops:.0f} GFLOP/s (the floor); fp32, elu+1, causal, normalized, H = {H}, D = DV = {D}, "
-          f"B*T = {tokens}; median ms of {reps}, (x floor)")
+    gflops = _bmm_gflops(reps, clock)
+    load = os.getloadavg()[0]  # a shared machine: the load other processes put on it, printed with the rows
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load:.1f}; batched 64x64x64 "
+          f"matmul: {gflops:.0f} GFLOP/s (the floor; measured again before each row); fp32, elu+1, causal, "
+          f"normalized, H = {H}, D = DV = {D}, B*T = {tokens}; median {clock} ms of {reps}, (x floor)")
     impls = {"lintx": lambda q, k, v: lx.linear_attention(q, k, v, backend=backend),
              "sdpa": lambda q, k, v: F.scaled_dot_product_attention(
                  q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True).transpose(1, 2)}
@@ -123,17 +144,20 @@ def main(Ts, H, D, tokens, reps, ft_src, backend, json_out):
         B = max(1, tokens // T)
         q, k, v = (torch.randn(B, T, H, D) for _ in range(3))
         flops = 4 * D * (D + CHUNK) * B * T * H
-        floor = flops / (gflops * 1e9) * 1e3
-        row = dict(T=T, B=B, floor_fwd=floor, floor_fwdbwd=3 * floor)
+        rate = _bmm_gflops(reps, clock)  # again per row: on a shared machine the rate moves with the others' load
+        floor = flops / (rate * 1e9) * 1e3
+        row = dict(T=T, B=B, bmm_gflops=rate, floor_fwd=floor, floor_fwdbwd=3 * floor)
         cells = []
         for name, f in impls.items():
             with torch.no_grad():
-                fwd = _median_ms(lambda: f(q, k, v), reps)
-            fb = _median_ms(_fwd_bwd(f, q, k, v), reps)
+                fwd = _median_ms(lambda: f(q, k, v), reps, clock)
+            fb = _median_ms(_fwd_bwd(f, q, k, v), reps, clock)
             row[f"{name}_fwd"], row[f"{name}_fwdbwd"] = fwd, fb
             cells.append(f"{fwd:.1f} ({fwd / floor:.1f}x) | {fb:.1f} ({fb / (3 * floor):.1f}x)")
         rows.append(row)
-        print(f"| {T} | {B} | {floor:.1f} | {3 * floor:.1f} | " + " | ".join(cells) + " |", flush=True)
+        row["load"] = os.getloadavg()[0]
+        print(f"| {T} | {B} | {floor:.1f} | {3 * floor:.1f} | " + " | ".join(cells) + f" | (load {row['load']:.1f})",
+              flush=True)
     # decode: one step against the state's memory floor (reading and writing it once)
     from bench.cpu_decode import decode_rows, print_rows  # and the module against its weights' floors
 
@@ -143,7 +167,7 @@ def main(Ts, H, D, tokens, reps, ft_src, backend, json_out):
     rows.extend(dict(decode_B=r["B"], **r) for r in decode)
     if json_out:
         with open(json_out, "w") as fh:
-            json.dump(dict(torch=torch.__version__, threads=torch.get_num_threads(), bmm_gflops=gflops,
+            json.dump(dict(torch=torch.__version__, threads=torch.get_num_threads(), clock=clock, bmm_gflops=gflops,
                            rows=rows), fh, indent=1)
 
 

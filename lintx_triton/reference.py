@@ -3,8 +3,9 @@
 :func:`linear_attention_reference` is written straight from the equations
 (prefix sums of outer products, O(T * M * DV) memory): it is what every kernel
 is checked against, never fast. :func:`linear_attention_torch` is the chunked
-algorithm of the kernels in plain PyTorch (fp32, differentiable by autograd):
-the ``backend="torch"`` path on CPU.
+algorithm of the kernels in plain PyTorch (fp32, differentiable: the causal products
+have a hand-written chunked backward, :class:`_ChunkedCausal`): the ``backend="torch"``
+path on CPU.
 """
 
 from __future__ import annotations
@@ -98,15 +99,18 @@ def linear_attention_torch(
 ):
     """The chunked algorithm in PyTorch, fp32, O(T) memory; differentiable.
 
+    The feature map (and the heads' repetition for grouped queries) runs under autograd; the causal chunked
+    products run in :class:`_ChunkedCausal`, with a hand-written backward.
+
     Returns ``o [B, T, H, DV]`` in the inputs' dtype and ``(S_T, z_T)`` in fp32.
     """
     B, T, H, _ = q.shape
     DV = v.shape[-1]
     f32 = torch.float32
     G = H // k.shape[2]
-    a = fm.features(q.to(f32), "query", stabilize=normalize).transpose(1, 2)  # [B, H, T, M]
-    b = _repeat_heads(fm.features(k.to(f32), "key"), G, 2).transpose(1, 2)
-    vv = _repeat_heads(v.to(f32), G, 2).transpose(1, 2)  # [B, H, T, DV]
+    a = fm.features(q.to(f32), "query", stabilize=normalize)  # [B, T, H, M]
+    b = _repeat_heads(fm.features(k.to(f32), "key"), G, 2)
+    vv = _repeat_heads(v.to(f32), G, 2)  # [B, T, H, DV]
     M = a.shape[-1]
     if initial_state is not None:
         S0, z0 = (_repeat_heads(x.to(f32), G, 1) for x in initial_state)
@@ -120,32 +124,148 @@ def linear_attention_torch(
     # The normalizer rides along as one more value column: [v, 1] gives num and den in the same products (and
     # [S0, z0] the state), instead of separate row sums of the scores and of a * z.
     S0 = torch.cat([S0, z0[..., None]], -1)  # [B, H, M, DV + 1]
-    if not causal:
-        v1 = torch.cat([vv, vv.new_ones(B, H, T, 1)], -1)
+    if causal:
+        # chunks of C tokens (no longer than the sequence: a short call pads nothing)
+        o, S = _ChunkedCausal.apply(a, b, vv, S0, min(chunk, T), normalize, float(scale), float(eps))
+    else:
+        a, b = a.transpose(1, 2), b.transpose(1, 2)  # [B, H, T, M]
+        v1 = torch.cat([vv, vv.new_ones(B, T, H, 1)], -1).transpose(1, 2)
         S = S0 + b.transpose(-1, -2) @ v1
         out = a @ S  # [B, H, T, DV + 1]
-    else:
-        # chunks of C tokens (no longer than the sequence: a short call pads nothing)
-        C = min(chunk, T)
+        num, den = scale * out[..., :DV], scale * out[..., DV] + eps
+        o = (num / den[..., None] if normalize else num).transpose(1, 2)
+    return o.to(q.dtype), (S[:, ::G, :, :DV], S[:, ::G, :, DV])
+
+
+def _chunk_views(x: Tensor, C: int):
+    """``x [B, T, H, W]`` as views ``[n, B, H, c, W]`` of its whole chunks of C tokens and of its last partial
+    chunk: a list of (view, the chunks it covers, c)."""
+    B, T, H, W = x.shape
+    NF = T // C
+    parts = []
+    if NF:
+        parts.append((x[:, :NF * C].view(B, NF, C, H, W).permute(1, 0, 3, 2, 4), slice(0, NF), C))
+    if T > NF * C:
+        parts.append((x[:, NF * C:, None].permute(2, 0, 3, 1, 4), slice(NF, NF + 1), T - NF * C))
+    return parts
+
+
+def _to_chunks(x: Tensor, C: int, ones: bool = False) -> Tensor:
+    """``x [B, T, H, W]`` copied once into the chunked layout ``[N, B, H, C, W (+ 1 column of ones)]``, the
+    tokens past T zero. Chunk-major, so that each chunk's products and states are one contiguous batch."""
+    B, T, H, W = x.shape
+    N = -(-T // C)
+    out = x.new_empty(N, B, H, C, W + ones)
+    if T % C:
+        out[-1].zero_()
+    for view, n, c in _chunk_views(x, C):
+        out[n, :, :, :c, :W].copy_(view)
+    if ones:
+        out[..., W].fill_(1.0)
+    return out
+
+
+def _from_chunks(x: Tensor, T: int, plus: Optional[Tensor] = None) -> Tensor:
+    """The inverse of :func:`_to_chunks`: ``[N, B, H, C, W]`` -> ``[B, T, H, W]`` (the padding dropped); with
+    ``plus`` (shaped as x), of x + plus."""
+    N, B, H, C, W = x.shape
+    out = x.new_empty(B, T, H, W)
+    for view, n, c in _chunk_views(out, C):
+        view.copy_(x[n, :, :, :c])
+        if plus is not None:  # in place, not torch.add(out=view): torch.compile takes no strided out=
+            view.add_(plus[n, :, :, :c])
+    return out
+
+
+class _ChunkedCausal(torch.autograd.Function):
+    """The causal chunked products on features: ``(a, b [B, T, H, M], v [B, T, H, DV], S0 [B, H, M, DV + 1])`` ->
+    ``(o [B, T, H, DV], S_T [B, H, M, DV + 1])``, fp32, the normalizer as the last state column.
+
+    Per chunk n of C tokens (A, B, V1 = [v, 1] its rows): S_n = S0 + sum_{m<n} B_m^T V1_m,
+    out_n = A_n S_n + tril(A_n B_n^T) V1_n, o = scale out[:DV] / (scale out[DV] + eps). The backward, with
+    dout the gradient of out and G_n = dS_T + sum_{m>n} A_m^T dout_m the gradient of chunk n's B_n^T V1_n:
+    dP_n = tril(dout_n V1_n^T), dA_n = dout_n S_n^T + dP_n B_n, dB_n = V1_n G_n^T + dP_n^T A_n,
+    dV_n = B_n G_n + P_n^T dout_n, dS0 = G_0 + A_0^T dout_0. Every product is one batched matmul over all
+    (chunk, batch, head) at once; the states' prefix sums are N in-place adds of [B, H, M, DV + 1] (faster than
+    torch.cumsum over a non-inner dimension)."""
+
+    @staticmethod
+    def forward(ctx, a, b, v, S0, C, normalize, scale, eps):
+        B, T, H, M = a.shape
+        DV = v.shape[-1]
         N = -(-T // C)
-        # one copy each into the chunked layout [B, H, N, C, *], zero-padded to N * C tokens
-        a1, b1 = (x.new_zeros(B, H, N * C, M) for x in (a, b))
-        v1 = vv.new_zeros(B, H, N * C, DV + 1)
-        a1[:, :, :T], b1[:, :, :T] = a, b
-        v1[:, :, :T, :DV] = vv
-        v1[:, :, :T, DV] = 1.0
-        a, b, v1 = (x.view(B, H, N, C, x.shape[-1]) for x in (a1, b1, v1))
-        kv = b.transpose(-1, -2) @ v1  # [B, H, N, M, DV + 1] chunk sums
-        # the state before each chunk: an exclusive prefix sum (not S_incl - kv, which leaves rounding noise
-        # where the exact state is 0)
-        S_c = S0[:, :, None] + torch.nn.functional.pad(kv[:, :, :-1], (0, 0, 0, 0, 1, 0)).cumsum(2)
-        P = (a @ b.transpose(-1, -2)).tril_()  # [B, H, N, C, C]
-        out = torch.baddbmm((a @ S_c).view(-1, C, DV + 1), P.view(-1, C, C), v1.view(-1, C, DV + 1))
-        out = out.view(B, H, N * C, DV + 1)[:, :, :T]
-        S = S_c[:, :, -1] + kv[:, :, -1]
-    num, den = scale * out[..., :DV], scale * out[..., DV] + eps
-    o = num / den[..., None] if normalize else num
-    return o.transpose(1, 2).to(q.dtype), (S[:, ::G, :, :DV], S[:, ::G, :, DV])
+        A, Bk, V1 = _to_chunks(a, C), _to_chunks(b, C), _to_chunks(v, C, ones=True)  # [N, B, H, C, *]
+        A3, B3, V3 = (x.view(N * B * H, C, x.shape[-1]) for x in (A, Bk, V1))
+        # S[n]: the state before chunk n (S[N]: after the last), [N + 1, B, H, M, DV + 1]
+        S = a.new_empty(N + 1, B, H, M, DV + 1)
+        S[0].copy_(S0)
+        torch.bmm(B3.transpose(1, 2), V3, out=S[1:].view(N * B * H, M, DV + 1))  # chunk sums
+        for n in range(N):  # an exclusive prefix sum: exact where the state is 0
+            S[n + 1].add_(S[n])
+        P = torch.bmm(A3, B3.transpose(1, 2)).tril_()  # [N*B*H, C, C]
+        out = torch.bmm(A3, S[:N].view(N * B * H, M, DV + 1)).baddbmm_(P, V3).view(N, B, H, C, DV + 1)
+        # o = out[:DV] * r with r = scale / den ([N, B, H, C, 1]), written straight into [B, T, H, DV]
+        r = out[..., DV:].mul(scale).add_(eps).reciprocal_().mul_(scale) if normalize else None
+        o = a.new_empty(B, T, H, DV)
+        for view, n, c in _chunk_views(o, C):  # in place, not out=: torch.compile takes no strided out=
+            view.copy_(out[n, :, :, :c, :DV]).mul_(r[n, :, :, :c] if normalize else scale)
+        ctx.save_for_backward(A, Bk, V1, S, P, out, r)
+        ctx.C, ctx.normalize, ctx.scale = C, normalize, scale
+        # a copy, not a view of the saved states: a custom Function's view outputs cannot be modified in place,
+        # and the returned state is one a decode step updates in place
+        return o, S[N].clone()
+
+    @staticmethod
+    def backward(ctx, do, dS):
+        A, Bk, V1, S, P, out, r = ctx.saved_tensors
+        C, normalize, scale = ctx.C, ctx.normalize, ctx.scale
+        need_a, need_b, need_v, need_s = ctx.needs_input_grad[:4]
+        N, B, H, _, M = A.shape
+        DV = V1.shape[-1] - 1
+        T = do.shape[1]
+        NBH = N * B * H
+        A3, B3, V3 = (x.view(NBH, C, x.shape[-1]) for x in (A, Bk, V1))
+        # dout [N, B, H, C, DV + 1]: the gradient of out through o = scale out[:DV] / (scale out[DV] + eps)
+        dout = _to_chunks(do.float(), C, ones=True)
+        if normalize:
+            # d/dout[DV] = -scale^2 sum(do * out[:DV]) / den^2 = -sum(do * out[:DV]) r^2
+            dden = torch.linalg.vecdot(dout[..., :DV], out[..., :DV])[..., None].mul_(r).mul_(r).neg_()
+            dout[..., :DV].mul_(r)
+            dout[..., DV:].copy_(dden)
+        else:
+            dout[..., :DV].mul_(scale)
+            dout[..., DV].zero_()
+        D3 = dout.view(NBH, C, DV + 1)
+        da = db = dv = dS0 = None
+        if need_b or need_v or need_s:
+            # Gs[n] = dS_T + sum_{m>=n} A_m^T dout_m: chunk n's B_n^T V1_n gets Gs[n + 1], S0 gets Gs[0]
+            Gs = A.new_empty(N + 1, B, H, M, DV + 1)
+            torch.bmm(A3.transpose(1, 2), D3, out=Gs[:N].view(NBH, M, DV + 1))
+            Gs[N].copy_(dS)
+            for n in range(N - 1, -1, -1):
+                Gs[n].add_(Gs[n + 1])
+            G3 = Gs[1:].view(NBH, M, DV + 1)
+            dS0 = Gs[0] if need_s else None
+        # each gradient is two products summed where it is copied out of the chunked layout (two bmm into
+        # reused buffers and an add: baddbmm_ is slower on the CPU than bmm)
+        W = max(M, DV + 1)
+        X, Y = (A.new_empty(NBH * C * W) for _ in range(2))
+        buf = lambda x, w: x[:NBH * C * w].view(NBH, C, w)  # noqa: E731
+        if need_a or need_b:
+            dP = torch.bmm(D3, V3.transpose(1, 2)).tril_()  # [NBH, C, C]
+            if need_a:
+                x = torch.bmm(D3, S[:N].view(NBH, M, DV + 1).transpose(1, 2), out=buf(X, M))
+                y = torch.bmm(dP, B3, out=buf(Y, M))
+                da = _from_chunks(x.view(N, B, H, C, M), T, y.view(N, B, H, C, M))
+            if need_b:
+                x = torch.bmm(V3, G3.transpose(1, 2), out=buf(X, M))
+                y = torch.bmm(dP.transpose(1, 2), A3, out=buf(Y, M))
+                db = _from_chunks(x.view(N, B, H, C, M), T, y.view(N, B, H, C, M))
+        if need_v:
+            x = torch.bmm(B3, G3, out=buf(X, DV + 1)).view(N, B, H, C, DV + 1)
+            y = torch.bmm(P.transpose(1, 2), D3, out=buf(Y, DV + 1)).view(N, B, H, C, DV + 1)
+            dv = _from_chunks(x[..., :DV], T, y[..., :DV])
+        return da, db, dv, dS0, None, None, None, None
 
 
 def linear_attention_step_torch(

@@ -13,8 +13,9 @@ from hypothesis import assume, given, note
 from hypothesis import strategies as st
 
 import lintx_triton as lx
-from helpers import CHUNKS, EPS_VALUES, case_id, cases, check_forward, check_grads, config, forward_and_grads, \
-    grad_bound, make_inputs, reference_grads
+from helpers import CHUNKS, EPS_VALUES, call_kwargs, case_id, cases, check_forward, check_grads, check_state, config, \
+    forward_and_grads, grad_bound, make_inputs, reference_grads
+from lintx_triton.testing import ensure_map
 
 
 def _grads(c, backend, path="chunked", chunk=16, final_state_grad=True, device="cpu"):
@@ -37,6 +38,66 @@ def test_torch_backend_gradients(c):
     note(case_id(c))
     got, want, bounds, names = _grads(c, "torch")
     check_grads(c, got, want, bounds, names)
+
+
+@given(c=cases(maps=("elu", "relu", "identity", *lx.feature_maps.LEARNABLE_FAMILIES), dtypes=("float32",),
+               eps_values=EPS_VALUES, t_values=(1, 7, 16, 33, 61, 100), positive_den=True),
+       chunk=st.sampled_from([1, 5, 16, 64]), kv_heads=st.sampled_from([None, 1]), final_state_grad=st.booleans())
+def test_torch_chunked_backward_at_several_chunks(c, chunk, kv_heads, final_state_grad):
+    """The PyTorch path's hand-written chunked backward (reference._ChunkedCausal) at chunks shorter than T:
+    several chunks, a partial last one, grouped-query heads, learnable maps' parameters, against float64."""
+    from lintx_triton.reference import linear_attention_torch
+
+    assume(not (c["feature_map"] == "identity" and c["normalize"]))
+    if kv_heads is not None and "map" not in c:  # a learnable map's W is drawn for its own key heads
+        c = dict(c, HKV=kv_heads)
+    note(f"{case_id(c)}-HKV{c.get('HKV', c['H'])}-chunk{chunk}")
+
+    def call(q, k, v, *, feature_map, initial_state, return_state, backend, cu_seqlens, **kw):
+        return linear_attention_torch(q, k, v, feature_map, initial_state=initial_state, chunk=chunk, **kw)
+
+    q, k, v, state = make_inputs(c)
+    o, st_ = call(q, k, v, feature_map=ensure_map(c), initial_state=state, return_state=True, backend="torch",
+                  cu_seqlens=None, **call_kwargs(c))
+    check_forward(c, o, q, k, v, state)
+    check_state(c, st_, q, k, v, state)
+    got, want, bounds, names = forward_and_grads(c, "torch", final_state_grad=final_state_grad, call=call)
+    check_grads(c, got, want, bounds, names)
+
+
+def test_torch_chunked_path_compiles_fullgraph():
+    """torch.compile(fullgraph=True) traces the PyTorch path's autograd.Function (no strided out= inside it, no
+    graph break), several chunks and a partial last one, with the eager gradients."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def f(q, k, v):
+        o, (S, z) = lx.linear_attention(q, k, v, backend="torch", return_state=True)
+        return o.square().sum() + S.sum() + z.sum()
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 150, 2, 8, generator=g, requires_grad=True) for _ in range(3))
+    got = torch.autograd.grad(torch.compile(f, backend=backend, fullgraph=True)(q, k, v), (q, k, v))
+    want = torch.autograd.grad(f(q, k, v), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    assert len(graphs) == 1
+
+
+def test_torch_path_state_can_be_updated_in_place():
+    """The final state the PyTorch path returns is its own tensor (as before the custom Function), so it may be
+    updated in place while o's graph is kept: no view-of-a-custom-Function error, o's gradients unchanged."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 70, 2, 8, generator=g, requires_grad=True) for _ in range(3))
+    o, (S, z) = lx.linear_attention(q, k, v, backend="torch", return_state=True)
+    want = torch.autograd.grad(o.sum(), (q, k, v), retain_graph=True)
+    S.add_(1.0)
+    z.add_(1.0)
+    for a, b in zip(torch.autograd.grad(o.sum(), (q, k, v)), want):
+        torch.testing.assert_close(a, b)
 
 
 def test_gradient_only_through_output(kernel_device):

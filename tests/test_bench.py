@@ -176,3 +176,19 @@ def test_cpu_path_benchmark_tiny(tmp_path):
     assert [r["T"] for r in rows if "T" in r] == [16, 40]
     assert all(r["lintx_fwd"] > 0 and r["sdpa_fwdbwd"] > 0 and r["floor_fwd"] > 0 for r in rows if "T" in r)
     assert [r["decode_B"] for r in rows if "decode_B" in r] == [1, 16]
+
+
+def test_cpu_path_benchmark_cpu_clock(tmp_path):
+    """bench/cpu_path.py --clock cpu (CPU time, for a loaded machine) at a tiny size: the rows say which clock
+    timed them and carry a floor per row."""
+    from bench import cpu_path
+
+    out = tmp_path / "cpu.json"
+    res = click_testing.CliRunner().invoke(cpu_path.main, ["--T", "16", "--heads", "2", "--dim", "16", "--tokens", "32",
+                                                           "--reps", "1", "--backend", "torch", "--clock", "cpu",
+                                                           "--json", str(out)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert data["clock"] == "cpu" and "median cpu ms" in res.output
+    rows = [r for r in data["rows"] if "T" in r]
+    assert [r["T"] for r in rows] == [16] and rows[0]["bmm_gflops"] > 0 and rows[0]["lintx_fwdbwd"] > 0
