@@ -28,10 +28,12 @@ GENERATOR_VERSION = 8
 # beyond this would spill (every entry point checks it before a launch).
 MAX_TRITON_DIM = 256
 
-# Blocked maps (polynomial features) walk phi in blocks of at most this many features, and take D up to
-# MAX_BLOCKED_D and M up to MAX_BLOCKED_M: [BT, 64] feature tiles as an elementwise map at D = 64 has, however
-# large M is (Based's Taylor map at D = 16 has M = 273).
-FEATURE_BLOCK = 64
+# Blocked maps (polynomial features) walk phi in blocks of at most this many features, however large M is
+# (Based's Taylor map at D = 16 has M = 273: nine blocks), and take D up to MAX_BLOCKED_D and M up to
+# MAX_BLOCKED_M. sm_90 bf16 cubins at D = 16, DV = 64 under the default configs (bench/NOTES.md): blocks of 64
+# spilled in the forward output (56-488 B of stack) and the (dk, dv) kernel (64 B); of 32, every kernel of the
+# Taylor map and ReBased is spill-free.
+FEATURE_BLOCK = 32
 MAX_BLOCKED_D = 32
 MAX_BLOCKED_M = 1024
 

@@ -223,7 +223,7 @@ def cases(draw, maps=("elu", "relu", "identity"), dtypes=tuple(DTYPES), t_values
     extra = {}
     H = None
     if name in feature_maps.BLOCKED_FAMILIES:
-        # M grows as D^2: D up to 16 (M = 273 for Based's map, five feature blocks)
+        # M grows as D^2: D up to 16 (M = 273 for Based's map, nine feature blocks)
         D = min(D, 16)
     if name in LEARNABLE_FAMILIES:
         # W per head or shared; tied, or a key set of its own (per head or shared)

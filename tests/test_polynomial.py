@@ -1,5 +1,5 @@
 """Polynomial feature maps (Based's Taylor map, full and compressed; ReBased's learnable one) through the kernels,
-which walk phi in blocks of features (M = 273 at D = 16: five blocks of 64), against the float64 reference of
+which walk phi in blocks of features (M = 273 at D = 16: nine blocks of 32), against the float64 reference of
 lintx_triton.testing; and the maps against the papers' formulas. ReBased is also drawn by test_learnable's
 properties (a learnable family)."""
 
@@ -69,13 +69,13 @@ def test_rebased_is_its_papers_kernel(D, heads, compressed, seed):
     assert fm.feature_dim(D) == (D * (D + 1) // 2 if compressed else D * D)
 
 
-# an eighth of the profile's examples (ci: 5 of 40, ~10 s each on 2 cores): D = 16 runs five feature blocks
+# an eighth of the profile's examples (ci: 5 of 40, ~10 s each on 2 cores): D = 16 runs nine feature blocks
 # through every kernel in the interpreter
 @settings(max_examples=max(4, settings.default.max_examples // 8))
 @given(c=cases(maps=POLY, t_values=(1, 7, 17, 33), d_values=(1, 4, 8, 16), dv_values=(1, 8, 24, 40),
                eps_values=testing.EPS_VALUES),
        path=st.sampled_from(["chunked", "fused"]))
-# Based's D = 16 (M = 273: five feature blocks, the last 17 wide), fused from an initial state, grouped heads
+# Based's D = 16 (M = 273: nine feature blocks, the last 17 wide), fused from an initial state, grouped heads
 @example(c=dict(B=2, T=33, H=2, HKV=1, D=16, DV=40, dtype="float32", feature_map="taylor_d16", causal=True,
                 normalize=True, initial_state=True, scale=0.25, seed=7, map=dict(family="taylor", D=16)),
          path="fused")
@@ -96,8 +96,8 @@ def test_forward_state_and_grads(kernel_device, c, path):
 @pytest.mark.parametrize("family,D", [("taylor", 16), ("taylor_c", 10), ("rebased", 10)],
                          ids=["taylor-D16", "taylor_c-D10", "rebased-D10-W4.k2"])
 def test_packed_grouped(kernel_device, family, D):
-    """Three packed sequences (one empty) on grouped heads (M = 273: five feature blocks; M = 66: two, the last
-    2 wide; ReBased M = 100, untied, gamma and beta per head): outputs and gradients (gamma's and beta's too)
+    """Three packed sequences (one empty) on grouped heads (M = 273: nine feature blocks of 32; M = 66: three, the
+    last 2 wide; ReBased M = 100, untied, gamma and beta per head): outputs and gradients (gamma's and beta's too)
     against the reference run sequence by sequence."""
     c = dict(B=1, T=29, H=4, HKV=2, D=D, DV=5, dtype="float32", causal=True, normalize=True, initial_state=False,
              scale=0.5, seed=3, map=dict(family=family, D=D))
@@ -156,7 +156,7 @@ def test_state_gradients(kernel_device):
 
 
 def test_no_phi_buffer_in_forward_or_backward():
-    """D = 8, M = 73 (two feature blocks): forward + backward allocate nothing of B*T*H*M elements (the torch
+    """D = 8, M = 73 (three feature blocks): forward + backward allocate nothing of B*T*H*M elements (the torch
     backend, which stores phi, is the control)."""
     B, T, H, D, DV = 1, 128, 2, 8, 4
     fm = lx.feature_maps.taylor(D)

@@ -8,13 +8,17 @@ of features on chip from y' and two one-hot selections, and M may exceed what on
 walk the features in blocks of ``block_m`` (``FeatureMap.blocked``), so phi(q), phi(k) are never in device
 memory, also at M = 273 (Based's D = 16).
 
-The generated kernels take three Triton functions from the map:
+The generated kernels take four Triton functions from the map:
 
-``poly_pre(x, m_d, p)``
-    y = pre(x) on an fp32 ``[BT, BDA]`` tile of head vectors (columns ``m_d`` real, the rest 0); ``p``
-    points at the map's parameters (none for the Taylor map).
+``poly_pre_sel(xs, I, x, m_d, p)``
+    y = pre(x) on selected columns: ``xs`` [BT, BM] holds the entries I [BM] of each row (selected exactly
+    from x' = [x, 1] by one-hot products), ``x`` [BT, BDA] the whole rows x' (columns ``m_d`` real), for maps
+    whose pre reads a row statistic (ReBased's LayerNorm); ``p`` points at the map's parameters (none for the
+    Taylor map).
 ``poly_pre_vjp(x, m_d, p, gy)``
-    dL/dx from gy = dL/dy, same shapes.
+    dL/dx from gy = dL/dy on an fp32 ``[BT, BDA]`` tile of head vectors (the rest 0).
+``poly_pre_dparams(x, m_d, p, gy, dfm)``
+    a learnable map: the tile's share of its parameters' gradient, added into ``dfm`` with atomics.
 ``poly_index(f)``
     feature indices f ``[BM]`` -> (I, J, c): phi_f = c * y'_I * y'_J (I = J = D: the constant; I = D: a linear
     feature).
@@ -177,10 +181,15 @@ class PolynomialFeatureMap(FeatureMap):
         tile's share of the parameters' gradient into ``dfm`` with atomics: nothing here, a fixed map has none)."""
         return (
             "@triton.jit\n"
-            "def poly_pre(x, m_d, p):\n"
-            f"    # polynomial feature map {self.name!r}: y = pre(x)\n"
+            "def poly_pre_x(x):\n"
+            f"    # polynomial feature map {self.name!r}: y = pre(x), elementwise\n"
             + (f"    # {self.doc}\n" if self.doc else "")
             + f"    return {self.pre}\n"
+            "\n\n"
+            "@triton.jit\n"
+            "def poly_pre_sel(xs, I, x, m_d, p):\n"
+            "    # y on the selected columns xs [BT, BM] (their indices I; x [BT, BDA] the whole rows)\n"
+            "    return poly_pre_x(xs)\n"
             "\n\n"
             "@triton.jit\n"
             "def poly_pre_vjp(x, m_d, p, g):\n"
@@ -340,12 +349,15 @@ class ReBasedFeatureMap(HeadParams, nn.Module, PolynomialFeatureMap):
         )
         return (
             "@triton.jit\n"
-            "def poly_pre(x, m_d, p):\n"
-            f"    # {self.name!r}: y = gamma LayerNorm(x) + beta over the row's {D} entries; p = [gamma, beta]\n"
+            "def poly_pre_sel(xs, I, x, m_d, p):\n"
+            f"    # {self.name!r}: y = gamma LayerNorm(x) + beta over the row's {D} entries (p = [gamma, beta]), on the\n"
+            "    # selected columns xs [BT, BM] (indices I); the statistics from the whole rows x' = [x, 1] (masked)\n"
+            "    x = tl.where(m_d[None, :], x, 0.0)\n"
             + stats
-            + f"    gamma = tl.load(p + o_d, mask=m_d, other=0.0)[None, :]\n"
-            f"    beta = tl.load(p + {D} + o_d, mask=m_d, other=0.0)[None, :]\n"
-            "    return xc * r * gamma + beta\n"
+            + "    m_i = I < " + str(D) + "\n"
+            "    gamma = tl.load(p + I, mask=m_i, other=0.0)[None, :]\n"
+            f"    beta = tl.load(p + {D} + I, mask=m_i, other=0.0)[None, :]\n"
+            f"    return (xs - tl.sum(x, 1)[:, None] / {D}) * r * gamma + beta\n"
             "\n\n"
             "@triton.jit\n"
             "def poly_pre_vjp(x, m_d, p, g):\n"

@@ -128,7 +128,7 @@ def chunk_bwd_kernel_dq(
                 b_dA = b_dA * b_rden[:, None] + b_g[:, None]
             b_dA = tl.where((o_t[:, None] >= o_t[None, :]) & m_t[:, None], b_dA, 0.0)
         b_dy = tl.zeros([BT, BDA], dtype=tl.float32)
-        for i_mb in tl.static_range(NMB):
+        for i_mb in range(0, NMB):
             o_mb = i_mb * BM + o_m
             m_mb = o_mb < M
             b_da = tl.zeros([BT, BM], dtype=tl.float32)
@@ -264,7 +264,7 @@ def chunk_bwd_kernel_dkv(
                 b_rden = 1.0 / tl.load(den + p_t0 + o_t, mask=m_t, other=1.0)  # [BT]
             if IS_CAUSAL:
                 b_A = tl.zeros([BT, BT], dtype=tl.float32)  # scores a b^T
-                for i_mb in tl.static_range(NMB):
+                for i_mb in range(0, NMB):
                     b_A += _mm(_phi_blk(q, row_q, o_t, m_t, H, p_fq, True, i_mb),
                                tl.trans(_phi_blk(k, row_k, o_t, m_t, HKV, p_fk, False, i_mb)))
                 b_A = tl.where(m_c, b_A, 0.0)
@@ -277,7 +277,7 @@ def chunk_bwd_kernel_dkv(
                 b_v = _load_rows(v, row_k, o_t, m_t, o_v, m_v, HKV, DV)  # [BT, BV]
                 b_dv = tl.zeros([BT, BV], dtype=tl.float32)
                 if i_g == 0:  # the kv head's state gradient: once
-                    for i_mb in tl.static_range(NMB):
+                    for i_mb in range(0, NMB):
                         o_mb = i_mb * BM + o_m
                         b_dS = tl.load(dS + (i_s * M + o_mb[:, None]) * DV + o_v[None, :],
                                        mask=(o_mb < M)[:, None] & m_v[None, :], other=0.0)
@@ -296,11 +296,11 @@ def chunk_bwd_kernel_dkv(
                     b_g = tl.load(g + p_t0 + o_t, mask=m_t, other=0.0)
                     b_dA = b_dA * b_rden[:, None] + b_g[:, None]
                 b_dA = tl.where(m_c, b_dA, 0.0)
-                for i_mb in tl.static_range(NMB):
+                for i_mb in range(0, NMB):
                     b_a = _phi_blk(q, row_q, o_t, m_t, H, p_fq, True, i_mb)
                     b_dy = _phi_vjp_acc(b_dy, k, row_k, HKV, o_t, m_t, scale * _mm_wide(tl.trans(b_dA), b_a), p_fk,
                                         False, i_mb)
-        for i_mb in tl.static_range(NMB):  # the kv head's state gradient: v dS^T + dz
+        for i_mb in range(0, NMB):  # the kv head's state gradient: v dS^T + dz
             o_mb = i_mb * BM + o_m
             m_mb = o_mb < M
             b_db = tl.zeros([BT, BM], dtype=tl.float32)

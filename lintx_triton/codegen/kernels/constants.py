@@ -50,8 +50,8 @@ def phi_proj_vjp(u, n, b, f, g, IS_Q: tl.constexpr):
 
 
 @triton.jit
-def poly_pre(x, m_d, p):
-    return x
+def poly_pre_sel(xs, I, x, m_d, p):
+    return xs
 
 
 @triton.jit

@@ -73,7 +73,7 @@ def decode_kernel_step(
         tl.store(zT + i_bs * M + o_m, b_z, mask=m_m)
     else:
         p_fk = fk + (i_bs % HKV) * fk_hs
-        for i_mb in tl.static_range(NMB):  # S <- S + b v^T, z <- z + b, block by block
+        for i_mb in range(0, NMB):  # S <- S + b v^T, z <- z + b, block by block
             o_m = i_mb * BM + tl.arange(0, BM)
             m_m = o_m < M
             b_b = _phi_row(k, i_bs, p_fk, False, i_mb)  # [BM]
@@ -101,7 +101,7 @@ def decode_kernel_step(
                 m_v = o_v < DV
                 b_num = tl.zeros([BV], dtype=tl.float32)
                 b_den = tl.zeros([BM], dtype=tl.float32)
-                for i_mb in tl.static_range(NMB):
+                for i_mb in range(0, NMB):
                     o_m = i_mb * BM + tl.arange(0, BM)
                     m_m = o_m < M
                     b_a = _phi_row(q, i_q0 + i_g, p_fq, True, i_mb)  # [BM]

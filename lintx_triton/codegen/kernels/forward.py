@@ -212,7 +212,7 @@ def chunk_fwd_kernel_o(
                 b_S = tl.zeros([BM, BV], dtype=tl.float32)
                 b_z = tl.zeros([BM], dtype=tl.float32)
         else:
-            for i_mb in tl.static_range(NMB):
+            for i_mb in range(0, NMB):
                 o_mb = i_mb * BM + o_m
                 m_mbv = (o_mb < M)[:, None] & m_v[None, :]
                 if HAS_S0:
@@ -255,7 +255,7 @@ def chunk_fwd_kernel_o(
             if IS_CAUSAL:
                 b_v = _load_rows(v, row_k, o_t, m_t, o_v, m_v, HKV, DV)  # [BT, BV]
                 b_P = tl.zeros([BT, BT], dtype=tl.float32)
-            for i_mb in tl.static_range(NMB):
+            for i_mb in range(0, NMB):
                 o_mb = i_mb * BM + o_m
                 m_mb = o_mb < M
                 m_mbv = m_mb[:, None] & m_v[None, :]
@@ -308,7 +308,7 @@ def chunk_fwd_kernel_o(
                 if i_v == 0:
                     tl.store(zT + p_fz, b_z, mask=m_m)
             else:
-                for i_mb in tl.static_range(NMB):
+                for i_mb in range(0, NMB):
                     o_mb = i_mb * BM + o_m
                     m_mbv = (o_mb < M)[:, None] & m_v[None, :]
                     b_S = tl.load(S + (i_w * M + o_mb[:, None]) * DV + o_v[None, :], mask=m_mbv, other=0.0)
