@@ -32,7 +32,7 @@ MAX_TRITON_DIM = 256
 # (Based's Taylor map at D = 16 has M = 273: nine blocks), and take D up to MAX_BLOCKED_D and M up to
 # MAX_BLOCKED_M. sm_90 bf16 cubins at D = 16, DV = 64 under the default configs (bench/NOTES.md): blocks of 64
 # spilled in the forward output (56-488 B of stack) and the (dk, dv) kernel (64 B); of 32, every kernel of the
-# Taylor map and ReBased is spill-free.
+# Taylor map (full and compressed) and ReBased is spill-free.
 FEATURE_BLOCK = 32
 MAX_BLOCKED_D = 32
 MAX_BLOCKED_M = 1024
