@@ -10,8 +10,8 @@ The ways, each causal and normalized (phi(q)^T phi(k) = 1 + s + s^2 / 2, s = q.k
 * ``fused``: ``lx.linear_attention(q, k, v, feature_map=lx.feature_maps.taylor(D))``: the kernels walk phi in
   blocks of 64 features built on chip (M = 273 at D = 16); phi never reaches memory.
 * ``torch_phi``: phi(q), phi(k) [B, T, H, M] built in PyTorch, then ``feature_map="identity"`` (the ``chunk``
-  mode of FLA's Based layer, ``fla/layers/based.py``, with lintx's kernels): autograd keeps both for the
-  backward.
+  mode of FLA's Based layer, ``fla/layers/based.py``, with lintx's kernels; past M = 256, which they do not
+  take, lintx's PyTorch chunked path): autograd keeps both for the backward.
 * on a GPU with FLA installed (its wheel carried, bench/README.md): ``fla_fused_chunk``
   (``fla.ops.based.fused_chunk_based``: a [K^2, V] state in the kernel, K <= 16), ``fla_parallel``
   (``parallel_based``: the scores squared on tiles, quadratic in T) and ``fla_chunk`` (FLA's
@@ -46,6 +46,7 @@ if str(ROOT) not in sys.path:
 import lintx_triton as lx  # noqa: E402
 from bench.learnable import LiveBytes  # noqa: E402
 from lintx_triton import testing  # noqa: E402
+from lintx_triton.spec import MAX_TRITON_DIM  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LINTX = ("fused", "torch_phi")
@@ -76,8 +77,10 @@ def fla_ways() -> dict:
 def run_way(way: str, fm, q, k, v, fla: dict):
     if way == "fused":
         return lx.linear_attention(q, k, v, feature_map=fm)
-    if way == "torch_phi":
-        return lx.linear_attention(fm.features(q, "query"), fm.features(k, "key"), v, feature_map="identity")
+    if way == "torch_phi":  # lintx's identity kernels take M up to 256: wider, the PyTorch chunked path
+        backend = "auto" if fm.feature_dim(q.shape[-1]) <= MAX_TRITON_DIM else "torch"
+        return lx.linear_attention(fm.features(q, "query"), fm.features(k, "key"), v, feature_map="identity",
+                                   backend=backend)
     return fla[way](q, k, v)
 
 
@@ -109,7 +112,10 @@ def measure(way, fm, q, k, v, do, fla: dict, B, T, H, M) -> dict:
             kept = p.live_now()
             torch.autograd.grad(o, (q, k, v), do)
         phi_like = [n for n, shape, _ in kept if sorted(shape) == sorted((B, T, H, M))]
-        row.update(peak_bytes=p.peak, kept_bytes=sum(n for n, _, _ in kept), kept_phi_shaped=len(phi_like))
+        kept_bytes = sum(n for n, _, _ in kept)
+        # in units of one fp32 phi [B, T, H, M]: the PyTorch path keeps its copies in a chunked layout too
+        row.update(peak_bytes=p.peak, kept_bytes=kept_bytes, kept_phi_shaped=len(phi_like),
+                   kept_in_phis=kept_bytes / (4 * B * T * H * M))
     if q.is_cuda:
         import triton.testing
 

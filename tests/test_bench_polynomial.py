@@ -28,4 +28,5 @@ def test_polynomial_bench_end_to_end(tmp_path):
     (row,) = rep["rows"]
     assert all(row["check"][w]["ratio"] <= 1.0 for w in ("fused", "torch_phi")), row["check"]
     assert row["fused"]["kept_phi_shaped"] == 0 and row["torch_phi"]["kept_phi_shaped"] == 2, row
+    assert row["fused"]["kept_in_phis"] < 0.5 <= 2 <= row["torch_phi"]["kept_in_phis"], row
     assert row["fused"]["peak_bytes"] < row["torch_phi"]["peak_bytes"]
