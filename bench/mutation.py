@@ -57,11 +57,12 @@ KINDS = ("comparison", "arithmetic", "off-by-one", "dropped-term", "wrong-index"
 DEFAULT_TESTS = (
     "tests/test_forward.py", "tests/test_backward.py", "tests/test_varlen_gqa.py", "tests/test_decode.py",
     "tests/test_state.py", "tests/test_learnable.py", "tests/test_feature_maps.py", "tests/test_codegen.py",
-    "-k", "not torch",
+    "tests/test_polynomial.py", "-k", "not torch",
 )
 
 K = "lintx_triton/codegen/kernels/"
 HELPERS, ELEMENTWISE, PROJECTED = K + "helpers.py", K + "elementwise.py", K + "projected.py"
+POLY = K + "polynomial.py"
 FORWARD, BACKWARD, DECODE = K + "forward.py", K + "backward.py", K + "decode.py"
 LAUNCH = "lintx_triton/ops/launch.py"
 
@@ -96,9 +97,10 @@ class MutantError(ValueError):
 FWD_T, BWD_T, GQA_T = "tests/test_forward.py", "tests/test_backward.py", "tests/test_varlen_gqa.py"
 DEC_T = "tests/test_decode.py"
 LRN_T, FM_T = "tests/test_learnable.py", "tests/test_feature_maps.py"
+PLY_T = "tests/test_polynomial.py"
 # Where a file's mutants start looking (``first`` of a mutant adds to it): no effect on the outcome, only on how
 # soon a kill comes.
-FILE_FIRST = {BACKWARD: (BWD_T,), DECODE: (DEC_T,), PROJECTED: (LRN_T, FM_T)}
+FILE_FIRST = {BACKWARD: (BWD_T,), DECODE: (DEC_T,), PROJECTED: (LRN_T, FM_T), POLY: (PLY_T,)}
 
 
 def _m(id, kind, file, find, replace, first=()):
@@ -149,10 +151,12 @@ MUTANTS: tuple[Mutant, ...] = (
        "_mm_dw(tl.trans(xs), du), mask=m_k[:, None] & m_f)", "_mm_dw(tl.trans(xs), du), mask=m_k[:, None] & ~m_f)"),
     # ---- forward.py: chunk sums
     _m("sums-token-mask-le", "off-by-one", FORWARD,
-       "o_t = i_t * BT + tl.arange(0, BT)\n    m_t = o_t < T_n\n    o_m = tl.arange(0, BM)\n    m_m = o_m < M\n"
-       "    o_v",
-       "o_t = i_t * BT + tl.arange(0, BT)\n    m_t = o_t <= T_n\n    o_m = tl.arange(0, BM)\n    m_m = o_m < M\n"
-       "    o_v"),
+       "o_t = i_t * BT + tl.arange(0, BT)\n"
+       "    m_t = o_t < T_n\n"
+       "    o_m = i_mb * BM + tl.arange(0, BM)",
+       "o_t = i_t * BT + tl.arange(0, BT)\n"
+       "    m_t = o_t <= T_n\n"
+       "    o_m = i_mb * BM + tl.arange(0, BM)"),
     _m("sums-bwd-group-loop-from-1", "off-by-one", FORWARD,
        "for i_g in range(0, H // HKV):", "for i_g in range(1, H // HKV):"),
     _m("sums-bwd-query-head-index", "wrong-index", FORWARD,
@@ -192,9 +196,15 @@ MUTANTS: tuple[Mutant, ...] = (
     _m("out-fused-last-chunk-floor", "off-by-one", FORWARD,
        "i_hi = tl.cdiv(T_n, BT)", "i_hi = T_n // BT"),
     _m("out-causal-strict", "comparison", FORWARD,
-       "b_P = tl.where(o_t[:, None] >= o_t[None, :]", "b_P = tl.where(o_t[:, None] > o_t[None, :]"),
+       "                b_v = _load_rows(v, row_k, o_t, m_t, o_v, m_v, HKV, DV)  # [BT, BV]\n"
+       "                b_P = tl.where(o_t[:, None] >= o_t[None, :]",
+       "                b_v = _load_rows(v, row_k, o_t, m_t, o_v, m_v, HKV, DV)  # [BT, BV]\n"
+       "                b_P = tl.where(o_t[:, None] > o_t[None, :]"),
     _m("out-den-wrong-axis", "wrong-index", FORWARD,
-       "b_den += tl.sum(b_P, 1)", "b_den += tl.sum(b_P, 0)"),
+       "                b_P = tl.where(o_t[:, None] >= o_t[None, :], _mm(b_a, tl.trans(b_b)), 0.0)  # [BT, BT] fp32\n"
+       "                b_den += tl.sum(b_P, 1)",
+       "                b_P = tl.where(o_t[:, None] >= o_t[None, :], _mm(b_a, tl.trans(b_b)), 0.0)  # [BT, BT] fp32\n"
+       "                b_den += tl.sum(b_P, 0)"),
     _m("out-eps-minus", "arithmetic", FORWARD,
        "b_den = scale * b_den + eps", "b_den = scale * b_den - eps"),
     _m("out-norm-drop-scale", "dropped-term", FORWARD,
@@ -212,7 +222,10 @@ MUTANTS: tuple[Mutant, ...] = (
     _m("out-noncausal-total-from-init", "swapped-argument", FORWARD,
        "b_S = tl.load(ST + p_f, mask=m_mv, other=0.0)", "b_S = tl.load(S0 + p_f, mask=m_mv, other=0.0)"),
     _m("out-chunk-state-off-by-one", "off-by-one", FORWARD,
-       "i_s = (i_b * HKV + i_hk).to(tl.int64) * NT + i_c\n", "i_s = (i_b * HKV + i_hk).to(tl.int64) * NT + i_c - 1\n"),
+       "                if IS_CAUSAL:\n"
+       "                    i_s = (i_b * HKV + i_hk).to(tl.int64) * NT + i_c\n",
+       "                if IS_CAUSAL:\n"
+       "                    i_s = (i_b * HKV + i_hk).to(tl.int64) * NT + i_c - 1\n"),
     _m("out-fused-z-drop-update", "dropped-term", FORWARD,
        "b_z += tl.sum(b_b, 0)", "pass"),
     # ---- backward.py
@@ -225,44 +238,109 @@ MUTANTS: tuple[Mutant, ...] = (
     _m("g-sign", "arithmetic", BACKWARD,
        "-tl.sum(b_o * b_do, 1) / b_den", "tl.sum(b_o * b_do, 1) / b_den"),
     _m("dq-value-blocks-floor", "off-by-one", BACKWARD,
-       "    for i_v in range(0, tl.cdiv(DV, BV)):\n        o_v = i_v * BV + tl.arange(0, BV)\n        m_v = o_v < DV\n"
-       "        b_S = tl.load",
-       "    for i_v in range(0, DV // BV):\n        o_v = i_v * BV + tl.arange(0, BV)\n        m_v = o_v < DV\n"
-       "        b_S = tl.load"),
+       "        for i_v in range(0, tl.cdiv(DV, BV)):\n"
+       "            o_v = i_v * BV + tl.arange(0, BV)\n"
+       "            m_v = o_v < DV\n"
+       "            b_S = tl.load",
+       "        for i_v in range(0, DV // BV):\n"
+       "            o_v = i_v * BV + tl.arange(0, BV)\n"
+       "            m_v = o_v < DV\n"
+       "            b_S = tl.load"),
     _m("dq-drop-normalizer-term", "dropped-term", BACKWARD,
-       "b_da = b_da * b_rden[:, None] + b_g[:, None] * b_z[None, :]", "b_da = b_da * b_rden[:, None]"),
+       "            b_z = tl.load(z + i_s * M + o_m, mask=m_m, other=0.0)  # [BM]\n"
+       "            b_da = b_da * b_rden[:, None] + b_g[:, None] * b_z[None, :]",
+       "            b_z = tl.load(z + i_s * M + o_m, mask=m_m, other=0.0)  # [BM]\n"
+       "            b_da = b_da * b_rden[:, None]"),
     _m("dq-intra-g-minus", "arithmetic", BACKWARD,
-       "            b_dA = b_dA * b_rden[:, None] + b_g[:, None]\n        b_dA = tl.where(",
-       "            b_dA = b_dA * b_rden[:, None] - b_g[:, None]\n        b_dA = tl.where("),
+       "        if IS_CAUSAL:\n"
+       "            if NORMALIZE:\n"
+       "                b_dA = b_dA * b_rden[:, None] + b_g[:, None]\n"
+       "            b_dA = tl.where(",
+       "        if IS_CAUSAL:\n"
+       "            if NORMALIZE:\n"
+       "                b_dA = b_dA * b_rden[:, None] - b_g[:, None]\n"
+       "            b_dA = tl.where("),
     _m("dq-causal-strict", "comparison", BACKWARD,
-       "b_dA = tl.where((o_t[:, None] >= o_t[None, :]) & m_t[:, None], b_dA, 0.0)",
-       "b_dA = tl.where((o_t[:, None] > o_t[None, :]) & m_t[:, None], b_dA, 0.0)"),
+       "        if IS_CAUSAL:\n"
+       "            if NORMALIZE:\n"
+       "                b_dA = b_dA * b_rden[:, None] + b_g[:, None]\n"
+       "            b_dA = tl.where((o_t[:, None] >= o_t[None, :]) & m_t[:, None], b_dA, 0.0)",
+       "        if IS_CAUSAL:\n"
+       "            if NORMALIZE:\n"
+       "                b_dA = b_dA * b_rden[:, None] + b_g[:, None]\n"
+       "            b_dA = tl.where((o_t[:, None] > o_t[None, :]) & m_t[:, None], b_dA, 0.0)"),
     _m("dq-drop-scale", "dropped-term", BACKWARD,
-       "o_t, m_t, scale * b_da, p_fq", "o_t, m_t, b_da, p_fq"),
+       "        _store_phi_vjp(dq, row_q, H, q, row_q, H, o_t, m_t, scale * b_da, p_fq",
+       "        _store_phi_vjp(dq, row_q, H, q, row_q, H, o_t, m_t, b_da, p_fq"),
     _m("dq-key-map-head", "wrong-index", BACKWARD,
        "p_fk = fk + (i_h // (H // HKV)) * fk_hs", "p_fk = fk + i_h * fk_hs", first=(LRN_T, FM_T)),
     _m("dq-dfm-head-stride", "off-by-one", BACKWARD,
-       "dfq + i_h * ((D + 1) * M)", "dfq + i_h * (D * M)"),
+       "        _store_phi_vjp(dq, row_q, H, q, row_q, H, o_t, m_t, scale * b_da, p_fq, True, dfq + i_h * FMS",
+       "        _store_phi_vjp(dq, row_q, H, q, row_q, H, o_t, m_t, scale * b_da, p_fq, True, dfq + i_h * (FMS - M)"),
     _m("dkv-anti-causal", "comparison", BACKWARD,
-       "m_c = (o_t[:, None] >= o_t[None, :]) & m_t[:, None]", "m_c = (o_t[:, None] <= o_t[None, :]) & m_t[:, None]"),
+       "        b_b = _phi(k, row_k, o_t, m_t, HKV, p_fk, False)  # [BT, BM]\n"
+       "        if IS_CAUSAL:\n"
+       "            m_c = (o_t[:, None] >= o_t[None, :]) & m_t[:, None]",
+       "        b_b = _phi(k, row_k, o_t, m_t, HKV, p_fk, False)  # [BT, BM]\n"
+       "        if IS_CAUSAL:\n"
+       "            m_c = (o_t[:, None] <= o_t[None, :]) & m_t[:, None]"),
     _m("dkv-group-row-cmp", "comparison", BACKWARD,
-       "if H == HKV:\n            row_q = row_k", "if H != HKV:\n            row_q = row_k", first=(GQA_T,)),
+       "        # unrolled: i_g is a compile-time constant, so the dS_c terms below cost no branch\n"
+       "        for i_g in tl.static_range(H // HKV):\n"
+       "            i_h = i_hk * (H // HKV) + i_g\n"
+       "            if H == HKV:\n"
+       "                row_q = row_k",
+       "        # unrolled: i_g is a compile-time constant, so the dS_c terms below cost no branch\n"
+       "        for i_g in tl.static_range(H // HKV):\n"
+       "            i_h = i_hk * (H // HKV) + i_g\n"
+       "            if H != HKV:\n"
+       "                row_q = row_k", first=(GQA_T,)),
     _m("dkv-rden-wrong-axis", "wrong-index", BACKWARD,
-       "b_A = b_A * b_rden[:, None]", "b_A = b_A * b_rden[None, :]"),
+       "                b_A = tl.where(m_c, _mm(b_a, tl.trans(b_b)), 0.0)  # [BT, BT] scores a b^T\n"
+       "                if NORMALIZE:\n"
+       "                    b_A = b_A * b_rden[:, None]",
+       "                b_A = tl.where(m_c, _mm(b_a, tl.trans(b_b)), 0.0)  # [BT, BT] scores a b^T\n"
+       "                if NORMALIZE:\n"
+       "                    b_A = b_A * b_rden[None, :]"),
     _m("dkv-drop-state-term", "dropped-term", BACKWARD,
        "b_db += _mm_wide(b_v, tl.trans(b_dS))", "pass"),
     _m("dkv-dv-no-transpose", "wrong-index", BACKWARD,
-       "b_dv += scale * _mm_wide(tl.trans(b_A), b_do)", "b_dv += scale * _mm_wide(b_A, b_do)"),
+       "                    b_dv = tl.zeros([BT, BV], dtype=tl.float32)\n"
+       "                if IS_CAUSAL:\n"
+       "                    b_do = _load_rows(do, row_q, o_t, m_t, o_v, m_v, H, DV)\n"
+       "                    b_dA += _mm(b_do, tl.trans(b_v))\n"
+       "                    b_dv += scale * _mm_wide(tl.trans(b_A), b_do)",
+       "                    b_dv = tl.zeros([BT, BV], dtype=tl.float32)\n"
+       "                if IS_CAUSAL:\n"
+       "                    b_do = _load_rows(do, row_q, o_t, m_t, o_v, m_v, H, DV)\n"
+       "                    b_dA += _mm(b_do, tl.trans(b_v))\n"
+       "                    b_dv += scale * _mm_wide(b_A, b_do)"),
     _m("dkv-drop-dz", "dropped-term", BACKWARD,
        "b_db += tl.load(dz + i_s * M + o_m, mask=m_m, other=0.0)[None, :]", "pass"),
     _m("dkv-db-no-transpose", "wrong-index", BACKWARD,
        "b_db += scale * _mm_wide(tl.trans(b_dA), b_a)", "b_db += scale * _mm_wide(b_dA, b_a)"),
     _m("dkv-den-offset-kv-head", "wrong-index", BACKWARD,
-       "p_t0 = _den_offset(i_b, i_h, bos, T, H, IS_VARLEN)", "p_t0 = _den_offset(i_b, i_hk, bos, T, H, IS_VARLEN)",
-       first=(GQA_T,)),
+       "        # unrolled: i_g is a compile-time constant, so the dS_c terms below cost no branch\n"
+       "        for i_g in tl.static_range(H // HKV):\n"
+       "            i_h = i_hk * (H // HKV) + i_g\n"
+       "            if H == HKV:\n"
+       "                row_q = row_k\n"
+       "            else:\n"
+       "                row_q = bos * H + i_h\n"
+       "            p_t0 = _den_offset(i_b, i_h, bos, T, H, IS_VARLEN)",
+       "        # unrolled: i_g is a compile-time constant, so the dS_c terms below cost no branch\n"
+       "        for i_g in tl.static_range(H // HKV):\n"
+       "            i_h = i_hk * (H // HKV) + i_g\n"
+       "            if H == HKV:\n"
+       "                row_q = row_k\n"
+       "            else:\n"
+       "                row_q = bos * H + i_h\n"
+       "            p_t0 = _den_offset(i_b, i_hk, bos, T, H, IS_VARLEN)", first=(GQA_T,)),
     _m("dkv-state-terms-every-head", "comparison", BACKWARD,
-       "if i_g == 0:  # the kv head's state gradient: once", "if i_g >= 0:  # the kv head's state gradient: once",
-       first=(GQA_T,)),
+       "                m_v = o_v < DV\n"
+       "                if i_g == 0:  # the kv head's state gradient: once",
+       "                m_v = o_v < DV\n"
+       "                if i_g >= 0:  # the kv head's state gradient: once", first=(GQA_T,)),
     # ---- decode.py
     _m("decode-first-query-row", "dropped-term", DECODE,
        "i_q0 = (i_bs // HKV) * H + (i_bs % HKV) * (H // HKV)", "i_q0 = (i_bs // HKV) * H + (i_bs % HKV)",
@@ -276,11 +354,30 @@ MUTANTS: tuple[Mutant, ...] = (
     _m("decode-den-drop-scale", "dropped-term", DECODE,
        "b_num = b_num / (scale * tl.sum(b_a * b_z, 0) + eps)", "b_num = b_num / (tl.sum(b_a * b_z, 0) + eps)"),
     _m("decode-query-map-head", "wrong-index", DECODE,
-       "fq + ((i_bs % HKV) * (H // HKV) + i_g) * fq_hs", "fq + i_g * fq_hs", first=(LRN_T, FM_T)),
+       "                b_a = _phi_row(q, i_q0 + i_g, fq + ((i_bs % HKV) * (H // HKV) + i_g) * fq_hs",
+       "                b_a = _phi_row(q, i_q0 + i_g, fq + i_g * fq_hs", first=(LRN_T, FM_T)),
     _m("decode-key-map-head", "wrong-index", DECODE,
-       "fk + (i_bs % HKV) * fk_hs", "fk + i_bs * fk_hs", first=(LRN_T, FM_T)),
+       "        b_b = _phi_row(k, i_bs, fk + (i_bs % HKV) * fk_hs",
+       "        b_b = _phi_row(k, i_bs, fk + i_bs * fk_hs", first=(LRN_T, FM_T)),
     _m("decode-z-store-mask", "off-by-one", DECODE,
        "tl.store(zT + i_bs * M + o_m, b_z, mask=m_m)", "tl.store(zT + i_bs * M + o_m, b_z, mask=o_m < M - 1)"),
+    # ---- polynomial maps: the feature helpers and the kernels' blocked branches (NMB > 1)
+    _m("poly-factor-j-as-i", "wrong-index", POLY,
+       "_factor(x, m_d, s_i, I, fm_params) * _factor(x, m_d, s_j, J, fm_params) * c[None, :]",
+       "_factor(x, m_d, s_i, I, fm_params) * _factor(x, m_d, s_i, I, fm_params) * c[None, :]"),
+    _m("poly-vjp-drop-second", "dropped-term", POLY,
+       "return acc + _mm_wide(gc * _factor(x, m_d, s_i, I, fm_params), tl.trans(s_j))", "return acc"),
+    _m("blocked-sums-block-swap", "swapped-argument", FORWARD,
+       "i_v, i_mb = tl.program_id(1) % tl.cdiv(DV, BV), tl.program_id(1) // tl.cdiv(DV, BV)",
+       "i_v, i_mb = tl.program_id(1) // tl.cdiv(DV, BV), tl.program_id(1) % tl.cdiv(DV, BV)", first=(PLY_T,)),
+    _m("blocked-out-den-drop-state", "dropped-term", FORWARD,
+       "b_den += tl.sum(b_a * b_z[None, :], 1)", "b_den += 0.0 * tl.sum(b_a * b_z[None, :], 1)", first=(PLY_T,)),
+    _m("blocked-fused-z-scratch-shared", "wrong-index", FORWARD,
+       "i_wz = i_w * tl.cdiv(DV, BV) + i_v", "i_wz = i_w * tl.cdiv(DV, BV)", first=(PLY_T,)),
+    _m("blocked-dkv-state-terms-every-head", "comparison", BACKWARD,
+       "if i_g == 0:  # the kv head's state gradient: once\n                    for i_mb in range(0, NMB):",
+       "if i_g >= 0:  # the kv head's state gradient: once\n                    for i_mb in range(0, NMB):",
+       first=(PLY_T,)),
     # ---- launch.py
     _m("cdiv-floor", "off-by-one", LAUNCH,
        "return -(-a // b)", "return a // b"),
@@ -290,8 +387,8 @@ MUTANTS: tuple[Mutant, ...] = (
        "seq = torch.searchsorted(ends, slots, right=True)", "seq = torch.searchsorted(ends, slots, right=False)",
        first=(GQA_T,)),
     _m("sums-grid-last-slot", "off-by-one", LAUNCH,
-       "return Plan((lay.NT, _cdiv(spec.value_dim, BV), lay.B * lay.HKV),",
-       "return Plan((lay.NT - 1, _cdiv(spec.value_dim, BV), lay.B * lay.HKV),"),
+       "return Plan((lay.NT, _cdiv(spec.value_dim, BV) * spec.feature_blocks, lay.B * lay.HKV),",
+       "return Plan((lay.NT - 1, _cdiv(spec.value_dim, BV) * spec.feature_blocks, lay.B * lay.HKV),"),
     _m("output-grid-fused-kv-heads", "wrong-index", LAUNCH,
        "grid = (1, NV, lay.N * lay.H)", "grid = (1, NV, lay.N * lay.HKV)", first=(GQA_T,)),
     _m("scan-reverse-flag", "swapped-argument", LAUNCH,

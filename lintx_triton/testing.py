@@ -311,7 +311,8 @@ def make_inputs(c: dict, requires_grad: bool = False, device="cpu"):
     state = None
     if c["initial_state"]:
         # a state as a previous segment of 5 tokens would leave it
-        kk = fm.reference(qk(fm, torch.randn(B, 5, HKV, D, generator=g))).detach()  # a leaf, not a map's output
+        # a leaf, not a map's output; a learnable map through its CPU copy (the map itself may live on the GPU)
+        kk = _map64(c).reference(qk(fm, torch.randn(B, 5, HKV, D, generator=g))).detach().float()
         vv = torch.randn(B, 5, HKV, DV, generator=g)
         state = (torch.einsum("bthm,bthv->bhmv", kk, vv).contiguous(), kk.sum(1).contiguous())
     q, k, v = (x.to(device) for x in (q, k, v))
@@ -411,9 +412,10 @@ def state_bound(c: dict, k, v, state, cu_seqlens=None):
         parts = [state_bound(c, k[:, t], v[:, t], _rows(state, n)) for t, n in _sequences(cu_seqlens)] \
             or [state_bound(c, k[:0], v[:0], None)]
         return tuple(tuple(torch.cat(x, 0) for x in zip(*pair)) for pair in zip(*parts))
-    fm = ensure_map(c)
+    fm = _map64(c)  # a learnable map's float64 CPU copy: the map itself may live on the GPU
     k, v = (x.detach().cpu().double() for x in (k, v))
-    b, b_abs = fm.features(k, "key"), fm.magnitude(k, "key")  # [B, T, HKV, M]
+    with torch.no_grad():
+        b, b_abs = fm.features(k, "key"), fm.magnitude(k, "key")  # [B, T, HKV, M]
     S, z = torch.einsum("bthm,bthv->bhmv", b, v), b.sum(1)
     S_abs, z_abs = torch.einsum("bthm,bthv->bhmv", b_abs, v.abs()), b_abs.sum(1)
     if state is not None:

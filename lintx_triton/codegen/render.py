@@ -76,8 +76,8 @@ BDA = tl.constexpr($BDA)
 $FEATURE_MAP
 '''
 
-# The kernel files in the order they are joined; "$FEATURE_HELPERS" stands for elementwise.py, projected.py or
-# polynomial.py.
+# The kernel files in the order they are joined; "$FEATURE_HELPERS" stands for elementwise.py or projected.py
+# (then single_block.py), or polynomial.py.
 SOURCES = ("helpers.py", "$FEATURE_HELPERS", "forward.py", "backward.py", "decode.py")
 _MARKER = "# %% kernels"
 
@@ -102,8 +102,8 @@ def _kernel_file(name: str) -> str:
 @functools.cache
 def _sources_hash() -> str:
     h = hashlib.sha256(HEADER.encode())
-    for name in ("helpers.py", "elementwise.py", "projected.py", "polynomial.py", "forward.py", "backward.py",
-                 "decode.py"):
+    for name in ("helpers.py", "elementwise.py", "projected.py", "polynomial.py", "single_block.py", "forward.py",
+                 "backward.py", "decode.py"):
         h.update(name.encode() + b"\0" + _kernel_file(name).encode())
     return h.hexdigest()
 
@@ -145,6 +145,7 @@ def render(spec: KernelSpec) -> str:
     )
     # a table, not a branch in the kernels: an elementwise map has no W to load, a polynomial one builds its
     # features from products of x's entries
-    helpers = "projected.py" if fm.projected else "polynomial.py" if fm.blocked else "elementwise.py"
-    files = [helpers if name == "$FEATURE_HELPERS" else name for name in SOURCES]
+    helpers = ["polynomial.py"] if fm.blocked else ["projected.py" if fm.projected else "elementwise.py",
+                                                    "single_block.py"]
+    files = [f for name in SOURCES for f in (helpers if name == "$FEATURE_HELPERS" else [name])]
     return header + "\n# ---- shared helpers ----\n" + "\n\n".join(_kernel_file(name) for name in files)

@@ -28,20 +28,3 @@ def _store_phi_vjp(dptr, drow0, DHS: tl.constexpr, ptr, row0, HS: tl.constexpr, 
     x = _load_rows(ptr, row0, o_t, m_t, o_d, m_d, HS, D)
     _store_rows(dptr, tl.where(m_d[None, :], phi_vjp(x, g), 0.0), drow0, o_t, m_t, o_d, m_d, DHS, D)
 
-
-@triton.jit
-def _phi_blk(ptr, row0, o_t, m_t, HS: tl.constexpr, fm_params, IS_Q: tl.constexpr, i_mb):
-    # feature block i_mb: one block holds every feature of an elementwise map (NMB = 1)
-    return _phi(ptr, row0, o_t, m_t, HS, fm_params, IS_Q)
-
-
-@triton.jit
-def _phi_vjp_acc(acc, ptr, row0, HS: tl.constexpr, o_t, m_t, g, fm_params, IS_Q: tl.constexpr, i_mb):
-    tl.static_assert(False, "an elementwise map has one feature block (NMB = 1): use _store_phi_vjp")
-    return acc
-
-
-@triton.jit
-def _phi_vjp_store(acc, dptr, drow0, DHS: tl.constexpr, ptr, row0, HS: tl.constexpr, o_t, m_t, fm_params,
-                   IS_Q: tl.constexpr, dfm, HAS_DFM: tl.constexpr):
-    tl.static_assert(False, "an elementwise map has one feature block (NMB = 1): use _store_phi_vjp")

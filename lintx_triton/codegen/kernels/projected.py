@@ -91,20 +91,3 @@ def _store_phi_vjp(dptr, drow0, DHS: tl.constexpr, ptr, row0, HS: tl.constexpr, 
     if HAS_DFM:
         tl.atomic_add(dfm + D * M + o_m, tl.sum(du, 0), mask=o_m < M)  # dL/db
 
-
-@triton.jit
-def _phi_blk(ptr, row0, o_t, m_t, HS: tl.constexpr, fm_params, IS_Q: tl.constexpr, i_mb):
-    # feature block i_mb: one block holds every feature of a projected map (NMB = 1)
-    return _phi(ptr, row0, o_t, m_t, HS, fm_params, IS_Q)
-
-
-@triton.jit
-def _phi_vjp_acc(acc, ptr, row0, HS: tl.constexpr, o_t, m_t, g, fm_params, IS_Q: tl.constexpr, i_mb):
-    tl.static_assert(False, "a projected map has one feature block (NMB = 1): use _store_phi_vjp")
-    return acc
-
-
-@triton.jit
-def _phi_vjp_store(acc, dptr, drow0, DHS: tl.constexpr, ptr, row0, HS: tl.constexpr, o_t, m_t, fm_params,
-                   IS_Q: tl.constexpr, dfm, HAS_DFM: tl.constexpr):
-    tl.static_assert(False, "a projected map has one feature block (NMB = 1): use _store_phi_vjp")
