@@ -12,7 +12,9 @@ Public API::
     lintx_triton.nn.LinearAttention   # a drop-in attention module: forward() and step()
     lintx_triton.distributed.linear_attention(q, k, v, group)   # one sequence sharded over ranks
     lintx_triton.emit(...)            # the generated Triton source of a variant
-    lintx_triton.feature_maps         # elu, relu, identity, favor, random_fourier, and user-defined maps
+    lintx_triton.feature_maps         # elu, relu, identity, favor, random_fourier, hedgehog, t2r, taylor,
+                                      # rebased, and user-defined maps
+    lintx_triton.hybrid               # WindowState: the state of LoLCATs' sliding-window hybrid (window=)
     lintx_triton.config_for(...)      # the launch config a call will use, and where it came from
 
 Importing does nothing but register the ``torch.ops.lintx`` custom ops: no
@@ -21,6 +23,7 @@ device probing, no compilation (kernels are generated at their first call).
 
 from . import feature_maps
 from . import distributed
+from . import hybrid
 from . import nn
 from .api import emit, linear_attention, linear_attention_state, linear_attention_step, linear_attention_step_
 from .config import Config, config_for
@@ -35,4 +38,5 @@ __all__ = [
     "linear_attention_step_",
     "nn",
     "distributed",
+    "hybrid",
     "emit", "feature_maps", "config_for", "Config", "KernelSpec", "__version__"]

@@ -299,13 +299,15 @@ def chunk_bwd(spec: KernelSpec, cfg: Config, do, dST, dzT, q, k, v, o, den, S0, 
     dS0, dz0 = _state_like(q, spec, lay)
     map_grads = map_grads and fq is not None
     dfq_h, dfk_h = (_map_grads(fq, H, q.device), _map_grads(fk, lay.HKV, q.device)) if map_grads else (None, None)
-    dfm = (_per_param(dfq_h, fq, q.device), _per_param(dfk_h, fk, q.device))
+
+    def dfm():  # the accumulators summed to the parameters' heads, once the kernels have added into them
+        return _per_param(dfq_h, fq, q.device), _per_param(dfk_h, fk, q.device)
     if dST is None and dzT is not None:
         dST = torch.zeros_like(dS0)
     if dzT is None and dST is not None:
         dzT = torch.zeros_like(dz0)
     if T == 0:
-        return (dq, dk, dv) + _pass_through(dS0, dz0, dST, dzT) + dfm
+        return (dq, dk, dv) + _pass_through(dS0, dz0, dST, dzT) + dfm()
     unused = dS0  # a valid pointer for what a variant never reads
     fmap = _map_args(fq, fk, unused)
     if spec.normalize:
@@ -332,9 +334,7 @@ def chunk_bwd(spec: KernelSpec, cfg: Config, do, dST, dzT, q, k, v, o, den, S0, 
                      dict(common, dS=dS, dz=dz, dk=dk, dv=dv_acc, dfk=dfk_h if map_grads else unused)))
     if G > 1:
         dv = dv_acc.to(v.dtype)
-    if map_grads:
-        dfm = (_per_param(dfq_h, fq, q.device), _per_param(dfk_h, fk, q.device))
-    return (dq, dk, dv, dS0, dz0) + dfm
+    return (dq, dk, dv, dS0, dz0) + dfm()
 
 
 def decode_step(spec: KernelSpec, cfg: Config, q, k, v, S0, z0, ST, zT, fq, fk, scale: float, eps: float, *,
