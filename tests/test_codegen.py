@@ -102,7 +102,7 @@ def test_feature_map_validation():
 
 # ---- the kernels are real source files ----
 
-KERNEL_FILES = ("helpers", "elementwise", "projected", "forward", "backward", "decode")
+KERNEL_FILES = ("helpers", "elementwise", "projected", "polynomial", "single_block", "forward", "backward", "decode")
 
 
 @pytest.mark.parametrize("name", KERNEL_FILES)
@@ -138,7 +138,8 @@ def test_header_defines_what_the_kernel_files_import():
     header = set(re.findall(r"^(\w+) = tl\.constexpr\(", render.HEADER, re.M))
     stub = {n for n, v in vars(constants).items() if type(v).__name__ == "constexpr"}
     assert header == stub
-    spliced = {"phi", "phi_vjp", "phi_proj", "phi_proj_vjp"}
+    spliced = {"phi", "phi_vjp", "phi_proj", "phi_proj_vjp", "poly_pre_sel", "poly_pre_vjp", "poly_pre_dparams",
+               "poly_index"}
     assert spliced <= set(vars(constants))
     for name in KERNEL_FILES:
         text = (render.resources.files(kernels) / f"{name}.py").read_text()

@@ -20,7 +20,6 @@ parameters in :meth:`LearnableFeatureMap.make_params` and maps them to the kerne
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 from typing import Callable, Optional
 
@@ -28,7 +27,7 @@ import torch
 from torch import nn
 
 from .base import FeatureMap
-from .projected import SIDES, head_matmul, projected_magnitude
+from .projected import SIDES, ProjectedMap
 
 __all__ = ["LearnableFeatureMap", "Projection", "HeadParams"]
 
@@ -105,7 +104,7 @@ class HeadParams:
         return p.to(device) if torch.device(device).type == "meta" else p.contiguous()
 
 
-class LearnableFeatureMap(HeadParams, nn.Module, FeatureMap):
+class LearnableFeatureMap(HeadParams, ProjectedMap, nn.Module, FeatureMap):
     """A projected feature map with trained, optionally per-head, W and b.
 
     Args:
@@ -216,14 +215,6 @@ class LearnableFeatureMap(HeadParams, nn.Module, FeatureMap):
                              f"[HW, {self._M}], got {tuple(W.shape)} and {tuple(b.shape)}")
         return W, b
 
-    def feature_dim(self, head_dim: int) -> int:
-        return self._M
-
-    def check_head_dim(self, head_dim: int) -> None:
-        if head_dim != self._D:
-            raise ValueError(f"feature map {self.name!r} projects head vectors of width D = {self._D}, "
-                             f"got D = {head_dim}; build the map for this D")
-
     def kernel_params(self, side: str, device) -> torch.Tensor:
         """``[HW, D + 1, M]`` fp32: W then the bias row, built from the parameters (differentiably)."""
         W, b = self.projection(side)
@@ -233,34 +224,8 @@ class LearnableFeatureMap(HeadParams, nn.Module, FeatureMap):
         W, b = self.projection(side)
         return x * self.input_scale, W.to(x.dtype), b.to(x.dtype)
 
-    def features(self, x: torch.Tensor, side: str = "key", stabilize: bool = False) -> torch.Tensor:
-        """phi of ``x`` [..., H, D] (or [..., D] when the map is shared) with ``side``'s parameters."""
-        self.check_head_dim(x.shape[-1])
-        xs, W, b = self._projection(x, side)
-        return self.torch_phi(head_matmul(xs, W), 0.5 * (xs * xs).sum(-1, keepdim=True), b, side, stabilize)
-
     def forward(self, x: torch.Tensor, side: str = "key") -> torch.Tensor:
         return self.features(x, side)
-
-    def magnitude(self, x: torch.Tensor, side: str = "key", stabilize: bool = False) -> torch.Tensor:
-        """The elementwise envelope of :func:`~lintx_triton.feature_maps.projected.projected_magnitude`. It
-        assumes each feature depends on its own u: a map whose features share a row sum (a softmax) must
-        override it, or its gradient bounds come out 0 (Hedgehog does)."""
-        xs, W, b = self._projection(x, side)
-        return projected_magnitude(self.torch_phi, xs, W, b, side, stabilize)
-
-    def reference(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x, "key")
-
-    def triton_source(self) -> str:
-        doc = f"# {self.doc}\n" if self.doc else ""
-        return (f"# feature map {self.name!r}: learnable projected, D = {self._D}, M = {self._M}, "
-                f"x' = x * {self.input_scale!r}\n{doc}{self.triton}\n")
-
-    def source_hash(self) -> str:
-        text = f"ProjectedFeatureMap:{self.name}:{self._D}:{self._M}:{self.input_scale!r}:{self.unbounded}:" \
-               f"{self.triton}"
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def extra_repr(self) -> str:
         heads = self.heads_of("query") if self.tied else f"{self.heads_of('query')}/{self.heads_of('key')}"

@@ -27,12 +27,56 @@ import torch
 
 from .base import FeatureMap
 
-__all__ = ["ProjectedFeatureMap", "head_matmul", "projected_magnitude"]
+__all__ = ["ProjectedFeatureMap", "ProjectedMap", "head_matmul", "projected_magnitude"]
 
 SIDES = ("query", "key")
 
 
-class ProjectedFeatureMap(FeatureMap):
+class ProjectedMap:
+    """What every projected map shares, fixed or learnable: phi = torch_phi(x' W, |x'|^2 / 2, b) from the
+    subclass's ``_projection(x, side)`` (x' = x * input_scale, W and b in x's dtype), the Triton source and its
+    hash. A subclass defines ``name``, ``head_dim``, ``num_features``, ``input_scale``, ``unbounded``, ``triton``,
+    ``torch_phi``, ``doc`` and ``_projection``."""
+
+    def feature_dim(self, head_dim: int) -> int:
+        return self.num_features
+
+    def check_head_dim(self, head_dim: int) -> None:
+        if head_dim != self.head_dim:
+            raise ValueError(f"feature map {self.name!r} projects head vectors of width D = {self.head_dim}, "
+                             f"got D = {head_dim}; build the map for this D")
+
+    def features(self, x: torch.Tensor, side: str = "key", stabilize: bool = False) -> torch.Tensor:
+        """phi of ``x`` [..., D] (or [..., H, D] for per-head parameters) with ``side``'s parameters."""
+        if side not in SIDES:
+            raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+        self.check_head_dim(x.shape[-1])
+        xs, W, b = self._projection(x, side)
+        return self.torch_phi(head_matmul(xs, W), 0.5 * (xs * xs).sum(-1, keepdim=True), b, side, stabilize)
+
+    def magnitude(self, x: torch.Tensor, side: str = "key", stabilize: bool = False) -> torch.Tensor:
+        """|phi| widened by the rounding of its arguments, with a gradient free of cancellation
+        (:func:`projected_magnitude`). It assumes each feature depends on its own u: a map whose features share
+        a row sum (a softmax) must override it, or its gradient bounds come out 0 (Hedgehog does)."""
+        xs, W, b = self._projection(x, side)
+        return projected_magnitude(self.torch_phi, xs, W, b, side, stabilize)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x, "key")
+
+    def triton_source(self) -> str:
+        doc = f"# {self.doc}\n" if self.doc else ""
+        return (f"# feature map {self.name!r}: projected, D = {self.head_dim}, M = {self.num_features}, "
+                f"x' = x * {self.input_scale!r}\n{doc}{self.triton}\n")
+
+    def source_hash(self) -> str:
+        # one prefix for every projected map: a fixed and a learnable map of the same source share kernels
+        text = f"ProjectedFeatureMap:{self.name}:{self.head_dim}:{self.num_features}:{self.input_scale!r}:" \
+               f"{self.unbounded}:{self.triton}"
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class ProjectedFeatureMap(ProjectedMap, FeatureMap):
     """A feature map of a projection ``x' W`` of the head vector (random features and the like).
 
     Args:
@@ -122,14 +166,6 @@ class ProjectedFeatureMap(FeatureMap):
     def num_features(self) -> int:
         return self.weight.shape[1]
 
-    def feature_dim(self, head_dim: int) -> int:
-        return self.num_features
-
-    def check_head_dim(self, head_dim: int) -> None:
-        if head_dim != self.head_dim:
-            raise ValueError(f"feature map {self.name!r} projects head vectors of width D = {self.head_dim}, "
-                             f"got D = {head_dim}; build the map for this D")
-
     def kernel_params(self, side: str, device) -> torch.Tensor:
         """``[1, D + 1, M]`` fp32 on ``device``: W, then the bias row (one head: shared by all). Cached per device
         until :meth:`set_weight`; the same for both sides."""
@@ -144,8 +180,8 @@ class ProjectedFeatureMap(FeatureMap):
             self._params[key] = p
         return p
 
-    def _projection(self, x: torch.Tensor):
-        """x' = x * input_scale, W [D, M] and b [M] in x's dtype and device."""
+    def _projection(self, x: torch.Tensor, side: str = "key"):
+        """x' = x * input_scale, W [D, M] and b [M] in x's dtype and device (the same for both sides)."""
         p = self._params_as(x.device, x.dtype)
         return x * self.input_scale, p[:-1], p[-1]
 
@@ -153,32 +189,6 @@ class ProjectedFeatureMap(FeatureMap):
         """Replace W (and b) in place; the kernels are reused (same D and M)."""
         self._set_parameters(weight, bias)
         return self
-
-    def features(self, x: torch.Tensor, side: str = "key", stabilize: bool = False) -> torch.Tensor:
-        if side not in SIDES:
-            raise ValueError(f"side must be one of {SIDES}, got {side!r}")
-        self.check_head_dim(x.shape[-1])
-        xs, W, b = self._projection(x)
-        return self.torch_phi(head_matmul(xs, W), 0.5 * (xs * xs).sum(-1, keepdim=True), b, side, stabilize)
-
-    def magnitude(self, x: torch.Tensor, side: str = "key", stabilize: bool = False) -> torch.Tensor:
-        """|phi| widened by the rounding of its arguments, with a gradient free of cancellation
-        (:func:`projected_magnitude`)."""
-        xs, W, b = self._projection(x)
-        return projected_magnitude(self.torch_phi, xs, W, b, side, stabilize)
-
-    def reference(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x, "key")
-
-    def triton_source(self) -> str:
-        doc = f"# {self.doc}\n" if self.doc else ""
-        return (f"# feature map {self.name!r}: projected, D = {self.head_dim}, M = {self.num_features}, "
-                f"x' = x * {self.input_scale!r}\n{doc}{self.triton}\n")
-
-    def source_hash(self) -> str:
-        text = f"{type(self).__name__}:{self.name}:{self.head_dim}:{self.num_features}:{self.input_scale!r}:" \
-               f"{self.unbounded}:{self.triton}"
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, D={self.head_dim}, M={self.num_features})"

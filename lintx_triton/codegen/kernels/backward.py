@@ -4,7 +4,8 @@ import triton.language as tl
 
 from .constants import BDA, BDV, BM, DV, FMS, IS_CAUSAL, M, NMB, NORMALIZE
 # the map's set: elementwise.py, projected.py or polynomial.py
-from .elementwise import _phi, _phi_blk, _phi_vjp_acc, _phi_vjp_store, _store_phi_vjp
+from .elementwise import _phi, _store_phi_vjp
+from .single_block import _phi_blk, _phi_vjp_acc, _phi_vjp_store
 from .helpers import _chunk, _den_offset, _load_rows, _mm, _mm_wide, _store_rows
 
 # %% kernels (the renderer joins what follows; the lines above are for editors and linters)

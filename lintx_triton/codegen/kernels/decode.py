@@ -3,7 +3,7 @@ import triton
 import triton.language as tl
 
 from .constants import BM, DV, M, NMB, NORMALIZE
-from .elementwise import _phi_blk  # the map's set: elementwise.py, projected.py or polynomial.py
+from .single_block import _phi_blk  # the map's set: elementwise.py or projected.py (+ single_block.py), or polynomial.py
 
 # %% kernels (the renderer joins what follows; the lines above are for editors and linters)
 

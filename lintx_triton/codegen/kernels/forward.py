@@ -3,7 +3,8 @@ import triton
 import triton.language as tl
 
 from .constants import BM, DV, HAS_S0, IS_CAUSAL, M, NMB, NORMALIZE
-from .elementwise import _phi, _phi_blk  # the map's set: elementwise.py, projected.py or polynomial.py
+from .elementwise import _phi  # the map's set: elementwise.py or projected.py (+ single_block.py), or polynomial.py
+from .single_block import _phi_blk
 from .helpers import _chunk, _den_offset, _load_rows, _mm, _mm_wide, _seq, _store_rows
 
 # %% kernels (the renderer joins what follows; the lines above are for editors and linters)
