@@ -23,7 +23,8 @@ from lintx_triton.cli import QUICK_SECONDS, _time_left_column, main
 from lintx_triton.feature_maps import base as fm_base
 from lintx_triton.spec import DTYPES, FAMILIES
 
-DEFAULT_MAPS = {"elu", "relu", "identity", "favor", "favor_hyp", "fourier", "hedgehog", "hedgehog_fla", "t2r"}
+DEFAULT_MAPS = {"elu", "relu", "identity", "favor", "favor_hyp", "fourier", "hedgehog", "hedgehog_fla", "t2r", "rebased",
+                "taylor", "taylor_c"}
 
 # The planted wrong kernel: the Triton backward adds 1 to the last element of dq. Installed by --import, so the
 # fuzz run and its reproducer both carry it; without it the same reproducer passes.
