@@ -28,6 +28,19 @@ def _bwd_program(T, NT, cu, cmap, H: tl.constexpr, HKV: tl.constexpr, BT: tl.con
     return i_h, bos * H + i_h, bos * HKV + i_hk, _den_offset(i_b, i_h, bos, T, H, IS_VARLEN), o_t, o_t < T_n, i_s
 
 
+@triton.jit
+def _rows_state_t(y, row0, o_t, m_t, HS: tl.constexpr, S, i_s, o_mb, m_mb, BV: tl.constexpr):
+    # the rows o_t of y [.., DV] times the feature rows o_mb of state i_s of S [.., M, DV], transposed, summed over
+    # the value blocks -> [BT, BM]: do S^T (dq) or v dS^T (dk) of one feature block (blocked maps)
+    b = tl.zeros([o_t.shape[0], BM], dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(DV, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < DV
+        b_S = tl.load(S + (i_s * M + o_mb[:, None]) * DV + o_v[None, :], mask=m_mb[:, None] & m_v[None, :], other=0.0)
+        b += _mm_wide(_load_rows(y, row0, o_t, m_t, o_v, m_v, HS, DV), tl.trans(b_S))
+    return b
+
+
 # ---- backward: g = -(do . o) / den, the normalizer's share of the gradient ----
 @triton.jit(do_not_specialize=["T", "NT"])
 def bwd_kernel_g(
@@ -132,13 +145,7 @@ def chunk_bwd_kernel_dq(
         for i_mb in range(0, NMB):
             o_mb = i_mb * BM + o_m
             m_mb = o_mb < M
-            b_da = tl.zeros([BT, BM], dtype=tl.float32)
-            for i_v in range(0, tl.cdiv(DV, BV)):
-                o_v = i_v * BV + tl.arange(0, BV)
-                m_v = o_v < DV
-                b_S = tl.load(S + (i_s * M + o_mb[:, None]) * DV + o_v[None, :], mask=m_mb[:, None] & m_v[None, :],
-                              other=0.0)
-                b_da += _mm_wide(_load_rows(do, row_q, o_t, m_t, o_v, m_v, H, DV), tl.trans(b_S))
+            b_da = _rows_state_t(do, row_q, o_t, m_t, H, S, i_s, o_mb, m_mb, BV)  # do S^T [BT, BM]
             if NORMALIZE:
                 b_z = tl.load(z + i_s * M + o_mb, mask=m_mb, other=0.0)  # [BM]
                 b_da = b_da * b_rden[:, None] + b_g[:, None] * b_z[None, :]
@@ -304,13 +311,7 @@ def chunk_bwd_kernel_dkv(
         for i_mb in range(0, NMB):  # the kv head's state gradient: v dS^T + dz
             o_mb = i_mb * BM + o_m
             m_mb = o_mb < M
-            b_db = tl.zeros([BT, BM], dtype=tl.float32)
-            for i_v in range(0, tl.cdiv(DV, BV)):
-                o_v = i_v * BV + tl.arange(0, BV)
-                m_v = o_v < DV
-                b_dS = tl.load(dS + (i_s * M + o_mb[:, None]) * DV + o_v[None, :], mask=m_mb[:, None] & m_v[None, :],
-                               other=0.0)
-                b_db += _mm_wide(_load_rows(v, row_k, o_t, m_t, o_v, m_v, HKV, DV), tl.trans(b_dS))
+            b_db = _rows_state_t(v, row_k, o_t, m_t, HKV, dS, i_s, o_mb, m_mb, BV)  # v dS^T [BT, BM]
             b_db += tl.load(dz + i_s * M + o_mb, mask=m_mb, other=0.0)[None, :]
             b_dy = _phi_vjp_acc(b_dy, k, row_k, HKV, o_t, m_t, b_db, p_fk, False, i_mb)
         _phi_vjp_store(b_dy, dk, row_k, HKV, k, row_k, HKV, o_t, m_t, p_fk, False, dfk + i_hk * FMS, HAS_DFM)
