@@ -491,7 +491,131 @@ def hybrid_step_torch_(q: Tensor, k: Tensor, v: Tensor, fm: FeatureMap, window_m
     return o
 
 
+def _linear_prefix(kx, vx, n_lin, S0, z0, fm, cu=None) -> tuple[Tensor, Tensor]:
+    """(S0, z0) plus the linear sums of the first ``n_lin`` tokens of each sequence (an int, or a list per packed
+    sequence): the state that a hybrid call leaves, through the Triton state op (differentiable)."""
+    from .api import _map_params
+
+    fk = _map_params(fm, kx.device)["fk"]
+    if cu is None:
+        kk, vv, cc = kx[:, :n_lin], vx[:, :n_lin], None
+    else:
+        bounds = cu.tolist()
+        idx = torch.cat([torch.arange(s, s + n, device=kx.device) for s, n in zip(bounds[:-1], n_lin)]
+                        + [torch.zeros(0, dtype=torch.int64, device=kx.device)])
+        kk, vv = kx[:, idx], vx[:, idx]
+        cc = torch.tensor([0] + list(n_lin), device=kx.device).cumsum(0).to(cu.dtype)
+    return tuple(torch.ops.lintx.linear_attention_state(k=kk.contiguous(), v=vv.contiguous(), S0=S0, z0=z0, fk=fk,
+                                                        cu_seqlens=cc, feature_map=fm.name))
+
+
+def hybrid_attention_triton(q: Tensor, k: Tensor, v: Tensor, fm: FeatureMap, window_mix: Tensor, *, window: int,
+                            kind: str = "terraced", affine: bool = False, window_scale: Optional[float] = None,
+                            scale: float = 1.0, initial_state=None, cu_seqlens: Optional[Tensor] = None,
+                            return_state: bool = True):
+    """The hybrid through the fused Triton kernels (``lintx::hybrid_attention_fwd`` and its backward): returns
+    ``o`` and, with ``return_state``, the :class:`WindowState` after the call (else None).
+
+    A state's window tokens (the ring buffer) are put in front of their sequence's tokens, and the kernels run on
+    the extended sequences, positions counted from the window's first token ``window_start(pos)`` (a block
+    boundary for the terraced window, so its blocks stay aligned), with (S, z) as the linear initial state; their
+    outputs are dropped. The state after the call is (S, z) plus the tokens that left the window (the state op)
+    and the tokens still in it (a new ring buffer)."""
+    from .api import _map_params
+
+    B, T, H, D = q.shape
+    HKV, DV = k.shape[2], v.shape[-1]
+    M = fm.feature_dim(D)
+    Cap = window_capacity(window, kind)
+    c = float(window_scale) if window_scale is not None else D ** -0.5
+    params = _map_params(fm, q.device)
+    flags = dict(feature_map=fm.name, window=window, sliding=kind == "sliding", affine=affine, scale=float(scale),
+                 qk_scale=c)
+    mix = window_mix.float()
+    packed = cu_seqlens is not None
+    N = cu_seqlens.shape[0] - 1 if packed else B
+    if initial_state is None:
+        state = None
+        P0 = [0] * N
+    else:
+        state = initial_state
+        P0 = state.pos.tolist()
+    bases = [window_start(p, window, kind) for p in P0]
+    n0 = [p - b for p, b in zip(P0, bases)]  # window tokens carried in, per sequence
+    S0, z0 = (state.S, state.z) if state is not None else (None, None)
+    if not packed and len(set(n0)) <= 1:
+        n = n0[0] if n0 else 0
+        if n:
+            slots = torch.arange(bases[0], P0[0], device=q.device) % Cap
+            kx = torch.cat([state.k[:, :, slots].transpose(1, 2).to(k.dtype), k], 1)
+            vx = torch.cat([state.v[:, :, slots].transpose(1, 2).to(v.dtype), v], 1)
+            qx = torch.cat([q.new_zeros(B, n, H, D), q], 1)
+        else:
+            kx, vx, qx = k, v, q
+        ox, *_ = torch.ops.lintx.hybrid_attention_fwd(q=qx, k=kx, v=vx, mix=mix, S0=S0, z0=z0, **params,
+                                                      cu_seqlens=None, **flags)
+        o = ox[:, n:]
+        cx = None
+        lens = [T] * B
+    else:  # rows at different positions, or packed sequences: one packed call over the extended sequences
+        if packed:
+            bounds = cu_seqlens.tolist()
+            pieces = [(0, s, e) for s, e in zip(bounds[:-1], bounds[1:])]
+        else:
+            pieces = [(b, 0, T) for b in range(B)]
+        ks, vs, qs = [], [], []
+        for i, ((b, s, e), p, base, n) in enumerate(zip(pieces, P0, bases, n0)):
+            slots = torch.arange(base, p, device=q.device) % Cap
+            ks += [state.k[i, :, slots].transpose(0, 1).to(k.dtype)[None], k[b:b + 1, s:e]] if n else [k[b:b + 1, s:e]]
+            vs += [state.v[i, :, slots].transpose(0, 1).to(v.dtype)[None], v[b:b + 1, s:e]] if n else [v[b:b + 1, s:e]]
+            qs += [q.new_zeros(1, n, H, D), q[b:b + 1, s:e]]
+        kx, vx, qx = torch.cat(ks, 1), torch.cat(vs, 1), torch.cat(qs, 1)
+        lens = [e - s for _, s, e in pieces]
+        cx = torch.tensor([0] + [n + L for n, L in zip(n0, lens)], device=q.device).cumsum(0).to(torch.int32)
+        ox, *_ = torch.ops.lintx.hybrid_attention_fwd(q=qx, k=kx, v=vx, mix=mix, S0=S0, z0=z0, **params,
+                                                      cu_seqlens=cx, **flags)
+        starts = cx.tolist()
+        keep = [ox[:, a + n:a + n + L] for a, n, L in zip(starts[:-1], n0, lens)]
+        o = torch.cat(keep, 1) if packed else torch.cat(keep, 0)
+    if not return_state:
+        return o, None
+    # the state after each sequence: tokens before window_start(P1) are linear, the rest go to a new ring
+    P1 = [p + L for p, L in zip(P0, lens)]
+    start1 = [window_start(p, window, kind) for p in P1]
+    n_lin = [s1 - b for s1, b in zip(start1, bases)]
+    if cx is None:
+        S1, z1 = _linear_prefix(kx, vx, n_lin[0] if n_lin else 0, S0, z0, fm)
+        ring_k = _ring(kx[:, n_lin[0]:], start1[0], Cap) if B else kx.new_zeros(0, HKV, Cap, D)
+        ring_v = _ring(vx[:, n_lin[0]:], start1[0], Cap) if B else vx.new_zeros(0, HKV, Cap, DV)
+    else:
+        S1, z1 = _linear_prefix(kx, vx, n_lin, S0, z0, fm, cx)
+        starts = cx.tolist()
+        ring_k = torch.cat([_ring(kx[:, a + nl:b_], s1, Cap) for a, b_, nl, s1 in
+                            zip(starts[:-1], starts[1:], n_lin, start1)] + [kx.new_zeros(0, HKV, Cap, D)])
+        ring_v = torch.cat([_ring(vx[:, a + nl:b_], s1, Cap) for a, b_, nl, s1 in
+                            zip(starts[:-1], starts[1:], n_lin, start1)] + [vx.new_zeros(0, HKV, Cap, DV)])
+    pos = (state.pos if state is not None else torch.zeros(N, dtype=torch.int64, device=q.device)) \
+        + torch.tensor(lens, dtype=torch.int64, device=q.device)
+    return o, WindowState(S1, z1, ring_k, ring_v, pos)
+
+
 # ---- the public entry points (called by lintx_triton.api)
+
+
+def _hybrid_backend(backend: str, q: Tensor, v: Tensor, fm: FeatureMap) -> str:
+    """The hybrid's backend: ``"auto"`` runs the fused kernels on CUDA tensors for the maps they take (one feature
+    block: elementwise and projected maps), the torch path otherwise (also in Triton's CPU interpreter, where the
+    torch path is the faster; ``backend="triton"`` runs the kernels there)."""
+    from .api import _pick_backend
+
+    if backend == "auto":
+        return "triton" if q.is_cuda and not fm.blocked and _pick_backend("triton", q, v, fm) else "torch"
+    if backend == "triton":
+        _pick_backend(backend, q, v, fm)  # CUDA or the interpreter, and the kernels' widths
+        if fm.blocked:
+            raise ValueError(f"the hybrid's Triton kernels (window=) take maps of one feature block (elementwise and "
+                             f"projected); {fm.name!r} is a blocked (polynomial) map: use backend='torch'")
+    return backend
 
 
 def _mix(window_mix, H, device):
@@ -511,9 +635,7 @@ def hybrid_attention(q, k, v, fm, *, window, window_mix, window_kind, window_aff
     if not normalize:
         raise ValueError("the windowed hybrid is normalized (softmax and linear terms share one denominator): "
                          "window= needs normalize=True")
-    if backend == "triton":
-        raise ValueError("the fused Triton kernels of the windowed hybrid (window=) are not built yet; use "
-                         "backend='torch' (or 'auto', which runs the torch path for window=)")
+    backend = _hybrid_backend(backend, q, v, fm)
     B, T, H, D = q.shape
     HKV, DV = k.shape[2], v.shape[-1]
     M = fm.feature_dim(D)
@@ -522,7 +644,10 @@ def hybrid_attention(q, k, v, fm, *, window, window_mix, window_kind, window_aff
         initial_state = _check_state(initial_state, N, HKV, M, D, DV, window, window_kind, k.dtype, q.device)
     kw = dict(window_mix=_mix(window_mix, H, q.device), window=window, kind=window_kind, affine=window_affine,
               window_scale=window_scale, scale=float(scale))
-    if cu_seqlens is None:
+    if backend == "triton":
+        o, st = hybrid_attention_triton(q, k, v, fm, initial_state=initial_state, cu_seqlens=cu_seqlens,
+                                        return_state=return_state, **kw)
+    elif cu_seqlens is None:
         o, st = hybrid_attention_torch(q, k, v, fm, initial_state=initial_state, **kw)
     else:
         bounds = cu_seqlens.tolist()

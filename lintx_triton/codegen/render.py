@@ -78,7 +78,7 @@ $FEATURE_MAP
 
 # The kernel files in the order they are joined; "$FEATURE_HELPERS" stands for elementwise.py or projected.py
 # (then single_block.py), or polynomial.py.
-SOURCES = ("helpers.py", "$FEATURE_HELPERS", "forward.py", "backward.py", "decode.py")
+SOURCES = ("helpers.py", "$FEATURE_HELPERS", "forward.py", "backward.py", "decode.py", "hybrid.py")
 _MARKER = "# %% kernels"
 
 # The Triton kernels (launched functions) of every generated module, by family.
@@ -86,6 +86,9 @@ KERNELS = {
     "forward": ("chunk_kernel_h", "chunk_scan_kernel", "chunk_fwd_kernel_o"),
     "backward": ("bwd_kernel_g", "chunk_bwd_kernel_dq", "chunk_bwd_kernel_dkv"),
     "decode": ("decode_kernel_step",),
+    # LoLCATs' hybrid (window=): one-block maps only; the forward's chunk states come from chunk_kernel_h and
+    # chunk_scan_kernel, the backward's reverse scan from chunk_scan_kernel
+    "hybrid": ("hybrid_fwd_kernel_o", "hybrid_bwd_kernel_dq", "hybrid_bwd_kernel_h", "hybrid_bwd_kernel_dkv"),
 }
 
 
@@ -103,7 +106,7 @@ def _kernel_file(name: str) -> str:
 def _sources_hash() -> str:
     h = hashlib.sha256(HEADER.encode())
     for name in ("helpers.py", "elementwise.py", "projected.py", "polynomial.py", "single_block.py", "forward.py",
-                 "backward.py", "decode.py"):
+                 "backward.py", "decode.py", "hybrid.py"):
         h.update(name.encode() + b"\0" + _kernel_file(name).encode())
     return h.hexdigest()
 

@@ -16,11 +16,11 @@ from torch import Tensor
 from .. import feature_maps
 from ..config import config_for, interpreting
 from ..spec import KernelSpec, dtype_of, products_in_fp32
-from .launch import chunk_bwd, chunk_fwd, decode_step, state_bwd, state_fwd
+from .launch import chunk_bwd, chunk_fwd, decode_step, hybrid_bwd, hybrid_fwd, state_bwd, state_fwd
 
 __all__ = ["make_spec", "linear_attention_fwd", "linear_attention_bwd", "linear_attention_state",
            "linear_attention_state_bwd", "linear_attention_step",
-           "linear_attention_step_"]
+           "linear_attention_step_", "hybrid_attention_fwd", "hybrid_attention_bwd"]
 
 F32 = torch.float32
 
@@ -333,3 +333,139 @@ def linear_attention_step_(
 def _(q, k, v, S, z, fq, fk, feature_map, normalize, scale, eps):
     B, H, _ = q.shape
     return q.new_empty(B, H, v.shape[-1])
+
+
+# ---- LoLCATs' hybrid (window=): sliding-window softmax + linear attention under one normalizer ----
+
+class _HybridArgs(NamedTuple):
+    """The hybrid forward op's arguments, in its schema's order."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    mix: Tensor
+    S0: Optional[Tensor]
+    z0: Optional[Tensor]
+    fq: Optional[Tensor]
+    fk: Optional[Tensor]
+    cu_seqlens: Optional[Tensor]
+    feature_map: str
+    window: int
+    sliding: bool
+    affine: bool
+    scale: float
+    qk_scale: float
+
+
+def _hybrid_launch(feature_map: str, q: Tensor, v: Tensor, has_init: bool):
+    """The hybrid's spec (causal, unnormalized: a projected map's queries take no per-row shift, which would not
+    cancel between its two parts) and config."""
+    spec = make_spec(feature_map, q, v, True, False, has_init)
+    B, T, H, _ = q.shape
+    return spec, config_for(spec, B * H, T, q.device)
+
+
+@torch.library.custom_op("lintx::hybrid_attention_fwd", mutates_args=())
+def hybrid_attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mix: Tensor,
+    S0: Optional[Tensor],
+    z0: Optional[Tensor],
+    fq: Optional[Tensor],
+    fk: Optional[Tensor],
+    cu_seqlens: Optional[Tensor],
+    feature_map: str,
+    window: int,
+    sliding: bool,
+    affine: bool,
+    scale: float,
+    qk_scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> o [B, T, H, DV], L [B, H, T] (the denominator), m [B, H, T] (each row's window max of qk_scale q.k) fp32,
+    and the position of the key that set m [B, H, T] int32. ``mix`` [H] fp32: alpha, f = sigmoid(alpha);
+    (S0, z0) the linear state of a preceding segment; positions count from each sequence's first token."""
+    spec, cfg = _hybrid_launch(feature_map, q, v, S0 is not None)
+    return hybrid_fwd(spec, cfg, q.contiguous(), k.contiguous(), v.contiguous(), mix.contiguous(), _c(S0), _c(z0),
+                      _c(fq), _c(fk), window=window, sliding=sliding, affine=affine, scale=scale, qk_scale=qk_scale,
+                      cu=cu_seqlens)
+
+
+@hybrid_attention_fwd.register_fake
+def _(q, k, v, mix, S0, z0, fq, fk, cu_seqlens, feature_map, window, sliding, affine, scale, qk_scale):
+    B, T, H, _ = q.shape
+    return (q.new_empty(B, T, H, v.shape[-1]), q.new_empty(B, H, T, dtype=F32), q.new_empty(B, H, T, dtype=F32),
+            q.new_empty(B, H, T, dtype=torch.int32))
+
+
+@torch.library.custom_op("lintx::hybrid_attention_bwd", mutates_args=())
+def hybrid_attention_bwd(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    L: Tensor,
+    m: Tensor,
+    idx: Tensor,
+    mix: Tensor,
+    S0: Optional[Tensor],
+    z0: Optional[Tensor],
+    fq: Optional[Tensor],
+    fk: Optional[Tensor],
+    cu_seqlens: Optional[Tensor],
+    feature_map: str,
+    window: int,
+    sliding: bool,
+    affine: bool,
+    scale: float,
+    qk_scale: float,
+    map_grads: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> dq, dk, dv (inputs' dtype), dmix [H], dS0 [N, HKV, M, DV], dz0 [N, HKV, M] (fp32), and with
+    ``map_grads`` the gradients of ``fq``, ``fk`` (fp32; [0] otherwise)."""
+    spec, cfg = _hybrid_launch(feature_map, q, v, S0 is not None)
+    return hybrid_bwd(spec, cfg, _c(do), _c(q), _c(k), _c(v), _c(o), _c(L), _c(m), _c(idx), _c(mix), _c(S0), _c(z0),
+                      _c(fq), _c(fk), window=window, sliding=sliding, affine=affine, scale=scale, qk_scale=qk_scale,
+                      cu=cu_seqlens, map_grads=map_grads)
+
+
+@hybrid_attention_bwd.register_fake
+def _(do, q, k, v, o, L, m, idx, mix, S0, z0, fq, fk, cu_seqlens, feature_map, window, sliding, affine, scale,
+      qk_scale, map_grads):
+    s_shape, z_shape = _state_shapes(q, v, feature_map, cu_seqlens)
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        torch.empty_like(k, memory_format=torch.contiguous_format),
+        torch.empty_like(v, memory_format=torch.contiguous_format),
+        mix.new_empty(mix.shape, dtype=F32),
+        q.new_empty(s_shape, dtype=F32),
+        q.new_empty(z_shape, dtype=F32),
+        _map_grads_like(fq, map_grads, q),
+        _map_grads_like(fk, map_grads, q),
+    )
+
+
+def _hybrid_setup(ctx, inputs, output):
+    a = _HybridArgs(*inputs)
+    o, L, m, idx = output
+    ctx.save_for_backward(a.q, a.k, a.v, o, L, m, idx, a.mix, a.S0, a.z0, a.fq, a.fk, a.cu_seqlens)
+    ctx.flags = dict(feature_map=a.feature_map, window=a.window, sliding=a.sliding, affine=a.affine, scale=a.scale,
+                     qk_scale=a.qk_scale)
+
+
+def _hybrid_backward(ctx, do, dL, dm, didx):
+    q, k, v, o, L, m, idx, mix, S0, z0, fq, fk, cu_seqlens = ctx.saved_tensors
+    wants = lambda name: ctx.needs_input_grad[_HybridArgs._fields.index(name)]  # noqa: E731
+    map_grads = wants("fq") or wants("fk")
+    dq, dk, dv, dmix, dS0, dz0, dfq, dfk = torch.ops.lintx.hybrid_attention_bwd(
+        do=do, q=q, k=k, v=v, o=o, L=L, m=m, idx=idx, mix=mix, S0=S0, z0=z0, fq=fq, fk=fk, cu_seqlens=cu_seqlens,
+        **ctx.flags, map_grads=map_grads)
+    grads = dict(q=dq, k=dk, v=dv, mix=dmix.to(mix.dtype), S0=dS0 if S0 is not None else None,
+                 z0=dz0 if S0 is not None else None, fq=dfq if wants("fq") else None,
+                 fk=dfk if wants("fk") else None)
+    return tuple(grads.get(name) for name in _HybridArgs._fields)
+
+
+hybrid_attention_fwd.register_autograd(_hybrid_backward, setup_context=_hybrid_setup)

@@ -27,7 +27,8 @@ from ..spec import KernelSpec
 
 __all__ = ["Layout", "Plan", "Launch", "launch", "record", "chunk_fwd", "chunk_bwd", "decode_step", "state_fwd",
            "state_bwd", "chunk_sums_plan", "scan_plan", "output_plan", "g_plan", "dq_plan", "dkv_plan",
-           "decode_plan", "decode_warps"]
+           "decode_plan", "decode_warps", "hybrid_chunk", "hybrid_fwd_plan", "hybrid_bwd_plan", "hybrid_fwd",
+           "hybrid_bwd"]
 
 F32 = torch.float32
 # The decode kernel holds one [M, BV] state block and two vectors: 4 warps suffice, 8 when M > 128 (a
@@ -386,3 +387,121 @@ def state_bwd(spec: KernelSpec, cfg: Config, dS, dz, k, v, fk, cu=None, *, map_g
                           dz=dz, dk=dk, dv=dv, dfk=dfk_h if map_grads else unused, **lay.seqs(unused), scale=1.0,
                           T=lay.T, NT=lay.NT)))
     return dk, dv, _per_param(dfk_h, fk, k.device)
+
+
+# ---------------------------------------------------------------- LoLCATs' hybrid (window=)
+
+def hybrid_chunk(window: int, chunk: int) -> int:
+    """BT of the hybrid: the config's chunk, or the largest power of two dividing ``window`` if smaller (chunks
+    must tile the window: a query's window starts on a chunk boundary, terraced, or a fixed chunk back, sliding)."""
+    return min(chunk, window & -window)
+
+
+def hybrid_fwd_plan(spec: KernelSpec, cfg: Config, lay: Layout, *, window: int, sliding: bool, affine: bool,
+                    has_init: bool) -> Plan:
+    """``hybrid_fwd_kernel_o``: fused, one program per (value block, sequence * head) walking its chunks; else
+    one per (chunk slot, value block, batch * head)."""
+    BV, warps, stages = _pass(cfg, False)
+    fused = path_of(spec, cfg) == "fused"
+    NV = _cdiv(spec.value_dim, BV)
+    grid = (1, NV, lay.N * lay.H) if fused else (lay.NT, NV, lay.B * lay.H)
+    return Plan(grid, dict(H=lay.H, HKV=lay.HKV, BT=lay.BT, BV=BV, W=window, SLIDING=sliding, AFFINE=affine,
+                           HAS_INIT=has_init, FUSED=fused, IS_VARLEN=lay.varlen), warps, stages)
+
+
+def hybrid_bwd_plan(spec: KernelSpec, cfg: Config, lay: Layout, kernel: str, *, window: int, sliding: bool,
+                    affine: bool, map_grads: bool = False) -> Plan:
+    """The hybrid's backward kernels: one program per (chunk slot, batch * head) for dq, per (chunk slot,
+    batch * kv head) for the state gradient's chunk sums and (dk, dv)."""
+    _, warps, stages = _pass(cfg, True)
+    heads = lay.H if kernel == "hybrid_bwd_kernel_dq" else lay.HKV
+    const = dict(H=lay.H, HKV=lay.HKV, BT=lay.BT, AFFINE=affine, IS_VARLEN=lay.varlen)
+    if kernel != "hybrid_bwd_kernel_h":
+        const.update(W=window, SLIDING=sliding, HAS_DFM=map_grads)
+    return Plan((lay.NT, lay.B * heads), const, warps, stages)
+
+
+def hybrid_fwd(spec: KernelSpec, cfg: Config, q, k, v, mix, S0, z0, fq, fk, *, window: int, sliding: bool,
+               affine: bool, scale: float, qk_scale: float, cu=None, run: Runner = launch):
+    """-> o [B, T, H, DV], L [B, H, T] (the denominator), m [B, H, T] (each row's window max of c q.k), and the
+    position of the key that set it [B, H, T] int32. ``mix`` [H] fp32 alpha; (S0, z0) the linear initial state
+    or None. ``spec`` is the unnormalized causal variant (queries' features take no per-row shift)."""
+    B, T, H, _ = q.shape
+    lay = Layout(q, k, cu, hybrid_chunk(window, cfg.chunk))
+    o = torch.empty(B, T, H, spec.value_dim, dtype=q.dtype, device=q.device)
+    L, m = (torch.empty(B, H, T, dtype=F32, device=q.device) for _ in range(2))
+    idx = torch.empty(B, H, T, dtype=torch.int32, device=q.device)
+    if T == 0:
+        return o, L, m, idx
+    ST, zT = _state_like(q, spec, lay)
+    unused = ST
+    fmap = _map_args(fq, fk, unused)
+    plan = hybrid_fwd_plan(spec, cfg, lay, window=window, sliding=sliding, affine=affine, has_init=S0 is not None)
+    if plan.constexprs["FUSED"]:
+        S = z = unused  # carried on chip
+    else:
+        S, z = _chunk_states(spec, cfg, lay, run, "hybrid fwd", x=k, y=v, fmap=fmap, den=unused, g=unused,
+                             init=(S0, z0) if S0 is not None else None, final=(ST, zT), scale=1.0, in_bwd=False,
+                             grads=False, unused=unused)
+    run(spec, Launch("hybrid fwd output (fused)" if plan.constexprs["FUSED"] else "hybrid fwd output (chunked)",
+                     "hybrid_fwd_kernel_o", plan,
+                     dict(q=q, k=k, v=v, **fmap, mix=mix, o=o, den=L, mx=m, amx=idx, S=S, z=z,
+                          S0=S0 if S0 is not None else unused, z0=z0 if z0 is not None else unused, **lay.seqs(unused),
+                          scale=scale, qk_scale=qk_scale, T=T, NT=lay.NT)))
+    return o, L, m, idx
+
+
+def hybrid_bwd(spec: KernelSpec, cfg: Config, do, q, k, v, o, L, m, idx, mix, S0, z0, fq, fk, *, window: int,
+               sliding: bool, affine: bool, scale: float, qk_scale: float, cu=None, map_grads: bool = False,
+               run: Runner = launch):
+    """-> dq, dk, dv (inputs' dtype), dmix [H] fp32, dS0 [N, HKV, M, DV], dz0 [N, HKV, M], dfq, dfk (as
+    :func:`chunk_bwd`). The forward's chunk states are recomputed; G (the state gradient's chunk sums) is scanned
+    in reverse; dm (m's gradient per row) gives alpha's: dL/df = -sum dm / f, dL/dg = sum dm / g."""
+    B, T, H, _ = q.shape
+    lay = Layout(q, k, cu, hybrid_chunk(window, cfg.bwd_chunk))
+    HKV, M, DV = lay.HKV, spec.feature_dim, spec.value_dim
+    dS0, dz0 = _state_like(q, spec, lay)
+    map_grads = map_grads and fq is not None
+    dfq_h, dfk_h = (_map_grads(fq, H, q.device), _map_grads(fk, HKV, q.device)) if map_grads else (None, None)
+    dmix = torch.zeros(H, dtype=F32, device=q.device)
+    if T == 0:
+        return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dmix, dS0.zero_(), dz0.zero_(),
+                _per_param(dfq_h, fq, q.device), _per_param(dfk_h, fk, q.device))
+    unused = dS0
+    fmap = _map_args(fq, fk, unused)
+    ST, zT = _state_like(q, spec, lay)
+    S, z = _chunk_states(spec, cfg, lay, run, "hybrid bwd recomputed", x=k, y=v, fmap=fmap, den=unused, g=unused,
+                         init=(S0, z0) if S0 is not None else None, final=(ST, zT), scale=1.0, in_bwd=True,
+                         grads=False, unused=unused)
+    win = dict(window=window, sliding=sliding, affine=affine)
+    dq_sm, dq_ln = (torch.empty(q.shape, dtype=F32, device=q.device) for _ in range(2))
+    gl, dm = (torch.empty(B, H, T, dtype=F32, device=q.device) for _ in range(2))
+    common = dict(**lay.seqs(unused), T=T, NT=lay.NT)
+    run(spec, Launch("hybrid bwd dq", "hybrid_bwd_kernel_dq",
+                     hybrid_bwd_plan(spec, cfg, lay, "hybrid_bwd_kernel_dq", **win, map_grads=map_grads),
+                     dict(q=q, k=k, v=v, **fmap, mix=mix, o=o, do=do, den=L, mx=m, amx=idx, S=S, z=z, dq=dq_sm,
+                          dql=dq_ln, gl=gl, dm=dm, dfq=dfq_h if map_grads else unused, scale=scale, qk_scale=qk_scale,
+                          **common)))
+    dS = torch.empty(lay.B * HKV, lay.NT, M, DV, dtype=F32, device=q.device)
+    dz = torch.empty(lay.B * HKV, lay.NT, M, dtype=F32, device=q.device)
+    run(spec, Launch("hybrid bwd state sums", "hybrid_bwd_kernel_h",
+                     hybrid_bwd_plan(spec, cfg, lay, "hybrid_bwd_kernel_h", **win),
+                     dict(q=q, fq=fmap["fq"], fq_hs=fmap["fq_hs"], mix=mix, do=do, den=L, gl=gl, dS=dS, dz=dz,
+                          scale=scale, **common)))
+    run(spec, Launch("hybrid bwd scan", "chunk_scan_kernel", scan_plan(spec, cfg, lay, in_bwd=True, reverse=True,
+                                                                        has_init=False),
+                     dict(S=dS, z=dz, S0=unused, z0=unused, ST=dS0, zT=dz0, coffs=lay.coffs if lay.varlen else unused,
+                          T=T, NT=lay.NT)))
+    dk_sm, dk_ln = (torch.empty(k.shape, dtype=F32, device=q.device) for _ in range(2))
+    dv = torch.empty_like(v)
+    run(spec, Launch("hybrid bwd dk dv", "hybrid_bwd_kernel_dkv",
+                     hybrid_bwd_plan(spec, cfg, lay, "hybrid_bwd_kernel_dkv", **win, map_grads=map_grads),
+                     dict(q=q, k=k, v=v, **fmap, mix=mix, do=do, den=L, mx=m, amx=idx, gl=gl, dm=dm, dS=dS, dz=dz,
+                          dk=dk_sm, dkl=dk_ln, dv=dv, dfk=dfk_h if map_grads else unused, scale=scale,
+                          qk_scale=qk_scale, **common)))
+    # alpha's gradient: f = sigmoid(alpha), dL/df = -sum_t dm_t / f; g = 1 (dL/dalpha = -(1 - f) sum dm) or
+    # g = 1 - f (dL/dalpha = f (1 - f) (dL/df - dL/dg) = -sum dm)
+    dm_h = dm.sum((0, 2))
+    dmix = -dm_h if affine else -(1 - torch.sigmoid(mix.float())) * dm_h
+    return ((dq_sm + dq_ln).to(q.dtype), (dk_sm + dk_ln).to(k.dtype), dv, dmix, dS0, dz0,
+            _per_param(dfq_h, fq, q.device), _per_param(dfk_h, fk, q.device))

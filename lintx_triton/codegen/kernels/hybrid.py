@@ -1,0 +1,448 @@
+"""LoLCATs' hybrid (``window=``): sliding-window softmax + linear attention under one normalizer, chunk = BT, w = W.
+
+For a query at position t (in its sequence) the window is [lo_t, t], lo_t = ``_win_lo(t)``: terraced (blocks of
+W counted from the sequence's first token; the query's block and the previous one) or sliding (the last W
+tokens). Keys before lo_t are seen in linear form. With chunks of BT tokens (BT divides W) the linear keys of
+chunk c are those before chunk kc = lo_(c BT) // BT, a chunk state S[kc] of the forward's scan, plus, for the
+sliding window only, the keys of chunk kc before each row's lo_t (a masked [BT, BT] product). The softmax keys
+are chunks kc .. c, masked to [lo_t, t]. Per row (f = sigmoid(alpha_h), g = 1 or 1 - f, c = QK_SCALE):
+
+    num = f sum_s exp(c q.k_s - m_t) v_s + g scale a (S[kc] + intra)      m_t the window row's exact max
+    den = f sum_s exp(c q.k_s - m_t)     + g scale a (z[kc] + intra)      o = num / den
+
+m_t is not a free stabilizer (the linear part is not scaled by exp(-m_t)): the softmax accumulator is rescaled
+online and joined with the linear part once the row's max is final. The forward stores den (L), m and the
+argmax (the key that set m: m's gradient flows there, as through ``torch.amax``, which splits it between ties;
+a tie here gives it to the first key). Backward, with dN = do / L, dL = -(do . o) / L:
+
+    dP_ts = dN_t . v_s + dL_t       ds_ts = P_ts dP_ts + [s = argmax_t] dm_t     dm_t = -sum_s P_ts dP_ts
+    dq_t  = c sum_s ds_ts k_s + phi's vjp of g scale (dN S^T + dL z^T + intra)        (dq kernel)
+    dk_s  = c sum_t ds_ts q_t + phi's vjp of (v_s dS_rev^T + dz_rev + intra),  dv_s = sum_t P_ts dN_t + ...
+    dL/df_h = -sum_t dm_t / f_h,   dL/dg_h = sum_t dm_t / g_h                            (in PyTorch)
+
+dS_rev of key chunk j sums G_c = g scale sum_t a_t^T [dN_t, dL_t] over the query chunks c whose state holds
+chunk j (kc(c) > j): a reverse scan of ``hybrid_bwd_kernel_h``'s sums. One-block maps only (NMB = 1); the
+spec is generated unnormalized so that a projected map's queries take no per-row shift (it would not
+cancel here). Launch-time constants beyond the forward's: W (the window w), SLIDING (False: terraced),
+AFFINE (g = 1 - f), HAS_INIT (S0, z0), HAS_DFM.
+"""
+import triton
+import triton.language as tl
+
+from .constants import BD, BDV, BM, D, DV, FMS, M
+from .elementwise import _phi, _store_phi_vjp  # or projected.py's
+from .helpers import _chunk, _den_offset, _load_rows, _mm, _mm_wide, _seq, _store_rows
+
+# %% kernels (the renderer joins what follows; the lines above are for editors and linters)
+
+
+@triton.jit
+def _win_lo(t, W: tl.constexpr, SLIDING: tl.constexpr):
+    # the first token a query at position t sees in softmax form
+    if SLIDING:
+        lo = t - W + 1
+    else:
+        lo = (t // W - 1) * W
+    return tl.maximum(lo, 0)
+
+
+@triton.jit
+def _mix_factors(mix, i_h, AFFINE: tl.constexpr):
+    # (f, g) of query head i_h: f = sigmoid(alpha), g = 1 or 1 - f
+    b_al = tl.load(mix + i_h).to(tl.float32)
+    f = 1.0 / (1.0 + tl.exp(-b_al))
+    if AFFINE:
+        g = 1.0 / (1.0 + tl.exp(b_al))  # 1 - f without cancellation
+    else:
+        g = f * 0.0 + 1.0
+    return f, g
+
+
+# ---- forward: the outputs, L, m and argmax (FUSED: one program per (value block, sequence, head) walks its
+#      chunks, the linear state carried on chip one window behind; else one program per chunk slot reading
+#      S[kc] of the forward's scan) ----
+@triton.jit(do_not_specialize=["T", "NT"])
+def hybrid_fwd_kernel_o(
+    q,  # [B, T, H, D]
+    k,  # [B, T, HKV, D]
+    v,  # [B, T, HKV, DV]
+    fq,  # [HWQ, D + 1, M] projected maps' parameters (as chunk_fwd_kernel_o)
+    fk,  # [HWK, D + 1, M]
+    mix,  # [H] alpha (f = sigmoid(alpha))
+    o,  # [B, T, H, DV] out
+    den,  # [B, H, T] out: L = f l + g scale (a . z)
+    mx,  # [B, H, T] out: m_t, the window row's max of c q.k
+    amx,  # [B, H, T] int32 out: the position (in the sequence) of the key that set m_t
+    S,  # [B*HKV, NT, M, DV] the state before each chunk (chunked)
+    z,  # [B*HKV, NT, M]
+    S0,  # [N, HKV, M, DV] FUSED + HAS_INIT
+    z0,  # [N, HKV, M]
+    cu,
+    cmap,
+    scale,
+    qk_scale,
+    fq_hs,
+    fk_hs,
+    T,
+    NT,
+    H: tl.constexpr,
+    HKV: tl.constexpr,
+    BT: tl.constexpr,
+    BV: tl.constexpr,
+    W: tl.constexpr,
+    SLIDING: tl.constexpr,
+    AFFINE: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    FUSED: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    i_c, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_h = i_bh % H
+    i_hk = i_h // (H // HKV)
+    o_m = tl.arange(0, BM)
+    m_m = o_m < M
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < DV
+    m_mv = m_m[:, None] & m_v[None, :]
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    if FUSED:
+        i_n = (i_bh // H).to(tl.int64)
+        if IS_VARLEN:
+            i_b = i_n * 0
+        else:
+            i_b = i_n
+        bos, T_n = _seq(i_n, T, cu, IS_VARLEN)
+        i_lo = 0
+        i_hi = tl.cdiv(T_n, BT)
+        if HAS_INIT:
+            p_f = ((i_n * HKV + i_hk) * M + o_m[:, None]) * DV + o_v[None, :]
+            b_S = tl.load(S0 + p_f, mask=m_mv, other=0.0)  # [BM, BV]
+            b_z = tl.load(z0 + (i_n * HKV + i_hk) * M + o_m, mask=m_m, other=0.0)  # [BM]
+        else:
+            b_S = tl.zeros([BM, BV], dtype=tl.float32)
+            b_z = tl.zeros([BM], dtype=tl.float32)
+    else:
+        i_b = i_bh // H
+        bos, T_n, i_n, i_t0 = _chunk(i_c, i_b, T, cu, cmap, IS_VARLEN)
+        i_lo = i_t0
+        i_hi = i_t0 + 1
+    row_q = bos * H + i_h
+    row_k = bos * HKV + i_hk
+    p_fq = fq + i_h * fq_hs
+    p_fk = fk + i_hk * fk_hs
+    p_st = _den_offset(i_b, i_h, bos, T, H, IS_VARLEN)
+    f, g = _mix_factors(mix, i_h, AFFINE)
+    i_cur = 0  # FUSED: the chunks in (b_S, b_z)
+    for i_t in range(i_lo, i_hi):
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < T_n
+        b_lo = _win_lo(o_t, W, SLIDING)  # [BT]
+        i_k = _win_lo(i_t * BT, W, SLIDING) // BT  # the first chunk with softmax keys; the state is before it
+        if FUSED:
+            for i_j in range(i_cur, i_k):  # move the carried state up to chunk i_k
+                o_s = i_j * BT + tl.arange(0, BT)
+                m_s = o_s < T_n
+                b_b = _phi(k, row_k, o_s, m_s, HKV, p_fk, False)  # [BT, BM]
+                b_S += _mm(tl.trans(b_b), _load_rows(v, row_k, o_s, m_s, o_v, m_v, HKV, DV))
+                b_z += tl.sum(b_b, 0)
+            i_cur = tl.maximum(i_cur, i_k)
+        else:
+            i_s = (i_b * HKV + i_hk).to(tl.int64) * NT + i_c - (i_t - i_k)
+            b_S = tl.load(S + (i_s * M + o_m[:, None]) * DV + o_v[None, :], mask=m_mv, other=0.0)
+            b_z = tl.load(z + i_s * M + o_m, mask=m_m, other=0.0)
+        b_a = _phi(q, row_q, o_t, m_t, H, p_fq, True)  # [BT, BM]
+        b_lin = _mm_wide(b_a, b_S)  # [BT, BV]
+        b_lden = tl.sum(b_a * b_z[None, :], 1)  # [BT]
+        b_q = _load_rows(q, row_q, o_t, m_t, o_d, m_d, H, D)  # [BT, BD]
+        b_m = tl.full([BT], float("-inf"), dtype=tl.float32)
+        b_idx = tl.zeros([BT], dtype=tl.int32)
+        b_l = tl.zeros([BT], dtype=tl.float32)
+        b_acc = tl.zeros([BT, BV], dtype=tl.float32)
+        for i_j in range(i_k, i_t + 1):
+            o_s = i_j * BT + tl.arange(0, BT)
+            m_s = o_s < T_n
+            b_k = _load_rows(k, row_k, o_s, m_s, o_d, m_d, HKV, D)  # [BT, BD]
+            b_vj = _load_rows(v, row_k, o_s, m_s, o_v, m_v, HKV, DV)  # [BT, BV]
+            m_sm = (o_s[None, :] <= o_t[:, None]) & (o_s[None, :] >= b_lo[:, None]) & m_s[None, :]
+            b_s = tl.where(m_sm, qk_scale * _mm(b_q, tl.trans(b_k)), float("-inf"))  # [BT, BT] fp32
+            b_tmax = tl.max(b_s, 1)
+            b_idx = tl.where(b_tmax > b_m, tl.argmax(b_s, 1).to(tl.int32) + i_j * BT, b_idx)
+            b_mn = tl.maximum(b_m, b_tmax)
+            b_ms = tl.where(b_mn == float("-inf"), 0.0, b_mn)  # a row with no key yet: every term 0
+            b_p = tl.exp(b_s - b_ms[:, None])  # [BT, BT] in [0, 1]
+            b_r = tl.exp(b_m - b_ms)
+            b_acc = b_acc * b_r[:, None] + _mm(b_p, b_vj)
+            b_l = b_l * b_r + tl.sum(b_p, 1)
+            b_m = b_mn
+            if SLIDING:
+                if i_j == i_k:  # this chunk's keys before a row's window are linear
+                    m_ln = (o_s[None, :] < b_lo[:, None]) & m_s[None, :]
+                    b_P = tl.where(m_ln, _mm(b_a, tl.trans(_phi(k, row_k, o_s, m_s, HKV, p_fk, False))), 0.0)
+                    b_lin += _mm_wide(b_P, b_vj)
+                    b_lden += tl.sum(b_P, 1)
+        b_L = f * b_l + g * scale * b_lden
+        b_L = tl.where(m_t, b_L, 1.0)
+        b_o = (f * b_acc + g * scale * b_lin) / b_L[:, None]
+        _store_rows(o, b_o, row_q, o_t, m_t, o_v, m_v, H, DV)
+        if i_v == 0:
+            tl.store(den + p_st + o_t, b_L, mask=m_t)
+            tl.store(mx + p_st + o_t, b_m, mask=m_t)
+            tl.store(amx + p_st + o_t, b_idx, mask=m_t)
+
+
+# ---- backward: dq (softmax part, with m's gradient), dq's linear part through phi's vjp, dm and dL ----
+@triton.jit(do_not_specialize=["T", "NT"])
+def hybrid_bwd_kernel_dq(
+    q,  # [B, T, H, D]
+    k,  # [B, T, HKV, D]
+    v,  # [B, T, HKV, DV]
+    fq,
+    fk,
+    mix,  # [H]
+    o,  # [B, T, H, DV]
+    do,  # [B, T, H, DV]
+    den,  # [B, H, T] L
+    mx,  # [B, H, T] m
+    amx,  # [B, H, T] int32 argmax
+    S,  # [B*HKV, NT, M, DV] the forward's chunk states (recomputed)
+    z,  # [B*HKV, NT, M]
+    dq,  # [B, T, H, D] fp32 out: the softmax part
+    dql,  # [B, T, H, D] fp32 out: the linear part
+    gl,  # [B, H, T] out: dL = -(do . o) / L
+    dm,  # [B, H, T] out: dm
+    dfq,  # [H, FMS] fp32, HAS_DFM only
+    cu,
+    cmap,
+    scale,
+    qk_scale,
+    fq_hs,
+    fk_hs,
+    T,
+    NT,
+    H: tl.constexpr,
+    HKV: tl.constexpr,
+    BT: tl.constexpr,
+    W: tl.constexpr,
+    SLIDING: tl.constexpr,
+    AFFINE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    HAS_DFM: tl.constexpr,
+):
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_hk = i_h // (H // HKV)
+    bos, T_n, i_n, i_t = _chunk(i_c, i_b, T, cu, cmap, IS_VARLEN)
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T_n
+    row_q = bos * H + i_h
+    row_k = bos * HKV + i_hk
+    p_fq = fq + i_h * fq_hs
+    p_fk = fk + i_hk * fk_hs
+    p_st = _den_offset(i_b, i_h, bos, T, H, IS_VARLEN) + o_t
+    o_m = tl.arange(0, BM)
+    m_m = o_m < M
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_w = tl.arange(0, BDV)
+    m_w = o_w < DV
+    f, g = _mix_factors(mix, i_h, AFFINE)
+    b_lo = _win_lo(o_t, W, SLIDING)
+    i_k = _win_lo(i_t * BT, W, SLIDING) // BT
+    b_rL = 1.0 / tl.load(den + p_st, mask=m_t, other=1.0)  # [BT]
+    b_m = tl.load(mx + p_st, mask=m_t, other=0.0)
+    b_idx = tl.load(amx + p_st, mask=m_t, other=0)
+    b_do = _load_rows(do, row_q, o_t, m_t, o_w, m_w, H, DV)  # [BT, BDV]
+    b_gl = -tl.sum(b_do * _load_rows(o, row_q, o_t, m_t, o_w, m_w, H, DV), 1) * b_rL  # [BT] dL
+    tl.store(gl + p_st, b_gl, mask=m_t)
+    # the linear part from the state before chunk i_k: dL/da = g scale (dN S^T + dL z^T)
+    i_s = (i_b * HKV + i_hk).to(tl.int64) * NT + i_c - (i_t - i_k)
+    b_S = tl.load(S + (i_s * M + o_m[:, None]) * DV + o_w[None, :], mask=m_m[:, None] & m_w[None, :], other=0.0)
+    b_z = tl.load(z + i_s * M + o_m, mask=m_m, other=0.0)
+    b_da = _mm_wide(b_do, tl.trans(b_S)) * b_rL[:, None] + b_gl[:, None] * b_z[None, :]  # [BT, BM]
+    b_q = _load_rows(q, row_q, o_t, m_t, o_d, m_d, H, D)  # [BT, BD]
+    b_dq = tl.zeros([BT, BD], dtype=tl.float32)
+    b_dms = tl.zeros([BT], dtype=tl.float32)
+    for i_j in range(i_k, i_t + 1):
+        o_s = i_j * BT + tl.arange(0, BT)
+        m_s = o_s < T_n
+        b_k = _load_rows(k, row_k, o_s, m_s, o_d, m_d, HKV, D)  # [BT, BD]
+        b_v = _load_rows(v, row_k, o_s, m_s, o_w, m_w, HKV, DV)  # [BT, BDV]
+        b_dp = _mm(b_do, tl.trans(b_v)) * b_rL[:, None] + b_gl[:, None]  # [BT, BT] dP = dN . v + dL
+        m_sm = (o_s[None, :] <= o_t[:, None]) & (o_s[None, :] >= b_lo[:, None]) & m_s[None, :] & m_t[:, None]
+        b_p = tl.where(m_sm, f * tl.exp(qk_scale * _mm(b_q, tl.trans(b_k)) - b_m[:, None]), 0.0)
+        b_ds = b_p * b_dp
+        b_dms += tl.sum(b_ds, 1)
+        b_dq += _mm_wide(b_ds, b_k)
+        if SLIDING:
+            if i_j == i_k:
+                m_ln = (o_s[None, :] < b_lo[:, None]) & m_s[None, :] & m_t[:, None]
+                b_b = _phi(k, row_k, o_s, m_s, HKV, p_fk, False)  # [BT, BM]
+                b_da += _mm_wide(tl.where(m_ln, b_dp, 0.0), b_b)
+    b_dm = -b_dms
+    tl.store(dm + p_st, b_dm, mask=m_t)
+    # m's gradient goes to the key that set it: dq_t += c dm_t k_(argmax_t)
+    p_ki = k + ((bos + b_idx[:, None].to(tl.int64)) * HKV + i_hk) * D + o_d[None, :]
+    b_dq += b_dm[:, None] * tl.load(p_ki, mask=m_t[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+    _store_rows(dq, qk_scale * b_dq, row_q, o_t, m_t, o_d, m_d, H, D)
+    _store_phi_vjp(dql, row_q, H, q, row_q, H, o_t, m_t, (g * scale) * b_da, p_fq, True, dfq + i_h * FMS, HAS_DFM)
+
+
+# ---- backward: G_c = sum over the group's query heads of g scale a^T [dN, dL], the chunk sums the reverse
+#      scan turns into dS_rev (one program per chunk slot and batch * kv head) ----
+@triton.jit(do_not_specialize=["T", "NT"])
+def hybrid_bwd_kernel_h(
+    q,  # [B, T, H, D]
+    fq,
+    mix,
+    do,  # [B, T, H, DV]
+    den,  # [B, H, T] L
+    gl,  # [B, H, T] dL
+    dS,  # [B*HKV, NT, M, DV] out
+    dz,  # [B*HKV, NT, M] out
+    cu,
+    cmap,
+    scale,
+    fq_hs,
+    T,
+    NT,
+    H: tl.constexpr,
+    HKV: tl.constexpr,
+    BT: tl.constexpr,
+    AFFINE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    i_c, i_bs = tl.program_id(0), tl.program_id(1)
+    i_b, i_hk = i_bs // HKV, i_bs % HKV
+    bos, T_n, i_n, i_t = _chunk(i_c, i_b, T, cu, cmap, IS_VARLEN)
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T_n
+    o_m = tl.arange(0, BM)
+    m_m = o_m < M
+    o_w = tl.arange(0, BDV)
+    m_w = o_w < DV
+    b_S = tl.zeros([BM, BDV], dtype=tl.float32)
+    b_z = tl.zeros([BM], dtype=tl.float32)
+    for i_g in range(0, H // HKV):
+        i_h = i_hk * (H // HKV) + i_g
+        f, g = _mix_factors(mix, i_h, AFFINE)
+        row_q = bos * H + i_h
+        p_st = _den_offset(i_b, i_h, bos, T, H, IS_VARLEN) + o_t
+        b_a = _phi(q, row_q, o_t, m_t, H, fq + i_h * fq_hs, True)  # [BT, BM]
+        b_rL = tl.where(m_t, 1.0 / tl.load(den + p_st, mask=m_t, other=1.0), 0.0)
+        b_gl = tl.load(gl + p_st, mask=m_t, other=0.0)
+        b_S += (g * scale) * _mm_wide(tl.trans(b_a * b_rL[:, None]), _load_rows(do, row_q, o_t, m_t, o_w, m_w, H, DV))
+        b_z += (g * scale) * tl.sum(b_a * b_gl[:, None], 0)
+    i_s = i_bs.to(tl.int64) * NT + i_c
+    tl.store(dS + (i_s * M + o_m[:, None]) * DV + o_w[None, :], b_S, mask=m_m[:, None] & m_w[None, :])
+    tl.store(dz + i_s * M + o_m, b_z, mask=m_m)
+
+
+# ---- backward: dk (softmax part), dv, dk's linear part through phi's vjp; one program per key chunk slot and
+#      batch * kv head, walking the group's query heads and the query chunks whose windows hold the chunk ----
+@triton.jit(do_not_specialize=["T", "NT"])
+def hybrid_bwd_kernel_dkv(
+    q,  # [B, T, H, D]
+    k,  # [B, T, HKV, D]
+    v,  # [B, T, HKV, DV]
+    fq,
+    fk,
+    mix,
+    do,  # [B, T, H, DV]
+    den,  # [B, H, T] L
+    mx,  # [B, H, T] m
+    amx,  # [B, H, T] int32
+    gl,  # [B, H, T] dL
+    dm,  # [B, H, T] dm
+    dS,  # [B*HKV, NT, M, DV] dS_rev: after the reverse scan, slot c holds sum of G over the chunks after c
+    dz,  # [B*HKV, NT, M]
+    dk,  # [B, T, HKV, D] fp32 out: the softmax part
+    dkl,  # [B, T, HKV, D] fp32 out: the linear part
+    dv,  # [B, T, HKV, DV] out
+    dfk,  # [HKV, FMS] fp32, HAS_DFM only
+    cu,
+    cmap,
+    scale,
+    qk_scale,
+    fq_hs,
+    fk_hs,
+    T,
+    NT,
+    H: tl.constexpr,
+    HKV: tl.constexpr,
+    BT: tl.constexpr,
+    W: tl.constexpr,
+    SLIDING: tl.constexpr,
+    AFFINE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    HAS_DFM: tl.constexpr,
+):
+    i_c, i_bs = tl.program_id(0), tl.program_id(1)
+    i_b, i_hk = i_bs // HKV, i_bs % HKV
+    bos, T_n, i_n, i_j = _chunk(i_c, i_b, T, cu, cmap, IS_VARLEN)
+    o_s = i_j * BT + tl.arange(0, BT)
+    m_s = o_s < T_n
+    row_k = bos * HKV + i_hk
+    p_fk = fk + i_hk * fk_hs
+    o_m = tl.arange(0, BM)
+    m_m = o_m < M
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_w = tl.arange(0, BDV)
+    m_w = o_w < DV
+    R: tl.constexpr = W // BT
+    n_c = tl.cdiv(T_n, BT)
+    b_k = _load_rows(k, row_k, o_s, m_s, o_d, m_d, HKV, D)  # [BT, BD]
+    b_v = _load_rows(v, row_k, o_s, m_s, o_w, m_w, HKV, DV)  # [BT, BDV]
+    b_b = _phi(k, row_k, o_s, m_s, HKV, p_fk, False)  # [BT, BM]
+    b_dk = tl.zeros([BT, BD], dtype=tl.float32)
+    b_dv = tl.zeros([BT, BDV], dtype=tl.float32)
+    b_db = tl.zeros([BT, BM], dtype=tl.float32)
+    # the linear part through the states: the query chunks from c_st on hold this chunk in S[kc]
+    if SLIDING:
+        c_st = i_j + 1 + R
+        c_hi = i_j + R  # the last query chunk with this chunk's keys in a window
+    else:
+        c_st = (1 + (i_j + R) // R) * R
+        c_hi = (i_j // R + 2) * R - 1
+    if c_st - 1 < n_c:
+        i_s = i_bs.to(tl.int64) * NT + i_c + (c_st - 1 - i_j)
+        b_dS = tl.load(dS + (i_s * M + o_m[:, None]) * DV + o_w[None, :], mask=m_m[:, None] & m_w[None, :],
+                       other=0.0)
+        b_dv += _mm_wide(b_b, b_dS)
+        b_db += _mm_wide(b_v, tl.trans(b_dS)) + tl.load(dz + i_s * M + o_m, mask=m_m, other=0.0)[None, :]
+    for i_g in range(0, H // HKV):
+        i_h = i_hk * (H // HKV) + i_g
+        f, g = _mix_factors(mix, i_h, AFFINE)
+        row_q = bos * H + i_h
+        p_st0 = _den_offset(i_b, i_h, bos, T, H, IS_VARLEN)
+        for i_t in range(i_j, tl.minimum(c_hi, n_c - 1) + 1):
+            o_t = i_t * BT + tl.arange(0, BT)
+            m_t = o_t < T_n
+            p_st = p_st0 + o_t
+            b_lo = _win_lo(o_t, W, SLIDING)
+            b_rL = tl.where(m_t, 1.0 / tl.load(den + p_st, mask=m_t, other=1.0), 0.0)
+            b_m = tl.load(mx + p_st, mask=m_t, other=0.0)
+            b_idx = tl.load(amx + p_st, mask=m_t, other=-1)
+            b_gl = tl.load(gl + p_st, mask=m_t, other=0.0)
+            b_dmt = tl.load(dm + p_st, mask=m_t, other=0.0)
+            b_q = _load_rows(q, row_q, o_t, m_t, o_d, m_d, H, D)  # [BT, BD]
+            b_do = _load_rows(do, row_q, o_t, m_t, o_w, m_w, H, DV)  # [BT, BDV]
+            # [BT keys, BT queries]
+            m_sm = (o_s[:, None] <= o_t[None, :]) & (o_s[:, None] >= b_lo[None, :]) & m_s[:, None] & m_t[None, :]
+            b_p = tl.where(m_sm, f * tl.exp(qk_scale * _mm(b_k, tl.trans(b_q)) - b_m[None, :]), 0.0)
+            b_dp = _mm(b_v, tl.trans(b_do)) * b_rL[None, :] + b_gl[None, :]  # dN_t . v_s + dL_t
+            b_dN = b_do * b_rL[:, None]  # [BT, BDV]
+            b_dv += _mm_wide(b_p, b_dN)
+            b_ds = b_p * b_dp + tl.where(o_s[:, None] == b_idx[None, :], b_dmt[None, :], 0.0)
+            b_dk += _mm_wide(b_ds, b_q)
+            if SLIDING:
+                if i_t == i_j + R:  # the keys of this chunk that left row t's window, before the state holds them
+                    m_ln = (o_s[:, None] < b_lo[None, :]) & m_s[:, None] & m_t[None, :]
+                    b_a = _phi(q, row_q, o_t, m_t, H, fq + i_h * fq_hs, True)  # [BT, BM]
+                    b_Pl = tl.where(m_ln, _mm(b_b, tl.trans(b_a)), 0.0) * (g * scale)
+                    b_dv += _mm_wide(b_Pl, b_dN)
+                    b_db += (g * scale) * _mm_wide(tl.where(m_ln, b_dp, 0.0), b_a)
+    _store_rows(dk, qk_scale * b_dk, row_k, o_s, m_s, o_d, m_d, HKV, D)
+    _store_rows(dv, b_dv, row_k, o_s, m_s, o_w, m_w, HKV, DV)
+    _store_phi_vjp(dkl, row_k, HKV, k, row_k, HKV, o_s, m_s, b_db, p_fk, False, dfk + i_hk * FMS, HAS_DFM)
