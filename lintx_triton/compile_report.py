@@ -73,11 +73,12 @@ class KernelResources:
 
 def family_launches(family: str, spec: KernelSpec, cfg: Config, *, heads: int = 16, batch: int = 1,
                     T: int | None = None) -> list[ops.Launch]:
-    """Every launch one call of ``family`` ("forward", "backward", "decode") makes under ``cfg``, as the
+    """Every launch one call of ``family`` ("forward", "backward", "decode", or "hybrid": the windowed hybrid's
+    forward and backward) makes under ``cfg``, as the
     launchers plan it: they run on meta tensors (``heads`` query and kv heads, ``batch`` rows of ``T`` tokens,
     several chunks by default) with a recording runner, so nothing is allocated or launched."""
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if family not in FAMILIES + ("hybrid",):
+        raise ValueError(f"family must be one of {FAMILIES + ('hybrid',)}, got {family!r}")
     dt, f32 = DTYPES[spec.dtype].torch, torch.float32
     B, H, D, DV, M = batch, heads, spec.head_dim, spec.value_dim, spec.feature_dim
     T = T if T is not None else 4 * max(cfg.chunk, cfg.bwd_chunk)
@@ -96,6 +97,13 @@ def family_launches(family: str, spec: KernelSpec, cfg: Config, *, heads: int = 
             den = meta(B, H, T, dtype=f32) if spec.normalize else meta(0, dtype=f32)
             ops.chunk_bwd(spec, cfg, meta(B, T, H, DV), None, None, q, k, v, meta(B, T, H, DV), den, S0, z0,
                           fm, fm, 1.0, map_grads=spec.fmap.learnable, run=run)
+        elif family == "hybrid":  # LoLCATs' hybrid, window = 4 chunks (sliding: its intra-chunk linear part too)
+            L, m, idx = meta(B, H, T, dtype=f32), meta(B, H, T, dtype=f32), meta(B, H, T, dtype=torch.int32)
+            win = dict(window=4 * cfg.chunk, sliding=True, affine=False, scale=1.0, qk_scale=D ** -0.5)
+            mix = meta(H, dtype=f32)
+            ops.hybrid_fwd(spec, cfg, q, k, v, mix, S0, z0, fm, fm, **win, run=run)
+            ops.hybrid_bwd(spec, cfg, meta(B, T, H, DV), q, k, v, meta(B, T, H, DV), L, m, idx, mix, S0, z0, fm, fm,
+                           **win, map_grads=spec.fmap.learnable, run=run)
         else:
             S, z = meta(B, H, M, DV, dtype=f32), meta(B, H, M, dtype=f32)
             ops.decode_step(spec, cfg, q[:, 0], k[:, 0], v[:, 0], S, z, S, z, fm, fm, 1.0, 1e-6, run=run)

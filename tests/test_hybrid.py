@@ -143,27 +143,33 @@ def test_torch_path_gradients_match_reference(c):
     check_grads(c, *inputs(c, requires_grad=True))
 
 
-def check_grads(c, q, k, v, alpha, fm, state):
-    """The call's gradients within GTOL x bound of float64 autograd through the reference."""
+def check_grads(c, q, k, v, alpha, fm, state, **call):
+    """The call's gradients within GTOL x bound of float64 autograd through the reference (``call``: more
+    arguments of the call, e.g. its backend). A pair state whose tensors require grad is differentiated too."""
     o, st_ = lx.linear_attention(q, k, v, feature_map=fm, initial_state=state, return_state=True,
-                                 **_api_kw(c, alpha))
+                                 **_api_kw(c, alpha), **call)
+    pair = isinstance(state, tuple) and not isinstance(state, hy.WindowState) and state[0].requires_grad
     g = torch.Generator().manual_seed(c["seed"] + 1)
     do, dS, dz = (torch.randn(x.shape, generator=g) for x in (o, st_.S, st_.z))
-    leaves = [q, k, v, alpha] + map_params(fm)
-    names = ["q", "k", "v", "alpha"] + [f"map.{n}" for n, _ in fm.named_parameters()] if fm.learnable else \
-        ["q", "k", "v", "alpha"]
+    leaves = [q, k, v, alpha] + map_params(fm) + (list(state) if pair else [])
+    names = ["q", "k", "v", "alpha"] + ([f"map.{n}" for n, _ in fm.named_parameters()] if fm.learnable else []) \
+        + (["S0", "z0"] if pair else [])
     got = torch.autograd.grad((o.float() * do).sum() + (st_.S * dS).sum() + (st_.z * dz).sum(), leaves)
 
     fm64 = _map64(fm)
     with torch.no_grad():
         for p64, p in zip(map_params(fm64), map_params(fm)):
             p64.copy_(p)
-    l64 = [x.detach().double().requires_grad_() for x in (q, k, v, alpha)] + map_params(fm64)
+    # (a pair state stays float32, as the call's checks want it; the reference takes it to float64 differentiably)
+    state64 = tuple(x.detach().clone().requires_grad_() for x in state) if pair else None
+    l64 = [x.detach().double().requires_grad_() for x in (q, k, v, alpha)] + map_params(fm64) + \
+        (list(state64) if pair else [])
+    state = state64 if pair else state
     kw = _kw(c)
     ref, st_ref, _, den = hy.hybrid_attention_reference(*l64[:3], fm64, l64[3], initial_state=state, **kw)
     want = torch.autograd.grad((ref * do.double()).sum() + (st_ref.S * dS.double()).sum()
                                + (st_ref.z * dz.double()).sum(), l64)
-    bounds = [0, 0, 0, 0] + [0] * len(map_params(fm))
+    bounds = [0] * len(l64)
     for part in ("softmax", "linear"):  # the parts' gradients add in magnitude (their signs can differ)
         _, st_abs, n_abs, d_abs = hy.hybrid_attention_reference(*l64[:3], fm64, l64[3], initial_state=state,
                                                                 absolute=part, **kw)
@@ -465,7 +471,6 @@ def test_module_window():
     (dict(window=8), "multiple of 16"), (dict(window=24), "multiple of 16"), (dict(window=2048), "multiple of 16"),
     (dict(window=0), "multiple of 16"), (dict(window=16, window_kind="banded"), "window_kind"),
     (dict(window=16, window_mix=torch.zeros(3)), r"shape \[H\]"),
-    (dict(window=16, backend="triton"), "not built yet"),
     (dict(window=16, causal=False), "causal"), (dict(window=16, normalize=False), "normalize"),
     (dict(window=16, initial_state=(torch.zeros(1, 2, 8, 4), torch.zeros(1, 2, 8))), "initial_state S"),
     (dict(window=16, initial_state=hy.empty_window_state(1, 2, 8, 8, 5, 32, "terraced")), "state.k"),

@@ -391,6 +391,12 @@ def state_bwd(spec: KernelSpec, cfg: Config, dS, dz, k, v, fk, cu=None, *, map_g
 
 # ---------------------------------------------------------------- LoLCATs' hybrid (window=)
 
+# The hybrid's backward holds more tiles than the linear one (scores, their gradient, q, k, v, do and the state's
+# share per chunk): at D = DV = 64, bf16, sm_90, 8 warps, BT = 64 spilled 784 bytes in (dk, dv) and 32 in dq;
+# BT = 32 none (bench/NOTES.md).
+HYBRID_BWD_CHUNK = 32
+
+
 def hybrid_chunk(window: int, chunk: int) -> int:
     """BT of the hybrid: the config's chunk, or the largest power of two dividing ``window`` if smaller (chunks
     must tile the window: a query's window starts on a chunk boundary, terraced, or a fixed chunk back, sliding)."""
@@ -458,7 +464,7 @@ def hybrid_bwd(spec: KernelSpec, cfg: Config, do, q, k, v, o, L, m, idx, mix, S0
     :func:`chunk_bwd`). The forward's chunk states are recomputed; G (the state gradient's chunk sums) is scanned
     in reverse; dm (m's gradient per row) gives alpha's: dL/df = -sum dm / f, dL/dg = sum dm / g."""
     B, T, H, _ = q.shape
-    lay = Layout(q, k, cu, hybrid_chunk(window, cfg.bwd_chunk))
+    lay = Layout(q, k, cu, hybrid_chunk(window, min(cfg.bwd_chunk, HYBRID_BWD_CHUNK)))
     HKV, M, DV = lay.HKV, spec.feature_dim, spec.value_dim
     dS0, dz0 = _state_like(q, spec, lay)
     map_grads = map_grads and fq is not None

@@ -1,0 +1,125 @@
+"""LoLCATs' hybrid (``window=``) through the fused Triton kernels (``backend="triton"``): outputs, states and every
+gradient against the float64 quadratic reference (tests/test_hybrid.py's bounds), both forward paths, packed
+sequences, rows at different positions, opcheck, torch.compile, the decode step. In the CPU interpreter here
+(conftest), compiled on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, note, settings
+from hypothesis import strategies as st
+
+import lintx_triton as lx
+from lintx_triton import hybrid as hy
+from lintx_triton.config import override
+from lintx_triton.testing import TOL, assert_within
+
+from test_hybrid import _api_kw, _kw, _map64, bound_of, check_forward, check_grads, check_state, hcases, hid, inputs
+
+PATHS = ("fused", "chunked")
+
+
+def _leaf_pair(state):
+    """A pair state (S0, z0) whose tensors require grad (their gradients are checked too)."""
+    return tuple(x.detach().clone().requires_grad_() for x in state) if isinstance(state, tuple) and \
+        not isinstance(state, hy.WindowState) else state
+
+
+@settings(max_examples=max(4, settings.default.max_examples // 6))
+@given(c=hcases(dtypes=("float32", "bfloat16"), t_values=(1, 17, 33, 48, 70)), path=st.sampled_from(PATHS),
+       chunk=st.sampled_from((16, 32)))
+def test_triton_matches_reference(c, path, chunk):
+    """o and the state after the call within TOL x bound of the float64 reference, on either forward path."""
+    note(hid(c) + f"-{path}-BT{chunk}")
+    q, k, v, alpha, fm, state = inputs(c)
+    with override(path=path, chunk=chunk):
+        o, st_ = lx.linear_attention(q, k, v, feature_map=fm, initial_state=state, return_state=True,
+                                     backend="triton", **_api_kw(c, alpha))
+    check_state(c, st_, *check_forward(c, o, q, k, v, alpha, fm, state))
+
+
+@settings(max_examples=max(3, settings.default.max_examples // 13))
+@given(c=hcases(t_values=(1, 17, 33, 50)))
+def test_triton_gradients_match_reference(c):
+    """dq, dk, dv, dalpha, a learnable map's parameters and a pair state's (S0, z0) against float64 autograd of the
+    reference, through the returned state too."""
+    note(hid(c))
+    q, k, v, alpha, fm, state = inputs(c, requires_grad=True)
+    check_grads(c, q, k, v, alpha, fm, _leaf_pair(state), backend="triton")
+
+
+@pytest.mark.parametrize("kind", hy.KINDS)
+def test_packed_and_rows_apart(kind):
+    """Packed sequences (grouped heads, a learnable map) continue their own states, and batch rows at different
+    positions each continue theirs: each sequence within its bound of the reference run on it alone."""
+    c = dict(B=1, T=60, H=4, HKV=2, D=8, DV=5, dtype="float32", map="hedgehog", window=16, kind=kind, affine=True,
+             window_scale=None, scale=1.0, state=None, seed=7)
+    q, k, v, alpha, fm, _ = inputs(c)
+    cu = torch.tensor([0, 9, 40, 40, 60], dtype=torch.int32)
+    o, st_ = lx.linear_attention(q, k, v, feature_map=fm, cu_seqlens=cu, return_state=True, backend="triton",
+                                 **_api_kw(c, alpha))
+    bounds = cu.tolist()
+    for n, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+        cn = dict(c, T=e - s)
+        st_ref, st_abs = check_forward(cn, o[:, s:e], q[:, s:e], k[:, s:e], v[:, s:e], alpha, fm, None, name=f"o{n}")
+        check_state(cn, hy.WindowState(*(x[n:n + 1] for x in st_)), st_ref, st_abs)
+    # the four states (positions 9, 31, 0, 20) as four batch rows, 23 tokens more each
+    g = torch.Generator().manual_seed(3)
+    q2, k2 = torch.randn(4, 23, 4, 8, generator=g), torch.randn(4, 23, 2, 8, generator=g)
+    v2 = torch.randn(4, 23, 2, 5, generator=g)
+    o2, st2 = lx.linear_attention(q2, k2, v2, feature_map=fm, initial_state=st_, return_state=True, backend="triton",
+                                  **_api_kw(c, alpha))
+    c2 = dict(c, B=1, T=23)
+    for b in range(4):
+        row = lambda x: x[b:b + 1]  # noqa: E731
+        st_ref, st_abs = check_forward(c2, row(o2), row(q2), row(k2), row(v2), alpha, fm,
+                                       hy.WindowState(*map(row, st_)), name=f"o[{b}]")
+        check_state(c2, hy.WindowState(*map(row, st2)), st_ref, st_abs)
+
+
+def test_paths_agree_and_chunk_divides_window():
+    """The fused and chunked forwards agree to rounding, and a window that is not a power of two (48) runs with
+    chunks that tile it (BT = 16)."""
+    c = dict(B=2, T=70, H=2, HKV=1, D=8, DV=8, dtype="float32", map="elu", window=48, kind="sliding", affine=False,
+             window_scale=0.3, scale=0.5, state=None, seed=11)
+    q, k, v, alpha, fm, _ = inputs(c)
+    outs = []
+    for path in PATHS:
+        with override(path=path, chunk=64):
+            outs.append(lx.linear_attention(q, k, v, feature_map=fm, backend="triton", **_api_kw(c, alpha)))
+    check_forward(c, outs[0], q, k, v, alpha, fm, None)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+
+
+def test_opcheck_and_compile():
+    """torch.library.opcheck of the forward and backward ops; torch.compile(fullgraph=True) of a forward and
+    backward through them is one graph and gives the eager gradients."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 20, 2, 8, generator=g), torch.randn(1, 20, 2, 8, generator=g)
+    v, mix = torch.randn(1, 20, 2, 4, generator=g), torch.randn(2, generator=g)
+    S0, z0 = torch.rand(1, 2, 8, 4, generator=g), torch.rand(1, 2, 8, generator=g)
+    flags = dict(feature_map="elu", window=16, sliding=True, affine=False, scale=1.0, qk_scale=0.35)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), mix.requires_grad_(), S0.requires_grad_(),
+            z0.requires_grad_(), None, None, None)
+    torch.library.opcheck(torch.ops.lintx.hybrid_attention_fwd.default, args, flags)
+    o, L, m, idx = torch.ops.lintx.hybrid_attention_fwd(*args, **flags)
+    torch.library.opcheck(torch.ops.lintx.hybrid_attention_bwd.default,
+                          (torch.randn_like(o), *(x.detach() for x in (q, k, v, o, L, m, idx, mix, S0, z0)), None,
+                           None, None), dict(flags, map_grads=False))
+
+    def f(q, k, v, mix):
+        return lx.linear_attention(q, k, v, window=16, window_mix=mix, window_kind="terraced", backend="triton")
+
+    eager = torch.autograd.grad(f(q, k, v, mix).square().sum(), (q, k, v, mix))
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(q, k, v, mix).square().sum(), (q, k, v, mix))
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b)
+
+
+def test_blocked_map_is_refused():
+    q, k, v = torch.randn(1, 20, 2, 8), torch.randn(1, 20, 2, 8), torch.randn(1, 20, 2, 5)
+    with pytest.raises(ValueError, match="one feature block"):
+        lx.linear_attention(q, k, v, feature_map=lx.feature_maps.taylor(8), window=16, backend="triton")
