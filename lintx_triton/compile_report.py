@@ -104,6 +104,10 @@ def family_launches(family: str, spec: KernelSpec, cfg: Config, *, heads: int = 
             ops.hybrid_fwd(spec, cfg, q, k, v, mix, S0, z0, fm, fm, **win, run=run)
             ops.hybrid_bwd(spec, cfg, meta(B, T, H, DV), q, k, v, meta(B, T, H, DV), L, m, idx, mix, S0, z0, fm, fm,
                            **win, map_grads=spec.fmap.learnable, run=run)
+            C = win["window"]  # the sliding window's ring
+            ops.hybrid_decode(spec, cfg, q[:, 0], k[:, 0], v[:, 0], mix, meta(B, H, M, DV, dtype=f32),
+                              meta(B, H, M, dtype=f32), meta(B, H, C, D), meta(B, H, C, DV),
+                              meta(B, dtype=torch.int64), fm, fm, **win, run=run)
         else:
             S, z = meta(B, H, M, DV, dtype=f32), meta(B, H, M, dtype=f32)
             ops.decode_step(spec, cfg, q[:, 0], k[:, 0], v[:, 0], S, z, S, z, fm, fm, 1.0, 1e-6, run=run)

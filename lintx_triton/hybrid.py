@@ -680,9 +680,7 @@ def hybrid_attention_step(q, k, v, state, fm, *, window, window_mix, window_kind
     B, H, D = q.shape
     HKV, DV = k.shape[1], v.shape[-1]
     check_window(window, window_kind, window_mix, H, q.device, window_affine, window_scale)
-    if backend == "triton":
-        raise ValueError("the fused Triton decode step of the windowed hybrid (window=) is not built yet; use "
-                         "backend='torch' (or 'auto')")
+    backend = _hybrid_backend(backend, q[:, None], v[:, None], fm)
     M = fm.feature_dim(D)
     if state is None:
         if inplace:
@@ -698,6 +696,15 @@ def hybrid_attention_step(q, k, v, state, fm, *, window, window_mix, window_kind
             raise ValueError("the in-place step updates the state where it lies: its tensors must be contiguous")
         if not inplace:
             state = WindowState(*(x.clone() for x in state))
-    o = hybrid_step_torch_(q, k, v, fm, _mix(window_mix, H, q.device), state, window=window, kind=window_kind,
-                           affine=window_affine, window_scale=window_scale, scale=float(scale))
+    if backend == "triton":
+        from .api import _map_params
+
+        o = torch.ops.lintx.hybrid_attention_step_(
+            q=q, k=k, v=v, mix=_mix(window_mix, H, q.device).float(), S=state.S, z=state.z, kb=state.k, vb=state.v,
+            pos=state.pos, **_map_params(fm, q.device, True), feature_map=fm.name, window=window,
+            sliding=window_kind == "sliding", affine=window_affine, scale=float(scale),
+            qk_scale=float(window_scale) if window_scale is not None else D ** -0.5)
+    else:
+        o = hybrid_step_torch_(q, k, v, fm, _mix(window_mix, H, q.device), state, window=window, kind=window_kind,
+                               affine=window_affine, window_scale=window_scale, scale=float(scale))
     return o if inplace else (o, state)

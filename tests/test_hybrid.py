@@ -387,8 +387,12 @@ def test_prefill_then_steps_equal_one_call(c, split, inplace):
     updated in place, or a copy): the outputs are within the bound of the reference and the final state equals
     one call's (the buffer exactly)."""
     note(hid(c))
+    prefill_then_steps(c, split, inplace)
+
+
+def prefill_then_steps(c, split, inplace, backend="auto"):
     q, k, v, alpha, fm, state = inputs(c)
-    kw = _api_kw(c, alpha)
+    kw = dict(_api_kw(c, alpha), backend=backend)
     n = min(split, c["T"])
     o1, st_ = lx.linear_attention(q[:, :n], k[:, :n], v[:, :n], feature_map=fm, initial_state=state,
                                   return_state=True, **kw)
@@ -401,7 +405,8 @@ def test_prefill_then_steps_equal_one_call(c, split, inplace):
             outs.append(o_t[:, None])
     o = torch.cat(outs, 1)
     check_state(c, st_, *check_forward(c, o, q, k, v, alpha, fm, state))
-    o_full, st_full = lx.linear_attention(q, k, v, feature_map=fm, initial_state=state, return_state=True, **kw)
+    o_full, st_full = lx.linear_attention(q, k, v, feature_map=fm, initial_state=state, return_state=True,
+                                          **dict(kw, backend="torch"))
     torch.testing.assert_close(o, o_full, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(st_.S, st_full.S, rtol=1e-5, atol=1e-5)
 
@@ -483,8 +488,8 @@ def test_bad_input_raises(kwargs, match):
 
 def test_bad_step_input_raises():
     q, k, v = torch.randn(1, 2, 8), torch.randn(1, 2, 8), torch.randn(1, 2, 5)
-    with pytest.raises(ValueError, match="not built yet"):
-        lx.linear_attention_step(q, k, v, None, window=16, backend="triton")
+    with pytest.raises(ValueError, match="one feature block"):
+        lx.linear_attention_step(q, k, v, None, window=16, backend="triton", feature_map=lx.feature_maps.taylor(8))
     with pytest.raises(ValueError, match="state.k"):
         lx.linear_attention_step_(q, k, v, hy.empty_window_state(1, 2, 8, 8, 5, 16, "sliding"), window=16)
     with pytest.raises(TypeError, match="preallocated"):

@@ -13,9 +13,8 @@ from hypothesis import strategies as st
 import lintx_triton as lx
 from lintx_triton import hybrid as hy
 from lintx_triton.config import override
-from lintx_triton.testing import TOL, assert_within
 
-from test_hybrid import _api_kw, _kw, _map64, bound_of, check_forward, check_grads, check_state, hcases, hid, inputs
+from test_hybrid import _api_kw, check_forward, check_grads, check_state, hcases, hid, inputs, prefill_then_steps
 
 PATHS = ("fused", "chunked")
 
@@ -123,3 +122,34 @@ def test_blocked_map_is_refused():
     q, k, v = torch.randn(1, 20, 2, 8), torch.randn(1, 20, 2, 8), torch.randn(1, 20, 2, 5)
     with pytest.raises(ValueError, match="one feature block"):
         lx.linear_attention(q, k, v, feature_map=lx.feature_maps.taylor(8), window=16, backend="triton")
+
+
+@settings(max_examples=max(3, settings.default.max_examples // 10))
+@given(c=hcases(t_values=(17, 40), state=None), split=st.integers(0, 40), inplace=st.booleans())
+def test_prefill_then_triton_steps(c, split, inplace):
+    """A Triton prefill, then the rest through the Triton decode step (in place, or on a copy): outputs within the
+    reference's bound, and the state equal to one call's (the ring buffer exactly)."""
+    note(hid(c))
+    prefill_then_steps(c, split, inplace, backend="triton")
+
+
+def test_triton_step_decides_on_the_device():
+    """The decode step reads nothing on the host: a terraced block's fold (w tokens at once) and the slots it
+    empties happen inside the kernel, so the same launches serve every position (CUDA-graph safe). Here: 40 steps
+    from an empty state, each row at its own position, the state's tensors updated where they lie."""
+    g = torch.Generator().manual_seed(2)
+    B, H, HKV, D, DV, w = 3, 2, 1, 8, 4, 16
+    q, k = torch.randn(B, 40, H, D, generator=g), torch.randn(B, 40, HKV, D, generator=g)
+    v, alpha = torch.randn(B, 40, HKV, DV, generator=g), torch.randn(H, generator=g)
+    st_ = hy.empty_window_state(B, HKV, D, D, DV, w, "terraced")
+    st_.pos.copy_(torch.tensor([0, 5, 16]))  # rows at positions 0, 5, 16 of sequences whose earlier tokens were 0
+    ref = hy.WindowState(*(x.clone() for x in st_))
+    ptrs = [x.data_ptr() for x in st_]
+    kw = dict(window=w, window_mix=alpha, window_kind="terraced")
+    for t in range(40):
+        o = lx.linear_attention_step_(q[:, t], k[:, t], v[:, t], st_, backend="triton", **kw)
+        o_ref = lx.linear_attention_step_(q[:, t], k[:, t], v[:, t], ref, backend="torch", **kw)
+        torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-6)
+    assert [x.data_ptr() for x in st_] == ptrs and st_.pos.tolist() == [40, 45, 56]
+    torch.testing.assert_close(st_.S, ref.S, rtol=1e-5, atol=1e-5)
+    assert torch.equal(st_.k, ref.k) and torch.equal(st_.v, ref.v)

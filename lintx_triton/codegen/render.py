@@ -88,7 +88,8 @@ KERNELS = {
     "decode": ("decode_kernel_step",),
     # LoLCATs' hybrid (window=): one-block maps only; the forward's chunk states come from chunk_kernel_h and
     # chunk_scan_kernel, the backward's reverse scan from chunk_scan_kernel
-    "hybrid": ("hybrid_fwd_kernel_o", "hybrid_bwd_kernel_dq", "hybrid_bwd_kernel_h", "hybrid_bwd_kernel_dkv"),
+    "hybrid": ("hybrid_fwd_kernel_o", "hybrid_bwd_kernel_dq", "hybrid_bwd_kernel_h", "hybrid_bwd_kernel_dkv",
+               "hybrid_decode_kernel_step"),
 }
 
 

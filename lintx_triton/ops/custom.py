@@ -16,11 +16,12 @@ from torch import Tensor
 from .. import feature_maps
 from ..config import config_for, interpreting
 from ..spec import KernelSpec, dtype_of, products_in_fp32
-from .launch import chunk_bwd, chunk_fwd, decode_step, hybrid_bwd, hybrid_fwd, state_bwd, state_fwd
+from .launch import chunk_bwd, chunk_fwd, decode_step, hybrid_bwd, hybrid_decode, hybrid_fwd, state_bwd, state_fwd
 
 __all__ = ["make_spec", "linear_attention_fwd", "linear_attention_bwd", "linear_attention_state",
            "linear_attention_state_bwd", "linear_attention_step",
-           "linear_attention_step_", "hybrid_attention_fwd", "hybrid_attention_bwd"]
+           "linear_attention_step_", "hybrid_attention_fwd", "hybrid_attention_bwd",
+           "hybrid_attention_step_"]
 
 F32 = torch.float32
 
@@ -469,3 +470,40 @@ def _hybrid_backward(ctx, do, dL, dm, didx):
 
 
 hybrid_attention_fwd.register_autograd(_hybrid_backward, setup_context=_hybrid_setup)
+
+
+@torch.library.custom_op("lintx::hybrid_attention_step_", mutates_args=("S", "z", "kb", "vb", "pos"))
+def hybrid_attention_step_(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mix: Tensor,
+    S: Tensor,
+    z: Tensor,
+    kb: Tensor,
+    vb: Tensor,
+    pos: Tensor,
+    fq: Optional[Tensor],
+    fk: Optional[Tensor],
+    feature_map: str,
+    window: int,
+    sliding: bool,
+    affine: bool,
+    scale: float,
+    qk_scale: float,
+) -> Tensor:
+    """One token of the hybrid, updating its :class:`lintx_triton.hybrid.WindowState` (S, z, kb, vb, pos; contiguous)
+    in place: -> o [B, H, DV]. Nothing is allocated but o and nothing is read on the host, so a decode loop can be
+    captured in a CUDA graph."""
+    spec = make_spec(feature_map, q, v, True, False, False)
+    o = hybrid_decode(spec, _step_config(spec, q), q.contiguous(), k.contiguous(), v.contiguous(), mix.contiguous(),
+                      S, z, kb, vb, pos, _c(fq), _c(fk), window=window, sliding=sliding, affine=affine, scale=scale,
+                      qk_scale=qk_scale)
+    pos.add_(1)
+    return o
+
+
+@hybrid_attention_step_.register_fake
+def _(q, k, v, mix, S, z, kb, vb, pos, fq, fk, feature_map, window, sliding, affine, scale, qk_scale):
+    B, H, _ = q.shape
+    return q.new_empty(B, H, v.shape[-1])

@@ -28,7 +28,7 @@ from ..spec import KernelSpec
 __all__ = ["Layout", "Plan", "Launch", "launch", "record", "chunk_fwd", "chunk_bwd", "decode_step", "state_fwd",
            "state_bwd", "chunk_sums_plan", "scan_plan", "output_plan", "g_plan", "dq_plan", "dkv_plan",
            "decode_plan", "decode_warps", "hybrid_chunk", "hybrid_fwd_plan", "hybrid_bwd_plan", "hybrid_fwd",
-           "hybrid_bwd"]
+           "hybrid_bwd", "hybrid_decode"]
 
 F32 = torch.float32
 # The decode kernel holds one [M, BV] state block and two vectors: 4 warps suffice, 8 when M > 128 (a
@@ -511,3 +511,28 @@ def hybrid_bwd(spec: KernelSpec, cfg: Config, do, q, k, v, o, L, m, idx, mix, S0
     dmix = -dm_h if affine else -(1 - torch.sigmoid(mix.float())) * dm_h
     return ((dq_sm + dq_ln).to(q.dtype), (dk_sm + dk_ln).to(k.dtype), dv, dmix, dS0, dz0,
             _per_param(dfq_h, fq, q.device), _per_param(dfk_h, fk, q.device))
+
+
+# The hybrid's decode step reads its ring in blocks of this many slots, with twice the linear step's warps: at D = DV
+# = 64, bf16, sm_90, 64 slots and 4 warps spilled 80 bytes (bench/NOTES.md)
+HYBRID_DECODE_SLOTS = 32
+
+
+def hybrid_decode(spec: KernelSpec, cfg: Config, q, k, v, mix, S, z, kb, vb, pos, fq, fk, *, window: int,
+                  sliding: bool, affine: bool, scale: float, qk_scale: float, run: Runner = launch):
+    """One token of the hybrid, in place: q [B, H, D], k [B, HKV, D], v [B, HKV, DV] -> o [B, H, DV]; the state
+    (S, z, the rings kb [B, HKV, C, D], vb [B, HKV, C, DV]) is updated by the kernel, ``pos`` [B] is not (the caller
+    adds 1: every kv head's program reads it)."""
+    B, H, _ = q.shape
+    HKV, C = k.shape[1], kb.shape[2]
+    o = torch.empty(B, H, spec.value_dim, dtype=q.dtype, device=q.device)
+    if B * H == 0:
+        return o
+    unused = S
+    BV = value_blocks(spec, cfg).block_v
+    plan = Plan((B * HKV,), dict(H=H, HKV=HKV, C=C, BC=HYBRID_DECODE_SLOTS, BV=BV, W=window, SLIDING=sliding,
+                                 AFFINE=affine), 2 * decode_warps(spec), None)
+    run(spec, Launch("hybrid decode step", "hybrid_decode_kernel_step", plan,
+                     dict(q=q, k=k, v=v, **_map_args(fq, fk, unused), mix=mix, o=o, S=S, z=z, kb=kb, vb=vb, pos=pos,
+                          scale=scale, qk_scale=qk_scale)))
+    return o

@@ -446,3 +446,107 @@ def hybrid_bwd_kernel_dkv(
     _store_rows(dk, qk_scale * b_dk, row_k, o_s, m_s, o_d, m_d, HKV, D)
     _store_rows(dv, b_dv, row_k, o_s, m_s, o_w, m_w, HKV, DV)
     _store_phi_vjp(dkl, row_k, HKV, k, row_k, HKV, o_s, m_s, b_db, p_fk, False, dfk + i_hk * FMS, HAS_DFM)
+
+
+# ---- decode: one token of the hybrid per (batch, kv head), in place. The token goes into its ring slot
+#      (pos % C); each of the G query heads reads the window's slots (an online max over blocks of BC slots) and
+#      (S, z); then the tokens the next query no longer sees (window_start(pos) .. window_start(pos + 1) - 1:
+#      one for the sliding window, a block of W at a terraced block's end) are folded into (S, z) and their
+#      slots zeroed. Everything is decided on the device: no value is read on the host (CUDA-graph safe). ----
+@triton.jit
+def hybrid_decode_kernel_step(
+    q,  # [B, H, D]
+    k,  # [B, HKV, D]
+    v,  # [B, HKV, DV]
+    fq,
+    fk,
+    mix,  # [H]
+    o,  # [B, H, DV] out
+    S,  # [B, HKV, M, DV] fp32, in place
+    z,  # [B, HKV, M] fp32, in place
+    kb,  # [B, HKV, C, D] the ring of keys, in place
+    vb,  # [B, HKV, C, DV] the ring of values, in place
+    pos,  # [B] int64: the tokens seen (read only: the launcher adds 1 after the kernel)
+    scale,
+    qk_scale,
+    fq_hs,
+    fk_hs,
+    H: tl.constexpr,
+    HKV: tl.constexpr,
+    C: tl.constexpr,
+    BC: tl.constexpr,
+    BV: tl.constexpr,
+    W: tl.constexpr,
+    SLIDING: tl.constexpr,
+    AFFINE: tl.constexpr,
+):
+    i_bs = tl.program_id(0).to(tl.int64)
+    i_b, i_hk = i_bs // HKV, i_bs % HKV
+    p_fk = fk + i_hk * fk_hs
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_w = tl.arange(0, BDV)
+    m_w = o_w < DV
+    o_m = tl.arange(0, BM)
+    m_m = o_m < M
+    o_r = tl.arange(0, 16)  # a 16-row tile (tl.dot's least) with one real row, for a projected map's phi
+    P = tl.load(pos + i_b)
+    slot = P % C
+    tl.store(kb + (i_bs * C + slot) * D + o_d, tl.load(k + i_bs * D + o_d, mask=m_d).to(kb.dtype.element_ty), mask=m_d)
+    tl.store(vb + (i_bs * C + slot) * DV + o_w, tl.load(v + i_bs * DV + o_w, mask=m_w).to(vb.dtype.element_ty),
+             mask=m_w)
+    tl.debug_barrier()
+    lo = _win_lo(P, W, SLIDING)
+    nxt = _win_lo(P + 1, W, SLIDING)
+    b_z0 = tl.load(z + i_bs * M + o_m, mask=m_m, other=0.0)  # [BM] before the fold (every value block reads it)
+    b_z = b_z0
+    for i_v in range(0, tl.cdiv(DV, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < DV
+        p_S = S + (i_bs * M + o_m[:, None]) * DV + o_v[None, :]
+        b_S = tl.load(p_S, mask=m_m[:, None] & m_v[None, :], other=0.0)  # [BM, BV]
+        for i_g in range(0, H // HKV):
+            i_h = i_hk * (H // HKV) + i_g
+            row = i_b * H + i_h
+            f, g = _mix_factors(mix, i_h, AFFINE)
+            b_q = tl.load(q + row * D + o_d, mask=m_d, other=0.0).to(tl.float32)  # [BD]
+            b_a = tl.sum(_phi(q, row, o_r, o_r == 0, 1, fq + i_h * fq_hs, True), 0)  # [BM]
+            b_mr = tl.max(tl.full([BC], float("-inf"), dtype=tl.float32), 0)
+            b_l = tl.sum(tl.zeros([BC], dtype=tl.float32), 0)
+            b_acc = tl.zeros([BV], dtype=tl.float32)
+            for c0 in range(0, C, BC):
+                o_c = c0 + tl.arange(0, BC)  # slots
+                m_c = (P - ((P - o_c + C) % C) >= lo) & (o_c < C)  # the slot's token is in the window
+                b_k = tl.load(kb + (i_bs * C + o_c[:, None]) * D + o_d[None, :], mask=m_c[:, None] & m_d[None, :],
+                              other=0.0).to(tl.float32)  # [BC, BD]
+                b_s = tl.where(m_c, qk_scale * tl.sum(b_q[None, :] * b_k, 1), float("-inf"))  # [BC]
+                b_mn = tl.maximum(b_mr, tl.max(b_s, 0))
+                b_ms = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+                b_p = tl.exp(b_s - b_ms)
+                b_vv = tl.load(vb + (i_bs * C + o_c[:, None]) * DV + o_v[None, :], mask=m_c[:, None] & m_v[None, :],
+                               other=0.0).to(tl.float32)  # [BC, BV]
+                b_r = tl.exp(b_mr - b_ms)
+                b_acc = b_acc * b_r + tl.sum(b_p[:, None] * b_vv, 0)
+                b_l = b_l * b_r + tl.sum(b_p, 0)
+                b_mr = b_mn
+            b_num = f * b_acc + g * scale * tl.sum(b_a[:, None] * b_S, 0)
+            b_den = f * b_l + g * scale * tl.sum(b_a * b_z0, 0)
+            tl.store(o + row * DV + o_v, (b_num / b_den).to(o.dtype.element_ty), mask=m_v)
+        for c0 in range(lo, nxt, BC):  # the tokens that leave the window
+            o_t = c0 + tl.arange(0, BC)
+            m_l = o_t < nxt
+            o_sl = o_t % C
+            b_b = _phi(kb, i_bs * C, o_sl, m_l, 1, p_fk, False)  # [BC, BM]
+            b_S += _mm(tl.trans(b_b), _load_rows(vb, i_bs * C, o_sl, m_l, o_v, m_v, 1, DV))
+            if i_v == 0:
+                b_z += tl.sum(b_b, 0)
+        tl.store(p_S, b_S, mask=m_m[:, None] & m_v[None, :])
+    tl.store(z + i_bs * M + o_m, b_z, mask=m_m)
+    tl.debug_barrier()
+    for c0 in range(lo, nxt, BC):  # their slots are emptied, as a call leaves them
+        o_sl = (c0 + tl.arange(0, BC)) % C
+        m_l = c0 + tl.arange(0, BC) < nxt
+        tl.store(kb + (i_bs * C + o_sl[:, None]) * D + o_d[None, :],
+                 tl.zeros([BC, BD], dtype=tl.float32).to(kb.dtype.element_ty), mask=m_l[:, None] & m_d[None, :])
+        tl.store(vb + (i_bs * C + o_sl[:, None]) * DV + o_w[None, :],
+                 tl.zeros([BC, BDV], dtype=tl.float32).to(vb.dtype.element_ty), mask=m_l[:, None] & m_w[None, :])
