@@ -10,8 +10,9 @@ autograd graph to record, not under ``torch.compile``. Anything else takes the P
 The shared library is built once per machine into the kernel cache (:func:`lintx_triton.codegen.cache.cache_dir`),
 named by a hash of the source, the compiler (its path and ``--version``), the flags and the machine type, and
 written atomically (a temporary file, then ``os.replace``), so two processes never load a half-written file.
-The flags have no ``-march``: the baseline ISA of the machine type, and on x86-64 GCC's ``target_clones``
-(AVX-512, AVX2, baseline), picked by the loader from the CPU that runs it, so one cached file serves any CPU.
+The flags have no ``-march``: on x86-64 step.c carries GCC's ``target_clones`` (AVX-512, AVX2, the baseline),
+picked by the loader from the CPU that runs it, so one cached file serves any CPU of the machine type, and
+``-std=c99`` keeps a * b + c unfused, so every clone gives the same bits.
 No compiler, or a failed build: the PyTorch path (a failed build warns once); decided once per process.
 
 Public::
@@ -43,7 +44,7 @@ _log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("step.c")
 # -O3 vectorizes the row loops; no -march (the file is reused by every CPU of the machine type: step.c picks
-# AVX-512 / AVX2 per CPU itself) and no -ffast-math (IEEE expf, NaN propagates as in the torch step)
+# AVX-512 / AVX2 per CPU itself), no -ffast-math (NaN propagates as in the torch step), ISO C (no FMA contraction)
 _FLAGS = ("-O3", "-fPIC", "-shared", "-std=c99")
 # the built-in maps step.c implements, by registry name -> its LINTX_MAP_* code; any other map: PyTorch path
 MAPS = {"elu": 1, "relu": 2, "identity": 3}
@@ -106,7 +107,7 @@ def _build(cc: str, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp.so")
     os.close(fd)
     try:
-        done = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"], capture_output=True, text=True,
+        done = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True,
                               timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{cc} exited with {done.returncode}: {done.stderr.strip()[-2000:]}")

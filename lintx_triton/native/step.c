@@ -13,11 +13,12 @@
  * z [B, HKV, M], o [B, H, DV]; M = D (elementwise maps only). Query head i uses kv head i / G.
  *
  * dims: B, H, HKV, D, DV, map (LINTX_MAP_*). Built with the system C compiler at the first eligible call
- * (lintx_triton/native/__init__.py), no -march: the baseline ISA, so the binary runs on any CPU of its machine
- * type; no -ffast-math: expf and the comparisons keep IEEE semantics (NaN propagates as in torch).
+ * (lintx_triton/native/__init__.py) with -O3 -std=c99: no -march (the clones below pick the ISA at load time, so
+ * the cached binary runs on any CPU of its machine type), no -ffast-math (comparisons keep IEEE semantics: NaN
+ * propagates as in torch), and ISO C's no-contraction of a * b + c into an FMA: every clone rounds alike (the
+ * sums run in the same order at every vector width), so the results do not depend on the CPU.
  */
 
-#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
