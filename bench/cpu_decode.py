@@ -21,7 +21,8 @@ the timing: what the native step's Python costs is ``step_`` minus it), ``module
 ``module_fused_qkv`` (the same step with q, k, v from one matmul against a concatenated weight, built once
 outside the timing: what fusing the projections would save), and the dispatch costs that bound what any
 sequence of torch calls can reach: ``empty_op`` (``torch.add`` of two 1-element tensors into a third) and
-``view``. Without a C compiler the native rows are left out (and ``step_``, ``module`` are the PyTorch path). With ``--compile``: ``compiled_body`` (``torch.compile(fullgraph=True)`` of the body, inductor's C++
+``view``. Without a C compiler the native rows are left out (and ``step_``, ``module`` are the PyTorch path).
+With ``--compile``: ``compiled_body`` (``torch.compile(fullgraph=True)`` of the body, inductor's C++
 kernel), ``compiled_empty`` (a compiled function of one in-place add: the per-call price of a compiled graph),
 and the first call's compile time. In grad mode the module rows are left out: the in-place state would carry
 each step's autograd graph into the next.

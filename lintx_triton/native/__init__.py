@@ -135,7 +135,7 @@ def _load():
             if not path.exists():
                 _build(cc, path)
             fn = ctypes.CDLL(str(path)).lintx_step_f32
-        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:  # AttributeError: no symbol
             warnings.warn(f"lintx_triton: the native CPU decode step could not be built ({e}); decode steps on the "
                           f"CPU use the PyTorch path", RuntimeWarning, stacklevel=3)
             _lib = False
@@ -162,7 +162,7 @@ def available() -> bool:
 def plan(q, k, v, S, z, fm, inplace: bool):
     """The native step for the arguments of a decode step that passed the api's checks and picked the torch
     backend, or None when they are not eligible (builds the library on the first eligible call). Called once per
-    api step key (lintx_triton.api._STEP_KEYS); the runner checks per call what the key does not hold: that
+    api step key (lintx_triton.api._STEP_KEYS); its runner checks per call what the key does not hold: that
     autograd has nothing to record and that q, k, v (and a functional step's state) are contiguous, and returns
     None when the PyTorch path must run (:func:`set_enabled` clears the api's plans)."""
     if not _enabled or MAPS.get(fm.name) is None or fm is not _builtin(fm.name):
@@ -178,7 +178,7 @@ def plan(q, k, v, S, z, fm, inplace: bool):
     if 0 in (B, H, D, HKV, DV):  # nothing to compute: the PyTorch path's empty results
         return None
     dims = (ctypes.c_int64 * 6)(B, H, HKV, D, DV, MAPS[fm.name])
-    return (_inplace_runner if inplace else _functional_runner)(fn, dims, B, H, DV, D == DV)
+    return _runner(fn, dims, B, H, DV, D == DV, inplace)
 
 
 def _builtin(name: str):
@@ -187,52 +187,35 @@ def _builtin(name: str):
     return {"elu": builtin.ELU, "relu": builtin.RELU, "identity": builtin.IDENTITY}[name]
 
 
-# The runners are the hot path of a CPU decode loop: each line below is 0.1-2 us of Python (torch.empty 1.7,
-# the ctypes call about 1, a tensor attribute 0.1-0.2) against a 4-5 us floor at B = 1.
+# The runner is the hot path of a CPU decode loop: each of its lines is 0.1-1 us of Python (the ctypes call about
+# 1, o's allocation 0.9, a tensor attribute 0.1-0.2) against a 4-5 us floor at B = 1 (bench/NOTES.md).
 _grad_enabled = torch.is_grad_enabled
 _empty_like = torch.empty_like
 _bump = torch._C._increment_version  # the state changed in place: autograd's saved-tensor check must see it
 
 
-def _inplace_runner(fn, dims, B: int, H: int, DV: int, like_q: bool):
+def _runner(fn, dims, B: int, H: int, DV: int, like_q: bool, inplace: bool):
     # o: like q when D = DV (empty_like, 0.9 us; new_empty 1.4), never torch.empty, which follows torch's default
     # dtype and device
     shape = (B, H, DV)
 
     def run(q, k, v, state, normalize, scale, eps):
-        S, z = state
-        if _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or S.requires_grad
-                                or z.requires_grad):
-            return None
-        if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
-            return None
-        o = _empty_like(q) if like_q else q.new_empty(shape)
-        pS, pz = S.data_ptr(), z.data_ptr()
-        if fn(dims, q.data_ptr(), k.data_ptr(), v.data_ptr(), pS, pz, pS, pz, o.data_ptr(), 1 if normalize else 0,
-              scale, eps):
-            raise MemoryError("lintx_triton.native: the decode step's scratch could not be allocated")
-        _bump(state)
-        return o
-
-    return run
-
-
-def _functional_runner(fn, dims, B: int, H: int, DV: int, like_q: bool):
-    shape = (B, H, DV)
-
-    def run(q, k, v, state, normalize, scale, eps):
+        """o (in place: the state updated), or (o, (S, z)) (functional: a new state); None: the torch path."""
         S0, z0 = state
         if _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or S0.requires_grad
                                 or z0.requires_grad):
             return None
-        if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous() and S0.is_contiguous()
-                and z0.is_contiguous()):
+        if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
+                and (inplace or (S0.is_contiguous() and z0.is_contiguous()))):  # in place: the api checked them
             return None
         o = _empty_like(q) if like_q else q.new_empty(shape)
-        S, z = _empty_like(S0), _empty_like(z0)
+        S, z = (S0, z0) if inplace else (_empty_like(S0), _empty_like(z0))
         if fn(dims, q.data_ptr(), k.data_ptr(), v.data_ptr(), S0.data_ptr(), z0.data_ptr(), S.data_ptr(),
               z.data_ptr(), o.data_ptr(), 1 if normalize else 0, scale, eps):
             raise MemoryError("lintx_triton.native: the decode step's scratch could not be allocated")
+        if inplace:
+            _bump(state)
+            return o
         return o, (S, z)
 
     return run
