@@ -12,18 +12,25 @@ so it is the generous one); ``module_read``: the state's copy plus one read of t
 ``module_gemm``: the state's copy plus the projections' matmuls alone (x against the concatenated q, k, v
 weights, then the output projection: two calls), the floor once the projections' FLOPs outweigh their bytes.
 
-Rows: ``step_`` (the public in-place step: argument checks, then the arithmetic), ``body`` (the arithmetic
-alone: ``reference.linear_attention_step_torch_``), ``module`` (``LinearAttention.step(x, state, inplace=True)``),
+Rows: ``step_`` (the public in-place step: argument checks, then the arithmetic; the native C step of
+``lintx_triton.native`` where it builds), ``step_torch`` (the same call with the native step off:
+``lx.native.set_enabled(False)``, the PyTorch path), ``body`` (the PyTorch arithmetic alone:
+``reference.linear_attention_step_torch_``), ``native_c`` (the C function alone, its pointers prepared outside
+the timing: what the native step's Python costs is ``step_`` minus it), ``module``
+(``LinearAttention.step(x, state, inplace=True)``, native where it builds) and ``module_torch`` (native off),
 ``module_fused_qkv`` (the same step with q, k, v from one matmul against a concatenated weight, built once
 outside the timing: what fusing the projections would save), and the dispatch costs that bound what any
 sequence of torch calls can reach: ``empty_op`` (``torch.add`` of two 1-element tensors into a third) and
-``view``. With ``--compile``: ``compiled_body`` (``torch.compile(fullgraph=True)`` of the body, inductor's C++
+``view``. Without a C compiler the native rows are left out (and ``step_``, ``module`` are the PyTorch path).
+With ``--compile``: ``compiled_body`` (``torch.compile(fullgraph=True)`` of the body, inductor's C++
 kernel), ``compiled_empty`` (a compiled function of one in-place add: the per-call price of a compiled graph),
 and the first call's compile time. In grad mode the module rows are left out: the in-place state would carry
 each step's autograd graph into the next.
 
 Timing: each row is timed in ``--rounds`` rounds of ``--calls`` calls, the rows interleaved round by round so
-that load from other processes falls on all of them alike; the figure is the best round's mean per call (us;
+that load from other processes falls on all of them alike (the native step is switched on or off before a row's
+round, outside its timing, and the row called once after a switch, so that no timed call re-checks its
+arguments); the figure is the best round's mean per call (us;
 ``--stat median`` for the median round: on a machine shared with other work the best round is the one least
 disturbed by it), and each is also printed as a multiple of its floor (the module rows: of ``module``'s and of
 ``module_gemm``'s).
@@ -31,6 +38,7 @@ disturbed by it), and each is also printed as a multiple of its floor (the modul
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import sys
@@ -48,15 +56,19 @@ from lintx_triton.reference import linear_attention_step_torch_  # noqa: E402
 MODES = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference": torch.inference_mode}
 
 
-def interleaved_us(fns: dict, rounds: int, calls: int, stat: str = "min") -> dict:
+def interleaved_us(fns: dict, rounds: int, calls: int, stat: str = "min", before: dict = None) -> dict:
     """The best (``stat="min"``) or median round's mean us per call of each of ``fns``, of ``rounds`` rounds of
-    ``calls`` calls, the rows interleaved round by round."""
-    for fn in fns.values():  # warm-up
+    ``calls`` calls, the rows interleaved round by round; ``before[name]()`` runs untimed before each of that
+    row's rounds (and its warm-up)."""
+    before = before or {}
+    for name, fn in fns.items():  # warm-up
+        before.get(name, lambda: None)()
         for _ in range(max(2, calls // 4)):
             fn()
     times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            before.get(name, lambda: None)()
             t0 = time.perf_counter()
             for _ in range(calls):
                 fn()
@@ -92,12 +104,35 @@ def _fused_step(layer: lx.nn.LinearAttention):
     return step
 
 
+def _native(flag: bool, fn):
+    """Switch the native step on (True) or off before a row's round; after a switch, one untimed call of the row
+    (set_enabled forgets the api's per-key plans: the next call checks its arguments again)."""
+    def before():
+        if lx.native.enabled() != flag:
+            lx.native.set_enabled(flag)
+            fn()
+
+    return before
+
+
+def _native_c(q, k, v, S, z):
+    """The native step's C function on these tensors (in place, elu+1, normalized), its arguments prepared here."""
+    B, H, D = q.shape
+    fn = lx.native._load()
+    dims = (ctypes.c_int64 * 6)(B, H, k.shape[1], D, v.shape[-1], lx.native.MAPS["elu"])
+    o = torch.empty(B, H, v.shape[-1])
+    args = (dims, q.data_ptr(), k.data_ptr(), v.data_ptr(), S.data_ptr(), z.data_ptr(), S.data_ptr(), z.data_ptr(),
+            o.data_ptr(), 1, 1.0, 1e-6)
+    return lambda: (fn(*args), o)  # o held by the closure: the C function writes into it
+
+
 def decode_rows(Bs, H: int, D: int, modes, rounds: int, calls: int, compile_: bool = False,
                 stat: str = "min", backend: str = "auto") -> list[dict]:
     """One dict per (B, grad mode): the floors and the rows of the module docstring, in us per call; ``backend``
     for the step and the module (the body is the PyTorch path's)."""
     rows = []
     fm = lx.feature_maps.get("elu")
+    has_native = lx.native.available()
     for B in Bs:
         torch.manual_seed(0)
         M = DV = D
@@ -124,7 +159,20 @@ def decode_rows(Bs, H: int, D: int, modes, rounds: int, calls: int, compile_: bo
             "module": lambda: layer.step(x, (mS, mz), inplace=True),
             "module_fused_qkv": (lambda f: lambda: f(x, (mS, mz)))(_fused_step(layer)),
         }
-        extra = {}
+        before = {}
+        if has_native:
+            fns["step_torch"] = fns["step_"]
+            fns["native_c"] = _native_c(q, k, v, S, z)
+            fns["module_torch"] = fns["module"]
+            # the public rows' order: native, then torch, beside each other
+            order = ("floor_state", "floor_module", "floor_module_read", "floor_module_gemm", "empty_op", "view",
+                     "step_", "step_torch", "body", "native_c", "module", "module_torch", "module_fused_qkv")
+            fns = {n: fns[n] for n in order}
+            for name in ("step_", "module", "module_fused_qkv"):
+                before[name] = _native(True, fns[name])
+            for name in ("step_torch", "module_torch"):
+                before[name] = _native(False, fns[name])
+        extra = {"native": has_native}
         if compile_:
             body = torch.compile(linear_attention_step_torch_, fullgraph=True, dynamic=False)
             t0 = time.perf_counter()
@@ -145,14 +193,16 @@ def decode_rows(Bs, H: int, D: int, modes, rounds: int, calls: int, compile_: bo
             # would time a growing graph, so grad mode times the step alone
             run = {n: f for n, f in fns.items() if mode != "grad" or not n.startswith("module")}
             with MODES[mode]():
-                us = interleaved_us(run, rounds, calls, stat)
+                us = interleaved_us(run, rounds, calls, stat, before)
+            if has_native:
+                lx.native.set_enabled(True)
             rows.append(dict(B=B, H=H, D=D, mode=mode, state_bytes=4 * state_numel,
                              weight_bytes=4 * weights.numel(), **extra, **us))
     return rows
 
 
 def print_rows(rows: list[dict]) -> None:
-    meta = ("B", "H", "D", "mode", "state_bytes", "weight_bytes", "compile_s")
+    meta = ("B", "H", "D", "mode", "state_bytes", "weight_bytes", "compile_s", "native")
     keys = list(dict.fromkeys(k for r in rows for k in r if k not in meta))  # grad mode has no module rows
     print("| B | mode | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 2) + "|")
@@ -194,8 +244,11 @@ def main(Bs, H, D, modes, rounds, calls, stat, threads, backend, compile_, json_
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32, elu+1, normalized, H = {H}, "
           f"D = DV = {D}; us per call, {'best' if stat == 'min' else 'median'} of {rounds} rounds of {calls}; "
           f"(x floor: the state's; for the module rows floor_module's / floor_module_gemm's)")
+    print(f"native C step: {'built' if lx.native.available() else 'not available (no C compiler?): PyTorch path'}; "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1, 5, 15 min) before")
     rows = decode_rows([int(b) for b in Bs.split(",")], H, D, modes, rounds, calls, compile_, stat, backend)
     print_rows(rows)
+    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} after")
     if json_out:
         with open(json_out, "w") as fh:
             json.dump(dict(torch=torch.__version__, threads=torch.get_num_threads(), stat=stat, rounds=rounds,

@@ -8,7 +8,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from . import feature_maps
+from . import feature_maps, native
 from .config import interpreting
 from .feature_maps import FeatureMap
 from .ops import custom  # noqa: F401  (registers torch.ops.lintx.*)
@@ -371,8 +371,10 @@ def _step_key(q, k, v, state, fm, scale, eps, backend, inplace):
         return None
 
 
-def _step_backend(q, k, v, state, fm: FeatureMap, scale, eps, backend, inplace: bool) -> str:
-    """Check a decode step's arguments (once per key, see _STEP_KEYS) -> its backend, "torch" or "triton"."""
+def _step_backend(q, k, v, state, fm: FeatureMap, scale, eps, backend, inplace: bool):
+    """Check a decode step's arguments (once per key, see _STEP_KEYS) -> its backend, "torch" or "triton", or
+    on the torch backend the native CPU step's runner when the key is eligible (lintx_triton.native.plan; it
+    returns None for a call that must take the torch path after all)."""
     compiling = torch.compiler.is_compiling()  # dynamo traces the checks once and guards on what they read
     key = None if compiling or state is None else _step_key(q, k, v, state, fm, scale, eps, backend, inplace)
     if key is not None:
@@ -386,6 +388,8 @@ def _step_backend(q, k, v, state, fm: FeatureMap, scale, eps, backend, inplace: 
     if inplace and not (state[0].is_contiguous() and state[1].is_contiguous()):
         raise ValueError("linear_attention_step_ updates the state in place: S and z must be contiguous")
     picked = _pick_backend(backend, q, v, fm)
+    if picked == "torch" and key is not None:  # not while dynamo traces (key None): the traced torch path
+        picked = native.plan(q, k, v, state[0], state[1], fm, inplace) or picked
     if key is not None:
         if len(_STEP_KEYS) >= _STEP_KEYS_MAX:
             _STEP_KEYS.clear()
@@ -447,7 +451,13 @@ def linear_attention_step(
         return hybrid_attention_step(q, k, v, state, fm, window=window, window_mix=window_mix,
                                      window_kind=window_kind, window_affine=window_affine, window_scale=window_scale,
                                      scale=scale, backend=backend, inplace=False)
-    if _step_backend(q, k, v, state, fm, scale, eps, backend, False) == "torch":
+    backend = _step_backend(q, k, v, state, fm, scale, eps, backend, False)
+    if type(backend) is not str:  # the native CPU step (lintx_triton.native)
+        out = backend(q, k, v, state, normalize, float(scale), float(eps))
+        if out is not None:
+            return out
+        backend = "torch"
+    if backend == "torch":
         return linear_attention_step_torch(q, k, v, fm, normalize=normalize, scale=float(scale), eps=float(eps),
                                            state=state)
     S0, z0 = state if state is not None else (None, None)
@@ -503,6 +513,11 @@ def linear_attention_step_(
     if state is None:
         raise TypeError("linear_attention_step_ needs a preallocated state (S, z); use linear_attention_step for None")
     backend = _step_backend(q, k, v, state, fm, scale, eps, backend, True)
+    if type(backend) is not str:  # the native CPU step (lintx_triton.native)
+        o = backend(q, k, v, state, normalize, float(scale), float(eps))
+        if o is not None:
+            return o
+        backend = "torch"
     S, z = state
     if backend == "torch":
         return linear_attention_step_torch_(q, k, v, fm, S, z, normalize=normalize, scale=float(scale),

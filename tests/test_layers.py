@@ -33,8 +33,8 @@ LAYERS = [
     ("feature maps and spec", ("lintx_triton.feature_maps", "lintx_triton.spec")),
     ("codegen", ("lintx_triton.codegen",)),
     ("configs", ("lintx_triton.tuned_configs", "lintx_triton.config")),
-    # the backends: the Triton ops and the PyTorch reference / chunked path
-    ("ops", ("lintx_triton.ops", "lintx_triton.reference")),
+    # the backends: the Triton ops, the PyTorch reference / chunked path, the native CPU decode step
+    ("ops", ("lintx_triton.ops", "lintx_triton.reference", "lintx_triton.native")),
     # hybrid: LoLCATs' window hybrid, its reference, torch path and the entry points api.py hands window= to
     ("public API", ("lintx_triton.api", "lintx_triton.hybrid", "lintx_triton")),
     ("front ends", ("lintx_triton.nn", "lintx_triton.distributed", "lintx_triton.cli", "lintx_triton.__main__")),

@@ -1,0 +1,221 @@
+"""The decode step in C on the CPU: ``step.c``, built with the system C compiler at the first eligible call.
+
+A CPU decode step in PyTorch is about ten torch calls of 1-7 us each against a state that one pass reads in
+4-5 us at B = 1 (issue #17, bench/RESULTS.md); ``step.c`` does the same arithmetic as
+:func:`lintx_triton.reference.linear_attention_step_torch_` in one pass over the state. The decode steps of
+:mod:`lintx_triton.api` (and so ``LinearAttention.step``) use it on the ``torch`` backend when a step is
+eligible: CPU float32 tensors, q, k, v, S, z contiguous, a built-in elementwise map (:data:`MAPS`), no
+autograd graph to record, not under ``torch.compile``. Anything else takes the PyTorch path, as before.
+
+The shared library is built once per machine into the kernel cache (:func:`lintx_triton.codegen.cache.cache_dir`),
+named by a hash of the source, the compiler (its path and ``--version``), the flags and the machine type, and
+written atomically (a temporary file, then ``os.replace``), so two processes never load a half-written file.
+The flags have no ``-march``: on x86-64 step.c carries GCC's ``target_clones`` (AVX-512, AVX2, the baseline),
+picked by the loader from the CPU that runs it, so one cached file serves any CPU of the machine type, and
+``-std=c99`` keeps a * b + c unfused, so every clone gives the same bits.
+No compiler, or a failed build: the PyTorch path (a failed build warns once); decided once per process.
+
+Public::
+
+    available()         whether the native step is built and loaded (builds it on the first call)
+    set_enabled(flag)   turn it off (False) or on again for this process; enabled() reads it
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["available", "enabled", "set_enabled", "MAPS"]
+
+_log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("step.c")
+# -O3 vectorizes the row loops; no -march (the file is reused by every CPU of the machine type: step.c picks
+# AVX-512 / AVX2 per CPU itself), no -ffast-math (NaN propagates as in the torch step), ISO C (no FMA contraction)
+_FLAGS = ("-O3", "-fPIC", "-shared", "-std=c99")
+# the built-in maps step.c implements, by registry name -> its LINTX_MAP_* code; any other map: PyTorch path
+MAPS = {"elu": 1, "relu": 2, "identity": 3}
+
+_LOCK = threading.Lock()
+_lib = None  # the loaded step function, False once it is known not to load, None before the first try
+_enabled = True
+
+
+def enabled() -> bool:
+    """Whether eligible decode steps may use the native step (see :func:`set_enabled`)."""
+    return _enabled
+
+
+def set_enabled(flag: bool) -> None:
+    """Let eligible CPU decode steps use the native step (``True``, the default) or always the PyTorch path
+    (``False``), from the next call on, for this process.
+
+    Examples::
+
+        >>> import lintx_triton as lx
+        >>> lx.native.set_enabled(False)   # e.g. to compare with the PyTorch path
+        >>> lx.native.set_enabled(True)
+    """
+    global _enabled
+    _enabled = bool(flag)
+    from .. import api
+
+    api._STEP_KEYS.clear()  # the decode steps cache their plan per key: the next call of each plans again
+
+
+def _compiler() -> "str | None":
+    """The system C compiler: the one Python was built with when it is here, else cc, gcc, clang."""
+    cc = (sysconfig.get_config_var("CC") or "").split()
+    for name in cc[:1] + ["cc", "gcc", "clang"]:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _library_path(cc: str) -> Path:
+    from ..codegen.cache import cache_dir
+
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    h = hashlib.sha256()
+    for part in (_SOURCE.read_bytes(), os.path.realpath(cc).encode(), version.encode(), " ".join(_FLAGS).encode(),
+                 platform.machine().encode(), platform.system().encode()):
+        h.update(part)
+        h.update(b"\0")
+    return cache_dir() / f"native_step_{h.hexdigest()[:20]}.so"
+
+
+def _build(cc: str, path: Path) -> None:
+    """Compile step.c to ``path``: into a temporary file beside it, then renamed over it (atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp.so")
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True,
+                              timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} exited with {done.returncode}: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load():
+    """The ctypes function of the built library, or None (no compiler, a failed build): tried once."""
+    global _lib
+    if _lib is not None:
+        return _lib or None
+    with _LOCK:
+        if _lib is not None:
+            return _lib or None
+        cc = _compiler()
+        if cc is None:
+            _log.info("lintx_triton.native: no C compiler found (cc, gcc, clang); CPU decode steps use PyTorch")
+            _lib = False
+            return None
+        try:
+            path = _library_path(cc)
+            if not path.exists():
+                _build(cc, path)
+            fn = ctypes.CDLL(str(path)).lintx_step_f32
+        except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:  # AttributeError: no symbol
+            warnings.warn(f"lintx_triton: the native CPU decode step could not be built ({e}); decode steps on the "
+                          f"CPU use the PyTorch path", RuntimeWarning, stacklevel=3)
+            _lib = False
+            return None
+        ptr = ctypes.c_void_p
+        fn.argtypes = [ptr] * 9 + [ctypes.c_int, ctypes.c_float, ctypes.c_float]
+        fn.restype = ctypes.c_int
+        _lib = fn
+        return fn
+
+
+def available() -> bool:
+    """Whether the native step is built and loaded here (compiling it on the first call, once per machine).
+
+    Examples::
+
+        >>> import lintx_triton as lx
+        >>> lx.native.available() in (True, False)
+        True
+    """
+    return _load() is not None
+
+
+def plan(q, k, v, S, z, fm, inplace: bool):
+    """The native step for the arguments of a decode step that passed the api's checks and picked the torch
+    backend, or None when they are not eligible (builds the library on the first eligible call). Called once per
+    api step key (lintx_triton.api._STEP_KEYS); its runner checks per call what the key does not hold: that
+    autograd has nothing to record and that q, k, v (and a functional step's state) are contiguous, and returns
+    None when the PyTorch path must run (:func:`set_enabled` clears the api's plans)."""
+    if not _enabled or MAPS.get(fm.name) is None or fm is not _builtin(fm.name):
+        return None
+    f32 = torch.float32
+    if any(t.device.type != "cpu" or t.dtype != f32 for t in (q, k, v, S, z)):
+        return None
+    fn = _load()
+    if fn is None:
+        return None
+    B, H, D = q.shape
+    HKV, DV = k.shape[1], v.shape[-1]
+    if 0 in (B, H, D, HKV, DV):  # nothing to compute: the PyTorch path's empty results
+        return None
+    dims = (ctypes.c_int64 * 6)(B, H, HKV, D, DV, MAPS[fm.name])
+    return _runner(fn, dims, B, H, DV, D == DV, inplace)
+
+
+def _builtin(name: str):
+    from ..feature_maps import builtin
+
+    return {"elu": builtin.ELU, "relu": builtin.RELU, "identity": builtin.IDENTITY}[name]
+
+
+# The runner is the hot path of a CPU decode loop: each of its lines is 0.1-1 us of Python (the ctypes call about
+# 1, o's allocation 0.9, a tensor attribute 0.1-0.2) against a 4-5 us floor at B = 1 (bench/NOTES.md).
+_grad_enabled = torch.is_grad_enabled
+_empty_like = torch.empty_like
+_bump = torch._C._increment_version  # the state changed in place: autograd's saved-tensor check must see it
+
+
+def _runner(fn, dims, B: int, H: int, DV: int, like_q: bool, inplace: bool):
+    # o: like q when D = DV (empty_like, 0.9 us; new_empty 1.4), never torch.empty, which follows torch's default
+    # dtype and device
+    shape = (B, H, DV)
+
+    def run(q, k, v, state, normalize, scale, eps):
+        """o (in place: the state updated), or (o, (S, z)) (functional: a new state); None: the torch path."""
+        S0, z0 = state
+        if _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or S0.requires_grad
+                                or z0.requires_grad):
+            return None
+        if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
+                and (inplace or (S0.is_contiguous() and z0.is_contiguous()))):  # in place: the api checked them
+            return None
+        o = _empty_like(q) if like_q else q.new_empty(shape)
+        S, z = (S0, z0) if inplace else (_empty_like(S0), _empty_like(z0))
+        if fn(dims, q.data_ptr(), k.data_ptr(), v.data_ptr(), S0.data_ptr(), z0.data_ptr(), S.data_ptr(),
+              z.data_ptr(), o.data_ptr(), 1 if normalize else 0, scale, eps):
+            raise MemoryError("lintx_triton.native: the decode step's scratch could not be allocated")
+        if inplace:
+            _bump(state)
+            return o
+        return o, (S, z)
+
+    return run

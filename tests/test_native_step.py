@@ -1,0 +1,250 @@
+"""The native CPU decode step (lintx_triton/native, issue #17): the same numbers as the torch step within the
+package's bounds, used when eligible, off when asked, never where autograd or an unsupported map needs torch."""
+
+import warnings
+
+import pytest
+import torch
+
+import lintx_triton as lx
+from helpers import case_id, check_forward, check_state, decode_steps, make_inputs
+from lintx_triton import api, native
+from lintx_triton.codegen.cache import cache_dir
+
+needs_native = pytest.mark.skipif(not native.available(), reason="no working C compiler here: the native step "
+                                  "cannot be built, decode steps take the torch path")
+
+# (B, H, HKV, D, DV): the benchmark's shape (small), grouped heads with odd widths, B = 3
+SHAPES = [(1, 2, 2, 64, 64), (3, 4, 2, 33, 17), (1, 4, 2, 33, 17), (3, 1, 1, 16, 40)]
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """The native step's calls, counted: its C function wrapped, the api's plans forgotten (and restored)."""
+    fn = native._load()
+    calls = []
+
+    def counted(*args):
+        calls.append(args[0][:6])
+        return fn(*args)
+
+    monkeypatch.setattr(native, "_load", lambda: counted if fn is not None else None)
+    monkeypatch.setattr(api, "_STEP_KEYS", {})
+    return calls
+
+
+def _steps(c, q, k, v, state, inplace):
+    """decode_steps with each token's q, k, v contiguous (a slice x[:, t] is not at B > 1: the torch path)."""
+    q, k, v = (x.transpose(0, 1).contiguous().transpose(0, 1) for x in (q, k, v))  # [B, T, ...], x[:, t] dense
+    return decode_steps(c, q, k, v, state, "torch", inplace)
+
+
+def _case(shape, fm, normalize, scale=0.5, eps=1e-3, initial_state=True, seed=0):
+    B, H, HKV, D, DV = shape
+    c = dict(B=B, T=5, H=H, HKV=HKV, D=D, DV=DV, dtype="float32", feature_map=fm, causal=True, normalize=normalize,
+             initial_state=initial_state, scale=scale, eps=eps, seed=seed)
+    if normalize and fm == "identity":  # a signed map: keep every term of the normalizer positive
+        c["inputs"] = "positive_den"
+    return c
+
+
+@needs_native
+@pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "functional"])
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
+@pytest.mark.parametrize("fm", sorted(native.MAPS))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-H{}-HKV{}-D{}-DV{}".format(*s))
+def test_native_matches_reference_and_torch(spy, shape, fm, normalize, inplace):
+    """Five steps in a row through the native step meet the float64 reference's bounds (outputs and the state),
+    and agree with the torch step's (run with the native step off) to the same bound."""
+    c = _case(shape, fm, normalize, initial_state=shape[0] != 1)
+    q, k, v, state = make_inputs(c)
+    with torch.no_grad():
+        o, st = _steps(c, q, k, v, state, inplace)
+        # a functional loop from no state: its first step on torch (it allocates the state)
+        used = 5 if inplace or state is not None else 4
+        assert len(spy) == used, case_id(c)
+        check_forward(c, o, q, k, v, state)
+        check_state(c, st, q, k, v, state)
+        native.set_enabled(False)
+        try:
+            o_t, st_t = _steps(c, q, k, v, state, inplace)
+        finally:
+            native.set_enabled(True)
+    assert len(spy) == used  # the torch step's run did not call it
+    # both within the reference's bound; each other's within the bound's scale (err_native + err_torch)
+    check_forward(c, o_t, q, k, v, state, name="torch step o")
+    torch.testing.assert_close(o, o_t, rtol=1e-5, atol=1e-5)
+    for a, b in zip(st, st_t):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("scale, eps", [(1.0, 1e-6), (0.125, 0.5), (2.0, 0.0)])
+def test_native_scale_eps(spy, scale, eps):
+    c = _case((2, 4, 1, 8, 24), "elu", True, scale=scale, eps=eps, seed=3)
+    q, k, v, state = make_inputs(c)
+    with torch.inference_mode():
+        o, st = _steps(c, q, k, v, state, inplace=True)
+    assert len(spy) == 5
+    check_forward(c, o, q, k, v, state)
+    check_state(c, st, q, k, v, state)
+
+
+@needs_native
+def test_native_elu_exp_within_2_ulp():
+    """step.c's vectorized exp: phi(k) of elu read back from z (a zero state plus phi(k), exact) against float64
+    exp over [-104, 0] and the special values; x + 1 above 0."""
+    grid = torch.cat([torch.linspace(-104.0, 0.0, 200_003), -torch.logspace(-30, 2, 2001),
+                      torch.tensor([0.0, -0.0, 1e-30, 3.5, 1e30, -87.5, -88.7, -103.9, -float("inf"), float("inf")])])
+    D = grid.numel()
+    k = grid.view(1, 1, D)
+    S, z = torch.zeros(1, 1, D, 1), torch.zeros(1, 1, D)
+    with torch.no_grad():
+        lx.linear_attention_step_(torch.zeros(1, 1, D), k, torch.ones(1, 1, 1), (S, z), backend="torch")
+    want = torch.where(grid > 0, grid.double() + 1, grid.double().exp()).float()  # correctly rounded
+    got = z[0, 0]
+    # ulps between the fp32 values (both non-negative; subnormals included)
+    ulps = (got.view(torch.int32).long() - want.view(torch.int32).long()).abs()
+    assert ulps.max().item() <= 2, grid[ulps.argmax()].item()
+    S3, z3 = torch.zeros(1, 1, 3, 1), torch.zeros(1, 1, 3)
+    with torch.no_grad():
+        lx.linear_attention_step_(torch.zeros(1, 1, 3), torch.full((1, 1, 3), float("nan")), torch.ones(1, 1, 1),
+                                  (S3, z3), backend="torch")
+    assert z3.isnan().all()  # NaN stays NaN, as in torch's elu
+
+
+@needs_native
+def test_used_only_when_eligible(spy):
+    """The native step runs for CPU float32 contiguous steps of its maps with nothing to record for autograd; a
+    step that requires grad, a non-contiguous q, another dtype or map, or TRITON's backend take the other paths."""
+    q, k, v = (torch.randn(2, 3, 8) for _ in range(3))
+    S, z = torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 8)
+    lx.linear_attention_step_(q, k, v, (S, z), backend="torch")
+    assert len(spy) == 1
+    # autograd: q requires grad, grad mode on -> the torch path, differentiable
+    qg = q.clone().requires_grad_()
+    o = lx.linear_attention_step_(qg, k, v, (S, z), backend="torch")
+    assert len(spy) == 1 and o.requires_grad
+    o.sum().backward()
+    assert qg.grad is not None and qg.grad.abs().sum() > 0
+    with torch.no_grad():  # the same call with nothing to record: native
+        lx.linear_attention_step_(qg, k, v, (S, z), backend="torch")
+    assert len(spy) == 2
+    # functional step from a state that requires grad: the torch path, and its output carries the graph
+    S1, z1 = S.clone().requires_grad_(), z.clone()
+    o, (S2, _) = lx.linear_attention_step(q, k, v, (S1, z1), backend="torch")
+    assert len(spy) == 2 and o.requires_grad and S2.requires_grad
+    # a non-contiguous q of the same shape (same api key): the torch path, same numbers
+    qt = torch.randn(2, 8, 3).transpose(1, 2)
+    S3, z3, S4, z4 = S.clone(), z.clone(), S.clone(), z.clone()
+    with torch.no_grad():
+        o_nc = lx.linear_attention_step_(qt, k, v, (S3, z3), backend="torch")
+        assert len(spy) == 2
+        o_c = lx.linear_attention_step_(qt.contiguous(), k, v, (S4, z4), backend="torch")
+        assert len(spy) == 3
+    torch.testing.assert_close(o_nc, o_c, rtol=1e-5, atol=1e-6)
+    # another dtype (float16 inputs), a map step.c does not have
+    with torch.no_grad():
+        lx.linear_attention_step_(q.half(), k.half(), v.half(), (S, z), backend="torch")
+        fav = lx.feature_maps.favor(8, 8, 0)
+        Sf, zf = torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 8)
+        lx.linear_attention_step_(q, k, v, (Sf, zf), feature_map=fav, backend="torch")
+    assert len(spy) == 3
+
+
+@needs_native
+def test_off_switch(spy):
+    """native.set_enabled(False) sends the next steps (already planned keys included) to the torch path."""
+    q, k, v = (torch.randn(1, 2, 8) for _ in range(3))
+    S, z = torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8)
+    with torch.no_grad():
+        lx.linear_attention_step_(q, k, v, (S, z), backend="torch")
+        assert len(spy) == 1 and native.enabled()
+        native.set_enabled(False)
+        try:
+            assert not native.enabled()
+            for _ in range(3):
+                lx.linear_attention_step_(q, k, v, (S, z), backend="torch")
+                lx.linear_attention_step(q, k, v, (S, z), backend="torch")
+            assert len(spy) == 1
+        finally:
+            native.set_enabled(True)
+        lx.linear_attention_step_(q, k, v, (S, z), backend="torch")
+    assert len(spy) == 2
+
+
+@needs_native
+def test_module_step_uses_it(spy):
+    """LinearAttention.step (in place and functional) runs the native step under no_grad and matches the module
+    with it off; with grad (training-style) it takes the torch path."""
+    torch.manual_seed(0)
+    attn = lx.nn.LinearAttention(16, 4, num_kv_heads=2, backend="torch")
+    x = torch.randn(3, 4, 16)
+    with torch.no_grad():
+        state = attn.init_state(3)
+        ys = [attn.step(x[:, t], state, inplace=True)[0] for t in range(4)]
+        assert len(spy) == 4
+        st = None
+        y, st = attn.step(x[:, 0], st)  # state None: torch; then native
+        y, st = attn.step(x[:, 1], st)
+        assert len(spy) == 5
+        native.set_enabled(False)
+        try:
+            state_t = attn.init_state(3)
+            ys_t = [attn.step(x[:, t], state_t, inplace=True)[0] for t in range(4)]
+        finally:
+            native.set_enabled(True)
+    assert len(spy) == 5
+    torch.testing.assert_close(torch.stack(ys), torch.stack(ys_t), rtol=1e-5, atol=1e-6)
+    for a, b in zip(state, state_t):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    y, _ = attn.step(x[:, 0], attn.init_state(3))  # parameters require grad: the projections' q, k, v do too
+    assert len(spy) == 5 and y.requires_grad
+
+
+def test_no_compiler_means_torch_path(monkeypatch):
+    """No C compiler: available() is False, quietly (no warning), and a decode step still runs (the torch path)."""
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    monkeypatch.setattr(api, "_STEP_KEYS", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not native.available()
+        q = torch.randn(1, 2, 8)
+        S, z = torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8)
+        o = lx.linear_attention_step_(q, q, q, (S, z), backend="torch")
+    assert o.shape == (1, 2, 8) and z.sum() > 0
+
+
+@pytest.mark.skipif(native._compiler() is None, reason="no C compiler here")
+def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
+    """A source that does not compile: one RuntimeWarning, available() False from then on, steps on torch; the
+    half-written output never lands where a later process would load it."""
+    bad = tmp_path / "step.c"
+    bad.write_text("this is not C\n")
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_SOURCE", bad)
+    monkeypatch.setenv("LINTX_TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(api, "_STEP_KEYS", {})
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        assert not native.available()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # decided once: no second warning, no second build
+        assert not native.available()
+        q = torch.randn(1, 2, 8)
+        lx.linear_attention_step_(q, q, q, (torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8)), backend="torch")
+    assert not any(p.suffix == ".so" and not p.name.endswith(".tmp.so") for p in (tmp_path / "cache").rglob("*"))
+    assert not list((tmp_path / "cache").rglob("*.tmp.so"))  # the temporary file is removed
+
+
+@pytest.mark.skipif(native._compiler() is None, reason="no C compiler here")
+def test_library_key(monkeypatch):
+    """The cached library's name changes with the source, the flags and the compiler; it sits in the cache dir."""
+    cc = native._compiler()
+    path = native._library_path(cc)
+    assert path.parent == cache_dir() and path.suffix == ".so"
+    monkeypatch.setattr(native, "_FLAGS", native._FLAGS + ("-DLINTX_X=1",))
+    assert native._library_path(cc) != path
+    monkeypatch.undo()
+    assert native._library_path(cc) == path
+    assert native._library_path("/bin/true") != path  # another compiler (its path and --version)
