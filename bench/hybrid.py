@@ -4,10 +4,14 @@ SDPA with a sliding-window mask, time and peak memory of one forward + backward.
     python bench/hybrid.py                                   # T = 1k..8k (bench/RESULTS.md)
     python bench/hybrid.py --T 16384,32768 --repeat 1        # long T: LoLCATs' quadratic way is not run
     python bench/hybrid.py --T 64 --H 1 --D 16 --window 16 --repeat 1   # tiny (what the tests run)
+    python bench/hybrid.py --device cuda --T 4096,8192,16384,32768 --quad-max-T 16384   # a GPU: the fused kernels too
 
 Rows (fp32, B = 1, elu(x) + 1, f = sigmoid(alpha) with alpha = logit(0.1), g = 1, softmax scale 1/sqrt(D)):
 
-* ``hybrid (chunked)``: ``lx.linear_attention(..., window=w)``, the terraced window (lintx_triton.hybrid).
+* ``hybrid (triton)`` (``--device cuda``, or ``--triton``): the fused Triton kernels (``backend="triton"``), checked
+  against the float64 reference first (forward and every gradient).
+* ``hybrid (chunked)``: ``lx.linear_attention(..., window=w, backend="torch")``, the terraced window
+  (lintx_triton.hybrid).
 * ``lolcats quadratic``: LoLCATs' ``hybrid_attention_quadratic`` (HazyResearch/lolcats 375df84,
   src/model/linear_attention/linear_window_attention_tk.py lines 25-84) transcribed: [T, T] masks and scores.
 * ``sdpa sliding``: ``F.scaled_dot_product_attention`` with a [T, T] boolean sliding-window mask (the last w
@@ -63,11 +67,14 @@ def lolcats_quadratic(q, k, f_q, f_k, v, window_factor, linear_factor, window_si
     return y / (sum_sm + sum_ln)
 
 
-def ways(T: int, w: int):
-    """name -> fn(q, k, v, alpha) -> o, on [B, T, H, D] inputs."""
+def ways(T: int, w: int, device="cpu", triton: bool = False):
+    """name -> fn(q, k, v, alpha) -> o, on [B, T, H, D] inputs; ``triton``: the fused kernels first."""
     fm = lx.feature_maps.get("elu")
-    i = torch.arange(T)
+    i = torch.arange(T, device=device)
     tr = lambda x: x.transpose(1, 2)  # noqa: E731
+
+    def fused(q, k, v, alpha):
+        return lx.linear_attention(q, k, v, window=w, window_mix=alpha, backend="triton")
 
     def chunked(q, k, v, alpha):
         return lx.linear_attention(q, k, v, window=w, window_mix=alpha, backend="torch")
@@ -83,8 +90,23 @@ def ways(T: int, w: int):
     def sdpa_causal(q, k, v, alpha):
         return tr(F.scaled_dot_product_attention(tr(q), tr(k), tr(v), is_causal=True))
 
-    return {"hybrid (chunked)": chunked, "lolcats quadratic": quadratic, "sdpa sliding": sdpa_sliding,
-            "sdpa causal": sdpa_causal}
+    return {**({"hybrid (triton)": fused} if triton else {}), "hybrid (chunked)": chunked,
+            "lolcats quadratic": quadratic, "sdpa sliding": sdpa_sliding, "sdpa causal": sdpa_causal}
+
+
+def check_fused(T: int, w: int, device, H: int, D: int) -> float:
+    """The fused kernels' forward and gradients at (1, T, H, D) against float64 autograd of the quadratic reference
+    (lintx_triton.testing.hybrid_error_ratios: testing's bounds): the worst error / (tol x bound), before anything
+    is timed (<= 1 is within bound)."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, T, H, D, generator=g).to(device).requires_grad_() for _ in range(3))
+    alpha = torch.full((H,), ALPHA, device=device, requires_grad=True)
+    do = torch.randn(1, T, H, D, generator=g).to(device)
+    o = lx.linear_attention(q, k, v, window=w, window_mix=alpha, backend="triton")
+    grads = torch.autograd.grad(o, (q, k, v, alpha), do)
+    ratios = lx.testing.hybrid_error_ratios(q, k, v, alpha, lx.feature_maps.get("elu"), o.detach(), grads, do,
+                                            window=w)
+    return max(ratios.values())
 
 
 def fwd_bwd(fn, q, k, v, alpha, do):
@@ -92,13 +114,20 @@ def fwd_bwd(fn, q, k, v, alpha, do):
     return torch.autograd.grad(o, (q, k, v, alpha) if alpha.requires_grad else (q, k, v), do, allow_unused=True)
 
 
-def times_ms(fn, repeat: int) -> tuple[float, float]:
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def times_ms(fn, repeat: int, device="cpu") -> tuple[float, float]:
     """(min, median) of ``repeat`` runs after one warm-up, in ms."""
     fn()  # warm-up
     times = []
     for _ in range(repeat):
+        _sync(device)
         t0 = time.perf_counter()
         fn()
+        _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return min(times), statistics.median(times)
 
@@ -118,21 +147,31 @@ def main(argv=None):
                     help="longest T the SDPA rows run at (quadratic time; the sliding one a [T, T] mask)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: adds the fused Triton kernels' row (checked "
+                    "against the float64 reference first) and measures memory with torch.cuda's peak")
+    ap.add_argument("--triton", action="store_true", help="the Triton row on the CPU too (the interpreter: tiny T)")
     a = ap.parse_args(argv)
+    dev = torch.device(a.device)
+    triton = a.triton or dev.type == "cuda"
+    if triton:
+        err = check_fused(min(int(a.T.split(",")[0]), 1024), a.window, dev, a.H, a.D)
+        print(f"fused kernels against float64 (forward and gradients, T <= 1024): worst error / bound {err:.3g}")
+        if not err <= 1.0:
+            raise SystemExit(f"the fused hybrid is off: worst error / bound {err:.3g}; not timed")
     if a.threads:
         torch.set_num_threads(a.threads)
     rows = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B={a.B} H={a.H} D={a.D} w={a.window}, "
           f"fp32, forward + backward")
-    print(f"{'T':>6} {'way':<18} {'min ms':>10} {'median':>10} {'peak MiB':>10} {'ms / chunked':>13} "
-          f"{'MiB / chunked':>14}")
+    print(f"{'T':>6} {'way':<18} {'min ms':>10} {'median':>10} {'peak MiB':>10} {'ms / first':>13} "
+          f"{'MiB / first':>14}")
     for T in (int(t) for t in a.T.split(",")):
         g = torch.Generator().manual_seed(T)
-        q, k, v = (torch.randn(a.B, T, a.H, a.D, generator=g).requires_grad_() for _ in range(3))
-        alpha = torch.full((a.H,), ALPHA, requires_grad=True)
-        do = torch.randn(a.B, T, a.H, a.D, generator=g)
+        q, k, v = (torch.randn(a.B, T, a.H, a.D, generator=g).to(dev).requires_grad_() for _ in range(3))
+        alpha = torch.full((a.H,), ALPHA, device=dev, requires_grad=True)
+        do = torch.randn(a.B, T, a.H, a.D, generator=g).to(dev)
         base = None
-        for name, fn in ways(T, a.window).items():
+        for name, fn in ways(T, a.window, dev, triton).items():
             note = None
             if name == "lolcats quadratic" and T > a.quad_max_T:
                 note = f"not run: its [B, H, T, T] fp32 tensors are {a.B * a.H * T * T * 4 / 2**30:.1f} GiB each"
@@ -143,11 +182,21 @@ def main(argv=None):
                 rows.append(dict(T=T, way=name, ms=None, peak_mib=None, note=note))
                 continue
             run = lambda: fwd_bwd(fn, q, k, v, alpha, do)  # noqa: E731
-            with LiveBytes() as p:
+            if dev.type == "cuda":  # the allocator's peak beyond what is allocated before the run
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
                 run()
-            peak = p.peak / 2**20
-            n = a.chunked_repeat if name == "hybrid (chunked)" else a.repeat
-            ms, med = times_ms(run, n)
+                torch.cuda.synchronize()
+                peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+            elif name == "hybrid (triton)":  # the probe does not see inside a custom op: no CPU figure
+                peak = float("nan")
+            else:
+                with LiveBytes() as p:
+                    run()
+                peak = p.peak / 2**20
+            n = a.chunked_repeat if name.startswith("hybrid") else a.repeat
+            ms, med = times_ms(run, n, dev)
             if base is None:
                 base = (ms, peak)
             rows.append(dict(T=T, way=name, ms=ms, median_ms=med, runs=n, peak_mib=peak, B=a.B, H=a.H, D=a.D,
@@ -156,7 +205,9 @@ def main(argv=None):
                   f"{peak / base[1]:>14.2f}", flush=True)
     if a.json:
         with open(a.json, "w") as fh:
-            json.dump(dict(torch=torch.__version__, threads=torch.get_num_threads(), rows=rows), fh, indent=1)
+            json.dump(dict(torch=torch.__version__, threads=torch.get_num_threads(), device=str(dev),
+                           gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else None, rows=rows), fh,
+                      indent=1)
 
 
 if __name__ == "__main__":

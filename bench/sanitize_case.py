@@ -52,6 +52,7 @@ def main(argv=None) -> int:
             bad += not ok
             print(f"{row.key():40s} worst err / bound {worst:.3g} {'ok' if ok else 'FAIL'}", flush=True)
     bad += _kernel_variants(device, dtypes)
+    bad += _hybrid_variants(device, dtypes)
     print(f"sanitize_case: {bad} failed on {device}")
     return 1 if bad else 0
 
@@ -103,6 +104,80 @@ def _kernel_variants(device, dtypes) -> int:
         except testing.EquivalenceError as e:
             worst = e.worst
         bad += _report(f"packed lens {lens} GQA 4/2 + state alone {dt}", worst, device)
+    return bad
+
+
+def _hybrid_variants(device, dtypes, small: bool = False) -> int:
+    """LoLCATs' hybrid (window=) through its Triton kernels, both windows: outputs, the state and every gradient
+    (q, k, v, alpha, a pair state's S0, z0) of a grouped, packed call on odd lengths, then a prefill and decode
+    steps, each against the float64 quadratic reference within testing's bounds (the parts' magnitudes, as
+    tests/test_hybrid.py builds them). ``small``: the interpreter's shapes (the CPU test)."""
+    import lintx_triton as lx
+    from lintx_triton import hybrid as hy
+    from lintx_triton.spec import dtype_of
+
+    B, T, H, HKV, D, DV, w = (2, 21, 4, 2, 8, 5, 16) if small else (2, 333, 4, 2, 64, 48, 64)
+    lens = [T - 8, 0, 8] if small else [100, 0, 1, 232]
+    bad = 0
+    for dtype in dtypes:
+        dt = dtype_of(dtype).name
+        tol = testing.TOL[dt]
+        for kind in hy.KINDS:
+            g = torch.Generator().manual_seed(5)
+            x = lambda *shape: torch.randn(*shape, generator=g).to(device, getattr(torch, dt))  # noqa: E731
+            q, k, v = x(B, T, H, D), x(B, T, HKV, D), x(B, T, HKV, DV)
+            alpha = torch.randn(H, generator=g).to(device)
+            S0 = torch.rand(B, HKV, D, DV, generator=g).to(device)
+            z0 = torch.rand(B, HKV, D, generator=g).to(device)
+            leaves = [t.detach().requires_grad_() for t in (q, k, v, alpha, S0, z0)]
+            kw = dict(window=w, kind=kind, affine=kind == "sliding")  # (both of alpha's conventions)
+            try:
+                o, st = lx.linear_attention(*leaves[:3], window=w, window_mix=leaves[3], window_kind=kind,
+                                            window_affine=kw["affine"], initial_state=tuple(leaves[4:]),
+                                            return_state=True, backend="triton")
+                do = torch.randn(o.shape, generator=g).to(device)
+                dS, dz = torch.ones_like(st.S), torch.ones_like(st.z)
+                got = torch.autograd.grad((o.float() * do).sum() + st.S.sum() + st.z.sum(), leaves)
+                fm = lx.feature_maps.get("elu")
+                worst = max(testing.hybrid_error_ratios(*leaves[:4], fm, o.detach(), got, do, **kw,
+                                                        initial_state=tuple(leaves[4:]), state=st, dS=dS,
+                                                        dz=dz).values())
+                # a prefill of 9 tokens, then 6 in-place steps, against the reference of the 15
+                n = 9
+                o1, st1 = lx.linear_attention(q[:, :n], k[:, :n], v[:, :n], window=w, window_mix=alpha,
+                                              window_kind=kind, window_affine=kw["affine"], return_state=True,
+                                              backend="triton")
+                st1 = hy.WindowState(*(t.contiguous() for t in st1))
+                outs = [o1] + [lx.linear_attention_step_(q[:, t], k[:, t], v[:, t], st1, window=w, window_mix=alpha,
+                                                         window_kind=kind, window_affine=kw["affine"],
+                                                         backend="triton")[:, None] for t in range(n, n + 6)]
+                with torch.no_grad():
+                    ref, _, _, den = hy.hybrid_attention_reference(q[:, :n + 6], k[:, :n + 6], v[:, :n + 6], fm,
+                                                                   alpha, **kw)
+                    _, _, n_all, d_all = hy.hybrid_attention_reference(q[:, :n + 6], k[:, :n + 6], v[:, :n + 6], fm,
+                                                                       alpha, absolute=True, **kw)
+                worst = max(worst, testing.error_ratio("hybrid", torch.cat(outs, 1), ref,
+                                                       (n_all + ref.abs() * d_all[..., None]) / den.abs()[..., None],
+                                                       tol))
+                # packed sequences (one empty), grouped heads, the output of each against its own reference
+                cu = torch.tensor([0] + lens, device=device).cumsum(0).to(torch.int32)
+                qp, kp, vp = x(1, sum(lens), H, D), x(1, sum(lens), HKV, D), x(1, sum(lens), HKV, DV)
+                op = lx.linear_attention(qp, kp, vp, window=w, window_mix=alpha, window_kind=kind,
+                                         window_affine=kw["affine"], cu_seqlens=cu, backend="triton")
+                bs = cu.tolist()
+                for a_, e_ in zip(bs[:-1], bs[1:]):
+                    sl = slice(a_, e_)
+                    with torch.no_grad():
+                        ref, _, _, den = hy.hybrid_attention_reference(qp[:, sl], kp[:, sl], vp[:, sl], fm, alpha,
+                                                                       **kw)
+                        _, _, n_all, d_all = hy.hybrid_attention_reference(qp[:, sl], kp[:, sl], vp[:, sl], fm,
+                                                                           alpha, absolute=True, **kw)
+                    if e_ > a_:
+                        worst = max(worst, testing.error_ratio("hybrid", op[:, sl], ref, (n_all + ref.abs() * d_all[..., None])
+                                                               / den.abs()[..., None], tol))
+            except testing.EquivalenceError as e:
+                worst = e.worst
+            bad += _report(f"hybrid {kind} w{w} GQA {H}/{HKV} D{D} DV{DV} {dt}", worst, device)
     return bad
 
 

@@ -633,3 +633,51 @@ def decode_steps(c: dict, q, k, v, state, backend: str, inplace: bool = False):
             o, final = linear_attention_step(q[:, t], k[:, t], v[:, t], final, **kw)
             outs.append(o)
     return torch.stack(outs, 1), final
+
+
+# ---- LoLCATs' hybrid (window=): the bounds tests/test_hybrid.py and the GPU scripts share
+
+
+def hybrid_error_ratios(q, k, v, alpha, fm, o, grads, do, *, window: int, kind: str = "terraced", affine=False,
+                        initial_state=None, state=None, dS=None, dz=None) -> dict:
+    """The worst error / (tol x bound) of a hybrid call's output ``o`` and its gradients ``grads`` (of q, k, v,
+    alpha, and of a pair ``initial_state``'s S0, z0 when it is given as leaves that require grad) against float64
+    autograd of :func:`lintx_triton.hybrid.hybrid_attention_reference`, for the loss sum(o do) + sum(S dS) +
+    sum(z dz) over the returned ``state`` (dS, dz may be None). The output's bound is the magnitudes' (testing's
+    normalized bound); a gradient's is the gradient of that bound's loss, the softmax and linear parts' added in
+    magnitude (their signs can differ). -> {name: ratio}, <= 1 within bound."""
+    from . import hybrid as hy
+
+    dt = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[q.dtype]
+    pair = initial_state is not None and not isinstance(initial_state, hy.WindowState)
+    l64 = [x.detach().double().requires_grad_() for x in (q, k, v, alpha)]
+    l64 += [x.detach().clone().requires_grad_() for x in initial_state] if pair else []
+    init = tuple(l64[4:]) if pair else initial_state
+    kw = dict(window=window, kind=kind, affine=affine)
+    fm64 = copy.deepcopy(fm).to("cpu", torch.float64) if fm.learnable else fm
+    ref, st_ref, _, den = hy.hybrid_attention_reference(*l64[:3], fm64, l64[3], initial_state=init, **kw)
+    dS = torch.zeros_like(st_ref.S) if dS is None else dS.to(st_ref.S)
+    dz = torch.zeros_like(st_ref.z) if dz is None else dz.to(st_ref.z)
+    loss = (ref * do.double()).sum() + (st_ref.S * dS).sum() + (st_ref.z * dz).sum()
+    want = torch.autograd.grad(loss, l64[:len(grads)])
+    names = ["q", "k", "v", "alpha", "S0", "z0"][:len(grads)]
+    out = {}
+    bounds = [0.0] * len(grads)
+    for part in ("softmax", "linear", True):
+        _, st_abs, n_abs, d_abs = hy.hybrid_attention_reference(*l64[:3], fm64, l64[3], initial_state=init,
+                                                                absolute=part, **kw)
+        bound = (n_abs + ref.detach().abs() * d_abs[..., None]) / den.detach().abs()[..., None]
+        if part is True:  # the output's and the state's bounds
+            out["o"] = error_ratio("o", o, ref, bound, TOL[dt])
+            if state is not None:
+                out["S"] = error_ratio("S", state.S, st_ref.S, st_abs.S, TOL[dt])
+                out["z"] = error_ratio("z", state.z, st_ref.z, st_abs.z, TOL[dt])
+            continue
+        bl = (bound * do.double().abs()).sum()
+        if part == "linear":
+            bl = bl + (st_abs.S * dS.abs()).sum() + (st_abs.z * dz.abs()).sum()
+        gr = torch.autograd.grad(bl, l64[:len(grads)], allow_unused=True)
+        bounds = [b + (x.abs() if x is not None else 0) for b, x in zip(bounds, gr)]
+    for name, g, w, b in zip(names, grads, want, bounds):
+        out["d" + name] = error_ratio("d" + name, g, w, b, GTOL[dt])
+    return out

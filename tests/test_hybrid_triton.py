@@ -153,3 +153,28 @@ def test_triton_step_decides_on_the_device():
     assert [x.data_ptr() for x in st_] == ptrs and st_.pos.tolist() == [40, 45, 56]
     torch.testing.assert_close(st_.S, ref.S, rtol=1e-5, atol=1e-5)
     assert torch.equal(st_.k, ref.k) and torch.equal(st_.v, ref.v)
+
+
+def test_gpu_scripts_run_tiny(tmp_path):
+    """What a GPU run executes for the hybrid, at the interpreter's sizes: bench/sanitize_case.py's hybrid cases
+    (outputs, state, every gradient, prefill + steps, packed) pass, and bench/hybrid.py --triton checks the fused
+    kernels against float64 before it times them."""
+    import json
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from bench import hybrid as bench_hybrid
+    from bench import sanitize_case
+
+    assert sanitize_case._hybrid_variants(torch.device("cpu"), ["fp32"], small=True) == 0
+    threads = torch.get_num_threads()
+    try:
+        bench_hybrid.main(["--T", "32", "--H", "1", "--D", "16", "--window", "16", "--repeat", "1", "--chunked-repeat",
+                           "1", "--triton", "--threads", "1", "--json", str(tmp_path / "rows.json")])
+    finally:
+        torch.set_num_threads(threads)
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert rows[0]["way"] == "hybrid (triton)" and rows[0]["ms"] > 0
