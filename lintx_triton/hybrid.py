@@ -40,6 +40,15 @@ as if it had never been cut. A plain pair ``(S_0, z_0)`` is also taken: a state 
 i.e. a preceding segment seen in linear form only, with blocks counted from this call's first token (LoLCATs'
 ``kv_state``/``k_state`` in ``hybrid_attention_quadratic``).
 
+Implementations: :func:`hybrid_attention_reference` (float64, quadratic: what everything is checked against);
+:func:`hybrid_attention_torch` (chunked PyTorch, autograd; ``backend="torch"``, the CPU's default) and
+:func:`hybrid_step_torch_`; and the fused Triton kernels (``lintx_triton/codegen/kernels/hybrid.py``, the ops
+``lintx::hybrid_attention_fwd`` / ``_bwd`` / ``_step_``; ``backend="triton"``, the default on CUDA for maps of
+one feature block) behind :func:`hybrid_attention_triton`, which puts a state's window tokens in front of their
+sequence (positions then count from ``window_start(pos)``, a block boundary for the terraced window) and runs the
+kernels on the extended sequences with (S, z) as the linear initial state. Their decode step decides everything
+on the device (CUDA-graph safe); the PyTorch step decides a terraced fold on the host.
+
 Source: HazyResearch/lolcats at commit 375df84f58417a57b78c875fa3f8fa76e84ab12e,
 ``src/model/linear_attention/linear_window_attention_tk.py``: ``get_masks`` (lines 25-43: the terraced masks,
 ``block_diag`` + ``torch.roll``, cropped to the last rows), ``hybrid_attention_quadratic`` (lines 46-84: scores
@@ -64,7 +73,8 @@ from .feature_maps import FeatureMap
 
 __all__ = ["KINDS", "WINDOW_MULTIPLE", "MAX_WINDOW", "WindowState", "window_capacity", "window_start",
            "window_masks", "empty_window_state", "check_window", "hybrid_attention_reference",
-           "hybrid_attention_torch", "hybrid_step_torch_", "hybrid_attention", "hybrid_attention_step"]
+           "hybrid_attention_torch", "hybrid_step_torch_", "hybrid_attention_triton", "hybrid_attention",
+           "hybrid_attention_step"]
 
 KINDS = ("terraced", "sliding")
 #: w must be a multiple of this (the kernels' smallest tile) and at most MAX_WINDOW
