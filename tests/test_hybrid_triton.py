@@ -178,3 +178,25 @@ def test_gpu_scripts_run_tiny(tmp_path):
         torch.set_num_threads(threads)
     rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
     assert rows[0]["way"] == "hybrid (triton)" and rows[0]["ms"] > 0
+
+
+def test_sm90_no_spills_where_there_were():
+    """bench/hybrid_resources.py compiles the hybrid's kernels for sm_90 on this CPU (in a subprocess: the
+    interpreter patches triton.language in this one): at D = 64 (elu, bf16) the (dk, dv) kernel at BT = 32 and the
+    decode step (32 slots a block, 8 warps), which spilled at BT = 64 and at 64 slots with 4 warps, keep no stack
+    (bench/COMPILE_REPORT.md has every kernel)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "bench" / "hybrid_resources.py"), "--maps", "elu", "--dims", "64",
+                          "--stages", "hybrid bwd dk dv", "hybrid decode step"], capture_output=True, text=True,
+                         env=dict(os.environ, TRITON_INTERPRET="0"), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.stdout.splitlines()]
+    assert sorted(r[3] for r in rows) == ["hybrid bwd dk dv", "hybrid decode step"]
+    for r in rows:
+        assert r[8] == "0" and r[9] == "0/0", r
