@@ -43,8 +43,8 @@ i.e. a preceding segment seen in linear form only, with blocks counted from this
 Implementations: :func:`hybrid_attention_reference` (float64, quadratic: what everything is checked against);
 :func:`hybrid_attention_torch` (chunked PyTorch, autograd; ``backend="torch"``, the CPU's default) and
 :func:`hybrid_step_torch_`; and the fused Triton kernels (``lintx_triton/codegen/kernels/hybrid.py``, the ops
-``lintx::hybrid_attention_fwd`` / ``_bwd`` / ``_step_``; ``backend="triton"``, the default on CUDA for maps of
-one feature block) behind :func:`hybrid_attention_triton`, which puts a state's window tokens in front of their
+``lintx::hybrid_attention_fwd`` / ``_bwd`` / ``_step_``; ``backend="triton"``, the default on CUDA, for every
+map family within the kernels' limits) behind :func:`hybrid_attention_triton`, which puts a state's window tokens in front of their
 sequence (positions then count from ``window_start(pos)``, a block boundary for the terraced window) and runs the
 kernels on the extended sequences with (S, z) as the linear initial state. Their decode step decides everything
 on the device (CUDA-graph safe); the PyTorch step decides a terraced fold on the host.
@@ -613,18 +613,16 @@ def hybrid_attention_triton(q: Tensor, k: Tensor, v: Tensor, fm: FeatureMap, win
 
 
 def _hybrid_backend(backend: str, q: Tensor, v: Tensor, fm: FeatureMap) -> str:
-    """The hybrid's backend: ``"auto"`` runs the fused kernels on CUDA tensors for the maps they take (one feature
-    block: elementwise and projected maps), the torch path otherwise (also in Triton's CPU interpreter, where the
+    """The hybrid's backend: ``"auto"`` runs the fused kernels on CUDA tensors (within the kernels' limits,
+    :func:`lintx_triton.spec.triton_limits`), the torch path otherwise (also in Triton's CPU interpreter, where the
     torch path is the faster; ``backend="triton"`` runs the kernels there)."""
     from .api import _pick_backend
+    from .spec import triton_limits
 
     if backend == "auto":
-        return "triton" if q.is_cuda and not fm.blocked and _pick_backend("triton", q, v, fm) else "torch"
+        return "triton" if q.is_cuda and triton_limits(fm, q.shape[-1], v.shape[-1]) is None else "torch"
     if backend == "triton":
         _pick_backend(backend, q, v, fm)  # CUDA or the interpreter, and the kernels' widths
-        if fm.blocked:
-            raise ValueError(f"the hybrid's Triton kernels (window=) take maps of one feature block (elementwise and "
-                             f"projected); {fm.name!r} is a blocked (polynomial) map: use backend='torch'")
     return backend
 
 

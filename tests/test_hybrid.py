@@ -488,8 +488,9 @@ def test_bad_input_raises(kwargs, match):
 
 def test_bad_step_input_raises():
     q, k, v = torch.randn(1, 2, 8), torch.randn(1, 2, 8), torch.randn(1, 2, 5)
-    with pytest.raises(ValueError, match="one feature block"):
-        lx.linear_attention_step(q, k, v, None, window=16, backend="triton", feature_map=lx.feature_maps.taylor(8))
+    with pytest.raises(ValueError, match="D up to 32"):
+        lx.linear_attention_step(q.repeat(1, 1, 5), k.repeat(1, 1, 5), v, None, window=16, backend="triton",
+                                 feature_map=lx.feature_maps.taylor(40))
     with pytest.raises(ValueError, match="state.k"):
         lx.linear_attention_step_(q, k, v, hy.empty_window_state(1, 2, 8, 8, 5, 16, "sliding"), window=16)
     with pytest.raises(TypeError, match="preallocated"):

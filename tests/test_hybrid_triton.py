@@ -118,10 +118,31 @@ def test_opcheck_and_compile():
         torch.testing.assert_close(a, b)
 
 
-def test_blocked_map_is_refused():
-    q, k, v = torch.randn(1, 20, 2, 8), torch.randn(1, 20, 2, 8), torch.randn(1, 20, 2, 5)
-    with pytest.raises(ValueError, match="one feature block"):
-        lx.linear_attention(q, k, v, feature_map=lx.feature_maps.taylor(8), window=16, backend="triton")
+@pytest.mark.parametrize("family,kind", [("taylor", "sliding"), ("rebased", "terraced")])
+def test_polynomial_maps(family, kind):
+    """Based's pairing (a Taylor map's linear attention with a sliding window) and ReBased: the kernels walk the
+    map's feature blocks (M = 1 + D + D^2 = 43 at D = 6: two blocks); outputs, the state and every gradient (and
+    ReBased's gamma, beta) within their bounds of the float64 reference."""
+    c = dict(B=1, T=37, H=2, HKV=1, D=6, DV=5, dtype="float32", map="elu", window=16, kind=kind, affine=False,
+             window_scale=None, scale=1.0, state=None, seed=13)
+    q, k, v, alpha, _, _ = inputs(c, requires_grad=True)
+    fm = lx.feature_maps.taylor(6) if family == "taylor" else lx.feature_maps.rebased(6, heads=1)
+    assert fm.feature_dim(6) > 32  # more than one block of features
+    check_grads(c, q, k, v, alpha, fm, None, backend="triton")
+    with torch.no_grad():
+        o, st_ = lx.linear_attention(q, k, v, feature_map=fm, return_state=True, backend="triton", **_api_kw(c, alpha))
+    check_state(c, st_, *check_forward(c, o, q.detach(), k.detach(), v.detach(), alpha.detach(), fm, None))
+    # the decode step, a block of features at a time: 20 steps (a terraced block's fold among them) as the torch step
+    a, b = (hy.empty_window_state(1, 1, fm.feature_dim(6), 6, 5, 16, kind) for _ in range(2))
+    with torch.no_grad():
+        for t in range(20):
+            args = (q[:, t], k[:, t], v[:, t])
+            kw = dict(feature_map=fm, **_api_kw(c, alpha))
+            torch.testing.assert_close(lx.linear_attention_step_(*args, a, backend="triton", **kw),
+                                       lx.linear_attention_step_(*args, b, backend="torch", **kw), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.S, b.S, rtol=1e-5, atol=1e-5)
+    assert torch.equal(a.k, b.k)
+
 
 
 @settings(max_examples=max(3, settings.default.max_examples // 10))

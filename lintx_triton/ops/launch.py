@@ -406,9 +406,10 @@ def hybrid_chunk(window: int, chunk: int) -> int:
 def hybrid_fwd_plan(spec: KernelSpec, cfg: Config, lay: Layout, *, window: int, sliding: bool, affine: bool,
                     has_init: bool) -> Plan:
     """``hybrid_fwd_kernel_o``: fused, one program per (value block, sequence * head) walking its chunks; else
-    one per (chunk slot, value block, batch * head)."""
+    one per (chunk slot, value block, batch * head). Blocked (polynomial) maps always run chunked: their state
+    would not fit on chip."""
     BV, warps, stages = _pass(cfg, False)
-    fused = path_of(spec, cfg) == "fused"
+    fused = path_of(spec, cfg) == "fused" and spec.feature_blocks == 1  # a blocked map's state is not carried
     NV = _cdiv(spec.value_dim, BV)
     grid = (1, NV, lay.N * lay.H) if fused else (lay.NT, NV, lay.B * lay.H)
     return Plan(grid, dict(H=lay.H, HKV=lay.HKV, BT=lay.BT, BV=BV, W=window, SLIDING=sliding, AFFINE=affine,

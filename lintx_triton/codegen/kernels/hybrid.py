@@ -21,16 +21,19 @@ a tie here gives it to the first key). Backward, with dN = do / L, dL = -(do . o
     dL/df_h = -sum_t dm_t / f_h,   dL/dg_h = sum_t dm_t / g_h                            (in PyTorch)
 
 dS_rev of key chunk j sums G_c = g scale sum_t a_t^T [dN_t, dL_t] over the query chunks c whose state holds
-chunk j (kc(c) > j): a reverse scan of ``hybrid_bwd_kernel_h``'s sums. One-block maps only (NMB = 1); the
-spec is generated unnormalized so that a projected map's queries take no per-row shift (it would not
+chunk j (kc(c) > j): a reverse scan of ``hybrid_bwd_kernel_h``'s sums. The linear parts walk the map's
+feature blocks (NMB of BM features: one for elementwise and projected maps, several for polynomial ones, whose
+dq and dk sum dL/dy' over the blocks and take pre's vjp once, as backward.py does); the fused forward carries a
+one-block state only (the launcher runs blocked maps chunked). The spec is generated unnormalized so that a projected map's queries take no per-row shift (it would not
 cancel here). Launch-time constants beyond the forward's: W (the window w), SLIDING (False: terraced),
 AFFINE (g = 1 - f), HAS_INIT (S0, z0), HAS_DFM.
 """
 import triton
 import triton.language as tl
 
-from .constants import BD, BDV, BM, D, DV, FMS, M
-from .elementwise import _phi, _store_phi_vjp  # or projected.py's
+from .constants import BD, BDA, BDV, BM, D, DV, FMS, M, NMB
+from .elementwise import _phi, _store_phi_vjp  # or projected.py's (one-block maps)
+from .single_block import _phi_blk, _phi_vjp_acc, _phi_vjp_store  # or polynomial.py's (blocked maps)
 from .helpers import _chunk, _den_offset, _load_rows, _mm, _mm_wide, _seq, _store_rows
 
 # %% kernels (the renderer joins what follows; the lines above are for editors and linters)
@@ -139,7 +142,11 @@ def hybrid_fwd_kernel_o(
         m_t = o_t < T_n
         b_lo = _win_lo(o_t, W, SLIDING)  # [BT]
         i_k = _win_lo(i_t * BT, W, SLIDING) // BT  # the first chunk with softmax keys; the state is before it
-        if FUSED:
+        o_sk = i_k * BT + tl.arange(0, BT)  # chunk i_k's keys (the sliding window's intra-chunk linear part)
+        m_sk = o_sk < T_n
+        if SLIDING:
+            b_Pl = tl.zeros([BT, BT], dtype=tl.float32)
+        if FUSED:  # one feature block (NMB = 1: the launcher runs blocked maps chunked)
             for i_j in range(i_cur, i_k):  # move the carried state up to chunk i_k
                 o_s = i_j * BT + tl.arange(0, BT)
                 m_s = o_s < T_n
@@ -147,13 +154,30 @@ def hybrid_fwd_kernel_o(
                 b_S += _mm(tl.trans(b_b), _load_rows(v, row_k, o_s, m_s, o_v, m_v, HKV, DV))
                 b_z += tl.sum(b_b, 0)
             i_cur = tl.maximum(i_cur, i_k)
-        else:
+            b_a = _phi(q, row_q, o_t, m_t, H, p_fq, True)  # [BT, BM]
+            b_lin = _mm_wide(b_a, b_S)  # [BT, BV]
+            b_lden = tl.sum(b_a * b_z[None, :], 1)  # [BT]
+            if SLIDING:
+                b_Pl = _mm(b_a, tl.trans(_phi(k, row_k, o_sk, m_sk, HKV, p_fk, False)))
+        else:  # the state before chunk i_k, a feature block at a time
             i_s = (i_b * HKV + i_hk).to(tl.int64) * NT + i_c - (i_t - i_k)
-            b_S = tl.load(S + (i_s * M + o_m[:, None]) * DV + o_v[None, :], mask=m_mv, other=0.0)
-            b_z = tl.load(z + i_s * M + o_m, mask=m_m, other=0.0)
-        b_a = _phi(q, row_q, o_t, m_t, H, p_fq, True)  # [BT, BM]
-        b_lin = _mm_wide(b_a, b_S)  # [BT, BV]
-        b_lden = tl.sum(b_a * b_z[None, :], 1)  # [BT]
+            b_lin = tl.zeros([BT, BV], dtype=tl.float32)
+            b_lden = tl.zeros([BT], dtype=tl.float32)
+            for i_mb in range(0, NMB):
+                o_mb = i_mb * BM + o_m
+                m_mb = o_mb < M
+                b_S = tl.load(S + (i_s * M + o_mb[:, None]) * DV + o_v[None, :], mask=m_mb[:, None] & m_v[None, :],
+                              other=0.0)  # [BM, BV]
+                b_z = tl.load(z + i_s * M + o_mb, mask=m_mb, other=0.0)
+                b_a = _phi_blk(q, row_q, o_t, m_t, H, p_fq, True, i_mb)  # [BT, BM]
+                b_lin += _mm_wide(b_a, b_S)
+                b_lden += tl.sum(b_a * b_z[None, :], 1)
+                if SLIDING:
+                    b_Pl += _mm(b_a, tl.trans(_phi_blk(k, row_k, o_sk, m_sk, HKV, p_fk, False, i_mb)))
+        if SLIDING:  # chunk i_k's keys before a row's window are linear
+            b_Pl = tl.where((o_sk[None, :] < b_lo[:, None]) & m_sk[None, :], b_Pl, 0.0)
+            b_lin += _mm_wide(b_Pl, _load_rows(v, row_k, o_sk, m_sk, o_v, m_v, HKV, DV))
+            b_lden += tl.sum(b_Pl, 1)
         b_q = _load_rows(q, row_q, o_t, m_t, o_d, m_d, H, D)  # [BT, BD]
         b_m = tl.full([BT], float("-inf"), dtype=tl.float32)
         b_idx = tl.zeros([BT], dtype=tl.int32)
@@ -175,12 +199,6 @@ def hybrid_fwd_kernel_o(
             b_acc = b_acc * b_r[:, None] + _mm(b_p, b_vj)
             b_l = b_l * b_r + tl.sum(b_p, 1)
             b_m = b_mn
-            if SLIDING:
-                if i_j == i_k:  # this chunk's keys before a row's window are linear
-                    m_ln = (o_s[None, :] < b_lo[:, None]) & m_s[None, :]
-                    b_P = tl.where(m_ln, _mm(b_a, tl.trans(_phi(k, row_k, o_s, m_s, HKV, p_fk, False))), 0.0)
-                    b_lin += _mm_wide(b_P, b_vj)
-                    b_lden += tl.sum(b_P, 1)
         b_L = f * b_l + g * scale * b_lden
         b_L = tl.where(m_t, b_L, 1.0)
         b_o = (f * b_acc + g * scale * b_lin) / b_L[:, None]
@@ -255,14 +273,10 @@ def hybrid_bwd_kernel_dq(
     b_do = _load_rows(do, row_q, o_t, m_t, o_w, m_w, H, DV)  # [BT, BDV]
     b_gl = -tl.sum(b_do * _load_rows(o, row_q, o_t, m_t, o_w, m_w, H, DV), 1) * b_rL  # [BT] dL
     tl.store(gl + p_st, b_gl, mask=m_t)
-    # the linear part from the state before chunk i_k: dL/da = g scale (dN S^T + dL z^T)
-    i_s = (i_b * HKV + i_hk).to(tl.int64) * NT + i_c - (i_t - i_k)
-    b_S = tl.load(S + (i_s * M + o_m[:, None]) * DV + o_w[None, :], mask=m_m[:, None] & m_w[None, :], other=0.0)
-    b_z = tl.load(z + i_s * M + o_m, mask=m_m, other=0.0)
-    b_da = _mm_wide(b_do, tl.trans(b_S)) * b_rL[:, None] + b_gl[:, None] * b_z[None, :]  # [BT, BM]
     b_q = _load_rows(q, row_q, o_t, m_t, o_d, m_d, H, D)  # [BT, BD]
     b_dq = tl.zeros([BT, BD], dtype=tl.float32)
     b_dms = tl.zeros([BT], dtype=tl.float32)
+    b_dPl = tl.zeros([BT, BT], dtype=tl.float32)  # SLIDING: dP of chunk i_k's keys outside the rows' windows
     for i_j in range(i_k, i_t + 1):
         o_s = i_j * BT + tl.arange(0, BT)
         m_s = o_s < T_n
@@ -276,16 +290,35 @@ def hybrid_bwd_kernel_dq(
         b_dq += _mm_wide(b_ds, b_k)
         if SLIDING:
             if i_j == i_k:
-                m_ln = (o_s[None, :] < b_lo[:, None]) & m_s[None, :] & m_t[:, None]
-                b_b = _phi(k, row_k, o_s, m_s, HKV, p_fk, False)  # [BT, BM]
-                b_da += _mm_wide(tl.where(m_ln, b_dp, 0.0), b_b)
+                b_dPl = tl.where((o_s[None, :] < b_lo[:, None]) & m_s[None, :] & m_t[:, None], b_dp, 0.0)
     b_dm = -b_dms
     tl.store(dm + p_st, b_dm, mask=m_t)
     # m's gradient goes to the key that set it: dq_t += c dm_t k_(argmax_t)
     p_ki = k + ((bos + b_idx[:, None].to(tl.int64)) * HKV + i_hk) * D + o_d[None, :]
     b_dq += b_dm[:, None] * tl.load(p_ki, mask=m_t[:, None] & m_d[None, :], other=0.0).to(tl.float32)
     _store_rows(dq, qk_scale * b_dq, row_q, o_t, m_t, o_d, m_d, H, D)
-    _store_phi_vjp(dql, row_q, H, q, row_q, H, o_t, m_t, (g * scale) * b_da, p_fq, True, dfq + i_h * FMS, HAS_DFM)
+    # the linear part, a feature block at a time: dL/da = g scale (dN S^T + dL z^T + intra), S before chunk i_k
+    i_s = (i_b * HKV + i_hk).to(tl.int64) * NT + i_c - (i_t - i_k)
+    o_sk = i_k * BT + tl.arange(0, BT)
+    m_sk = o_sk < T_n
+    if NMB > 1:
+        b_dy = tl.zeros([BT, BDA], dtype=tl.float32)  # dL/dy' summed over the blocks (polynomial maps)
+    for i_mb in range(0, NMB):
+        o_mb = i_mb * BM + o_m
+        m_mb = o_mb < M
+        b_S = tl.load(S + (i_s * M + o_mb[:, None]) * DV + o_w[None, :], mask=m_mb[:, None] & m_w[None, :],
+                      other=0.0)  # [BM, BDV]
+        b_z = tl.load(z + i_s * M + o_mb, mask=m_mb, other=0.0)
+        b_da = _mm_wide(b_do, tl.trans(b_S)) * b_rL[:, None] + b_gl[:, None] * b_z[None, :]  # [BT, BM]
+        if SLIDING:
+            b_da += _mm_wide(b_dPl, _phi_blk(k, row_k, o_sk, m_sk, HKV, p_fk, False, i_mb))
+        if NMB == 1:
+            _store_phi_vjp(dql, row_q, H, q, row_q, H, o_t, m_t, (g * scale) * b_da, p_fq, True, dfq + i_h * FMS,
+                           HAS_DFM)
+        else:
+            b_dy = _phi_vjp_acc(b_dy, q, row_q, H, o_t, m_t, (g * scale) * b_da, p_fq, True, i_mb)
+    if NMB > 1:
+        _phi_vjp_store(b_dy, dql, row_q, H, q, row_q, H, o_t, m_t, p_fq, True, dfq + i_h * FMS, HAS_DFM)
 
 
 # ---- backward: G_c = sum over the group's query heads of g scale a^T [dN, dL], the chunk sums the reverse
@@ -321,21 +354,25 @@ def hybrid_bwd_kernel_h(
     m_m = o_m < M
     o_w = tl.arange(0, BDV)
     m_w = o_w < DV
-    b_S = tl.zeros([BM, BDV], dtype=tl.float32)
-    b_z = tl.zeros([BM], dtype=tl.float32)
-    for i_g in range(0, H // HKV):
-        i_h = i_hk * (H // HKV) + i_g
-        f, g = _mix_factors(mix, i_h, AFFINE)
-        row_q = bos * H + i_h
-        p_st = _den_offset(i_b, i_h, bos, T, H, IS_VARLEN) + o_t
-        b_a = _phi(q, row_q, o_t, m_t, H, fq + i_h * fq_hs, True)  # [BT, BM]
-        b_rL = tl.where(m_t, 1.0 / tl.load(den + p_st, mask=m_t, other=1.0), 0.0)
-        b_gl = tl.load(gl + p_st, mask=m_t, other=0.0)
-        b_S += (g * scale) * _mm_wide(tl.trans(b_a * b_rL[:, None]), _load_rows(do, row_q, o_t, m_t, o_w, m_w, H, DV))
-        b_z += (g * scale) * tl.sum(b_a * b_gl[:, None], 0)
     i_s = i_bs.to(tl.int64) * NT + i_c
-    tl.store(dS + (i_s * M + o_m[:, None]) * DV + o_w[None, :], b_S, mask=m_m[:, None] & m_w[None, :])
-    tl.store(dz + i_s * M + o_m, b_z, mask=m_m)
+    for i_mb in range(0, NMB):
+        o_mb = i_mb * BM + o_m
+        m_mb = o_mb < M
+        b_S = tl.zeros([BM, BDV], dtype=tl.float32)
+        b_z = tl.zeros([BM], dtype=tl.float32)
+        for i_g in range(0, H // HKV):
+            i_h = i_hk * (H // HKV) + i_g
+            f, g = _mix_factors(mix, i_h, AFFINE)
+            row_q = bos * H + i_h
+            p_st = _den_offset(i_b, i_h, bos, T, H, IS_VARLEN) + o_t
+            b_a = _phi_blk(q, row_q, o_t, m_t, H, fq + i_h * fq_hs, True, i_mb)  # [BT, BM]
+            b_rL = tl.where(m_t, 1.0 / tl.load(den + p_st, mask=m_t, other=1.0), 0.0)
+            b_gl = tl.load(gl + p_st, mask=m_t, other=0.0)
+            b_S += (g * scale) * _mm_wide(tl.trans(b_a * b_rL[:, None]),
+                                          _load_rows(do, row_q, o_t, m_t, o_w, m_w, H, DV))
+            b_z += (g * scale) * tl.sum(b_a * b_gl[:, None], 0)
+        tl.store(dS + (i_s * M + o_mb[:, None]) * DV + o_w[None, :], b_S, mask=m_mb[:, None] & m_w[None, :])
+        tl.store(dz + i_s * M + o_mb, b_z, mask=m_mb)
 
 
 # ---- backward: dk (softmax part), dv, dk's linear part through phi's vjp; one program per key chunk slot and
@@ -394,23 +431,15 @@ def hybrid_bwd_kernel_dkv(
     n_c = tl.cdiv(T_n, BT)
     b_k = _load_rows(k, row_k, o_s, m_s, o_d, m_d, HKV, D)  # [BT, BD]
     b_v = _load_rows(v, row_k, o_s, m_s, o_w, m_w, HKV, DV)  # [BT, BDV]
-    b_b = _phi(k, row_k, o_s, m_s, HKV, p_fk, False)  # [BT, BM]
     b_dk = tl.zeros([BT, BD], dtype=tl.float32)
     b_dv = tl.zeros([BT, BDV], dtype=tl.float32)
-    b_db = tl.zeros([BT, BM], dtype=tl.float32)
-    # the linear part through the states: the query chunks from c_st on hold this chunk in S[kc]
     if SLIDING:
-        c_st = i_j + 1 + R
+        c_st = i_j + 1 + R  # the first query chunk whose state holds this chunk
         c_hi = i_j + R  # the last query chunk with this chunk's keys in a window
     else:
         c_st = (1 + (i_j + R) // R) * R
         c_hi = (i_j // R + 2) * R - 1
-    if c_st - 1 < n_c:
-        i_s = i_bs.to(tl.int64) * NT + i_c + (c_st - 1 - i_j)
-        b_dS = tl.load(dS + (i_s * M + o_m[:, None]) * DV + o_w[None, :], mask=m_m[:, None] & m_w[None, :],
-                       other=0.0)
-        b_dv += _mm_wide(b_b, b_dS)
-        b_db += _mm_wide(b_v, tl.trans(b_dS)) + tl.load(dz + i_s * M + o_m, mask=m_m, other=0.0)[None, :]
+    # the softmax part: the query chunks whose windows hold this chunk's keys, for each query head of the group
     for i_g in range(0, H // HKV):
         i_h = i_hk * (H // HKV) + i_g
         f, g = _mix_factors(mix, i_h, AFFINE)
@@ -432,20 +461,51 @@ def hybrid_bwd_kernel_dkv(
             m_sm = (o_s[:, None] <= o_t[None, :]) & (o_s[:, None] >= b_lo[None, :]) & m_s[:, None] & m_t[None, :]
             b_p = tl.where(m_sm, f * tl.exp(qk_scale * _mm(b_k, tl.trans(b_q)) - b_m[None, :]), 0.0)
             b_dp = _mm(b_v, tl.trans(b_do)) * b_rL[None, :] + b_gl[None, :]  # dN_t . v_s + dL_t
-            b_dN = b_do * b_rL[:, None]  # [BT, BDV]
-            b_dv += _mm_wide(b_p, b_dN)
+            b_dv += _mm_wide(b_p, b_do * b_rL[:, None])
             b_ds = b_p * b_dp + tl.where(o_s[:, None] == b_idx[None, :], b_dmt[None, :], 0.0)
             b_dk += _mm_wide(b_ds, b_q)
-            if SLIDING:
-                if i_t == i_j + R:  # the keys of this chunk that left row t's window, before the state holds them
-                    m_ln = (o_s[:, None] < b_lo[None, :]) & m_s[:, None] & m_t[None, :]
-                    b_a = _phi(q, row_q, o_t, m_t, H, fq + i_h * fq_hs, True)  # [BT, BM]
-                    b_Pl = tl.where(m_ln, _mm(b_b, tl.trans(b_a)), 0.0) * (g * scale)
-                    b_dv += _mm_wide(b_Pl, b_dN)
-                    b_db += (g * scale) * _mm_wide(tl.where(m_ln, b_dp, 0.0), b_a)
     _store_rows(dk, qk_scale * b_dk, row_k, o_s, m_s, o_d, m_d, HKV, D)
+    # the linear part, a feature block at a time: through the states of the query chunks from c_st on, and (sliding)
+    # the keys of this chunk that left the windows of query chunk i_j + R before its state holds them
+    i_s = i_bs.to(tl.int64) * NT + i_c + (c_st - 1 - i_j)
+    i_t = i_j + R
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T_n
+    m_ln = (o_s[:, None] < _win_lo(o_t, W, SLIDING)[None, :]) & m_s[:, None] & m_t[None, :]  # [BT keys, BT queries]
+    if NMB > 1:
+        b_dy = tl.zeros([BT, BDA], dtype=tl.float32)
+    for i_mb in range(0, NMB):
+        o_mb = i_mb * BM + o_m
+        m_mb = o_mb < M
+        b_b = _phi_blk(k, row_k, o_s, m_s, HKV, p_fk, False, i_mb)  # [BT, BM]
+        b_db = tl.zeros([BT, BM], dtype=tl.float32)
+        if c_st - 1 < n_c:
+            b_dS = tl.load(dS + (i_s * M + o_mb[:, None]) * DV + o_w[None, :], mask=m_mb[:, None] & m_w[None, :],
+                           other=0.0)
+            b_dv += _mm_wide(b_b, b_dS)
+            b_db += _mm_wide(b_v, tl.trans(b_dS)) + tl.load(dz + i_s * M + o_mb, mask=m_mb, other=0.0)[None, :]
+        if SLIDING:
+            if i_t < n_c:
+                for i_g in range(0, H // HKV):
+                    i_h = i_hk * (H // HKV) + i_g
+                    f, g = _mix_factors(mix, i_h, AFFINE)
+                    row_q = bos * H + i_h
+                    p_st = _den_offset(i_b, i_h, bos, T, H, IS_VARLEN) + o_t
+                    b_rL = tl.where(m_t, 1.0 / tl.load(den + p_st, mask=m_t, other=1.0), 0.0)
+                    b_gl = tl.load(gl + p_st, mask=m_t, other=0.0)
+                    b_do = _load_rows(do, row_q, o_t, m_t, o_w, m_w, H, DV)  # [BT, BDV]
+                    b_a = _phi_blk(q, row_q, o_t, m_t, H, fq + i_h * fq_hs, True, i_mb)  # [BT, BM]
+                    b_Pl = tl.where(m_ln, _mm(b_b, tl.trans(b_a)), 0.0) * (g * scale)
+                    b_dv += _mm_wide(b_Pl, b_do * b_rL[:, None])
+                    b_dp = _mm(b_v, tl.trans(b_do)) * b_rL[None, :] + b_gl[None, :]
+                    b_db += (g * scale) * _mm_wide(tl.where(m_ln, b_dp, 0.0), b_a)
+        if NMB == 1:
+            _store_phi_vjp(dkl, row_k, HKV, k, row_k, HKV, o_s, m_s, b_db, p_fk, False, dfk + i_hk * FMS, HAS_DFM)
+        else:
+            b_dy = _phi_vjp_acc(b_dy, k, row_k, HKV, o_s, m_s, b_db, p_fk, False, i_mb)
+    if NMB > 1:
+        _phi_vjp_store(b_dy, dkl, row_k, HKV, k, row_k, HKV, o_s, m_s, p_fk, False, dfk + i_hk * FMS, HAS_DFM)
     _store_rows(dv, b_dv, row_k, o_s, m_s, o_w, m_w, HKV, DV)
-    _store_phi_vjp(dkl, row_k, HKV, k, row_k, HKV, o_s, m_s, b_db, p_fk, False, dfk + i_hk * FMS, HAS_DFM)
 
 
 # ---- decode: one token of the hybrid per (batch, kv head), in place. The token goes into its ring slot
@@ -498,19 +558,14 @@ def hybrid_decode_kernel_step(
     tl.debug_barrier()
     lo = _win_lo(P, W, SLIDING)
     nxt = _win_lo(P + 1, W, SLIDING)
-    b_z0 = tl.load(z + i_bs * M + o_m, mask=m_m, other=0.0)  # [BM] before the fold (every value block reads it)
-    b_z = b_z0
     for i_v in range(0, tl.cdiv(DV, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < DV
-        p_S = S + (i_bs * M + o_m[:, None]) * DV + o_v[None, :]
-        b_S = tl.load(p_S, mask=m_m[:, None] & m_v[None, :], other=0.0)  # [BM, BV]
         for i_g in range(0, H // HKV):
             i_h = i_hk * (H // HKV) + i_g
             row = i_b * H + i_h
             f, g = _mix_factors(mix, i_h, AFFINE)
             b_q = tl.load(q + row * D + o_d, mask=m_d, other=0.0).to(tl.float32)  # [BD]
-            b_a = tl.sum(_phi(q, row, o_r, o_r == 0, 1, fq + i_h * fq_hs, True), 0)  # [BM]
             b_mr = tl.max(tl.full([BC], float("-inf"), dtype=tl.float32), 0)
             b_l = tl.sum(tl.zeros([BC], dtype=tl.float32), 0)
             b_acc = tl.zeros([BV], dtype=tl.float32)
@@ -529,19 +584,39 @@ def hybrid_decode_kernel_step(
                 b_acc = b_acc * b_r + tl.sum(b_p[:, None] * b_vv, 0)
                 b_l = b_l * b_r + tl.sum(b_p, 0)
                 b_mr = b_mn
-            b_num = f * b_acc + g * scale * tl.sum(b_a[:, None] * b_S, 0)
-            b_den = f * b_l + g * scale * tl.sum(b_a * b_z0, 0)
+            b_lin = tl.zeros([BV], dtype=tl.float32)
+            b_lden = tl.sum(tl.zeros([BM], dtype=tl.float32), 0)
+            for i_mb in range(0, NMB):  # a S and a z before the fold, a feature block at a time
+                o_mb = i_mb * BM + o_m
+                m_mb = o_mb < M
+                b_a = tl.sum(_phi_blk(q, row, o_r, o_r == 0, 1, fq + i_h * fq_hs, True, i_mb), 0)  # [BM]
+                b_S = tl.load(S + (i_bs * M + o_mb[:, None]) * DV + o_v[None, :], mask=m_mb[:, None] & m_v[None, :],
+                              other=0.0)  # [BM, BV]
+                b_lin += tl.sum(b_a[:, None] * b_S, 0)
+                b_lden += tl.sum(b_a * tl.load(z + i_bs * M + o_mb, mask=m_mb, other=0.0), 0)
+            b_num = f * b_acc + g * scale * b_lin
+            b_den = f * b_l + g * scale * b_lden
             tl.store(o + row * DV + o_v, (b_num / b_den).to(o.dtype.element_ty), mask=m_v)
-        for c0 in range(lo, nxt, BC):  # the tokens that leave the window
+        for i_mb in range(0, NMB):  # fold the tokens that leave into this value block of S
+            o_mb = i_mb * BM + o_m
+            m_mb = o_mb < M
+            p_S = S + (i_bs * M + o_mb[:, None]) * DV + o_v[None, :]
+            b_S = tl.load(p_S, mask=m_mb[:, None] & m_v[None, :], other=0.0)
+            for c0 in range(lo, nxt, BC):
+                o_t = c0 + tl.arange(0, BC)
+                m_l = o_t < nxt
+                b_b = _phi_blk(kb, i_bs * C, o_t % C, m_l, 1, p_fk, False, i_mb)  # [BC, BM]
+                b_S += _mm(tl.trans(b_b), _load_rows(vb, i_bs * C, o_t % C, m_l, o_v, m_v, 1, DV))
+            tl.store(p_S, b_S, mask=m_mb[:, None] & m_v[None, :])
+    tl.debug_barrier()  # every value block has read z
+    for i_mb in range(0, NMB):
+        o_mb = i_mb * BM + o_m
+        m_mb = o_mb < M
+        b_z = tl.load(z + i_bs * M + o_mb, mask=m_mb, other=0.0)
+        for c0 in range(lo, nxt, BC):
             o_t = c0 + tl.arange(0, BC)
-            m_l = o_t < nxt
-            o_sl = o_t % C
-            b_b = _phi(kb, i_bs * C, o_sl, m_l, 1, p_fk, False)  # [BC, BM]
-            b_S += _mm(tl.trans(b_b), _load_rows(vb, i_bs * C, o_sl, m_l, o_v, m_v, 1, DV))
-            if i_v == 0:
-                b_z += tl.sum(b_b, 0)
-        tl.store(p_S, b_S, mask=m_m[:, None] & m_v[None, :])
-    tl.store(z + i_bs * M + o_m, b_z, mask=m_m)
+            b_z += tl.sum(_phi_blk(kb, i_bs * C, o_t % C, o_t < nxt, 1, p_fk, False, i_mb), 0)
+        tl.store(z + i_bs * M + o_mb, b_z, mask=m_mb)
     tl.debug_barrier()
     for c0 in range(lo, nxt, BC):  # their slots are emptied, as a call leaves them
         o_sl = (c0 + tl.arange(0, BC)) % C
