@@ -410,8 +410,8 @@ def hybrid_fwd_plan(spec: KernelSpec, cfg: Config, lay: Layout, *, window: int, 
     would not fit on chip."""
     BV, warps, stages = _pass(cfg, False)
     fused = path_of(spec, cfg) == "fused" and spec.feature_blocks == 1  # a blocked map's state is not carried
-    NV = _cdiv(spec.value_dim, BV)
-    grid = (1, NV, lay.N * lay.H) if fused else (lay.NT, NV, lay.B * lay.H)
+    slots, rows = (1, lay.N) if fused else (lay.NT, lay.B)  # chunk slots; sequences (fused) or batch rows
+    grid = (slots, _cdiv(spec.value_dim, BV), rows * lay.H)
     return Plan(grid, dict(H=lay.H, HKV=lay.HKV, BT=lay.BT, BV=BV, W=window, SLIDING=sliding, AFFINE=affine,
                            HAS_INIT=has_init, FUSED=fused, IS_VARLEN=lay.varlen), warps, stages)
 
@@ -527,7 +527,7 @@ def hybrid_decode(spec: KernelSpec, cfg: Config, q, k, v, mix, S, z, kb, vb, pos
     B, H, _ = q.shape
     HKV, C = k.shape[1], kb.shape[2]
     o = torch.empty(B, H, spec.value_dim, dtype=q.dtype, device=q.device)
-    if B * H == 0:
+    if o.numel() == 0:
         return o
     unused = S
     BV = value_blocks(spec, cfg).block_v
