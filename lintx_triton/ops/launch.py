@@ -391,10 +391,17 @@ def state_bwd(spec: KernelSpec, cfg: Config, dS, dz, k, v, fk, cu=None, *, map_g
 
 # ---------------------------------------------------------------- LoLCATs' hybrid (window=)
 
-# The hybrid's backward holds more tiles than the linear one (scores, their gradient, q, k, v, do and the state's
-# share per chunk): at D = DV = 64, bf16, sm_90, 8 warps, BT = 64 spilled 784 bytes in (dk, dv) and 32 in dq;
-# BT = 32 none (bench/NOTES.md).
+# The hybrid's backward holds more tiles than the linear one (scores, their gradient, q, k, v, do and a [BM, DV]
+# state block per chunk): at D = DV = 64, bf16, sm_90, 8 warps, BT = 64 spilled 784 bytes in (dk, dv) and 32 in dq;
+# BT = 32 none. Wider (M or DV of 128) it takes BT = 16: elu at D = 128 kept 768 / 248 bytes of stack in (dk, dv)
+# / dq at 32, 128 / 136 at 16 (bench/NOTES.md).
 HYBRID_BWD_CHUNK = 32
+
+
+def hybrid_bwd_chunk(spec: KernelSpec, cfg: Config, window: int) -> int:
+    """BT of the hybrid's backward (see HYBRID_BWD_CHUNK)."""
+    widest = max(spec.block_m, spec.block_dv)
+    return hybrid_chunk(window, min(cfg.bwd_chunk, HYBRID_BWD_CHUNK if widest <= 64 else HYBRID_BWD_CHUNK // 2))
 
 
 def hybrid_chunk(window: int, chunk: int) -> int:
@@ -465,7 +472,7 @@ def hybrid_bwd(spec: KernelSpec, cfg: Config, do, q, k, v, o, L, m, idx, mix, S0
     :func:`chunk_bwd`). The forward's chunk states are recomputed; G (the state gradient's chunk sums) is scanned
     in reverse; dm (m's gradient per row) gives alpha's: dL/df = -sum dm / f, dL/dg = sum dm / g."""
     B, T, H, _ = q.shape
-    lay = Layout(q, k, cu, hybrid_chunk(window, min(cfg.bwd_chunk, HYBRID_BWD_CHUNK)))
+    lay = Layout(q, k, cu, hybrid_bwd_chunk(spec, cfg, window))
     HKV, M, DV = lay.HKV, spec.feature_dim, spec.value_dim
     dS0, dz0 = _state_like(q, spec, lay)
     map_grads = map_grads and fq is not None
