@@ -255,13 +255,14 @@ def _lolcats_case(T, window, affine, seed, state=None, kind="terraced", m="hedge
                 window_scale=None, scale=1.0, state=state, seed=seed)
 
 
-@pytest.mark.parametrize("T,window", [(32, 16), (48, 16), (64, 16), (64, 32), (96, 32)])
-@pytest.mark.parametrize("affine", [False, True])
-@pytest.mark.parametrize("state", [None, "pair"])
-def test_lolcats_quadratic(T, window, affine, state):
+@pytest.mark.parametrize("T,window,affine,state,backend", [
+    (T, w, affine, state, "auto") for T, w in [(32, 16), (48, 16), (64, 16), (64, 32), (96, 32)]
+    for affine in (False, True) for state in (None, "pair")] + [(64, 16, False, "pair", "triton"),
+                                                                (96, 32, True, None, "triton")])
+def test_lolcats_quadratic(T, window, affine, state, backend):
     """T a multiple of w (where LoLCATs' cropped mask is causal) and T > w (its mask helper is degenerate at
-    T = w): the float64 reference equals LoLCATs' function (to float64 rounding), the torch path is within its
-    bound of it."""
+    T = w): the float64 reference equals LoLCATs' function (to float64 rounding), the torch path (and in two cases
+    the fused kernels) within its bound of it."""
     c = _lolcats_case(T, window, affine, seed=T + window, state=state)
     q, k, v, alpha, fm, st0 = inputs(c)
     wf = torch.sigmoid(alpha.double())[None, :, None, None]
@@ -276,7 +277,7 @@ def test_lolcats_quadratic(T, window, affine, state):
                                                   kv_state, k_state))
         ref, *_ = hy.hybrid_attention_reference(q, k, v, _map64(fm), alpha, initial_state=st0, **_kw(c))
     torch.testing.assert_close(ref, y, rtol=1e-10, atol=1e-12)
-    o = lx.linear_attention(q, k, v, feature_map=fm, initial_state=st0, **_api_kw(c, alpha))
+    o = lx.linear_attention(q, k, v, feature_map=fm, initial_state=st0, backend=backend, **_api_kw(c, alpha))
     check_forward(c, o, q, k, v, alpha, fm, st0)
     # the reference's gradients (q, k, v, alpha) are LoLCATs' function's, through float64 autograd
     leaves = [x.detach().double().requires_grad_() for x in (q, k, v, alpha)]
@@ -323,14 +324,15 @@ def test_sliding_matches_lolcats_decode(affine):
 # ---- reductions to softmax attention
 
 
+@pytest.mark.parametrize("backend", ["auto", "triton"])
 @pytest.mark.parametrize("kind,T", [("terraced", 32), ("terraced", 27), ("sliding", 16), ("sliding", 9)])
-def test_window_covering_sequence_is_softmax_attention(kind, T):
+def test_window_covering_sequence_is_softmax_attention(kind, T, backend):
     """No token outside the window (terraced: T <= 2w; sliding: T <= w): exact causal softmax attention, whatever
     alpha, against SDPA (float64), grouped heads."""
     c = dict(B=2, T=T, H=4, HKV=2, D=8, DV=6, dtype="float32", map="elu", window=16, kind=kind, affine=False,
              window_scale=None, scale=1.0, state=None, seed=T)
     q, k, v, alpha, fm, _ = inputs(c)
-    o = lx.linear_attention(q, k, v, feature_map=fm, **_api_kw(c, alpha))
+    o = lx.linear_attention(q, k, v, feature_map=fm, backend=backend, **_api_kw(c, alpha))
     want = F.scaled_dot_product_attention(*(x.double().transpose(1, 2) for x in (q, k, v)), is_causal=True,
                                           enable_gqa=True).transpose(1, 2)
     with torch.no_grad():
@@ -357,8 +359,9 @@ def test_sliding_with_vanishing_linear_part_is_sliding_window_softmax():
     assert_within("o", o, want, bound_of(want, den, n_abs, d_abs), TOL["float32"])
 
 
+@pytest.mark.parametrize("backend", ["auto", "triton"])
 @pytest.mark.parametrize("kind", hy.KINDS)
-def test_large_scores_do_not_overflow(kind):
+def test_large_scores_do_not_overflow(kind, backend):
     """Scores around +-1e3 (exp overflows float32 past 88 and float64 past 709): the exact row max keeps every
     softmax term <= f, the output is finite and within its bound of the float64 reference, and the balance with
     the linear part is the formula's (the linear part is not rescaled)."""
@@ -369,11 +372,11 @@ def test_large_scores_do_not_overflow(kind):
     with torch.no_grad():
         s = (q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2)) / 4
     assert s.abs().max() > 1e3
-    o = lx.linear_attention(q, k, v, feature_map=fm, **_api_kw(c, alpha))
+    o = lx.linear_attention(q, k, v, feature_map=fm, backend=backend, **_api_kw(c, alpha))
     assert torch.isfinite(o).all()
     check_forward(c, o, q, k, v, alpha, fm, None)
     alpha.requires_grad_()
-    o = lx.linear_attention(q, k, v, feature_map=fm, **_api_kw(c, alpha))
+    o = lx.linear_attention(q, k, v, feature_map=fm, backend=backend, **_api_kw(c, alpha))
     assert torch.isfinite(torch.autograd.grad(o.sum(), alpha)[0]).all()
 
 
