@@ -284,7 +284,8 @@ def hybrid_bwd_kernel_dq(
         b_v = _load_rows(v, row_k, o_s, m_s, o_w, m_w, HKV, DV)  # [BT, BDV]
         b_dp = _mm(b_do, tl.trans(b_v)) * b_rL[:, None] + b_gl[:, None]  # [BT, BT] dP = dN . v + dL
         m_sm = (o_s[None, :] <= o_t[:, None]) & (o_s[None, :] >= b_lo[:, None]) & m_s[None, :] & m_t[:, None]
-        b_p = tl.where(m_sm, f * tl.exp(qk_scale * _mm(b_q, tl.trans(b_k)) - b_m[:, None]), 0.0)
+        # (masked before exp: a score outside the window may exceed the row's max)
+        b_p = f * tl.exp(tl.where(m_sm, qk_scale * _mm(b_q, tl.trans(b_k)) - b_m[:, None], float("-inf")))
         b_ds = b_p * b_dp
         b_dms += tl.sum(b_ds, 1)
         b_dq += _mm_wide(b_ds, b_k)
@@ -459,7 +460,7 @@ def hybrid_bwd_kernel_dkv(
             b_do = _load_rows(do, row_q, o_t, m_t, o_w, m_w, H, DV)  # [BT, BDV]
             # [BT keys, BT queries]
             m_sm = (o_s[:, None] <= o_t[None, :]) & (o_s[:, None] >= b_lo[None, :]) & m_s[:, None] & m_t[None, :]
-            b_p = tl.where(m_sm, f * tl.exp(qk_scale * _mm(b_k, tl.trans(b_q)) - b_m[None, :]), 0.0)
+            b_p = f * tl.exp(tl.where(m_sm, qk_scale * _mm(b_k, tl.trans(b_q)) - b_m[None, :], float("-inf")))
             b_dp = _mm(b_v, tl.trans(b_do)) * b_rL[None, :] + b_gl[None, :]  # dN_t . v_s + dL_t
             b_dv += _mm_wide(b_p, b_do * b_rL[:, None])
             b_ds = b_p * b_dp + tl.where(o_s[:, None] == b_idx[None, :], b_dmt[None, :], 0.0)
