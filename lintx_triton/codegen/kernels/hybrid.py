@@ -598,6 +598,9 @@ def hybrid_decode_kernel_step(
             b_num = f * b_acc + g * scale * b_lin
             b_den = f * b_l + g * scale * b_lden
             tl.store(o + row * DV + o_v, (b_num / b_den).to(o.dtype.element_ty), mask=m_v)
+        # every warp has read this value block of S for the outputs before any writes the fold into it (a thread
+        # may hold other elements of a tile in the fold's layout than in the reads')
+        tl.debug_barrier()
         for i_mb in range(0, NMB):  # fold the tokens that leave into this value block of S
             o_mb = i_mb * BM + o_m
             m_mb = o_mb < M
