@@ -143,18 +143,33 @@ def test_torch_path_gradients_match_reference(c):
     check_grads(c, *inputs(c, requires_grad=True))
 
 
-def check_grads(c, q, k, v, alpha, fm, state, **call):
+def on_device(device, q, k, v, alpha, fm, state):
+    """A case's inputs (CPU tensors, a map, a state) moved to ``device`` for a call, leaves staying leaves (a learnable
+    map is copied there; CPU: the same objects)."""
+    device = torch.device(device)
+    if device == q.device:
+        return q, k, v, alpha, fm, state
+    mv = lambda x: x.detach().to(device).requires_grad_(x.requires_grad)  # noqa: E731
+    if state is not None:
+        state = hy.WindowState(*map(mv, state)) if isinstance(state, hy.WindowState) else tuple(map(mv, state))
+    return (*map(mv, (q, k, v, alpha)), copy.deepcopy(fm).to(device) if fm.learnable else fm, state)
+
+
+def check_grads(c, q, k, v, alpha, fm, state, device=None, **call):
     """The call's gradients within GTOL x bound of float64 autograd through the reference (``call``: more
-    arguments of the call, e.g. its backend). A pair state whose tensors require grad is differentiated too."""
-    o, st_ = lx.linear_attention(q, k, v, feature_map=fm, initial_state=state, return_state=True,
-                                 **_api_kw(c, alpha), **call)
+    arguments of the call, e.g. its backend). A pair state whose tensors require grad is differentiated too.
+    ``device``: the call runs there (the inputs are moved; its gradients come back to be checked on the CPU)."""
     pair = isinstance(state, tuple) and not isinstance(state, hy.WindowState) and state[0].requires_grad
+    dq_, dk_, dv_, da_, dfm, dstate = on_device(device or q.device, q, k, v, alpha, fm, state)
+    o, st_ = lx.linear_attention(dq_, dk_, dv_, feature_map=dfm, initial_state=dstate, return_state=True,
+                                 **_api_kw(c, da_), **call)
     g = torch.Generator().manual_seed(c["seed"] + 1)
     do, dS, dz = (torch.randn(x.shape, generator=g) for x in (o, st_.S, st_.z))
-    leaves = [q, k, v, alpha] + map_params(fm) + (list(state) if pair else [])
+    leaves = [dq_, dk_, dv_, da_] + map_params(dfm) + (list(dstate) if pair else [])
     names = ["q", "k", "v", "alpha"] + ([f"map.{n}" for n, _ in fm.named_parameters()] if fm.learnable else []) \
         + (["S0", "z0"] if pair else [])
-    got = torch.autograd.grad((o.float() * do).sum() + (st_.S * dS).sum() + (st_.z * dz).sum(), leaves)
+    loss = (o.float() * do.to(o.device)).sum() + (st_.S * dS.to(o.device)).sum() + (st_.z * dz.to(o.device)).sum()
+    got = [x.cpu() for x in torch.autograd.grad(loss, leaves)]
 
     fm64 = _map64(fm)
     with torch.no_grad():

@@ -14,7 +14,8 @@ import lintx_triton as lx
 from lintx_triton import hybrid as hy
 from lintx_triton.config import override
 
-from test_hybrid import _api_kw, check_forward, check_grads, check_state, hcases, hid, inputs, prefill_then_steps
+from test_hybrid import (_api_kw, check_forward, check_grads, check_state, hcases, hid, inputs, on_device,
+                         prefill_then_steps)
 
 PATHS = ("fused", "chunked")
 
@@ -28,24 +29,27 @@ def _leaf_pair(state):
 @settings(max_examples=max(4, settings.default.max_examples // 6))
 @given(c=hcases(dtypes=("float32", "bfloat16"), t_values=(1, 17, 33, 48, 70)), path=st.sampled_from(PATHS),
        chunk=st.sampled_from((16, 32)))
-def test_triton_matches_reference(c, path, chunk):
-    """o and the state after the call within TOL x bound of the float64 reference, on either forward path."""
+def test_triton_matches_reference(kernel_device, c, path, chunk):
+    """o and the state after the call within TOL x bound of the float64 reference, on either forward path (compiled
+    on a GPU: the call's inputs moved there, its results checked on the CPU)."""
     note(hid(c) + f"-{path}-BT{chunk}")
     q, k, v, alpha, fm, state = inputs(c)
+    dq, dk, dv, da, dfm, dstate = on_device(kernel_device, q, k, v, alpha, fm, state)
     with override(path=path, chunk=chunk):
-        o, st_ = lx.linear_attention(q, k, v, feature_map=fm, initial_state=state, return_state=True,
-                                     backend="triton", **_api_kw(c, alpha))
-    check_state(c, st_, *check_forward(c, o, q, k, v, alpha, fm, state))
+        o, st_ = lx.linear_attention(dq, dk, dv, feature_map=dfm, initial_state=dstate, return_state=True,
+                                     backend="triton", **_api_kw(c, da))
+    check_state(c, hy.WindowState(*(x.cpu() for x in st_)),
+                *check_forward(c, o.cpu(), q, k, v, alpha, fm, state))
 
 
 @settings(max_examples=max(3, settings.default.max_examples // 13))
 @given(c=hcases(t_values=(1, 17, 33, 50)))
-def test_triton_gradients_match_reference(c):
+def test_triton_gradients_match_reference(kernel_device, c):
     """dq, dk, dv, dalpha, a learnable map's parameters and a pair state's (S0, z0) against float64 autograd of the
     reference, through the returned state too."""
     note(hid(c))
     q, k, v, alpha, fm, state = inputs(c, requires_grad=True)
-    check_grads(c, q, k, v, alpha, fm, _leaf_pair(state), backend="triton")
+    check_grads(c, q, k, v, alpha, fm, _leaf_pair(state), device=kernel_device, backend="triton")
 
 
 @pytest.mark.parametrize("kind", hy.KINDS)
@@ -119,7 +123,7 @@ def test_opcheck_and_compile():
 
 
 @pytest.mark.parametrize("family,kind", [("taylor", "sliding"), ("rebased", "terraced")])
-def test_polynomial_maps(family, kind):
+def test_polynomial_maps(kernel_device, family, kind):
     """Based's pairing (a Taylor map's linear attention with a sliding window) and ReBased: the kernels walk the
     map's feature blocks (M = 1 + D + D^2 = 43 at D = 6: two blocks); outputs, the state and every gradient (and
     ReBased's gamma, beta) within their bounds of the float64 reference."""
@@ -128,20 +132,25 @@ def test_polynomial_maps(family, kind):
     q, k, v, alpha, _, _ = inputs(c, requires_grad=True)
     fm = lx.feature_maps.taylor(6) if family == "taylor" else lx.feature_maps.rebased(6, heads=1)
     assert fm.feature_dim(6) > 32  # more than one block of features
-    check_grads(c, q, k, v, alpha, fm, None, backend="triton")
+    check_grads(c, q, k, v, alpha, fm, None, device=kernel_device, backend="triton")
+    q, k, v, alpha = (x.detach() for x in (q, k, v, alpha))
+    dq, dk, dv, da, dfm, _ = on_device(kernel_device, q, k, v, alpha, fm, None)
     with torch.no_grad():
-        o, st_ = lx.linear_attention(q, k, v, feature_map=fm, return_state=True, backend="triton", **_api_kw(c, alpha))
-    check_state(c, st_, *check_forward(c, o, q.detach(), k.detach(), v.detach(), alpha.detach(), fm, None))
+        o, st_ = lx.linear_attention(dq, dk, dv, feature_map=dfm, return_state=True, backend="triton",
+                                     **_api_kw(c, da))
+    check_state(c, hy.WindowState(*(x.cpu() for x in st_)), *check_forward(c, o.cpu(), q, k, v, alpha, fm, None))
     # the decode step, a block of features at a time: 20 steps (a terraced block's fold among them) as the torch step
-    a, b = (hy.empty_window_state(1, 1, fm.feature_dim(6), 6, 5, 16, kind) for _ in range(2))
+    a = hy.empty_window_state(1, 1, fm.feature_dim(6), 6, 5, 16, kind, device=kernel_device)
+    b = hy.empty_window_state(1, 1, fm.feature_dim(6), 6, 5, 16, kind)
     with torch.no_grad():
         for t in range(20):
-            args = (q[:, t], k[:, t], v[:, t])
-            kw = dict(feature_map=fm, **_api_kw(c, alpha))
-            torch.testing.assert_close(lx.linear_attention_step_(*args, a, backend="triton", **kw),
-                                       lx.linear_attention_step_(*args, b, backend="torch", **kw), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(a.S, b.S, rtol=1e-5, atol=1e-5)
-    assert torch.equal(a.k, b.k)
+            o_a = lx.linear_attention_step_(dq[:, t], dk[:, t], dv[:, t], a, backend="triton", feature_map=dfm,
+                                            **_api_kw(c, da))
+            o_b = lx.linear_attention_step_(q[:, t], k[:, t], v[:, t], b, backend="torch", feature_map=fm,
+                                            **_api_kw(c, alpha))
+            torch.testing.assert_close(o_a.cpu(), o_b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.S.cpu(), b.S, rtol=1e-5, atol=1e-5)
+    assert torch.equal(a.k.cpu(), b.k)
 
 
 
