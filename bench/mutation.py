@@ -57,13 +57,14 @@ KINDS = ("comparison", "arithmetic", "off-by-one", "dropped-term", "wrong-index"
 DEFAULT_TESTS = (
     "tests/test_forward.py", "tests/test_backward.py", "tests/test_varlen_gqa.py", "tests/test_decode.py",
     "tests/test_state.py", "tests/test_learnable.py", "tests/test_feature_maps.py", "tests/test_codegen.py",
-    "tests/test_polynomial.py", "-k", "not torch",
+    "tests/test_polynomial.py", "tests/test_hybrid_triton.py", "-k", "not torch",
 )
 
 K = "lintx_triton/codegen/kernels/"
 HELPERS, ELEMENTWISE, PROJECTED = K + "helpers.py", K + "elementwise.py", K + "projected.py"
 POLY = K + "polynomial.py"
 FORWARD, BACKWARD, DECODE = K + "forward.py", K + "backward.py", K + "decode.py"
+HYBRID = K + "hybrid.py"
 LAUNCH = "lintx_triton/ops/launch.py"
 
 
@@ -98,9 +99,10 @@ FWD_T, BWD_T, GQA_T = "tests/test_forward.py", "tests/test_backward.py", "tests/
 DEC_T = "tests/test_decode.py"
 LRN_T, FM_T = "tests/test_learnable.py", "tests/test_feature_maps.py"
 PLY_T = "tests/test_polynomial.py"
+HYB_T = "tests/test_hybrid_triton.py"
 # Where a file's mutants start looking (``first`` of a mutant adds to it): no effect on the outcome, only on how
 # soon a kill comes.
-FILE_FIRST = {BACKWARD: (BWD_T,), DECODE: (DEC_T,), PROJECTED: (LRN_T, FM_T), POLY: (PLY_T,)}
+FILE_FIRST = {BACKWARD: (BWD_T,), DECODE: (DEC_T,), PROJECTED: (LRN_T, FM_T), POLY: (PLY_T,), HYBRID: (HYB_T,)}
 
 
 def _m(id, kind, file, find, replace, first=()):
@@ -410,6 +412,24 @@ MUTANTS: tuple[Mutant, ...] = (
        "return S.zero_(), z.zero_()", "return S, z"),
     _m("decode-empty-cmp", "off-by-one", LAUNCH,
        "if B * H == 0:", "if B * H <= 1:", first=(DEC_T,)),
+    # ---- hybrid.py: LoLCATs' window + linear hybrid (issue #19)
+    _m("hybrid-sliding-window-one-longer", "off-by-one", HYBRID,
+       "lo = t - W + 1", "lo = t - W"),
+    _m("hybrid-fwd-state-one-chunk-late", "off-by-one", HYBRID,
+       "            i_s = (i_b * HKV + i_hk).to(tl.int64) * NT + i_c - (i_t - i_k)",
+       "            i_s = (i_b * HKV + i_hk).to(tl.int64) * NT + i_c - (i_t - i_k) + 1"),
+    _m("hybrid-fwd-no-rescale", "dropped-term", HYBRID,
+       "b_acc = b_acc * b_r[:, None] + _mm(b_p, b_vj)", "b_acc = b_acc + _mm(b_p, b_vj)"),
+    _m("hybrid-dq-drops-max-gradient", "dropped-term", HYBRID,
+       "b_dq += b_dm[:, None] * tl.load(p_ki", "b_dq += 0.0 * b_dm[:, None] * tl.load(p_ki"),
+    _m("hybrid-dkv-drops-max-gradient", "dropped-term", HYBRID,
+       "b_ds = b_p * b_dp + tl.where(o_s[:, None] == b_idx[None, :], b_dmt[None, :], 0.0)", "b_ds = b_p * b_dp"),
+    _m("hybrid-dkv-state-one-chunk-early", "off-by-one", HYBRID,
+       "c_st = i_j + 1 + R  #", "c_st = i_j + R  #"),
+    _m("hybrid-state-sums-drop-g", "dropped-term", HYBRID,
+       "b_S += (g * scale) * _mm_wide(tl.trans(b_a * b_rL[:, None]),", "b_S += scale * _mm_wide(tl.trans(b_a * b_rL[:, None]),"),
+    _m("hybrid-decode-never-folds", "off-by-one", HYBRID,
+       "nxt = _win_lo(P + 1, W, SLIDING)", "nxt = _win_lo(P, W, SLIDING)"),
 )
 
 
