@@ -18,6 +18,7 @@ only in registers: every kernel recomputes them from the q / k tiles it loads.
     forward.py      chunk sums, the scan over chunks, the outputs (fused or chunked)
     backward.py     g, dq, (dk, dv)
     decode.py       one token of the RNN form
+    hybrid.py       LoLCATs' sliding-window softmax + linear hybrid (window=): forward, backward, decode
 
 Notation (FLA's): ``i_`` program indices, ``o_`` offset vectors, ``m_`` masks, ``p_`` pointers,
 ``b_`` on-chip blocks; ``BT`` chunk length, ``BV`` value block. One name per quantity in every layer:
