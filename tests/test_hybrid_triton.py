@@ -267,3 +267,26 @@ def test_cuda_graph_decode_loop(kind):
         torch.testing.assert_close(o, o_ref, rtol=0, atol=0)
     assert int(st_.pos[0]) == 20
     torch.testing.assert_close(st_.S, ref.S, rtol=0, atol=0)
+
+
+def test_no_quadratic_allocation(monkeypatch):
+    """Forward + backward through the kernels at T = 256, w = 16: every tensor the launchers allocate is O(T) per
+    head (outputs, row statistics, gradients) or the chunk states [T / BT, M, DV]: none near T x T."""
+    sizes = []
+
+    def recording(fn):
+        def alloc(*a, **k):
+            t = fn(*a, **k)
+            sizes.append(t.numel())
+            return t
+        return alloc
+
+    for name in ("empty", "zeros", "empty_like", "zeros_like", "full"):
+        monkeypatch.setattr(torch, name, recording(getattr(torch, name)))
+    B, T, H, D, w = 1, 256, 1, 8, 16
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, T, H, D, generator=g).requires_grad_() for _ in range(3))
+    alpha = torch.zeros(H, requires_grad=True)
+    o = lx.linear_attention(q, k, v, window=w, window_mix=alpha, window_kind="sliding", backend="triton")
+    torch.autograd.grad(o.sum(), (q, k, v, alpha))
+    assert sizes and max(sizes) <= 2 * T * D < T * T // 8, max(sizes)
