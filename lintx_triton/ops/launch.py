@@ -427,11 +427,13 @@ def hybrid_bwd_plan(spec: KernelSpec, cfg: Config, lay: Layout, kernel: str, *, 
                     affine: bool, map_grads: bool = False) -> Plan:
     """The hybrid's backward kernels: one program per (chunk slot, batch * head) for dq, per (chunk slot,
     batch * kv head) for the state gradient's chunk sums and (dk, dv)."""
-    _, warps, stages = _pass(cfg, True)
+    BV, warps, stages = _pass(cfg, True)
     heads = lay.H if kernel == "hybrid_bwd_kernel_dq" else lay.HKV
     const = dict(H=lay.H, HKV=lay.HKV, BT=lay.BT, AFFINE=affine, IS_VARLEN=lay.varlen)
     if kernel != "hybrid_bwd_kernel_h":
         const.update(W=window, SLIDING=sliding, HAS_DFM=map_grads)
+    if kernel != "hybrid_bwd_kernel_h":  # the state's products in value blocks where the tiles are wide
+        const.update(BV=min(BV, spec.block_dv) if max(spec.block_m, spec.block_dv) > 64 else spec.block_dv)
     return Plan((lay.NT, lay.B * heads), const, warps, stages)
 
 
@@ -507,7 +509,7 @@ def hybrid_bwd(spec: KernelSpec, cfg: Config, do, q, k, v, o, L, m, idx, mix, S0
                      dict(S=dS, z=dz, S0=unused, z0=unused, ST=dS0, zT=dz0, coffs=lay.coffs if lay.varlen else unused,
                           T=T, NT=lay.NT)))
     dk_sm, dk_ln = (torch.empty(k.shape, dtype=F32, device=q.device) for _ in range(2))
-    dv = torch.empty_like(v)
+    dv = torch.empty(v.shape, dtype=F32, device=q.device)  # the kernel adds the linear part into it
     run(spec, Launch("hybrid bwd dk dv", "hybrid_bwd_kernel_dkv",
                      hybrid_bwd_plan(spec, cfg, lay, "hybrid_bwd_kernel_dkv", **win, map_grads=map_grads),
                      dict(q=q, k=k, v=v, **fmap, mix=mix, do=do, den=L, mx=m, amx=idx, gl=gl, dm=dm, dS=dS, dz=dz,
@@ -517,7 +519,7 @@ def hybrid_bwd(spec: KernelSpec, cfg: Config, do, q, k, v, o, L, m, idx, mix, S0
     # g = 1 - f (dL/dalpha = f (1 - f) (dL/df - dL/dg) = -sum dm)
     dm_h = dm.sum((0, 2))
     dmix = -dm_h if affine else -(1 - torch.sigmoid(mix.float())) * dm_h
-    return ((dq_sm + dq_ln).to(q.dtype), (dk_sm + dk_ln).to(k.dtype), dv, dmix, dS0, dz0,
+    return ((dq_sm + dq_ln).to(q.dtype), (dk_sm + dk_ln).to(k.dtype), dv.to(v.dtype), dmix, dS0, dz0,
             _per_param(dfq_h, fq, q.device), _per_param(dfk_h, fk, q.device))
 
 

@@ -34,6 +34,7 @@ import triton.language as tl
 from .constants import BD, BDA, BDV, BM, D, DV, FMS, M, NMB
 from .elementwise import _phi, _store_phi_vjp  # or projected.py's (one-block maps)
 from .single_block import _phi_blk, _phi_vjp_acc, _phi_vjp_store  # or polynomial.py's (blocked maps)
+from .backward import _rows_state_t
 from .helpers import _chunk, _den_offset, _load_rows, _mm, _mm_wide, _seq, _store_rows
 
 # %% kernels (the renderer joins what follows; the lines above are for editors and linters)
@@ -241,6 +242,7 @@ def hybrid_bwd_kernel_dq(
     H: tl.constexpr,
     HKV: tl.constexpr,
     BT: tl.constexpr,
+    BV: tl.constexpr,
     W: tl.constexpr,
     SLIDING: tl.constexpr,
     AFFINE: tl.constexpr,
@@ -307,10 +309,10 @@ def hybrid_bwd_kernel_dq(
     for i_mb in range(0, NMB):
         o_mb = i_mb * BM + o_m
         m_mb = o_mb < M
-        b_S = tl.load(S + (i_s * M + o_mb[:, None]) * DV + o_w[None, :], mask=m_mb[:, None] & m_w[None, :],
-                      other=0.0)  # [BM, BDV]
         b_z = tl.load(z + i_s * M + o_mb, mask=m_mb, other=0.0)
-        b_da = _mm_wide(b_do, tl.trans(b_S)) * b_rL[:, None] + b_gl[:, None] * b_z[None, :]  # [BT, BM]
+        # do S^T in value blocks of BV (a whole [BM, DV] state block spilled at M = DV = 128)
+        b_da = _rows_state_t(do, row_q, o_t, m_t, H, S, i_s, o_mb, m_mb, BV) * b_rL[:, None] \
+            + b_gl[:, None] * b_z[None, :]  # [BT, BM]
         if SLIDING:
             b_da += _mm_wide(b_dPl, _phi_blk(k, row_k, o_sk, m_sk, HKV, p_fk, False, i_mb))
         if NMB == 1:
@@ -396,7 +398,7 @@ def hybrid_bwd_kernel_dkv(
     dz,  # [B*HKV, NT, M]
     dk,  # [B, T, HKV, D] fp32 out: the softmax part
     dkl,  # [B, T, HKV, D] fp32 out: the linear part
-    dv,  # [B, T, HKV, DV] out
+    dv,  # [B, T, HKV, DV] fp32 out
     dfk,  # [HKV, FMS] fp32, HAS_DFM only
     cu,
     cmap,
@@ -409,6 +411,7 @@ def hybrid_bwd_kernel_dkv(
     H: tl.constexpr,
     HKV: tl.constexpr,
     BT: tl.constexpr,
+    BV: tl.constexpr,
     W: tl.constexpr,
     SLIDING: tl.constexpr,
     AFFINE: tl.constexpr,
@@ -466,6 +469,10 @@ def hybrid_bwd_kernel_dkv(
             b_ds = b_p * b_dp + tl.where(o_s[:, None] == b_idx[None, :], b_dmt[None, :], 0.0)
             b_dk += _mm_wide(b_ds, b_q)
     _store_rows(dk, qk_scale * b_dk, row_k, o_s, m_s, o_d, m_d, HKV, D)
+    # dv's softmax part to the fp32 dv buffer; the linear part adds into it a value block at a time below (a whole
+    # [BM, DV] state block beside the [BT, DV] tiles spilled at M = DV = 128)
+    _store_rows(dv, b_dv, row_k, o_s, m_s, o_w, m_w, HKV, DV)
+    tl.debug_barrier()
     # the linear part, a feature block at a time: through the states of the query chunks from c_st on, and (sliding)
     # the keys of this chunk that left the windows of query chunk i_j + R before its state holds them
     i_s = i_bs.to(tl.int64) * NT + i_c + (c_st - 1 - i_j)
@@ -473,6 +480,8 @@ def hybrid_bwd_kernel_dkv(
     o_t = i_t * BT + tl.arange(0, BT)
     m_t = o_t < T_n
     m_ln = (o_s[:, None] < _win_lo(o_t, W, SLIDING)[None, :]) & m_s[:, None] & m_t[None, :]  # [BT keys, BT queries]
+    has_state = c_st - 1 < n_c
+    has_intra = (i_t < n_c) & SLIDING  # (a runtime flag; always off for the terraced window)
     if NMB > 1:
         b_dy = tl.zeros([BT, BDA], dtype=tl.float32)
     for i_mb in range(0, NMB):
@@ -480,33 +489,51 @@ def hybrid_bwd_kernel_dkv(
         m_mb = o_mb < M
         b_b = _phi_blk(k, row_k, o_s, m_s, HKV, p_fk, False, i_mb)  # [BT, BM]
         b_db = tl.zeros([BT, BM], dtype=tl.float32)
-        if c_st - 1 < n_c:
-            b_dS = tl.load(dS + (i_s * M + o_mb[:, None]) * DV + o_w[None, :], mask=m_mb[:, None] & m_w[None, :],
-                           other=0.0)
-            b_dv += _mm_wide(b_b, b_dS)
-            b_db += _mm_wide(b_v, tl.trans(b_dS)) + tl.load(dz + i_s * M + o_mb, mask=m_mb, other=0.0)[None, :]
-        if SLIDING:
-            if i_t < n_c:
+        if has_state:  # v dS^T + dz
+            b_db += _rows_state_t(v, row_k, o_s, m_s, HKV, dS, i_s, o_mb, m_mb, BV) \
+                + tl.load(dz + i_s * M + o_mb, mask=m_mb, other=0.0)[None, :]
+        for i_v in range(0, tl.cdiv(DV, BV)):  # dv += b dS + (sliding) P_lin dN, a value block at a time
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_v = o_v < DV
+            b_dvb = _load_rows(dv, row_k, o_s, m_s, o_v, m_v, HKV, DV)  # [BT, BV]
+            if has_state:
+                b_dvb += _mm_wide(b_b, tl.load(dS + (i_s * M + o_mb[:, None]) * DV + o_v[None, :],
+                                               mask=m_mb[:, None] & m_v[None, :], other=0.0))
+            if has_intra:
                 for i_g in range(0, H // HKV):
                     i_h = i_hk * (H // HKV) + i_g
                     f, g = _mix_factors(mix, i_h, AFFINE)
                     row_q = bos * H + i_h
                     p_st = _den_offset(i_b, i_h, bos, T, H, IS_VARLEN) + o_t
                     b_rL = tl.where(m_t, 1.0 / tl.load(den + p_st, mask=m_t, other=1.0), 0.0)
-                    b_gl = tl.load(gl + p_st, mask=m_t, other=0.0)
-                    b_do = _load_rows(do, row_q, o_t, m_t, o_w, m_w, H, DV)  # [BT, BDV]
                     b_a = _phi_blk(q, row_q, o_t, m_t, H, fq + i_h * fq_hs, True, i_mb)  # [BT, BM]
                     b_Pl = tl.where(m_ln, _mm(b_b, tl.trans(b_a)), 0.0) * (g * scale)
-                    b_dv += _mm_wide(b_Pl, b_do * b_rL[:, None])
-                    b_dp = _mm(b_v, tl.trans(b_do)) * b_rL[None, :] + b_gl[None, :]
-                    b_db += (g * scale) * _mm_wide(tl.where(m_ln, b_dp, 0.0), b_a)
+                    b_dvb += _mm_wide(b_Pl, _load_rows(do, row_q, o_t, m_t, o_v, m_v, H, DV) * b_rL[:, None])
+            _store_rows(dv, b_dvb, row_k, o_s, m_s, o_v, m_v, HKV, DV)
+        tl.debug_barrier()  # the next feature block reads dv back
+        if has_intra:  # db += g scale dP_lin a, dP = dN . v + dL (v do^T summed over value blocks)
+            for i_g in range(0, H // HKV):
+                i_h = i_hk * (H // HKV) + i_g
+                f, g = _mix_factors(mix, i_h, AFFINE)
+                row_q = bos * H + i_h
+                p_st = _den_offset(i_b, i_h, bos, T, H, IS_VARLEN) + o_t
+                b_rL = tl.where(m_t, 1.0 / tl.load(den + p_st, mask=m_t, other=1.0), 0.0)
+                b_gl = tl.load(gl + p_st, mask=m_t, other=0.0)
+                b_dp = tl.zeros([BT, BT], dtype=tl.float32)
+                for i_v in range(0, tl.cdiv(DV, BV)):
+                    o_v = i_v * BV + tl.arange(0, BV)
+                    m_v = o_v < DV
+                    b_dp += _mm(_load_rows(v, row_k, o_s, m_s, o_v, m_v, HKV, DV),
+                                tl.trans(_load_rows(do, row_q, o_t, m_t, o_v, m_v, H, DV)))
+                b_dp = b_dp * b_rL[None, :] + b_gl[None, :]
+                b_a = _phi_blk(q, row_q, o_t, m_t, H, fq + i_h * fq_hs, True, i_mb)  # [BT, BM]
+                b_db += (g * scale) * _mm_wide(tl.where(m_ln, b_dp, 0.0), b_a)
         if NMB == 1:
             _store_phi_vjp(dkl, row_k, HKV, k, row_k, HKV, o_s, m_s, b_db, p_fk, False, dfk + i_hk * FMS, HAS_DFM)
         else:
             b_dy = _phi_vjp_acc(b_dy, k, row_k, HKV, o_s, m_s, b_db, p_fk, False, i_mb)
     if NMB > 1:
         _phi_vjp_store(b_dy, dkl, row_k, HKV, k, row_k, HKV, o_s, m_s, p_fk, False, dfk + i_hk * FMS, HAS_DFM)
-    _store_rows(dv, b_dv, row_k, o_s, m_s, o_w, m_w, HKV, DV)
 
 
 # ---- decode: one token of the hybrid per (batch, kv head), in place. The token goes into its ring slot
