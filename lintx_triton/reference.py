@@ -182,7 +182,8 @@ class _ChunkedCausal(torch.autograd.Function):
     ``(o [B, T, H, DV], S_T [B, H, M, DV + 1])``, fp32, the normalizer as the last state column.
 
     Per chunk n of C tokens (A, B, V1 = [v, 1] its rows): S_n = S0 + sum_{m<n} B_m^T V1_m,
-    out_n = A_n S_n + tril(A_n B_n^T) V1_n, o = scale out[:DV] / (scale out[DV] + eps). The backward, with
+    out_n = A_n S_n + tril(A_n B_n^T) V1_n, o = scale out[:DV] / (scale out[DV] + eps) (the forward takes
+    out[DV] = tril(P_n) 1 + A_n z_n from one product A_n [B_n; z_n^T]^T). The backward, with
     dout the gradient of out and G_n = dS_T + sum_{m>n} A_m^T dout_m the gradient of chunk n's B_n^T V1_n:
     dP_n = tril(dout_n V1_n^T), dA_n = dout_n S_n^T + dP_n B_n, dB_n = V1_n G_n^T + dP_n^T A_n,
     dV_n = B_n G_n + P_n^T dout_n, dS0 = G_0 + A_0^T dout_0. Every product is one batched matmul over all
@@ -194,21 +195,35 @@ class _ChunkedCausal(torch.autograd.Function):
         B, T, H, M = a.shape
         DV = v.shape[-1]
         N = -(-T // C)
-        A, Bk, V1 = _to_chunks(a, C), _to_chunks(b, C), _to_chunks(v, C, ones=True)  # [N, B, H, C, *]
-        A3, B3, V3 = (x.view(N * B * H, C, x.shape[-1]) for x in (A, Bk, V1))
+        NBH = N * B * H
+        A, V1 = _to_chunks(a, C), _to_chunks(v, C, ones=True)  # [N, B, H, C, *]
+        # the keys with one more row per chunk, z_n (the normalizer's state before chunk n), so that one product
+        # A_n [B_n; z_n^T]^T gives the scores P_n and A_n z_n: den = rowsum(tril(P_n)) + A_n z_n, and the
+        # products for num stay DV wide: MKL is slow on a 65-wide output (A S + P V1 at DV + 1 = 65 columns: 28.6
+        # ms, at 64 from the same buffers: 21.3; the 65-wide [P | A z]: 13.3 against 11.7 ms; [1024, 64, 64]
+        # batches, 1 thread, bench/NOTES.md)
+        Bz = b.new_empty(N, B, H, C + 1, M)
+        Bk = Bz[..., :C, :]  # [N, B, H, C, M], a view (the backward's B_n)
+        if T % C:
+            Bk[-1].zero_()
+        for view, n, c in _chunk_views(b, C):
+            Bk[n, :, :, :c].copy_(view)
+        A3, B3, V3 = A.view(NBH, C, M), Bk.view(NBH, C, M), V1.view(NBH, C, DV + 1)
         # S[n]: the state before chunk n (S[N]: after the last), [N + 1, B, H, M, DV + 1]
         S = a.new_empty(N + 1, B, H, M, DV + 1)
         S[0].copy_(S0)
-        torch.bmm(B3.transpose(1, 2), V3, out=S[1:].view(N * B * H, M, DV + 1))  # chunk sums
+        torch.bmm(B3.transpose(1, 2), V3, out=S[1:].view(NBH, M, DV + 1))  # chunk sums
         for n in range(N):  # an exclusive prefix sum: exact where the state is 0
             S[n + 1].add_(S[n])
-        P = torch.bmm(A3, B3.transpose(1, 2)).tril_()  # [N*B*H, C, C]
-        out = torch.bmm(A3, S[:N].view(N * B * H, M, DV + 1)).baddbmm_(P, V3).view(N, B, H, C, DV + 1)
-        # o = out[:DV] * r with r = scale / den ([N, B, H, C, 1]), written straight into [B, T, H, DV]
-        r = out[..., DV:].mul(scale).add_(eps).reciprocal_().mul_(scale) if normalize else None
+        Bz[..., C, :].copy_(S[:N, ..., DV])
+        Pz = torch.bmm(A3, Bz.view(NBH, C + 1, M).transpose(1, 2))  # [NBH, C, C + 1]: [P | A z]
+        P = Pz[..., :C].tril_()  # [NBH, C, C], a view
+        out = torch.bmm(A3, S[:N].view(NBH, M, DV + 1)[..., :DV]).baddbmm_(P, V3[..., :DV]).view(N, B, H, C, DV)
+        # o = out * r with r = scale / den ([N, B, H, C, 1]), written straight into [B, T, H, DV]
+        r = Pz.sum(-1).view(N, B, H, C, 1).mul_(scale).add_(eps).reciprocal_().mul_(scale) if normalize else None
         o = a.new_empty(B, T, H, DV)
         for view, n, c in _chunk_views(o, C):  # in place, not out=: torch.compile takes no strided out=
-            view.copy_(out[n, :, :, :c, :DV]).mul_(r[n, :, :, :c] if normalize else scale)
+            view.copy_(out[n, :, :, :c]).mul_(r[n, :, :, :c] if normalize else scale)
         ctx.save_for_backward(A, Bk, V1, S, P, out, r)
         ctx.C, ctx.normalize, ctx.scale = C, normalize, scale
         # a copy, not a view of the saved states: a custom Function's view outputs cannot be modified in place,
