@@ -14,9 +14,10 @@ normalizer, its CPU ``causal_dot_product``) when ``--ft-src`` names a checkout o
 ``fast_transformers/causal_product/causal_product_cpu.cpp`` is compiled once with torch's cpp_extension).
 
 The floor of a row is the time batched 64 x 64 x 64 fp32 matmuls take for the same FLOPs, measured in the same
-run just before the row (the load average, printed with it, says how busy the machine was): the forward's FLOPs
-are those of the chunked algorithm (4 D (D + C) per token and head at D = DV = M, chunk C = 64, whatever chunk the
-path picks), the forward+backward's three times as many. Each figure is also printed as a multiple of its floor.
+run, once before each of the row's timed runs (their median; the load average, printed with it, says how busy
+the machine was): the forward's FLOPs are those of the chunked algorithm (4 D (D + C) per token and head at
+D = DV = M, chunk C = 64, whatever chunk the path picks), the forward+backward's three times as many. Each figure
+is also printed as a multiple of its floor.
 With ``--base REF``: an A/B instead of the table, the PyTorch path at git ref REF (its lintx_triton/reference.py)
 against this tree's, forward and forward+backward, in ``--reps`` interleaved rounds of (floor, base, this tree)
 (which goes first alternates); the medians, each as a multiple of the median floor, the median over rounds of
@@ -45,31 +46,44 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import lintx_triton as lx  # noqa: E402
-from bench.harness import Timing, time_ms  # noqa: E402
 
 CHUNK = 64  # the chunk the FLOP count assumes (the path's own choice may differ; the floor does not move)
 
 
-def _median_ms(fn, reps: int, clock: str = "wall") -> float:
-    """The median of ``reps`` runs after one warm-up: perf_counter (bench/harness.py's CPU timer), or with
+def _median_ms(fn, reps: int, clock: str = "wall", floor: "list | None" = None) -> float:
+    """The median of ``reps`` runs after one warm-up: perf_counter (as bench/harness.py's CPU timer), or with
     ``clock="cpu"`` the process's CPU time (user + system of all its threads), which other processes' load moves
-    far less than the wall clock: a measure of work, not of latency (use it at one thread)."""
-    if clock == "wall":
-        return time_ms(fn, torch.device("cpu"), Timing(cpu_warmup=1, cpu_reps=reps))[0]
+    far less than the wall clock: a measure of work, not of latency (use it at one thread). With ``floor`` (a
+    list), the floor's matmuls (:func:`_bmm_ms`) run once before each run and their ms are appended to it."""
+    clk = time.perf_counter if clock == "wall" else time.process_time
     fn()
     times = []
     for _ in range(max(1, reps)):
-        t0 = time.process_time()
+        if floor is not None:
+            floor.append(_bmm_ms(clk))
+        t0 = clk()
         fn()
-        times.append((time.process_time() - t0) * 1e3)
+        times.append((clk() - t0) * 1e3)
     return statistics.median(times)
+
+
+_BMM = 4 * 2 * 256 * 64**3  # FLOPs of one _bmm_ms
+
+
+def _bmm_ms(clk) -> float:
+    """ms of four batched 64 x 64 x 64 fp32 matmuls of batch 256 (the shape of the chunked algorithm's products)."""
+    a, b = torch.randn(256, 64, 64), torch.randn(256, 64, 64)
+    t0 = clk()
+    for _ in range(4):
+        torch.bmm(a, b)
+    return (clk() - t0) * 1e3
 
 
 def _bmm_gflops(reps: int, clock: str = "wall") -> float:
     """GFLOP/s of batched 64 x 64 x 64 fp32 matmuls (the shape of the chunked algorithm's products)."""
     a, b = torch.randn(256, 64, 64), torch.randn(256, 64, 64)
     ms = _median_ms(lambda: [torch.bmm(a, b) for _ in range(4)], max(reps, 5), clock)
-    return 4 * 2 * 256 * 64**3 / (ms * 1e-3) / 1e9
+    return _BMM / (ms * 1e-3) / 1e9
 
 
 def _ft_module(src: str):
@@ -132,7 +146,6 @@ def _ab(ref, Ts, H, D, tokens, reps, clock):
     fm = feature_maps.resolve("elu")
     paths = {"base": _torch_path_at(ref), "new": linear_attention_torch}
     clk = time.process_time if clock == "cpu" else time.perf_counter
-    a, b = torch.randn(256, 64, 64), torch.randn(256, 64, 64)
     print(f"| T | B | mode | floor | base ({ref}) | new | new / base | faults per call base / new | load |")
     for T in Ts:
         B = max(1, tokens // T)
@@ -151,10 +164,7 @@ def _ab(ref, Ts, H, D, tokens, reps, clock):
             faults = {n: [] for n in paths}
             floors = []
             for i in range(reps):
-                t0 = clk()
-                for _ in range(4):
-                    torch.bmm(a, b)
-                floors.append(mult * flops / (4 * 2 * 256 * 64**3) * (clk() - t0) * 1e3)
+                floors.append(mult * flops / _BMM * _bmm_ms(clk))
                 for n in (("base", "new") if i % 2 == 0 else ("new", "base")):
                     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                     t0 = clk()
@@ -208,7 +218,7 @@ def main(Ts, H, D, tokens, reps, ft_src, backend, threads, clock, impls, base, j
     gflops = _bmm_gflops(reps, clock)
     load = os.getloadavg()[0]  # a shared machine: the load other processes put on it, printed with the rows
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load:.1f}; batched 64x64x64 "
-          f"matmul: {gflops:.0f} GFLOP/s (the floor; measured again before each row); fp32, elu+1, causal, "
+          f"matmul: {gflops:.0f} GFLOP/s (the floor; measured again before each timed run); fp32, elu+1, causal, "
           f"normalized, H = {H}, D = DV = {D}, B*T = {tokens}; median {clock} ms of {reps}, (x floor)")
     wanted = impls.split(",")
     impls = {"lintx": lambda q, k, v: lx.linear_attention(q, k, v, backend=backend),
@@ -224,14 +234,19 @@ def main(Ts, H, D, tokens, reps, ft_src, backend, threads, clock, impls, base, j
         B = max(1, tokens // T)
         q, k, v = (torch.randn(B, T, H, D) for _ in range(3))
         flops = 4 * D * (D + CHUNK) * B * T * H
-        rate = _bmm_gflops(reps, clock)  # again per row: on a shared machine the rate moves with the others' load
+        # the floor's matmuls run before each timed run of the row (on a shared machine their rate moved 40 %
+        # between rows a minute apart): the row's floor is the median of those, measured in the same seconds
+        samples = []
+        times = {}
+        for name, f in impls.items():
+            with torch.no_grad():
+                times[name] = _median_ms(lambda: f(q, k, v), reps, clock, samples)
+            times[name] = times[name], _median_ms(_fwd_bwd(f, q, k, v), reps, clock, samples)
+        rate = _BMM / (statistics.median(samples) * 1e-3) / 1e9
         floor = flops / (rate * 1e9) * 1e3
         row = dict(T=T, B=B, bmm_gflops=rate, floor_fwd=floor, floor_fwdbwd=3 * floor)
         cells = []
-        for name, f in impls.items():
-            with torch.no_grad():
-                fwd = _median_ms(lambda: f(q, k, v), reps, clock)
-            fb = _median_ms(_fwd_bwd(f, q, k, v), reps, clock)
+        for name, (fwd, fb) in times.items():
             row[f"{name}_fwd"], row[f"{name}_fwdbwd"] = fwd, fb
             cells.append(f"{fwd:.1f} ({fwd / floor:.1f}x) | {fb:.1f} ({fb / (3 * floor):.1f}x)")
         rows.append(row)
