@@ -4,6 +4,8 @@
     python bench/cpu_path.py --ft-src ~/fast-transformers      # with fast-transformers' C++ CPU kernel beside it
     python bench/cpu_path.py --T 64,128 --tokens 256 --reps 1  # tiny (what CI runs)
     python bench/cpu_path.py --threads 1 --clock cpu           # CPU time at one thread: a loaded machine
+    python bench/cpu_path.py --impls lintx --reps 11           # lintx against its floors only (no SDPA)
+    python bench/cpu_path.py --base main --reps 25             # A/B: the torch path at a git ref against this tree
 
 Per T (B = tokens // T; fp32, elu(x) + 1, causal, normalized, scale 1), the median of ``--reps`` runs of:
 lintx forward and forward+backward (``lx.linear_attention``, the chunked PyTorch path), causal
@@ -12,9 +14,14 @@ normalizer, its CPU ``causal_dot_product``) when ``--ft-src`` names a checkout o
 ``fast_transformers/causal_product/causal_product_cpu.cpp`` is compiled once with torch's cpp_extension).
 
 The floor of a row is the time batched 64 x 64 x 64 fp32 matmuls take for the same FLOPs, measured in the same
-run just before the row (the load average, printed with it, says how busy the machine was): the forward's FLOPs
-are those of the chunked algorithm (4 D (D + C) per token and head at D = DV = M, chunk C = 64, whatever chunk the
-path picks), the forward+backward's three times as many. Each figure is also printed as a multiple of its floor.
+run, once before each of the row's timed runs (their median; the load average, printed with it, says how busy
+the machine was): the forward's FLOPs are those of the chunked algorithm (4 D (D + C) per token and head at
+D = DV = M, chunk C = 64, whatever chunk the path picks), the forward+backward's three times as many. Each figure
+is also printed as a multiple of its floor.
+With ``--base REF``: an A/B instead of the table, the PyTorch path at git ref REF (its lintx_triton/reference.py)
+against this tree's, forward and forward+backward, in ``--reps`` interleaved rounds of (floor, base, this tree)
+(which goes first alternates); the medians, each as a multiple of the median floor, the median over rounds of
+this tree's time over the base's, and the page faults per call (a fresh 16 MB buffer faults its pages in).
 Decode: one ``linear_attention_step_`` and one ``LinearAttention.step`` at B = 1 and 16 against the time to
 read and write the state once (a copy of the state, measured), the module also against its weights' floors:
 bench/cpu_decode.py's rows (``python bench/cpu_decode.py`` for its grad modes, torch.compile and threads).
@@ -22,10 +29,14 @@ bench/cpu_decode.py's rows (``python bench/cpu_decode.py`` for its grad modes, t
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import click
@@ -35,31 +46,45 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import lintx_triton as lx  # noqa: E402
-from bench.harness import Timing, time_ms  # noqa: E402
 
 CHUNK = 64  # the chunk the FLOP count assumes (the path's own choice may differ; the floor does not move)
 
 
-def _median_ms(fn, reps: int, clock: str = "wall") -> float:
-    """The median of ``reps`` runs after one warm-up: perf_counter (bench/harness.py's CPU timer), or with
+def _median_ms(fn, reps: int, clock: str = "wall", floor: "list | None" = None) -> float:
+    """The median of ``reps`` runs after one warm-up: perf_counter (as bench/harness.py's CPU timer), or with
     ``clock="cpu"`` the process's CPU time (user + system of all its threads), which other processes' load moves
-    far less than the wall clock: a measure of work, not of latency (use it at one thread)."""
-    if clock == "wall":
-        return time_ms(fn, torch.device("cpu"), Timing(cpu_warmup=1, cpu_reps=reps))[0]
+    far less than the wall clock: a measure of work, not of latency (use it at one thread). With ``floor`` (a
+    list), the floor's matmuls (:func:`_bmm_ms`) run once before each run and their ms are appended to it."""
+    clk = time.perf_counter if clock == "wall" else time.process_time
     fn()
     times = []
     for _ in range(max(1, reps)):
-        t0 = time.process_time()
+        if floor is not None:
+            floor.append(_bmm_ms(clk))
+        t0 = clk()
         fn()
-        times.append((time.process_time() - t0) * 1e3)
+        times.append((clk() - t0) * 1e3)
     return statistics.median(times)
 
 
-def _bmm_gflops(reps: int, clock: str = "wall") -> float:
-    """GFLOP/s of batched 64 x 64 x 64 fp32 matmuls (the shape of the chunked algorithm's products)."""
+_BMM = 4 * 2 * 256 * 64**3  # FLOPs of one _bmm_ms
+
+
+def _bmm_ms(clk) -> float:
+    """ms of four batched 64 x 64 x 64 fp32 matmuls of batch 256 (the shape of the chunked algorithm's products)."""
     a, b = torch.randn(256, 64, 64), torch.randn(256, 64, 64)
-    ms = _median_ms(lambda: [torch.bmm(a, b) for _ in range(4)], max(reps, 5), clock)
-    return 4 * 2 * 256 * 64**3 / (ms * 1e-3) / 1e9
+    t0 = clk()
+    for _ in range(4):
+        torch.bmm(a, b)
+    return (clk() - t0) * 1e3
+
+
+def _bmm_gflops(reps: int, clock: str = "wall") -> float:
+    """GFLOP/s of batched 64 x 64 x 64 fp32 matmuls (the shape of the chunked algorithm's products), the median of
+    ``reps`` (at least 5) runs of :func:`_bmm_ms`."""
+    clk = time.perf_counter if clock == "wall" else time.process_time
+    ms = statistics.median(_bmm_ms(clk) for _ in range(max(reps, 5)))
+    return _BMM / (ms * 1e-3) / 1e9
 
 
 def _ft_module(src: str):
@@ -100,6 +125,62 @@ def _ft_attention(ext):
     return attn
 
 
+def _torch_path_at(ref: str):
+    """``linear_attention_torch`` from lintx_triton/reference.py at git ref ``ref``, beside this tree's package."""
+    root = os.path.join(os.path.dirname(__file__), "..")
+    src = subprocess.run(["git", "-C", root, "show", f"{ref}:lintx_triton/reference.py"], check=True,
+                         capture_output=True, text=True).stdout
+    path = os.path.join(tempfile.mkdtemp(), "reference_base.py")
+    with open(path, "w") as fh:
+        fh.write(src)
+    spec = importlib.util.spec_from_file_location("lintx_triton._reference_base", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.linear_attention_torch
+
+
+def _ab(ref, Ts, H, D, tokens, reps, clock):
+    """The A/B rows of ``--base``: interleaved rounds of (floor, base, this tree), forward and forward+backward."""
+    from lintx_triton import feature_maps
+    from lintx_triton.reference import linear_attention_torch
+
+    fm = feature_maps.resolve("elu")
+    paths = {"base": _torch_path_at(ref), "new": linear_attention_torch}
+    clk = time.process_time if clock == "cpu" else time.perf_counter
+    print(f"| T | B | mode | floor | base ({ref}) | new | new / base | faults per call base / new | load |")
+    for T in Ts:
+        B = max(1, tokens // T)
+        q, k, v = (torch.randn(B, T, H, D) for _ in range(3))
+        flops = 4 * D * (D + CHUNK) * B * T * H
+        for mode, mult in (("fwd", 1), ("fwd+bwd", 3)):
+            def run(f):
+                if mode == "fwd":
+                    with torch.no_grad():
+                        f(q, k, v, fm)
+                else:
+                    _fwd_bwd(lambda *x: f(*x, fm)[0], q, k, v)()
+            for f in paths.values():
+                run(f)
+            ms = {n: [] for n in paths}
+            faults = {n: [] for n in paths}
+            floors = []
+            for i in range(reps):
+                floors.append(mult * flops / _BMM * _bmm_ms(clk))
+                for n in (("base", "new") if i % 2 == 0 else ("new", "base")):
+                    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                    t0 = clk()
+                    run(paths[n])
+                    ms[n].append((clk() - t0) * 1e3)
+                    faults[n].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+            fl = statistics.median(floors)
+            med = {n: statistics.median(x) for n, x in ms.items()}
+            ratio = statistics.median(y / x for x, y in zip(ms["base"], ms["new"]))
+            print(f"| {T} | {B} | {mode} | {fl:.1f} | {med['base']:.1f} ({med['base'] / fl:.2f}x) | "
+                  f"{med['new']:.1f} ({med['new'] / fl:.2f}x) | {ratio:.3f} | "
+                  f"{statistics.median(faults['base']):.0f} / {statistics.median(faults['new']):.0f} | "
+                  f"{os.getloadavg()[0]:.1f} |", flush=True)
+
+
 def _fwd_bwd(f, q, k, v):
     def run():
         qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
@@ -121,20 +202,30 @@ def _fwd_bwd(f, q, k, v):
 @click.option("--clock", default="wall", show_default=True, type=click.Choice(["wall", "cpu"]),
               help="forward and backward timed by the wall clock, or by the process's CPU time (with --threads 1: "
                    "robust to other processes' load on a shared machine; the decode rows stay on the wall clock)")
+@click.option("--impls", default="lintx,sdpa", show_default=True,
+              help="which of lintx, sdpa to time (fast-transformers joins with --ft-src)")
+@click.option("--base", default=None, help="a git ref: A/B its PyTorch path against this tree's (no table)")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="write the rows here")
-def main(Ts, H, D, tokens, reps, ft_src, backend, threads, clock, json_out):
+def main(Ts, H, D, tokens, reps, ft_src, backend, threads, clock, impls, base, json_out):
     torch.manual_seed(0)
     if threads:
         torch.set_num_threads(threads)
+    if base:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}; "
+              f"fp32, elu+1, causal, normalized, H = {H}, D = DV = {D}, B*T = {tokens}; median {clock} ms of {reps} "
+              "interleaved rounds, (x the median floor)")
+        return _ab(base, [int(t) for t in Ts.split(",")], H, D, tokens, reps, clock)
     ft = _ft_attention(_ft_module(ft_src)) if ft_src else None
     gflops = _bmm_gflops(reps, clock)
     load = os.getloadavg()[0]  # a shared machine: the load other processes put on it, printed with the rows
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load:.1f}; batched 64x64x64 "
-          f"matmul: {gflops:.0f} GFLOP/s (the floor; measured again before each row); fp32, elu+1, causal, "
+          f"matmul: {gflops:.0f} GFLOP/s (the floor; measured again before each timed run); fp32, elu+1, causal, "
           f"normalized, H = {H}, D = DV = {D}, B*T = {tokens}; median {clock} ms of {reps}, (x floor)")
+    wanted = impls.split(",")
     impls = {"lintx": lambda q, k, v: lx.linear_attention(q, k, v, backend=backend),
              "sdpa": lambda q, k, v: F.scaled_dot_product_attention(
                  q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True).transpose(1, 2)}
+    impls = {n: f for n, f in impls.items() if n in wanted}
     if ft is not None:
         impls["ft"] = ft
     rows = []
@@ -144,14 +235,19 @@ def main(Ts, H, D, tokens, reps, ft_src, backend, threads, clock, json_out):
         B = max(1, tokens // T)
         q, k, v = (torch.randn(B, T, H, D) for _ in range(3))
         flops = 4 * D * (D + CHUNK) * B * T * H
-        rate = _bmm_gflops(reps, clock)  # again per row: on a shared machine the rate moves with the others' load
+        # the floor's matmuls run before each timed run of the row (on a shared machine their rate moved 40 %
+        # between rows a minute apart): the row's floor is the median of those, measured in the same seconds
+        samples = []
+        times = {}
+        for name, f in impls.items():
+            with torch.no_grad():
+                times[name] = _median_ms(lambda: f(q, k, v), reps, clock, samples)
+            times[name] = times[name], _median_ms(_fwd_bwd(f, q, k, v), reps, clock, samples)
+        rate = _BMM / (statistics.median(samples) * 1e-3) / 1e9
         floor = flops / (rate * 1e9) * 1e3
         row = dict(T=T, B=B, bmm_gflops=rate, floor_fwd=floor, floor_fwdbwd=3 * floor)
         cells = []
-        for name, f in impls.items():
-            with torch.no_grad():
-                fwd = _median_ms(lambda: f(q, k, v), reps, clock)
-            fb = _median_ms(_fwd_bwd(f, q, k, v), reps, clock)
+        for name, (fwd, fb) in times.items():
             row[f"{name}_fwd"], row[f"{name}_fwdbwd"] = fwd, fb
             cells.append(f"{fwd:.1f} ({fwd / floor:.1f}x) | {fb:.1f} ({fb / (3 * floor):.1f}x)")
         rows.append(row)

@@ -10,6 +10,8 @@ path on CPU.
 
 from __future__ import annotations
 
+import math
+import threading
 from typing import Optional
 
 import torch
@@ -126,7 +128,11 @@ def linear_attention_torch(
     S0 = torch.cat([S0, z0[..., None]], -1)  # [B, H, M, DV + 1]
     if causal:
         # chunks of C tokens (no longer than the sequence: a short call pads nothing)
-        o, S = _ChunkedCausal.apply(a, b, vv, S0, min(chunk, T), normalize, float(scale), float(eps))
+        # without autograd (inference) the chunked buffers are carved from a per-thread workspace kept between
+        # calls (_workspace_buffers): fresh 16 MB buffers cost page faults on every call
+        reuse = not (torch.is_grad_enabled() and any(x.requires_grad for x in (a, b, vv, S0)))
+        reuse = reuse and not torch.compiler.is_compiling()
+        o, S = _ChunkedCausal.apply(a, b, vv, S0, min(chunk, T), normalize, float(scale), float(eps), reuse)
     else:
         a, b = a.transpose(1, 2), b.transpose(1, 2)  # [B, H, T, M]
         v1 = torch.cat([vv, vv.new_ones(B, T, H, 1)], -1).transpose(1, 2)
@@ -150,12 +156,13 @@ def _chunk_views(x: Tensor, C: int):
     return parts
 
 
-def _to_chunks(x: Tensor, C: int, ones: bool = False) -> Tensor:
+def _to_chunks(x: Tensor, C: int, ones: bool = False, out: Optional[Tensor] = None) -> Tensor:
     """``x [B, T, H, W]`` copied once into the chunked layout ``[N, B, H, C, W (+ 1 column of ones)]``, the
-    tokens past T zero. Chunk-major, so that each chunk's products and states are one contiguous batch."""
+    tokens past T zero (into ``out`` when given). Chunk-major, so that each chunk's products and states are one
+    contiguous batch."""
     B, T, H, W = x.shape
     N = -(-T // C)
-    out = x.new_empty(N, B, H, C, W + ones)
+    out = x.new_empty(N, B, H, C, W + ones) if out is None else out
     if T % C:
         out[-1].zero_()
     for view, n, c in _chunk_views(x, C):
@@ -177,12 +184,41 @@ def _from_chunks(x: Tensor, T: int, plus: Optional[Tensor] = None) -> Tensor:
     return out
 
 
+_WORKSPACE = threading.local()  # .buf: {dtype: this thread's flat CPU buffer}, grown to the largest call
+_WORKSPACE_MAX = 1 << 26  # elements (256 MiB of fp32): a larger call allocates its buffers afresh
+
+
+def _workspace_buffers(like: Tensor, shapes, reuse: bool) -> list:
+    """Empty tensors of ``shapes`` (``like``'s dtype and device): views of one per-thread buffer kept between calls
+    on a CPU when ``reuse`` (the caller keeps none of them past its call, and runs no other call meanwhile on this
+    thread), else fresh ones. glibc serves buffers of 16 MB from mmap or trims them from the heap's top when freed,
+    so each forward faulted its pages in again: 4-25 thousand faults, 10-65 ms of system time against 85-105 ms
+    of user time at B*T = 8192, H = 8, D = 64, 1 thread; more at 2 threads (bench/NOTES.md)."""
+    sizes = [math.prod(s) for s in shapes]
+    offsets = [0]
+    for n in sizes:
+        offsets.append(offsets[-1] + -(-n // 16) * 16)  # 64-byte aligned views
+    if not reuse or like.device.type != "cpu" or offsets[-1] > _WORKSPACE_MAX:
+        return [like.new_empty(s) for s in shapes]
+    bufs = getattr(_WORKSPACE, "buf", None)
+    if bufs is None:
+        bufs = _WORKSPACE.buf = {}
+    key = like.dtype
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < offsets[-1]:
+        bufs.pop(key, None)  # free the old one first
+        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
+            buf = bufs[key] = torch.empty(offsets[-1], dtype=like.dtype)
+    return [buf[o:o + n].view(s) for o, n, s in zip(offsets, sizes, shapes)]
+
+
 class _ChunkedCausal(torch.autograd.Function):
     """The causal chunked products on features: ``(a, b [B, T, H, M], v [B, T, H, DV], S0 [B, H, M, DV + 1])`` ->
     ``(o [B, T, H, DV], S_T [B, H, M, DV + 1])``, fp32, the normalizer as the last state column.
 
     Per chunk n of C tokens (A, B, V1 = [v, 1] its rows): S_n = S0 + sum_{m<n} B_m^T V1_m,
-    out_n = A_n S_n + tril(A_n B_n^T) V1_n, o = scale out[:DV] / (scale out[DV] + eps). The backward, with
+    out_n = A_n S_n + tril(A_n B_n^T) V1_n, o = scale out[:DV] / (scale out[DV] + eps) (the forward takes
+    out[DV] = tril(P_n) 1 + A_n z_n from one product A_n [B_n; z_n^T]^T). The backward, with
     dout the gradient of out and G_n = dS_T + sum_{m>n} A_m^T dout_m the gradient of chunk n's B_n^T V1_n:
     dP_n = tril(dout_n V1_n^T), dA_n = dout_n S_n^T + dP_n B_n, dB_n = V1_n G_n^T + dP_n^T A_n,
     dV_n = B_n G_n + P_n^T dout_n, dS0 = G_0 + A_0^T dout_0. Every product is one batched matmul over all
@@ -190,26 +226,43 @@ class _ChunkedCausal(torch.autograd.Function):
     torch.cumsum over a non-inner dimension)."""
 
     @staticmethod
-    def forward(ctx, a, b, v, S0, C, normalize, scale, eps):
+    def forward(ctx, a, b, v, S0, C, normalize, scale, eps, reuse=False):
         B, T, H, M = a.shape
         DV = v.shape[-1]
         N = -(-T // C)
-        A, Bk, V1 = _to_chunks(a, C), _to_chunks(b, C), _to_chunks(v, C, ones=True)  # [N, B, H, C, *]
-        A3, B3, V3 = (x.view(N * B * H, C, x.shape[-1]) for x in (A, Bk, V1))
+        NBH = N * B * H
+        A, V1, Bz, S, Pz, out = _workspace_buffers(a, [
+            (N, B, H, C, M), (N, B, H, C, DV + 1), (N, B, H, C + 1, M), (N + 1, B, H, M, DV + 1), (NBH, C, C + 1),
+            (NBH, C, DV)], reuse)
+        _to_chunks(a, C, out=A), _to_chunks(v, C, ones=True, out=V1)  # [N, B, H, C, *]
+        # the keys with one more row per chunk, z_n (the normalizer's state before chunk n), so that one product
+        # A_n [B_n; z_n^T]^T gives the scores P_n and A_n z_n: den = rowsum(tril(P_n)) + A_n z_n, and the
+        # products for num stay DV wide: MKL is slow on a 65-wide output (A S + P V1 at DV + 1 = 65 columns: 28.6
+        # ms, at 64 from the same buffers: 21.3; the 65-wide [P | A z]: 13.3 against 11.7 ms; [1024, 64, 64]
+        # batches, 1 thread, bench/NOTES.md)
+        Bk = Bz[..., :C, :]  # [N, B, H, C, M], a view (the backward's B_n)
+        if T % C:
+            Bk[-1].zero_()
+        for view, n, c in _chunk_views(b, C):
+            Bk[n, :, :, :c].copy_(view)
+        A3, B3, V3 = A.view(NBH, C, M), Bk.view(NBH, C, M), V1.view(NBH, C, DV + 1)
         # S[n]: the state before chunk n (S[N]: after the last), [N + 1, B, H, M, DV + 1]
-        S = a.new_empty(N + 1, B, H, M, DV + 1)
         S[0].copy_(S0)
-        torch.bmm(B3.transpose(1, 2), V3, out=S[1:].view(N * B * H, M, DV + 1))  # chunk sums
+        torch.bmm(B3.transpose(1, 2), V3, out=S[1:].view(NBH, M, DV + 1))  # chunk sums
         for n in range(N):  # an exclusive prefix sum: exact where the state is 0
             S[n + 1].add_(S[n])
-        P = torch.bmm(A3, B3.transpose(1, 2)).tril_()  # [N*B*H, C, C]
-        out = torch.bmm(A3, S[:N].view(N * B * H, M, DV + 1)).baddbmm_(P, V3).view(N, B, H, C, DV + 1)
-        # o = out[:DV] * r with r = scale / den ([N, B, H, C, 1]), written straight into [B, T, H, DV]
-        r = out[..., DV:].mul(scale).add_(eps).reciprocal_().mul_(scale) if normalize else None
+        Bz[..., C, :].copy_(S[:N, ..., DV])
+        torch.bmm(A3, Bz.view(NBH, C + 1, M).transpose(1, 2), out=Pz)  # [NBH, C, C + 1]: [P | A z]
+        P = Pz[..., :C].tril_()  # [NBH, C, C], a view
+        torch.bmm(A3, S[:N].view(NBH, M, DV + 1)[..., :DV], out=out).baddbmm_(P, V3[..., :DV])
+        out = out.view(N, B, H, C, DV)
+        # o = out * r with r = scale / den ([N, B, H, C, 1]), written straight into [B, T, H, DV]
+        r = Pz.sum(-1).view(N, B, H, C, 1).mul_(scale).add_(eps).reciprocal_().mul_(scale) if normalize else None
         o = a.new_empty(B, T, H, DV)
         for view, n, c in _chunk_views(o, C):  # in place, not out=: torch.compile takes no strided out=
-            view.copy_(out[n, :, :, :c, :DV]).mul_(r[n, :, :, :c] if normalize else scale)
-        ctx.save_for_backward(A, Bk, V1, S, P, out, r)
+            view.copy_(out[n, :, :, :c]).mul_(r[n, :, :, :c] if normalize else scale)
+        if not reuse:  # (with reuse nothing needs a gradient: there is no backward to save for)
+            ctx.save_for_backward(A, Bk, V1, S, P, out, r)
         ctx.C, ctx.normalize, ctx.scale = C, normalize, scale
         # a copy, not a view of the saved states: a custom Function's view outputs cannot be modified in place,
         # and the returned state is one a decode step updates in place
@@ -265,7 +318,7 @@ class _ChunkedCausal(torch.autograd.Function):
             x = torch.bmm(B3, G3, out=buf(X, DV + 1)).view(N, B, H, C, DV + 1)
             y = torch.bmm(P.transpose(1, 2), D3, out=buf(Y, DV + 1)).view(N, B, H, C, DV + 1)
             dv = _from_chunks(x[..., :DV], T, y[..., :DV])
-        return da, db, dv, dS0, None, None, None, None
+        return da, db, dv, dS0, None, None, None, None, None
 
 
 def linear_attention_step_torch(
