@@ -20,7 +20,7 @@ from torch import Tensor
 from .feature_maps import FeatureMap
 
 __all__ = ["linear_attention_reference", "linear_attention_torch", "linear_attention_step_torch",
-           "linear_attention_step_torch_"]
+           "linear_attention_step_torch_", "clear_workspace"]
 
 
 def linear_attention_reference(
@@ -186,6 +186,13 @@ def _from_chunks(x: Tensor, T: int, plus: Optional[Tensor] = None) -> Tensor:
 
 _WORKSPACE = threading.local()  # .buf: {dtype: this thread's flat CPU buffer}, grown to the largest call
 _WORKSPACE_MAX = 1 << 26  # elements (256 MiB of fp32): a larger call allocates its buffers afresh
+
+
+def clear_workspace() -> None:
+    """Free this thread's inference workspace of the chunked CPU forward (kept between calls, up to 256 MiB of
+    fp32 per dtype: the largest call's chunked buffers); the next call allocates it again."""
+    if getattr(_WORKSPACE, "buf", None):
+        _WORKSPACE.buf.clear()
 
 
 def _workspace_buffers(like: Tensor, shapes, reuse: bool) -> list:
