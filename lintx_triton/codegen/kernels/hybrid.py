@@ -62,6 +62,15 @@ def _mix_factors(mix, i_h, AFFINE: tl.constexpr):
     return f, g
 
 
+@triton.jit
+def _query_rows(den, gl, i_b, i_h, bos, T, o_t, m_t, H: tl.constexpr, IS_VARLEN: tl.constexpr):
+    # query head i_h's rows o_t of a sequence starting at bos: their first row in [B, T, H, *], their offsets in the
+    # [B, H, T] rows, 1 / L and dL there (0 on padded rows)
+    p_st = _den_offset(i_b, i_h, bos, T, H, IS_VARLEN) + o_t
+    b_rL = tl.where(m_t, 1.0 / tl.load(den + p_st, mask=m_t, other=1.0), 0.0)
+    return bos * H + i_h, p_st, b_rL, tl.load(gl + p_st, mask=m_t, other=0.0)
+
+
 # ---- forward: the outputs, L, m and argmax (FUSED: one program per (value block, sequence, head) walks its
 #      chunks, the linear state carried on chip one window behind; else one program per chunk slot reading
 #      S[kc] of the forward's scan) ----
@@ -366,11 +375,8 @@ def hybrid_bwd_kernel_h(
         for i_g in range(0, H // HKV):
             i_h = i_hk * (H // HKV) + i_g
             f, g = _mix_factors(mix, i_h, AFFINE)
-            row_q = bos * H + i_h
-            p_st = _den_offset(i_b, i_h, bos, T, H, IS_VARLEN) + o_t
+            row_q, p_st, b_rL, b_gl = _query_rows(den, gl, i_b, i_h, bos, T, o_t, m_t, H, IS_VARLEN)
             b_a = _phi_blk(q, row_q, o_t, m_t, H, fq + i_h * fq_hs, True, i_mb)  # [BT, BM]
-            b_rL = tl.where(m_t, 1.0 / tl.load(den + p_st, mask=m_t, other=1.0), 0.0)
-            b_gl = tl.load(gl + p_st, mask=m_t, other=0.0)
             b_S += (g * scale) * _mm_wide(tl.trans(b_a * b_rL[:, None]),
                                           _load_rows(do, row_q, o_t, m_t, o_w, m_w, H, DV))
             b_z += (g * scale) * tl.sum(b_a * b_gl[:, None], 0)
@@ -447,17 +453,13 @@ def hybrid_bwd_kernel_dkv(
     for i_g in range(0, H // HKV):
         i_h = i_hk * (H // HKV) + i_g
         f, g = _mix_factors(mix, i_h, AFFINE)
-        row_q = bos * H + i_h
-        p_st0 = _den_offset(i_b, i_h, bos, T, H, IS_VARLEN)
         for i_t in range(i_j, tl.minimum(c_hi, n_c - 1) + 1):
             o_t = i_t * BT + tl.arange(0, BT)
             m_t = o_t < T_n
-            p_st = p_st0 + o_t
+            row_q, p_st, b_rL, b_gl = _query_rows(den, gl, i_b, i_h, bos, T, o_t, m_t, H, IS_VARLEN)
             b_lo = _win_lo(o_t, W, SLIDING)
-            b_rL = tl.where(m_t, 1.0 / tl.load(den + p_st, mask=m_t, other=1.0), 0.0)
             b_m = tl.load(mx + p_st, mask=m_t, other=0.0)
             b_idx = tl.load(amx + p_st, mask=m_t, other=-1)
-            b_gl = tl.load(gl + p_st, mask=m_t, other=0.0)
             b_dmt = tl.load(dm + p_st, mask=m_t, other=0.0)
             b_q = _load_rows(q, row_q, o_t, m_t, o_d, m_d, H, D)  # [BT, BD]
             b_do = _load_rows(do, row_q, o_t, m_t, o_w, m_w, H, DV)  # [BT, BDV]
@@ -503,9 +505,7 @@ def hybrid_bwd_kernel_dkv(
                 for i_g in range(0, H // HKV):
                     i_h = i_hk * (H // HKV) + i_g
                     f, g = _mix_factors(mix, i_h, AFFINE)
-                    row_q = bos * H + i_h
-                    p_st = _den_offset(i_b, i_h, bos, T, H, IS_VARLEN) + o_t
-                    b_rL = tl.where(m_t, 1.0 / tl.load(den + p_st, mask=m_t, other=1.0), 0.0)
+                    row_q, p_st, b_rL, b_gl = _query_rows(den, gl, i_b, i_h, bos, T, o_t, m_t, H, IS_VARLEN)
                     b_a = _phi_blk(q, row_q, o_t, m_t, H, fq + i_h * fq_hs, True, i_mb)  # [BT, BM]
                     b_Pl = tl.where(m_ln, _mm(b_b, tl.trans(b_a)), 0.0) * (g * scale)
                     b_dvb += _mm_wide(b_Pl, _load_rows(do, row_q, o_t, m_t, o_v, m_v, H, DV) * b_rL[:, None])
@@ -515,10 +515,7 @@ def hybrid_bwd_kernel_dkv(
             for i_g in range(0, H // HKV):
                 i_h = i_hk * (H // HKV) + i_g
                 f, g = _mix_factors(mix, i_h, AFFINE)
-                row_q = bos * H + i_h
-                p_st = _den_offset(i_b, i_h, bos, T, H, IS_VARLEN) + o_t
-                b_rL = tl.where(m_t, 1.0 / tl.load(den + p_st, mask=m_t, other=1.0), 0.0)
-                b_gl = tl.load(gl + p_st, mask=m_t, other=0.0)
+                row_q, p_st, b_rL, b_gl = _query_rows(den, gl, i_b, i_h, bos, T, o_t, m_t, H, IS_VARLEN)
                 b_dp = tl.zeros([BT, BT], dtype=tl.float32)
                 for i_v in range(0, tl.cdiv(DV, BV)):
                     o_v = i_v * BV + tl.arange(0, BV)
