@@ -643,7 +643,8 @@ def hybrid_error_ratios(q, k, v, alpha, fm, o, grads, do, *, window: int, kind: 
     """The worst error / (tol x bound) of a hybrid call's output ``o`` and its gradients ``grads`` (of q, k, v,
     alpha, and of a pair ``initial_state``'s S0, z0 when it is given as leaves that require grad) against float64
     autograd of :func:`lintx_triton.hybrid.hybrid_attention_reference`, for the loss sum(o do) + sum(S dS) +
-    sum(z dz) over the returned ``state`` (dS, dz may be None). The output's bound is the magnitudes' (testing's
+    sum(z dz) over the returned ``state`` (dS, dz may be None; ``grads`` empty: the output and state alone, ``do``
+    unread). The output's bound is the magnitudes' (testing's
     normalized bound); a gradient's is the gradient of that bound's loss, the softmax and linear parts' added in
     magnitude (their signs can differ). -> {name: ratio}, <= 1 within bound."""
     from . import hybrid as hy
@@ -658,12 +659,14 @@ def hybrid_error_ratios(q, k, v, alpha, fm, o, grads, do, *, window: int, kind: 
     ref, st_ref, _, den = hy.hybrid_attention_reference(*l64[:3], fm64, l64[3], initial_state=init, **kw)
     dS = torch.zeros_like(st_ref.S) if dS is None else dS.to(st_ref.S)
     dz = torch.zeros_like(st_ref.z) if dz is None else dz.to(st_ref.z)
-    loss = (ref * do.double()).sum() + (st_ref.S * dS).sum() + (st_ref.z * dz).sum()
-    want = torch.autograd.grad(loss, l64[:len(grads)])
+    want = ()
+    if grads:
+        loss = (ref * do.double()).sum() + (st_ref.S * dS).sum() + (st_ref.z * dz).sum()
+        want = torch.autograd.grad(loss, l64[:len(grads)])
     names = ["q", "k", "v", "alpha", "S0", "z0"][:len(grads)]
     out = {}
     bounds = [0.0] * len(grads)
-    for part in ("softmax", "linear", True):
+    for part in ("softmax", "linear", True) if grads else (True,):
         _, st_abs, n_abs, d_abs = hy.hybrid_attention_reference(*l64[:3], fm64, l64[3], initial_state=init,
                                                                 absolute=part, **kw)
         bound = (n_abs + ref.detach().abs() * d_abs[..., None]) / den.detach().abs()[..., None]
