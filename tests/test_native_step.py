@@ -248,3 +248,59 @@ def test_library_key(monkeypatch):
     monkeypatch.undo()
     assert native._library_path(cc) == path
     assert native._library_path("/bin/true") != path  # another compiler (its path and --version)
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {w for line in f if line.startswith("flags") for w in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+@pytest.mark.skipif(native._compiler() is None, reason="no C compiler here")
+def test_every_isa_variant_gives_the_same_bits(tmp_path):
+    """step.c's variants (AVX-512 16 wide, AVX2 8 wide, the baseline 4 wide; each pinned by -DLINTX_FORCE_VARIANT)
+    give bit-identical outputs and states, so a result does not depend on the CPU that computed it. Shapes with a
+    column tail (DV % 16), grouped heads split across the register sweeps (G = 5: 4 + 1), both sources of the
+    state, each map, normalized or not."""
+    import ctypes
+    import platform
+    import subprocess
+
+    variants = ["step_base"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        flags = _cpu_flags()
+        variants += [name for name, flag in (("step_avx2", "avx2"), ("step_avx512", "avx512f")) if flag in flags]
+    gen = torch.Generator().manual_seed(0)
+    cases = []
+    for B, H, HKV, D, DV in [(1, 8, 8, 64, 64), (3, 8, 2, 24, 40), (2, 5, 1, 32, 33), (1, 9, 1, 8, 100)]:
+        for code in native.MAPS.values():
+            for inplace in (True, False):
+                t = [torch.randn(*s, generator=gen) for s in ((B, H, D), (B, HKV, D), (B, HKV, DV),
+                                                               (B, HKV, D, DV))]
+                z0 = torch.rand(B, HKV, D, generator=gen) + 1
+                cases.append(((B, H, HKV, D, DV, code), inplace, t + [z0]))
+    outs = {}
+    for name in variants:
+        lib = tmp_path / f"{name}.so"
+        subprocess.run([native._compiler(), *native._FLAGS, f"-DLINTX_FORCE_VARIANT={name}", "-o", str(lib),
+                        str(native._SOURCE)], check=True, capture_output=True, timeout=300)
+        fn = ctypes.CDLL(str(lib)).lintx_step_f32
+        fn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int, ctypes.c_float, ctypes.c_float]
+        res = []
+        for dims, inplace, (q, k, v, S0, z0) in cases:
+            B, H, _, _, DV, _ = dims
+            for normalize in (0, 1):
+                S0c, z0c = S0.clone(), z0.clone()
+                S, z = (S0c, z0c) if inplace else (torch.empty_like(S0), torch.empty_like(z0))
+                o = torch.empty(B, H, DV)
+                d = (ctypes.c_int64 * 6)(*dims)
+                assert fn(d, q.data_ptr(), k.data_ptr(), v.data_ptr(), S0c.data_ptr(), z0c.data_ptr(), S.data_ptr(),
+                          z.data_ptr(), o.data_ptr(), normalize, 0.7, 1e-3) == 0
+                res += [o, S, z]
+        outs[name] = res
+    assert len(variants) >= 1
+    for name in variants[1:]:
+        for a, b in zip(outs[variants[0]], outs[name]):
+            assert torch.equal(a, b), f"{name} differs from {variants[0]}"

@@ -6,34 +6,30 @@
  *   z[b, h] = z0[b, h] + phi(k[b, h])                   [M]
  *   num = phi(q)^T S, den = phi(q)^T z                   (the updated state, as the torch step)
  *   o = scale num / (scale den + eps)   (normalize), o = scale num (not)
- * Each row of S is read once, updated, and folded into the G outputs while it is in L1: one read and one write
- * of the state, its memory floor. S0 == S (and z0 == z) updates in place, else S0, z0 are read and S, z written.
+ * The state is swept a chunk of columns at a time, row by row: each row's chunk is read once, updated, written,
+ * and folded into the G outputs' sums, held in registers: one read and one write of the state, its memory floor.
+ * S0 == S (and z0 == z) updates in place, else S0, z0 are read and S, z written.
  *
  * Layouts (contiguous, checked by the caller): q [B, H, D], k [B, HKV, D], v [B, HKV, DV], S [B, HKV, M, DV],
  * z [B, HKV, M], o [B, H, DV]; M = D (elementwise maps only). Query head i uses kv head i / G.
  *
  * dims: B, H, HKV, D, DV, map (LINTX_MAP_*). Built with the system C compiler at the first eligible call
- * (lintx_triton/native/__init__.py) with -O3 -std=c99: no -march (the clones below pick the ISA at load time, so
- * the cached binary runs on any CPU of its machine type), no -ffast-math (comparisons keep IEEE semantics: NaN
- * propagates as in torch), and ISO C's no-contraction of a * b + c into an FMA: every clone rounds alike (the
- * sums run in the same order at every vector width), so the results do not depend on the CPU.
+ * (lintx_triton/native/__init__.py) with -O3 -std=c99: no -march (the variants below pick the ISA at the first
+ * call, so the cached binary runs on any CPU of its machine type), no -ffast-math (comparisons keep IEEE
+ * semantics: NaN propagates as in torch), and ISO C's no-contraction of a * b + c into an FMA: every variant
+ * rounds alike (the sums run in the same order at every vector width), so the results do not depend on the CPU.
  */
 
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-/* GCC's (and clang's) function multiversioning: one clone per ISA in the same binary, the loader's resolver
- * picks the one the running CPU has, so the cached library is safe on any x86-64 CPU. The helpers below are
- * always inlined, so each clone gets them compiled for its ISA. AVX-512 against the baseline (SSE2): 8.3 against
- * 11.2 us at B = 1, 130 against 174 us at B = 16 (H = 8, D = DV = 64, elu, one EPYC core). */
-#if defined(__x86_64__) && defined(__has_attribute)
-#if __has_attribute(target_clones)
-#define LINTX_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
-#endif
-#ifndef LINTX_CLONES
-#define LINTX_CLONES
+/* One variant of the step per x86-64 ISA in the same binary (AVX-512, AVX2, the baseline), each with its own
+ * vector width (W below), picked at the first call from the running CPU, so the cached library is safe on
+ * any x86-64 CPU. The helpers below are always inlined, so each variant gets them compiled for its ISA. Elsewhere
+ * (e.g. aarch64) the baseline alone, 4 wide (NEON). */
+#if defined(__x86_64__) && defined(__GNUC__)
+#define LINTX_X86 1
 #endif
 #define LINTX_INLINE static inline __attribute__((always_inline))
 
@@ -86,68 +82,120 @@ LINTX_INLINE void phi(int map, float *restrict y, const float *restrict x, int64
 /* Where a row of the new state starts from: the state itself (in place), or another state. */
 enum { SRC_INPLACE = 0, SRC_STATE = 1 };
 
-/* Chunks of CHUNK columns (one AVX-512 register, two AVX2 ones) with a constant trip count: no per-row loop
- * prologue, alignment peeling or aliasing check, which cost more than the arithmetic at DV = 64 (a plain loop
- * per row: 129 against 80 us at B = 16, identity map). */
-#define CHUNK 16
+/* Columns are taken W at a time (one register of the ISA: 16 with AVX-512, 8 with AVX2, 4 otherwise), the rows
+ * inside: each S row's W columns are read, updated and written once, and the outputs' partial sums stay in
+ * registers across the M rows. Rows outside and the outputs in memory (read, added and written back at every
+ * row, each add waiting on the last row's store) took 6.4 us at B = 1 against 2.3 for a memcpy of the state
+ * (H = 8, D = DV = 64, elu, one EPYC core, a C loop timing the function alone); now 3.3. The sums run in the same
+ * order (o = sum over m of a_m row_m, m ascending), so every variant gives the same bits. The vectors are GCC's
+ * and clang's vector extension: left to the auto-vectorizer, these loops came out scalar (15.9 us); a width the
+ * ISA does not have is lowered badly (16 wide under AVX2: 24.7 us, 8 wide: 6.3). */
+/* the outputs of at most GB query heads are summed in one sweep over the rows (GB vectors of registers) */
+#define GB 4
 
-LINTX_INLINE float row_start(int src, const float *restrict row, const float *restrict row0, int64_t j) {
-    return src == SRC_INPLACE ? row[j] : row0[j];
-}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi" /* vectors by value: only between always-inlined functions, no ABI crossed */
+#endif
 
-/* row = start + b v, then o_g += a_g row for the G query heads (a = fq + m, stride M; o stride DV) */
-LINTX_INLINE void row_step(int src, float *restrict row, const float *restrict row0, float b,
-                           const float *restrict v, const float *restrict a, int64_t M, float *restrict o,
-                           int64_t DV, int64_t G) {
-    int64_t j = 0;
-    if (G == 1) {  /* the update and the output in one sweep */
-        const float a0 = a[0];
-        for (; j + CHUNK <= DV; j += CHUNK)
-            for (int64_t i = j; i < j + CHUNK; i++) {
-                const float r = row_start(src, row, row0, i) + b * v[i];
-                row[i] = r;
-                o[i] += a0 * r;
-            }
-        for (; j < DV; j++) {
-            const float r = row_start(src, row, row0, j) + b * v[j];
-            row[j] = r;
-            o[j] += a0 * r;
+/* columns##W: columns [j, j + W) of one head: the rows of S updated by the first sweep (g0 = 0), and the outputs
+ * of query heads g0 .. g0 + gn - 1 (gn <= GB, a constant at each call) summed in registers (a = fq + g0 M: phi of
+ * a query head's row is a[g * M + m]). memcpy: unaligned vector loads and stores. */
+#define LINTX_COLUMNS(W)                                                                                            \
+    typedef float vf##W __attribute__((vector_size(W * sizeof(float))));                                           \
+    LINTX_INLINE void columns##W(int src, float *restrict S, const float *restrict S0, const float *restrict fk,   \
+                                 const float *restrict v, const float *restrict a, float *restrict o, int64_t M,   \
+                                 int64_t DV, int64_t j, int64_t g0, const int64_t gn) {                            \
+        vf##W acc[GB], vj, r;                                                                                       \
+        for (int64_t g = 0; g < GB; g++)                                                                            \
+            acc[g] = (vf##W){0.0f};                                                                                 \
+        memcpy(&vj, v + j, sizeof vj);                                                                              \
+        for (int64_t m = 0; m < M; m++) {                                                                           \
+            float *restrict row = S + m * DV + j;                                                                   \
+            if (g0 == 0) {                                                                                          \
+                memcpy(&r, src == SRC_INPLACE ? row : S0 + m * DV + j, sizeof r);                                   \
+                r = r + fk[m] * vj;                                                                                 \
+                memcpy(row, &r, sizeof r);                                                                          \
+            } else {                                                                                                \
+                memcpy(&r, row, sizeof r);                                                                          \
+            }                                                                                                       \
+            for (int64_t g = 0; g < gn; g++)                                                                        \
+                acc[g] += a[g * M + m] * r;                                                                         \
+        }                                                                                                           \
+        for (int64_t g = 0; g < gn; g++)                                                                            \
+            memcpy(o + (g0 + g) * DV + j, &acc[g], sizeof acc[g]);                                                  \
+    }
+LINTX_COLUMNS(16)
+LINTX_COLUMNS(8)
+LINTX_COLUMNS(4)
+
+/* Column j alone (DV's last DV % W columns), as columns##W */
+LINTX_INLINE void column(int src, float *restrict S, const float *restrict S0, const float *restrict fk,
+                         const float *restrict v, const float *restrict a, float *restrict o, int64_t M,
+                         int64_t DV, int64_t j, int64_t g0, const int64_t gn) {
+    float acc[GB] = {0.0f};
+    for (int64_t m = 0; m < M; m++) {
+        float *restrict row = S + m * DV + j;
+        float r;
+        if (g0 == 0) {
+            r = (src == SRC_INPLACE ? row[0] : S0[m * DV + j]) + fk[m] * v[j];
+            row[0] = r;
+        } else {
+            r = row[0];
         }
-        return;
+        for (int64_t g = 0; g < gn; g++)
+            acc[g] += a[g * M + m] * r;
     }
-    for (; j + CHUNK <= DV; j += CHUNK)
-        for (int64_t i = j; i < j + CHUNK; i++)
-            row[i] = row_start(src, row, row0, i) + b * v[i];
-    for (; j < DV; j++)
-        row[j] = row_start(src, row, row0, j) + b * v[j];
-    for (int64_t g = 0; g < G; g++) {
-        const float ag = a[g * M];
-        float *restrict og = o + g * DV;
-        for (j = 0; j + CHUNK <= DV; j += CHUNK)
-            for (int64_t i = j; i < j + CHUNK; i++)
-                og[i] += ag * row[i];
-        for (; j < DV; j++)
-            og[j] += ag * row[j];
-    }
+    for (int64_t g = 0; g < gn; g++)
+        o[(g0 + g) * DV + j] = acc[g];
 }
 
-/* One (b, kv head): z, the normalizers, then S row by row into the G outputs, which are then scaled. */
+/* every W-column chunk of one head (W a constant at each call), then DV's last columns one at a time */
+LINTX_INLINE void sweep(int src, float *restrict S, const float *restrict S0, const float *restrict fk,
+                        const float *restrict v, const float *restrict a, float *restrict o, int64_t M, int64_t DV,
+                        int64_t g0, const int64_t gn, const int64_t W) {
+    int64_t j = 0;
+    for (; j + W <= DV; j += W) {
+        if (W == 16)
+            columns16(src, S, S0, fk, v, a, o, M, DV, j, g0, gn);
+        else if (W == 8)
+            columns8(src, S, S0, fk, v, a, o, M, DV, j, g0, gn);
+        else
+            columns4(src, S, S0, fk, v, a, o, M, DV, j, g0, gn);
+    }
+    for (; j < DV; j++)
+        column(src, S, S0, fk, v, a, o, M, DV, j, g0, gn);
+}
+
+/* One (b, kv head): z, the normalizers, then S a column chunk at a time into the G outputs, then their scale. */
 LINTX_INLINE void head(int src, const float *restrict S0, float *restrict S, const float *restrict z0,
                        float *restrict z, const float *restrict v, const float *restrict fk,
                        const float *restrict fq, double *restrict den, float *restrict o, int64_t M, int64_t DV,
-                       int64_t G, int normalize, float scale, float eps) {
-    /* z = z0 + phi(k), then den = phi(q)^T z (in double: cheap here) */
+                       int64_t G, int normalize, float scale, float eps, const int64_t W) {
+    /* z = z0 + phi(k), then den = phi(q)^T z in double, over 8 interleaved partial sums (one dependent add per
+     * 8 terms, in a fixed order: the same bits at every vector width) */
     for (int64_t m = 0; m < M; m++)
-        z[m] = row_start(src, z, z0, m) + fk[m];
+        z[m] = (src == SRC_INPLACE ? z[m] : z0[m]) + fk[m];
     for (int64_t g = 0; g < G; g++) {
-        double d = 0.0;
-        for (int64_t m = 0; m < M; m++)
+        double part[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0}, d = 0.0;
+        int64_t m = 0;
+        for (; m + 8 <= M; m += 8)
+            for (int64_t i = 0; i < 8; i++)
+                part[i] += (double)fq[g * M + m + i] * z[m + i];
+        for (; m < M; m++)
             d += (double)fq[g * M + m] * z[m];
+        for (int64_t i = 0; i < 8; i++)
+            d += part[i];
         den[g] = d;
     }
-    memset(o, 0, (size_t)(G * DV) * sizeof(float));
-    for (int64_t m = 0; m < M; m++)  /* row m of S: updated, then folded into the outputs while in L1 */
-        row_step(src, S + m * DV, src == SRC_STATE ? S0 + m * DV : NULL, fk[m], v, fq + m, M, o, DV, G);
+    for (int64_t g0 = 0; g0 < G; g0 += GB) {
+        const int64_t gn = G - g0 < GB ? G - g0 : GB;
+        switch (gn) {  /* gn and the width constants at each call: the sums' loops unroll into registers */
+        case 1: sweep(src, S, S0, fk, v, fq + g0 * M, o, M, DV, g0, 1, W); break;
+        case 2: sweep(src, S, S0, fk, v, fq + g0 * M, o, M, DV, g0, 2, W); break;
+        case 3: sweep(src, S, S0, fk, v, fq + g0 * M, o, M, DV, g0, 3, W); break;
+        default: sweep(src, S, S0, fk, v, fq + g0 * M, o, M, DV, g0, GB, W); break;
+        }
+    }
     for (int64_t g = 0; g < G; g++) {
         float *restrict og = o + g * DV;
         if (normalize) {
@@ -164,9 +212,9 @@ LINTX_INLINE void head(int src, const float *restrict S0, float *restrict S, con
 
 /* Returns 0, or 1 when the scratch (phi of a head group's queries and of its key) cannot be allocated; nothing
  * is written then. */
-LINTX_CLONES int lintx_step_f32(const int64_t *dims, const float *q, const float *k, const float *v,
-                                const float *S0, const float *z0, float *S, float *z, float *o, int normalize,
-                                float scale, float eps) {
+LINTX_INLINE int step(const int64_t *dims, const float *q, const float *k, const float *v, const float *S0,
+                      const float *z0, float *S, float *z, float *o, int normalize, float scale, float eps,
+                      const int64_t W) {
     const int64_t B = dims[0], H = dims[1], HKV = dims[2], D = dims[3], DV = dims[4];
     const int map = (int)dims[5];
     const int64_t G = H / HKV, M = D;
@@ -187,11 +235,53 @@ LINTX_CLONES int lintx_step_f32(const int64_t *dims, const float *q, const float
         phi(map, fq, q + bh * G * D, G * M);
         /* one call per source, each inlined with its constant: the compiler sees no aliasing in any */
         if (S0 == S)
-            head(SRC_INPLACE, NULL, Sp, NULL, zp, vp, fk, fq, den, op, M, DV, G, normalize, scale, eps);
+            head(SRC_INPLACE, NULL, Sp, NULL, zp, vp, fk, fq, den, op, M, DV, G, normalize, scale, eps, W);
         else
-            head(SRC_STATE, S0 + st, Sp, z0 + bh * M, zp, vp, fk, fq, den, op, M, DV, G, normalize, scale, eps);
+            head(SRC_STATE, S0 + st, Sp, z0 + bh * M, zp, vp, fk, fq, den, op, M, DV, G, normalize, scale, eps, W);
     }
     free(fk);
     free(den);
     return 0;
+}
+
+typedef int (*step_fn)(const int64_t *, const float *, const float *, const float *, const float *, const float *,
+                       float *, float *, float *, int, float, float);
+
+#define LINTX_VARIANT(NAME, W)                                                                                      \
+    static int NAME(const int64_t *dims, const float *q, const float *k, const float *v, const float *S0,          \
+                    const float *z0, float *S, float *z, float *o, int normalize, float scale, float eps) {        \
+        return step(dims, q, k, v, S0, z0, S, z, o, normalize, scale, eps, W);                                      \
+    }
+#ifdef LINTX_X86
+__attribute__((target("avx512f"))) LINTX_VARIANT(step_avx512, 16)
+__attribute__((target("avx2"))) LINTX_VARIANT(step_avx2, 8)
+#endif
+LINTX_VARIANT(step_base, 4)
+
+/* The variant for the running CPU, chosen at the first call (two threads racing there store the same pointer).
+ * -DLINTX_FORCE_VARIANT=step_avx2 (say) pins one: tests/test_native_step.py builds each the CPU runs and checks
+ * that they give the same bits. */
+#ifdef LINTX_FORCE_VARIANT
+static step_fn chosen = LINTX_FORCE_VARIANT;
+#else
+static step_fn chosen = NULL;
+#endif
+
+static step_fn choose(void) {
+#ifdef LINTX_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f"))
+        return step_avx512;
+    if (__builtin_cpu_supports("avx2"))
+        return step_avx2;
+#endif
+    return step_base;
+}
+
+int lintx_step_f32(const int64_t *dims, const float *q, const float *k, const float *v, const float *S0,
+                   const float *z0, float *S, float *z, float *o, int normalize, float scale, float eps) {
+    step_fn fn = chosen;
+    if (fn == NULL)
+        chosen = fn = choose();
+    return fn(dims, q, k, v, S0, z0, S, z, o, normalize, scale, eps);
 }
