@@ -38,7 +38,6 @@ disturbed by it), and each is also printed as a multiple of its floor (the modul
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import sys
@@ -119,11 +118,10 @@ def _native_c(q, k, v, S, z):
     """The native step's C function on these tensors (in place, elu+1, normalized), its arguments prepared here."""
     B, H, D = q.shape
     fn = lx.native._load()
-    dims = (ctypes.c_int64 * 6)(B, H, k.shape[1], D, v.shape[-1], lx.native.MAPS["elu"])
     o = torch.empty(B, H, v.shape[-1])
-    args = (dims, q.data_ptr(), k.data_ptr(), v.data_ptr(), S.data_ptr(), z.data_ptr(), S.data_ptr(), z.data_ptr(),
-            o.data_ptr(), 1, 1.0, 1e-6)
-    return lambda: (fn(*args), o)  # o held by the closure: the C function writes into it
+    a, se = lx.native.args((B, H, k.shape[1], D, v.shape[-1], lx.native.MAPS["elu"]),
+                           [t.data_ptr() for t in (q, k, v, S, z, S, z, o)], 1.0, 1e-6)
+    return lambda: (fn(a, se, 1), o)  # o held by the closure: the C function writes into it
 
 
 def decode_rows(Bs, H: int, D: int, modes, rounds: int, calls: int, compile_: bool = False,

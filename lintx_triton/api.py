@@ -356,6 +356,9 @@ _STEP_KEYS: dict = {}
 _STEP_KEYS_MAX = 256
 
 
+_is_compiling = torch.compiler.is_compiling
+
+
 def _step_key(q, k, v, state, fm, scale, eps, backend, inplace):
     """The cache key of a decode step's arguments, or None when they are not all tensors where tensors belong
     (the full checks then run, and raise)."""
@@ -363,10 +366,10 @@ def _step_key(q, k, v, state, fm, scale, eps, backend, inplace):
         return None
     S, z = state
     try:
-        return (fm, backend, type(scale), type(eps), eps, inplace, interpreting(),
-                type(q), q.shape, q.dtype, q.device, type(k), k.shape, k.dtype, k.device,
-                type(v), v.shape, v.dtype, v.device, type(state), type(S), S.shape, S.dtype, S.device,
-                type(z), z.shape, z.dtype, z.device, inplace and S.is_contiguous() and z.is_contiguous())
+        return (fm, backend, type(scale), type(eps), eps, inplace, interpreting(), type(q), type(k), type(v),
+                type(state), type(S), type(z), q.shape, k.shape, v.shape, S.shape, z.shape, q.dtype, k.dtype,
+                v.dtype, S.dtype, z.dtype, q.device, k.device, v.device, S.device, z.device,
+                inplace and S.is_contiguous() and z.is_contiguous())
     except AttributeError:  # not tensors: the full checks say what is wrong
         return None
 
@@ -375,8 +378,8 @@ def _step_backend(q, k, v, state, fm: FeatureMap, scale, eps, backend, inplace: 
     """Check a decode step's arguments (once per key, see _STEP_KEYS) -> its backend, "torch" or "triton", or
     on the torch backend the native CPU step's runner when the key is eligible (lintx_triton.native.plan; it
     returns None for a call that must take the torch path after all)."""
-    compiling = torch.compiler.is_compiling()  # dynamo traces the checks once and guards on what they read
-    key = None if compiling or state is None else _step_key(q, k, v, state, fm, scale, eps, backend, inplace)
+    # not while dynamo traces (key None): it traces the checks once and guards on what they read
+    key = None if state is None or _is_compiling() else _step_key(q, k, v, state, fm, scale, eps, backend, inplace)
     if key is not None:
         try:
             hit = _STEP_KEYS.get(key)
@@ -388,7 +391,7 @@ def _step_backend(q, k, v, state, fm: FeatureMap, scale, eps, backend, inplace: 
     if inplace and not (state[0].is_contiguous() and state[1].is_contiguous()):
         raise ValueError("linear_attention_step_ updates the state in place: S and z must be contiguous")
     picked = _pick_backend(backend, q, v, fm)
-    if picked == "torch" and key is not None:  # not while dynamo traces (key None): the traced torch path
+    if picked == "torch" and key is not None:  # the traced torch path under dynamo (key None)
         picked = native.plan(q, k, v, state[0], state[1], fm, inplace) or picked
     if key is not None:
         if len(_STEP_KEYS) >= _STEP_KEYS_MAX:

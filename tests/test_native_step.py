@@ -153,6 +153,23 @@ def test_used_only_when_eligible(spy):
 
 
 @needs_native
+def test_auto_step_follows_triton_interpret(spy, monkeypatch):
+    """backend="auto" decode steps read TRITON_INTERPRET at each call (config.interpreting reads os.environ's own
+    mapping) and a change is a new plan: the interpreter's Triton step while it is 1, the native step once it is
+    set to 0, the interpreter again when it is back to 1, each giving the same numbers."""
+    q, k, v = (torch.randn(1, 2, 8) for _ in range(3))
+    states = [(torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8)) for _ in range(3)]
+    outs = []
+    with torch.no_grad():
+        for flag, calls in (("1", 0), ("0", 1), ("1", 1)):
+            monkeypatch.setenv("TRITON_INTERPRET", flag)
+            outs.append(lx.linear_attention_step_(q, k, v, states[len(outs)]))
+            assert len(spy) == calls, flag
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], rtol=1e-5, atol=1e-6)
+
+
+@needs_native
 def test_off_switch(spy):
     """native.set_enabled(False) sends the next steps (already planned keys included) to the torch path."""
     q, k, v = (torch.randn(1, 2, 8) for _ in range(3))
@@ -287,7 +304,6 @@ def test_every_isa_variant_gives_the_same_bits(tmp_path):
         subprocess.run([native._compiler(), *native._FLAGS, f"-DLINTX_FORCE_VARIANT={name}", "-o", str(lib),
                         str(native._SOURCE)], check=True, capture_output=True, timeout=300)
         fn = ctypes.CDLL(str(lib)).lintx_step_f32
-        fn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int, ctypes.c_float, ctypes.c_float]
         res = []
         for dims, inplace, (q, k, v, S0, z0) in cases:
             B, H, _, _, DV, _ = dims
@@ -295,9 +311,8 @@ def test_every_isa_variant_gives_the_same_bits(tmp_path):
                 S0c, z0c = S0.clone(), z0.clone()
                 S, z = (S0c, z0c) if inplace else (torch.empty_like(S0), torch.empty_like(z0))
                 o = torch.empty(B, H, DV)
-                d = (ctypes.c_int64 * 6)(*dims)
-                assert fn(d, q.data_ptr(), k.data_ptr(), v.data_ptr(), S0c.data_ptr(), z0c.data_ptr(), S.data_ptr(),
-                          z.data_ptr(), o.data_ptr(), normalize, 0.7, 1e-3) == 0
+                a, se = native.args(dims, [t.data_ptr() for t in (q, k, v, S0c, z0c, S, z, o)], 0.7, 1e-3)
+                assert fn(a, se, normalize) == 0
                 res += [o, S, z]
         outs[name] = res
     assert len(variants) >= 1

@@ -140,8 +140,7 @@ def _load():
                           f"CPU use the PyTorch path", RuntimeWarning, stacklevel=3)
             _lib = False
             return None
-        ptr = ctypes.c_void_p
-        fn.argtypes = [ptr] * 9 + [ctypes.c_int, ctypes.c_float, ctypes.c_float]
+        # no argtypes: the two arrays pass as pointers, normalize as a C int (see step.c's lintx_step_f32)
         fn.restype = ctypes.c_int
         _lib = fn
         return fn
@@ -177,8 +176,7 @@ def plan(q, k, v, S, z, fm, inplace: bool):
     HKV, DV = k.shape[1], v.shape[-1]
     if 0 in (B, H, D, HKV, DV):  # nothing to compute: the PyTorch path's empty results
         return None
-    dims = (ctypes.c_int64 * 6)(B, H, HKV, D, DV, MAPS[fm.name])
-    return _runner(fn, dims, B, H, DV, D == DV, inplace)
+    return _runner(fn, (B, H, HKV, D, DV, MAPS[fm.name]), B, H, DV, D == DV, inplace)
 
 
 def _builtin(name: str):
@@ -187,8 +185,15 @@ def _builtin(name: str):
     return {"elu": builtin.ELU, "relu": builtin.RELU, "identity": builtin.IDENTITY}[name]
 
 
-# The runner is the hot path of a CPU decode loop: each of its lines is 0.1-1 us of Python (the ctypes call about
-# 1, o's allocation 0.9, a tensor attribute 0.1-0.2) against a 4-5 us floor at B = 1 (bench/NOTES.md).
+def args(dims, pointers, scale: float, eps: float):
+    """The arrays step.c's ``lintx_step_f32(a, se, normalize)`` takes: ``a`` = the six ``dims`` (B, H, HKV, D, DV,
+    the map's code) then the eight addresses of q, k, v, S0, z0, S, z, o; ``se`` = (scale, eps)."""
+    return (ctypes.c_int64 * 14)(*dims, *pointers), (ctypes.c_float * 2)(scale, eps)
+
+
+# The runner is the hot path of a CPU decode loop: each of its lines is 0.1-1 us of Python (o's allocation 1.0, a
+# tensor attribute 0.1, refilling the arrays 0.2, the ctypes call 0.4; twelve arguments converted by argtypes took
+# 1.1) against a 4 us floor at B = 1 (bench/NOTES.md).
 _grad_enabled = torch.is_grad_enabled
 _empty_like = torch.empty_like
 _bump = torch._C._increment_version  # the state changed in place: autograd's saved-tensor check must see it
@@ -198,6 +203,8 @@ def _runner(fn, dims, B: int, H: int, DV: int, like_q: bool, inplace: bool):
     # o: like q when D = DV (empty_like, 0.9 us; new_empty 1.4), never torch.empty, which follows torch's default
     # dtype and device
     shape = (B, H, DV)
+    # the arrays are per thread: ctypes lets go of the GIL during the call, so two threads may be inside at once
+    local = threading.local()
 
     def run(q, k, v, state, normalize, scale, eps):
         """o (in place: the state updated), or (o, (S, z)) (functional: a new state); None: the torch path."""
@@ -209,9 +216,20 @@ def _runner(fn, dims, B: int, H: int, DV: int, like_q: bool, inplace: bool):
                 and (inplace or (S0.is_contiguous() and z0.is_contiguous()))):  # in place: the api checked them
             return None
         o = _empty_like(q) if like_q else q.new_empty(shape)
-        S, z = (S0, z0) if inplace else (_empty_like(S0), _empty_like(z0))
-        if fn(dims, q.data_ptr(), k.data_ptr(), v.data_ptr(), S0.data_ptr(), z0.data_ptr(), S.data_ptr(),
-              z.data_ptr(), o.data_ptr(), 1 if normalize else 0, scale, eps):
+        try:
+            a, se = local.arrays
+        except AttributeError:
+            a, se = local.arrays = args(dims, (0,) * 8, 0.0, 0.0)
+        if inplace:
+            pS, pz = S0.data_ptr(), z0.data_ptr()
+            a[6:14] = q.data_ptr(), k.data_ptr(), v.data_ptr(), pS, pz, pS, pz, o.data_ptr()
+        else:
+            S, z = _empty_like(S0), _empty_like(z0)
+            a[6:14] = (q.data_ptr(), k.data_ptr(), v.data_ptr(), S0.data_ptr(), z0.data_ptr(), S.data_ptr(),
+                       z.data_ptr(), o.data_ptr())
+        se[0] = scale
+        se[1] = eps
+        if fn(a, se, 1 if normalize else 0):
             raise MemoryError("lintx_triton.native: the decode step's scratch could not be allocated")
         if inplace:
             _bump(state)

@@ -13,11 +13,12 @@
  * Layouts (contiguous, checked by the caller): q [B, H, D], k [B, HKV, D], v [B, HKV, DV], S [B, HKV, M, DV],
  * z [B, HKV, M], o [B, H, DV]; M = D (elementwise maps only). Query head i uses kv head i / G.
  *
- * dims: B, H, HKV, D, DV, map (LINTX_MAP_*). Built with the system C compiler at the first eligible call
- * (lintx_triton/native/__init__.py) with -O3 -std=c99: no -march (the variants below pick the ISA at the first
- * call, so the cached binary runs on any CPU of its machine type), no -ffast-math (comparisons keep IEEE
- * semantics: NaN propagates as in torch), and ISO C's no-contraction of a * b + c into an FMA: every variant
- * rounds alike (the sums run in the same order at every vector width), so the results do not depend on the CPU.
+ * dims: B, H, HKV, D, DV, map (LINTX_MAP_*), as the entry point lintx_step_f32 (at the end) receives them.
+ * Built with the system C compiler at the first eligible call (lintx_triton/native/__init__.py) with -O3
+ * -std=c99: no -march (the variants below pick the ISA at the first call, so the cached binary runs on any CPU
+ * of its machine type), no -ffast-math (comparisons keep IEEE semantics: NaN propagates as in torch), and ISO
+ * C's no-contraction of a * b + c into an FMA: every variant rounds alike (the sums run in the same order at
+ * every vector width), so the results do not depend on the CPU.
  */
 
 #include <stdint.h>
@@ -278,10 +279,16 @@ static step_fn choose(void) {
     return step_base;
 }
 
-int lintx_step_f32(const int64_t *dims, const float *q, const float *k, const float *v, const float *S0,
-                   const float *z0, float *S, float *z, float *o, int normalize, float scale, float eps) {
+/* The entry point: a = [B, H, HKV, D, DV, map, then the addresses of q, k, v, S0, z0, S, z, o], se = [scale, eps].
+ * Two arrays rather than twelve arguments: ctypes converts each argument it is given (about 0.1 us apiece), and
+ * the caller refills the same per-thread arrays at each step (lintx_triton/native/__init__.py). */
+int lintx_step_f32(const int64_t *a, const float *se, int normalize) {
     step_fn fn = chosen;
     if (fn == NULL)
         chosen = fn = choose();
-    return fn(dims, q, k, v, S0, z0, S, z, o, normalize, scale, eps);
+    const float *q = (const float *)(intptr_t)a[6], *k = (const float *)(intptr_t)a[7],
+                *v = (const float *)(intptr_t)a[8], *S0 = (const float *)(intptr_t)a[9],
+                *z0 = (const float *)(intptr_t)a[10];
+    float *S = (float *)(intptr_t)a[11], *z = (float *)(intptr_t)a[12], *o = (float *)(intptr_t)a[13];
+    return fn(a, q, k, v, S0, z0, S, z, o, normalize, se[0], se[1]);
 }
