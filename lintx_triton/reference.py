@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import native
 from .feature_maps import FeatureMap
 
 __all__ = ["linear_attention_reference", "linear_attention_torch", "linear_attention_step_torch",
@@ -110,8 +111,18 @@ def linear_attention_torch(
     DV = v.shape[-1]
     f32 = torch.float32
     G = H // k.shape[2]
-    a = fm.features(q.to(f32), "query", stabilize=normalize)  # [B, T, H, M]
-    b = _repeat_heads(fm.features(k.to(f32), "key"), G, 2)
+    qf, kf = q.to(f32), k.to(f32)
+    # without autograd (inference), a built-in elementwise map (no parameters) is written straight into the chunks
+    # by native C (one pass, not the map's two and a copy: lintx_triton.native.features_into); `a` and `b` are
+    # then q and k themselves
+    native_map = (causal and T > 0 and not torch.compiler.is_compiling()
+                  and not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, *(initial_state or ()))))
+                  and native.features_eligible(fm, qf, kf))
+    if native_map:
+        a, b = qf, kf
+    else:
+        a = fm.features(qf, "query", stabilize=normalize)  # [B, T, H, M]
+        b = _repeat_heads(fm.features(kf, "key"), G, 2)
     vv = _repeat_heads(v.to(f32), G, 2)  # [B, T, H, DV]
     M = a.shape[-1]
     if initial_state is not None:
@@ -132,7 +143,8 @@ def linear_attention_torch(
         # calls (_workspace_buffers): fresh 16 MB buffers cost page faults on every call
         reuse = not (torch.is_grad_enabled() and any(x.requires_grad for x in (a, b, vv, S0)))
         reuse = reuse and not torch.compiler.is_compiling()
-        o, S = _ChunkedCausal.apply(a, b, vv, S0, min(chunk, T), normalize, float(scale), float(eps), reuse)
+        o, S = _ChunkedCausal.apply(a, b, vv, S0, min(chunk, T), normalize, float(scale), float(eps), reuse,
+                                    fm if native_map else None, G)
     else:
         a, b = a.transpose(1, 2), b.transpose(1, 2)  # [B, H, T, M]
         v1 = torch.cat([vv, vv.new_ones(B, T, H, 1)], -1).transpose(1, 2)
@@ -233,7 +245,7 @@ class _ChunkedCausal(torch.autograd.Function):
     torch.cumsum over a non-inner dimension)."""
 
     @staticmethod
-    def forward(ctx, a, b, v, S0, C, normalize, scale, eps, reuse=False):
+    def forward(ctx, a, b, v, S0, C, normalize, scale, eps, reuse=False, native_map=None, G=1):
         B, T, H, M = a.shape
         DV = v.shape[-1]
         N = -(-T // C)
@@ -241,17 +253,22 @@ class _ChunkedCausal(torch.autograd.Function):
         A, V1, Bz, S, Pz, out = _workspace_buffers(a, [
             (N, B, H, C, M), (N, B, H, C, DV + 1), (N, B, H, C + 1, M), (N + 1, B, H, M, DV + 1), (NBH, C, C + 1),
             (NBH, C, DV)], reuse)
-        _to_chunks(a, C, out=A), _to_chunks(v, C, ones=True, out=V1)  # [N, B, H, C, *]
+        _to_chunks(v, C, ones=True, out=V1)  # [N, B, H, C, *]
         # the keys with one more row per chunk, z_n (the normalizer's state before chunk n), so that one product
         # A_n [B_n; z_n^T]^T gives the scores P_n and A_n z_n: den = rowsum(tril(P_n)) + A_n z_n, and the
         # products for num stay DV wide: MKL is slow on a 65-wide output (A S + P V1 at DV + 1 = 65 columns: 28.6
         # ms, at 64 from the same buffers: 21.3; the 65-wide [P | A z]: 13.3 against 11.7 ms; [1024, 64, 64]
         # batches, 1 thread, bench/NOTES.md)
         Bk = Bz[..., :C, :]  # [N, B, H, C, M], a view (the backward's B_n)
-        if T % C:
-            Bk[-1].zero_()
-        for view, n, c in _chunk_views(b, C):
-            Bk[n, :, :, :c].copy_(view)
+        if native_map is not None:  # a, b are q, k [B, T, H (HKV), M]: phi written into the chunks in one pass
+            native.features_into(a, A, C, native_map)
+            native.features_into(b, Bk, C, native_map, G)
+        else:
+            _to_chunks(a, C, out=A)
+            if T % C:
+                Bk[-1].zero_()
+            for view, n, c in _chunk_views(b, C):
+                Bk[n, :, :, :c].copy_(view)
         A3, B3, V3 = A.view(NBH, C, M), Bk.view(NBH, C, M), V1.view(NBH, C, DV + 1)
         # S[n]: the state before chunk n (S[N]: after the last), [N + 1, B, H, M, DV + 1]
         S[0].copy_(S0)
@@ -325,7 +342,7 @@ class _ChunkedCausal(torch.autograd.Function):
             x = torch.bmm(B3, G3, out=buf(X, DV + 1)).view(N, B, H, C, DV + 1)
             y = torch.bmm(P.transpose(1, 2), D3, out=buf(Y, DV + 1)).view(N, B, H, C, DV + 1)
             dv = _from_chunks(x[..., :DV], T, y[..., :DV])
-        return da, db, dv, dS0, None, None, None, None, None
+        return da, db, dv, dS0, None, None, None, None, None, None, None
 
 
 def linear_attention_step_torch(

@@ -240,7 +240,7 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
     bad = tmp_path / "step.c"
     bad.write_text("this is not C\n")
     monkeypatch.setattr(native, "_lib", None)
-    monkeypatch.setattr(native, "_SOURCE", bad)
+    monkeypatch.setattr(native, "_SOURCES", (bad,))
     monkeypatch.setenv("LINTX_TRITON_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(api, "_STEP_KEYS", {})
     with pytest.warns(RuntimeWarning, match="could not be built"):
@@ -276,19 +276,19 @@ def _cpu_flags() -> set:
 
 
 @pytest.mark.skipif(native._compiler() is None, reason="no C compiler here")
-def test_every_isa_variant_gives_the_same_bits(tmp_path):
-    """step.c's variants (AVX-512 16 wide, AVX2 8 wide, the baseline 4 wide; each pinned by -DLINTX_FORCE_VARIANT)
-    give bit-identical outputs and states, so a result does not depend on the CPU that computed it. Shapes with a
+def test_every_isa_variant_gives_the_same_bits(tmp_path, monkeypatch):
+    """The library's variants (AVX-512, AVX2, the baseline; each pinned by -DLINTX_FORCE_ISA) give bit-identical
+    results, so a result does not depend on the CPU that computed it. The step (16, 8 and 4 wide): shapes with a
     column tail (DV % 16), grouped heads split across the register sweeps (G = 5: 4 + 1), both sources of the
-    state, each map, normalized or not."""
+    state, each map, normalized or not. The forward's features: each map, a ragged last chunk, grouped keys."""
     import ctypes
     import platform
     import subprocess
 
-    variants = ["step_base"]
+    isas = ["base"]
     if platform.machine() in ("x86_64", "AMD64"):
         flags = _cpu_flags()
-        variants += [name for name, flag in (("step_avx2", "avx2"), ("step_avx512", "avx512f")) if flag in flags]
+        isas += [name for name, flag in (("avx2", "avx2"), ("avx512", "avx512f")) if flag in flags]
     gen = torch.Generator().manual_seed(0)
     cases = []
     for B, H, HKV, D, DV in [(1, 8, 8, 64, 64), (3, 8, 2, 24, 40), (2, 5, 1, 32, 33), (1, 9, 1, 8, 100)]:
@@ -298,12 +298,14 @@ def test_every_isa_variant_gives_the_same_bits(tmp_path):
                                                                (B, HKV, D, DV))]
                 z0 = torch.rand(B, HKV, D, generator=gen) + 1
                 cases.append(((B, H, HKV, D, DV, code), inplace, t + [z0]))
+    x = torch.randn(2, 37, 3, 20, generator=gen) * 30
     outs = {}
-    for name in variants:
-        lib = tmp_path / f"{name}.so"
-        subprocess.run([native._compiler(), *native._FLAGS, f"-DLINTX_FORCE_VARIANT={name}", "-o", str(lib),
-                        str(native._SOURCE)], check=True, capture_output=True, timeout=300)
-        fn = ctypes.CDLL(str(lib)).lintx_step_f32
+    for isa in isas:
+        lib = tmp_path / f"{isa}.so"
+        subprocess.run([native._compiler(), *native._FLAGS, f"-DLINTX_FORCE_ISA={isa}", "-o", str(lib),
+                        *map(str, native._SOURCES)], check=True, capture_output=True, timeout=300)
+        loaded = ctypes.CDLL(str(lib))
+        fn = loaded.lintx_step_f32
         res = []
         for dims, inplace, (q, k, v, S0, z0) in cases:
             B, H, _, _, DV, _ = dims
@@ -314,8 +316,12 @@ def test_every_isa_variant_gives_the_same_bits(tmp_path):
                 a, se = native.args(dims, [t.data_ptr() for t in (q, k, v, S0c, z0c, S, z, o)], 0.7, 1e-3)
                 assert fn(a, se, normalize) == 0
                 res += [o, S, z]
-        outs[name] = res
-    assert len(variants) >= 1
-    for name in variants[1:]:
-        for a, b in zip(outs[variants[0]], outs[name]):
-            assert torch.equal(a, b), f"{name} differs from {variants[0]}"
+        monkeypatch.setattr(native, "_features", loaded.lintx_features_f32)
+        for name in native.MAPS:
+            out = torch.full((3, 2, 6, 17, 20), float("nan"))
+            native.features_into(x, out, 16, native._builtin(name), G=2)
+            res.append(out)
+        outs[isa] = res
+    for isa in isas[1:]:
+        for a, b in zip(outs[isas[0]], outs[isa]):
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32)), f"{isa} differs from {isas[0]}"  # bits

@@ -1,4 +1,5 @@
-"""The decode step in C on the CPU: ``step.c``, built with the system C compiler at the first eligible call.
+"""The decode step in C on the CPU (``step.c``), and the CPU forward's feature maps written straight into its
+chunks (``features.c``), built with the system C compiler at the first eligible call.
 
 A CPU decode step in PyTorch is about ten torch calls of 1-7 us each against a state that one pass reads in
 4-5 us at B = 1 (issue #17, bench/RESULTS.md); ``step.c`` does the same arithmetic as
@@ -6,13 +7,16 @@ A CPU decode step in PyTorch is about ten torch calls of 1-7 us each against a s
 :mod:`lintx_triton.api` (and so ``LinearAttention.step``) use it on the ``torch`` backend when a step is
 eligible: CPU float32 tensors, q, k, v, S, z contiguous, a built-in elementwise map (:data:`MAPS`), no
 autograd graph to record, not under ``torch.compile``. Anything else takes the PyTorch path, as before.
+Without autograd, the chunked CPU forward (:func:`lintx_triton.reference.linear_attention_torch`) writes phi(q)
+and phi(k) of those maps into its chunked buffers with ``features.c`` (:func:`features_into`): one pass over memory
+instead of three (the map, + 1, the copy into chunks).
 
 The shared library is built once per machine into the kernel cache (:func:`lintx_triton.codegen.cache.cache_dir`),
-named by a hash of the source, the compiler (its path and ``--version``), the flags and the machine type, and
+named by a hash of the sources, the compiler (its path and ``--version``), the flags and the machine type, and
 written atomically (a temporary file, then ``os.replace``), so two processes never load a half-written file.
-The flags have no ``-march``: on x86-64 step.c carries GCC's ``target_clones`` (AVX-512, AVX2, the baseline),
-picked by the loader from the CPU that runs it, so one cached file serves any CPU of the machine type, and
-``-std=c99`` keeps a * b + c unfused, so every clone gives the same bits.
+The flags have no ``-march``: on x86-64 each entry point has a variant per ISA (AVX-512, AVX2, the baseline),
+picked at its first call from the CPU that runs it, so one cached file serves any CPU of the machine type, and
+``-std=c99`` keeps a * b + c unfused, so every variant gives the same bits.
 No compiler, or a failed build: the PyTorch path (a failed build warns once); decided once per process.
 
 Public::
@@ -42,7 +46,9 @@ __all__ = ["available", "enabled", "set_enabled", "MAPS"]
 
 _log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("step.c")
+# compiled together into one library; maps.h is included by both (its bytes are part of the library's name)
+_SOURCES = (Path(__file__).with_name("step.c"), Path(__file__).with_name("features.c"))
+_HEADERS = (Path(__file__).with_name("maps.h"),)
 # -O3 vectorizes the row loops; no -march (the file is reused by every CPU of the machine type: step.c picks
 # AVX-512 / AVX2 per CPU itself), no -ffast-math (NaN propagates as in the torch step), ISO C (no FMA contraction)
 _FLAGS = ("-O3", "-fPIC", "-shared", "-std=c99")
@@ -51,6 +57,7 @@ MAPS = {"elu": 1, "relu": 2, "identity": 3}
 
 _LOCK = threading.Lock()
 _lib = None  # the loaded step function, False once it is known not to load, None before the first try
+_features = None  # features.c's function, loaded with _lib
 _enabled = True
 
 
@@ -94,8 +101,8 @@ def _library_path(cc: str) -> Path:
     except (OSError, subprocess.SubprocessError):
         version = ""
     h = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), os.path.realpath(cc).encode(), version.encode(), " ".join(_FLAGS).encode(),
-                 platform.machine().encode(), platform.system().encode()):
+    for part in (*(f.read_bytes() for f in _SOURCES + _HEADERS), os.path.realpath(cc).encode(), version.encode(),
+                 " ".join(_FLAGS).encode(), platform.machine().encode(), platform.system().encode()):
         h.update(part)
         h.update(b"\0")
     return cache_dir() / f"native_step_{h.hexdigest()[:20]}.so"
@@ -107,7 +114,7 @@ def _build(cc: str, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp.so")
     os.close(fd)
     try:
-        done = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True,
+        done = subprocess.run([cc, *_FLAGS, "-o", tmp, *map(str, _SOURCES)], capture_output=True, text=True,
                               timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{cc} exited with {done.returncode}: {done.stderr.strip()[-2000:]}")
@@ -119,7 +126,7 @@ def _build(cc: str, path: Path) -> None:
 
 def _load():
     """The ctypes function of the built library, or None (no compiler, a failed build): tried once."""
-    global _lib
+    global _lib, _features
     if _lib is not None:
         return _lib or None
     with _LOCK:
@@ -134,14 +141,18 @@ def _load():
             path = _library_path(cc)
             if not path.exists():
                 _build(cc, path)
-            fn = ctypes.CDLL(str(path)).lintx_step_f32
+            lib = ctypes.CDLL(str(path))
+            fn, features = lib.lintx_step_f32, lib.lintx_features_f32
+            if features(None) != len(_FEATURE_ARGS):
+                raise RuntimeError("features.c takes another argument list than lintx_triton/native/__init__.py")
         except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:  # AttributeError: no symbol
             warnings.warn(f"lintx_triton: the native CPU decode step could not be built ({e}); decode steps on the "
                           f"CPU use the PyTorch path", RuntimeWarning, stacklevel=3)
             _lib = False
             return None
-        # no argtypes: the two arrays pass as pointers, normalize as a C int (see step.c's lintx_step_f32)
-        fn.restype = ctypes.c_int
+        # no argtypes: the arrays pass as pointers, normalize as a C int (see step.c's lintx_step_f32)
+        fn.restype = features.restype = ctypes.c_int
+        _features = features
         _lib = fn
         return fn
 
@@ -183,6 +194,62 @@ def _builtin(name: str):
     from ..feature_maps import builtin
 
     return {"elu": builtin.ELU, "relu": builtin.RELU, "identity": builtin.IDENTITY}[name]
+
+
+# features.c's argument array, in the order of its enum (F_B ... F_OC)
+_FEATURE_ARGS = ("B", "T", "H", "G", "W", "C", "map", "n0", "n1", "x", "xB", "xT", "xH", "out", "oN", "oB", "oH",
+                 "oC")
+# x's elements below which features_into runs on the calling thread alone: a pool's hand-off costs 20-50 us
+_SPLIT_MIN = 1 << 18
+_POOL = None
+
+
+def _pool(workers: int):
+    """A thread pool of at least ``workers`` threads, kept for the process (grown when a call needs more)."""
+    global _POOL
+    with _LOCK:
+        if _POOL is None or _POOL._max_workers < workers:
+            from concurrent.futures import ThreadPoolExecutor
+
+            old, _POOL = _POOL, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lintx_features")
+            if old is not None:
+                old.shutdown(wait=False)
+        return _POOL
+
+
+def features_eligible(fm, *xs) -> bool:
+    """Whether :func:`features_into` takes phi = ``fm`` of these inputs: the native library on and built, a
+    built-in elementwise map (:data:`MAPS`), CPU float32 with a unit inner stride (builds the library on the first
+    eligible call)."""
+    if not _enabled or MAPS.get(fm.name) is None or fm is not _builtin(fm.name):
+        return False
+    if any(x.device.type != "cpu" or x.dtype != torch.float32 or x.stride(-1) != 1 for x in xs):
+        return False
+    return _load() is not None and _features is not None
+
+
+def features_into(x, out, C: int, fm, G: int = 1) -> None:
+    """phi(x) of ``x [B, T, HX, W]`` written into the chunked buffer ``out [N, B, H, C' >= C, W]`` (N = ceil(T / C),
+    H = G HX: head h of out reads head h // G of x; rows past T in the last chunk zero, rows C' > C untouched), in
+    one pass (features.c), split by chunks between ``torch.get_num_threads()`` threads when x is large. Call only
+    where :func:`features_eligible` said yes for x and out."""
+    B, T, HX, W = x.shape
+    N, Bo, H, rows, Wo = out.shape
+    if (Bo, Wo) != (B, W) or H != G * HX or rows < C or N != -(-T // C) or out.stride(-1) != 1:
+        raise ValueError(f"features_into: out {tuple(out.shape)} is not the chunked layout of x {tuple(x.shape)} "
+                         f"at C = {C}, G = {G}")
+    a = [B, T, H, G, W, C, MAPS[fm.name], 0, N, x.data_ptr(), *x.stride()[:3], out.data_ptr(), *out.stride()[:4]]
+    parts = min(torch.get_num_threads(), N) if x.numel() >= _SPLIT_MIN else 1
+    bounds = [N * i // parts for i in range(parts + 1)]
+    arrays = []
+    for i in range(parts):
+        a[7], a[8] = bounds[i], bounds[i + 1]
+        arrays.append((ctypes.c_int64 * len(a))(*a))
+    # x and out stay referenced by the caller until every share is done (the C reads their memory)
+    futures = [_pool(parts - 1).submit(_features, arr) for arr in arrays[1:]] if parts > 1 else []
+    _features(arrays[0])
+    for f in futures:
+        f.result()
 
 
 def args(dims, pointers, scale: float, eps: float):

@@ -21,64 +21,7 @@
  * every vector width), so the results do not depend on the CPU.
  */
 
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-/* One variant of the step per x86-64 ISA in the same binary (AVX-512, AVX2, the baseline), each with its own
- * vector width (W below), picked at the first call from the running CPU, so the cached library is safe on
- * any x86-64 CPU. The helpers below are always inlined, so each variant gets them compiled for its ISA. Elsewhere
- * (e.g. aarch64) the baseline alone, 4 wide (NEON). */
-#if defined(__x86_64__) && defined(__GNUC__)
-#define LINTX_X86 1
-#endif
-#define LINTX_INLINE static inline __attribute__((always_inline))
-
-/* The maps, as lintx_triton/feature_maps/builtin.py defines them (the Triton expression in the comment). */
-enum { LINTX_MAP_ELU = 1, LINTX_MAP_RELU = 2, LINTX_MAP_IDENTITY = 3 };
-
-/* exp(x) for x <= 0 (Cephes' expf: Cody-Waite reduction by ln 2, a degree-7 polynomial; within 2 ulp of the
- * exact value, checked against float64 exp in tests/test_native_step.py), written so that it vectorizes: libm's
- * expf is a call per element, 2.7 ns each, 44 us of a 130 us step at B = 16 (H = 8, D = 64). x = -inf gives 0,
- * results below 2^-126 come out subnormal (rounded once), NaN is left to the caller. */
-LINTX_INLINE float exp_nonpos(float x) {
-    const float xc = x < -104.0f ? -104.0f : (x <= 0.0f ? x : 0.0f);  /* exp(-104) rounds to 0; NaN -> 0 */
-    const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  /* round(x / ln 2): 1.5 2^23 */
-    const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;  /* x - n ln 2, |r| <= ln 2 / 2 */
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;  /* exp(r) */
-    /* 2^n as two factors 2^(n/2) 2^(n - n/2), each normal for n >= -150: one rounding into the subnormals */
-    const int32_t ni = (int32_t)n, n1 = ni / 2, n2 = ni - n1;
-    const uint32_t b1 = (uint32_t)(n1 + 127) << 23, b2 = (uint32_t)(n2 + 127) << 23;
-    float s1, s2;
-    memcpy(&s1, &b1, sizeof s1);
-    memcpy(&s2, &b2, sizeof s2);
-    return p * s1 * s2;
-}
-
-/* y = phi(x) over n entries */
-LINTX_INLINE void phi(int map, float *restrict y, const float *restrict x, int64_t n) {
-    switch (map) {
-    case LINTX_MAP_ELU:  /* tl.where(x > 0, x + 1.0, tl.exp(tl.minimum(x, 0.0))); NaN stays NaN */
-        for (int64_t i = 0; i < n; i++) {
-            const float xi = x[i], e = exp_nonpos(xi);
-            y[i] = xi > 0.0f ? xi + 1.0f : (xi <= 0.0f ? e : xi);
-        }
-        break;
-    case LINTX_MAP_RELU:  /* tl.maximum(x, 0.0); NaN stays NaN, as torch.relu */
-        for (int64_t i = 0; i < n; i++)
-            y[i] = x[i] < 0.0f ? 0.0f : x[i];
-        break;
-    default:  /* LINTX_MAP_IDENTITY: x */
-        memcpy(y, x, (size_t)n * sizeof(float));
-        break;
-    }
-}
+#include "maps.h"
 
 /* Where a row of the new state starts from: the state itself (in place), or another state. */
 enum { SRC_INPLACE = 0, SRC_STATE = 1 };
@@ -249,8 +192,9 @@ typedef int (*step_fn)(const int64_t *, const float *, const float *, const floa
                        float *, float *, float *, int, float, float);
 
 #define LINTX_VARIANT(NAME, W)                                                                                      \
-    static int NAME(const int64_t *dims, const float *q, const float *k, const float *v, const float *S0,          \
-                    const float *z0, float *S, float *z, float *o, int normalize, float scale, float eps) {        \
+    __attribute__((unused)) static int NAME(const int64_t *dims, const float *q, const float *k, const float *v,   \
+                                            const float *S0, const float *z0, float *S, float *z, float *o,        \
+                                            int normalize, float scale, float eps) {                               \
         return step(dims, q, k, v, S0, z0, S, z, o, normalize, scale, eps, W);                                      \
     }
 #ifdef LINTX_X86
@@ -259,16 +203,10 @@ __attribute__((target("avx2"))) LINTX_VARIANT(step_avx2, 8)
 #endif
 LINTX_VARIANT(step_base, 4)
 
-/* The variant for the running CPU, chosen at the first call (two threads racing there store the same pointer).
- * -DLINTX_FORCE_VARIANT=step_avx2 (say) pins one: tests/test_native_step.py builds each the CPU runs and checks
- * that they give the same bits. */
-#ifdef LINTX_FORCE_VARIANT
-static step_fn chosen = LINTX_FORCE_VARIANT;
-#else
-static step_fn chosen = NULL;
-#endif
-
 static step_fn choose(void) {
+#ifdef LINTX_FORCE_ISA
+    return LINTX_CAT(step_, LINTX_FORCE_ISA);
+#else
 #ifdef LINTX_X86
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f"))
@@ -277,7 +215,11 @@ static step_fn choose(void) {
         return step_avx2;
 #endif
     return step_base;
+#endif
 }
+
+/* the variant for the running CPU, chosen at the first call (two threads racing there store the same pointer) */
+static step_fn chosen = NULL;
 
 /* The entry point: a = [B, H, HKV, D, DV, map, then the addresses of q, k, v, S0, z0, S, z, o], se = [scale, eps].
  * Two arrays rather than twelve arguments: ctypes converts each argument it is given (about 0.1 us apiece), and

@@ -1,0 +1,151 @@
+"""The CPU forward's feature maps in native C (lintx_triton/native/features.c, issue #17): phi written straight
+into the chunked buffers, the same numbers as the PyTorch map (elu + 1 within 2 ulp of float64), used only
+without autograd, and the forward's results within the package's bounds either way."""
+
+import pytest
+import torch
+
+import lintx_triton as lx
+from helpers import case_id, check_forward, check_state, make_inputs
+from lintx_triton import native, reference
+from lintx_triton.feature_maps import builtin
+
+needs_native = pytest.mark.skipif(not native.available(), reason="no working C compiler here: the forward's "
+                                  "features take the PyTorch path")
+
+
+def _chunks_ref(x64: torch.Tensor, C: int, G: int, fm) -> torch.Tensor:
+    """phi(x) in float64, in the chunked layout [N, B, H, C, W] (rows past T zero)."""
+    B, T, HX, W = x64.shape
+    N = -(-T // C)
+    phi = fm.reference(x64).repeat_interleave(G, 2)  # [B, T, H, W]
+    out = x64.new_zeros(B, N * C, HX * G, W)
+    out[:, :T] = phi
+    return out.view(B, N, C, HX * G, W).permute(1, 0, 3, 2, 4)
+
+
+def _ulps(got: torch.Tensor, ref64: torch.Tensor) -> torch.Tensor:
+    """|got - ref| in units of the float32 spacing at ref (the smallest normal spacing below 2^-126)."""
+    r = ref64.float().abs().clamp_min(torch.finfo(torch.float32).tiny)
+    spacing = (torch.nextafter(r, torch.tensor(float("inf"))) - r).double()
+    return (got.double() - ref64).abs() / spacing
+
+
+@needs_native
+@pytest.mark.parametrize("split", [False, True], ids=["one-call", "threads"])
+@pytest.mark.parametrize("G", [1, 3])
+@pytest.mark.parametrize("fm", [builtin.ELU, builtin.RELU, builtin.IDENTITY], ids=lambda f: f.name)
+@pytest.mark.parametrize("T,C", [(64, 16), (37, 16), (1, 16), (50, 64)], ids=lambda v: str(v))
+def test_features_into_chunks(monkeypatch, fm, G, T, C, split):
+    """phi(x) lands in each chunk's rows (relu and identity exact, elu + 1 within 2 ulp of float64), the rows of a
+    ragged last chunk past T are zero, a buffer's extra row per chunk (the keys' chunks carry one) is untouched,
+    x may be strided (a slice of wider heads), and splitting the chunks between threads gives the same bits."""
+    if split:
+        monkeypatch.setattr(native, "_SPLIT_MIN", 0)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    gen = torch.Generator().manual_seed(T + G)
+    B, HX, W = 2, 2, 24
+    wide = torch.randn(B, T, HX, W + 8, generator=gen) * 4
+    wide[0, 0, 0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -200.0])
+    x = wide[..., 3:W + 3]  # strides (T HX (W + 8), HX (W + 8), W + 8, 1)
+    N = -(-T // C)
+    out = torch.full((N, B, HX * G, C + 1, W), 7.0)
+    assert native.features_eligible(fm, x)
+    native.features_into(x, out, C, fm, G)
+    ref = _chunks_ref(x.double(), C, G, fm)
+    got = out[..., :C, :]
+    assert torch.equal(out[..., C, :], torch.full_like(out[..., C, :], 7.0))  # the extra row: untouched
+    nan = ref.isnan()
+    assert torch.equal(got.isnan(), nan)
+    if fm is builtin.ELU:
+        assert _ulps(got[~nan], ref[~nan]).max() <= 2
+    else:
+        assert torch.equal(got[~nan].double(), ref[~nan])
+    if T % C:
+        assert not got[-1, :, :, T % C:].any()  # a ragged chunk's rows past T: zero
+    if split:  # the same bits as one call
+        one = torch.full_like(out, 7.0)
+        monkeypatch.undo()
+        native.features_into(x, one, C, fm, G)
+        assert torch.equal(one.view(torch.int32), out.view(torch.int32))
+
+
+@needs_native
+def test_features_eligible():
+    """Only the built-in elementwise maps on CPU float32 with a unit inner stride, while the native code is on."""
+    x = torch.randn(2, 5, 3, 8)
+    assert native.features_eligible(builtin.ELU, x, x)
+    assert not native.features_eligible(builtin.ELU, x, x.half())
+    assert not native.features_eligible(builtin.ELU, x, x.transpose(2, 3))
+    assert not native.features_eligible(lx.feature_maps.favor(8, 8, 0), x)
+    native.set_enabled(False)
+    try:
+        assert not native.features_eligible(builtin.ELU, x)
+    finally:
+        native.set_enabled(True)
+    with pytest.raises(ValueError, match="chunked layout"):
+        native.features_into(x, torch.empty(1, 2, 3, 4, 8), 4, builtin.ELU)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """features_into's calls, counted."""
+    seen = []
+    real = native.features_into
+
+    def counted(*args, **kw):
+        seen.append(args[0].shape)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(native, "features_into", counted)
+    return seen
+
+
+@needs_native
+@pytest.mark.parametrize("fm", ["elu", "relu"])
+@pytest.mark.parametrize("shape", [(2, 37, 4, 2, 16, 16), (1, 64, 2, 2, 8, 24)],
+                         ids=lambda s: "B{}-T{}-H{}-HKV{}-D{}-DV{}".format(*s))
+def test_forward_uses_it_without_autograd(calls, shape, fm):
+    """The torch path's causal forward without autograd writes phi(q), phi(k) with features_into and meets the
+    float64 reference's bounds (outputs and the final state from an initial state, grouped heads); with a q that
+    requires grad it does not call it, and gives the same output within the bound."""
+    B, T, H, HKV, D, DV = shape
+    c = dict(B=B, T=T, H=H, HKV=HKV, D=D, DV=DV, dtype="float32", feature_map=fm, causal=True, normalize=True,
+             initial_state=True, scale=0.5, eps=1e-3, seed=1)
+    q, k, v, state = make_inputs(c)
+    kw = dict(feature_map=fm, scale=0.5, eps=1e-3, backend="torch", initial_state=state)
+    with torch.no_grad():
+        o, st = lx.linear_attention(q, k, v, return_state=True, **kw)
+    assert len(calls) == 2, case_id(c)
+    check_forward(c, o, q, k, v, state)
+    check_state(c, st, q, k, v, state)
+    o_grad = lx.linear_attention(q.clone().requires_grad_(), k, v, **kw)
+    assert len(calls) == 2 and o_grad.requires_grad
+    check_forward(c, o_grad.detach(), q, k, v, state)
+    if fm == "relu":  # the same features bit for bit: the same products
+        assert torch.equal(o, o_grad.detach())
+
+
+@needs_native
+def test_forward_off_switch(calls):
+    """native.set_enabled(False): the forward's features take the PyTorch path (and the same output for relu)."""
+    q, k, v = (torch.randn(1, 20, 2, 8) for _ in range(3))
+    with torch.no_grad():
+        o = lx.linear_attention(q, k, v, feature_map="relu", backend="torch")
+        native.set_enabled(False)
+        try:
+            o_off = lx.linear_attention(q, k, v, feature_map="relu", backend="torch")
+        finally:
+            native.set_enabled(True)
+    assert len(calls) == 2
+    assert torch.equal(o, o_off)
+
+
+def test_forward_without_native(calls, monkeypatch):
+    """No compiler (the library known not to load): the forward runs its PyTorch features, nothing native."""
+    monkeypatch.setattr(native, "_lib", False)
+    q, k, v = (torch.randn(1, 9, 2, 8) for _ in range(3))
+    with torch.no_grad():
+        o, _ = reference.linear_attention_torch(q, k, v, builtin.ELU)
+    assert not calls
+    torch.testing.assert_close(o, reference.linear_attention_torch(q, k, v.requires_grad_(), builtin.ELU)[0].detach())
