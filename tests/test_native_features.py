@@ -149,3 +149,32 @@ def test_forward_without_native(calls, monkeypatch):
         o, _ = reference.linear_attention_torch(q, k, v, builtin.ELU)
     assert not calls
     torch.testing.assert_close(o, reference.linear_attention_torch(q, k, v.requires_grad_(), builtin.ELU)[0].detach())
+
+
+def _forked_forward(x, out, queue):
+    native.features_into(x, out, 16, builtin.ELU)
+    queue.put(float(out.sum()))
+
+
+@needs_native
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork here")
+def test_features_after_fork(monkeypatch):
+    """A process forked after the thread pool started (a DataLoader worker, say) splits its calls on a pool of its
+    own: with the parent's, whose threads it does not have, it would wait for ever."""
+    import multiprocessing
+
+    monkeypatch.setattr(native, "_SPLIT_MIN", 0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    x = torch.randn(1, 64, 2, 8)
+    out = torch.empty(4, 1, 2, 16, 8)
+    native.features_into(x, out, 16, builtin.ELU)  # the parent's pool is running
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_forked_forward, args=(x, torch.empty_like(out), queue))
+    child.start()
+    child.join(timeout=20)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+    assert not hung and child.exitcode == 0
+    assert queue.get(timeout=5) == pytest.approx(float(out.sum()))

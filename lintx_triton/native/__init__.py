@@ -201,20 +201,23 @@ _FEATURE_ARGS = ("B", "T", "H", "G", "W", "C", "map", "n0", "n1", "x", "xB", "xT
                  "oC")
 # x's elements below which features_into runs on the calling thread alone: a pool's hand-off costs 20-50 us
 _SPLIT_MIN = 1 << 18
-_POOL = None
+_POOL = None  # (ThreadPoolExecutor, the pid that started it)
 
 
 def _pool(workers: int):
-    """A thread pool of at least ``workers`` threads, kept for the process (grown when a call needs more)."""
+    """A thread pool of at least ``workers`` threads, kept for the process (grown when a call needs more). A child
+    forked after the pool started gets a new one: the parent's threads do not exist there, and a pool that
+    thinks it has them would never run what it is given."""
     global _POOL
     with _LOCK:
-        if _POOL is None or _POOL._max_workers < workers:
+        if _POOL is None or _POOL[1] != os.getpid() or _POOL[0]._max_workers < workers:
             from concurrent.futures import ThreadPoolExecutor
 
-            old, _POOL = _POOL, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lintx_features")
-            if old is not None:
-                old.shutdown(wait=False)
-        return _POOL
+            old = _POOL
+            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lintx_features"), os.getpid()
+            if old is not None and old[1] == os.getpid():
+                old[0].shutdown(wait=False)
+        return _POOL[0]
 
 
 def features_eligible(fm, *xs) -> bool:
