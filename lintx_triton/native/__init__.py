@@ -134,7 +134,8 @@ def _load():
             return _lib or None
         cc = _compiler()
         if cc is None:
-            _log.info("lintx_triton.native: no C compiler found (cc, gcc, clang); CPU decode steps use PyTorch")
+            _log.info("lintx_triton.native: no C compiler found (cc, gcc, clang); CPU decode steps and the "
+                      "forward's feature maps use PyTorch")
             _lib = False
             return None
         try:
@@ -146,8 +147,8 @@ def _load():
             if features(None) != len(_FEATURE_ARGS):
                 raise RuntimeError("features.c takes another argument list than lintx_triton/native/__init__.py")
         except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:  # AttributeError: no symbol
-            warnings.warn(f"lintx_triton: the native CPU decode step could not be built ({e}); decode steps on the "
-                          f"CPU use the PyTorch path", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"lintx_triton: the native CPU code (decode step, forward's feature maps) could not be built "
+                          f"({e}); the CPU uses the PyTorch path", RuntimeWarning, stacklevel=3)
             _lib = False
             return None
         # no argtypes: the arrays pass as pointers, normalize as a C int (see step.c's lintx_step_f32)
