@@ -141,8 +141,9 @@ def linear_attention_torch(
         # chunks of C tokens (no longer than the sequence: a short call pads nothing)
         # without autograd (inference) the chunked buffers are carved from a per-thread workspace kept between
         # calls (_workspace_buffers): fresh 16 MB buffers cost page faults on every call
+        # (plain tensors, nothing tracing: a FakeTensor cannot land in a real buffer, nor a graph hold one)
         reuse = not (torch.is_grad_enabled() and any(x.requires_grad for x in (a, b, vv, S0)))
-        reuse = reuse and not torch.compiler.is_compiling()
+        reuse = reuse and not torch.compiler.is_compiling() and native._plain(a, b, vv, S0)
         o, S = _ChunkedCausal.apply(a, b, vv, S0, min(chunk, T), normalize, float(scale), float(eps), reuse,
                                     fm if native_map else None, G)
     else:

@@ -46,8 +46,9 @@ def test_features_into_chunks(monkeypatch, fm, G, T, C, split):
     gen = torch.Generator().manual_seed(T + G)
     B, HX, W = 2, 2, 24
     wide = torch.randn(B, T, HX, W + 8, generator=gen) * 4
-    wide[0, 0, 0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -200.0])
+    wide[0, 0, 0, 3:8] = torch.tensor([float("nan"), float("inf"), -float("inf"), -200.0, -20.0])
     x = wide[..., 3:W + 3]  # strides (T HX (W + 8), HX (W + 8), W + 8, 1)
+    assert x.isnan().any() and x.isinf().any()
     N = -(-T // C)
     out = torch.full((N, B, HX * G, C + 1, W), 7.0)
     assert native.features_eligible(fm, x)
@@ -55,12 +56,13 @@ def test_features_into_chunks(monkeypatch, fm, G, T, C, split):
     ref = _chunks_ref(x.double(), C, G, fm)
     got = out[..., :C, :]
     assert torch.equal(out[..., C, :], torch.full_like(out[..., C, :], 7.0))  # the extra row: untouched
-    nan = ref.isnan()
+    nan, fin = ref.isnan(), ref.isfinite()
     assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got[~fin & ~nan].double(), ref[~fin & ~nan])  # inf stays inf
     if fm is builtin.ELU:
-        assert _ulps(got[~nan], ref[~nan]).max() <= 2
+        assert _ulps(got[fin], ref[fin]).max() <= 2
     else:
-        assert torch.equal(got[~nan].double(), ref[~nan])
+        assert torch.equal(got[fin].double(), ref[fin])
     if T % C:
         assert not got[-1, :, :, T % C:].any()  # a ragged chunk's rows past T: zero
     if split:  # the same bits as one call
@@ -178,3 +180,84 @@ def test_features_after_fork(monkeypatch):
         child.kill()
     assert not hung and child.exitcode == 0
     assert queue.get(timeout=5) == pytest.approx(float(out.sum()))
+
+
+@needs_native
+def test_tracers_get_the_torch_path(calls):
+    """Under FakeTensorMode (a FakeTensor's data_ptr is 0: the C would write through NULL) and make_fx (its graph
+    must record the map) the forward takes the torch path; make_fx's graph then replays new inputs as eager does."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(q, k, v):
+        return lx.linear_attention(q, k, v, backend="torch")
+
+    q, k, v = (torch.randn(1, 20, 2, 8) for _ in range(3))
+    with torch.no_grad():
+        with FakeTensorMode() as mode:
+            assert f(*(mode.from_tensor(t) for t in (q, k, v))).shape == q.shape
+        graph = make_fx(f)(q, k, v)
+        assert not calls
+        x2 = [torch.randn(1, 20, 2, 8) - 1 for _ in range(3)]
+        torch.testing.assert_close(graph(*x2), f(*x2), rtol=1e-5, atol=1e-6)
+    assert len(calls) == 2  # the eager call
+
+
+@needs_native
+def test_features_into_waits_for_its_shares(monkeypatch):
+    """Whatever leaves features_into (a KeyboardInterrupt in the caller's share, here) leaves it after the shares
+    handed to the pool are done: they read and write the caller's tensors, which may be freed right after."""
+    import threading
+    import time
+
+    real, done = native._features, []
+
+    def share(arr):
+        if threading.current_thread() is threading.main_thread():
+            raise KeyboardInterrupt
+        time.sleep(0.3)
+        real(arr)
+        done.append(True)
+
+    native._load()
+    monkeypatch.setattr(native, "_features", share)
+    monkeypatch.setattr(native, "_SPLIT_MIN", 0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    x, out = torch.randn(1, 64, 2, 8), torch.empty(4, 1, 2, 16, 8)
+    with pytest.raises(KeyboardInterrupt):
+        native.features_into(x, out, 16, builtin.ELU)
+    assert done == [True]
+
+
+@needs_native
+def test_features_into_without_new_threads(monkeypatch):
+    """A pool that takes no more work (the interpreter shutting down: submit raises) leaves every share to the
+    calling thread, with the same result."""
+
+    class Closed:
+        def submit(self, *args):
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    x = torch.randn(2, 64, 2, 8)
+    one = torch.empty(4, 2, 2, 16, 8)
+    native.features_into(x, one, 16, builtin.ELU)
+    monkeypatch.setattr(native, "_pool", lambda workers: Closed())
+    monkeypatch.setattr(native, "_SPLIT_MIN", 0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    split = torch.full_like(one, float("nan"))
+    native.features_into(x, split, 16, builtin.ELU)
+    assert torch.equal(split, one)
+
+
+@needs_native
+def test_elu_forward_does_not_depend_on_autograd():
+    """elu + 1 is exp(x) for x <= 0 on every path: queries of -20 (features of 2e-9, which F.elu(x) + 1 rounded to
+    0 in fp32) give the same output from the native map (no autograd) and from torch's (autograd)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.full((1, 16, 2, 8), -20.0)
+    k, v = torch.randn(1, 16, 2, 8, generator=g), torch.randn(1, 16, 2, 8, generator=g)
+    with torch.no_grad():
+        o = lx.linear_attention(q, k, v, backend="torch", eps=1e-12)
+    o_grad = lx.linear_attention(q.clone().requires_grad_(), k, v, backend="torch", eps=1e-12)
+    assert o.abs().max() > 0.1
+    torch.testing.assert_close(o, o_grad.detach(), rtol=1e-4, atol=1e-5)

@@ -14,8 +14,10 @@ from lintx_triton.codegen.cache import cache_dir
 needs_native = pytest.mark.skipif(not native.available(), reason="no working C compiler here: the native step "
                                   "cannot be built, decode steps take the torch path")
 
-# (B, H, HKV, D, DV): the benchmark's shape (small), grouped heads with odd widths, B = 3
-SHAPES = [(1, 2, 2, 64, 64), (3, 4, 2, 33, 17), (1, 4, 2, 33, 17), (3, 1, 1, 16, 40)]
+# (B, H, HKV, D, DV): the benchmark's shape (small), grouped heads with odd widths, B = 3, and groups of more than
+# the 4 query heads step.c sums in one sweep over the state (G = 5: a second sweep of 1; G = 9: 4 + 4 + 1)
+SHAPES = [(1, 2, 2, 64, 64), (3, 4, 2, 33, 17), (1, 4, 2, 33, 17), (3, 1, 1, 16, 40), (2, 10, 2, 8, 20),
+          (1, 9, 1, 16, 24)]
 
 
 @pytest.fixture
@@ -167,6 +169,31 @@ def test_auto_step_follows_triton_interpret(spy, monkeypatch):
             assert len(spy) == calls, flag
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], rtol=1e-5, atol=1e-6)
+
+
+@needs_native
+def test_tracers_get_the_torch_step(spy):
+    """A planned key (an eager native step first) does not hand the native step to a tracer: under make_fx (real
+    tensors, the same key) the graph records the torch step and replays as eager; under FakeTensorMode (a
+    FakeTensor's data_ptr is 0) the step runs on fake tensors without touching memory."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def step(q, k, v, S, z):
+        return lx.linear_attention_step_(q, k, v, (S, z), backend="torch")
+
+    q, k, v = (torch.randn(1, 2, 8) for _ in range(3))
+    S, z = torch.rand(1, 2, 8, 8), torch.rand(1, 2, 8) + 1
+    with torch.no_grad():
+        step(q, k, v, S.clone(), z.clone())
+        assert len(spy) == 1
+        graph = make_fx(step)(q, k, v, S.clone(), z.clone())
+        with FakeTensorMode() as mode:
+            assert step(*(mode.from_tensor(t) for t in (q, k, v, S, z))).shape == (1, 2, 8)
+        assert len(spy) == 1
+        S1, z1, S2, z2 = S.clone(), z.clone(), S.clone(), z.clone()
+        torch.testing.assert_close(graph(q, k, v, S1, z1), step(q, k, v, S2, z2), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(S1, S2, rtol=1e-6, atol=1e-6)
 
 
 @needs_native

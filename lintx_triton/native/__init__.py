@@ -170,13 +170,28 @@ def available() -> bool:
     return _load() is not None
 
 
+_dispatch_modes = torch._C._len_torch_dispatch_stack  # FakeTensorMode, make_fx's proxy mode, ...
+_functorch_active = torch._C._are_functorch_transforms_active  # vmap, grad, ...
+
+
+def _traced() -> bool:
+    """Whether a tracer or transform sees the torch calls now: the C would run unseen by it (make_fx's graph would
+    miss it), or on a tensor without real memory (a FakeTensor's data_ptr is 0: the C wrote through NULL)."""
+    return bool(_dispatch_modes()) or _functorch_active()
+
+
+def _plain(*ts) -> bool:
+    """Plain tensors (not subclasses: FakeTensor, a wrapper) and nothing tracing the calls (:func:`_traced`)."""
+    return all(type(t) is torch.Tensor for t in ts) and not _traced()
+
+
 def plan(q, k, v, S, z, fm, inplace: bool):
     """The native step for the arguments of a decode step that passed the api's checks and picked the torch
     backend, or None when they are not eligible (builds the library on the first eligible call). Called once per
     api step key (lintx_triton.api._STEP_KEYS); its runner checks per call what the key does not hold: that
     autograd has nothing to record and that q, k, v (and a functional step's state) are contiguous, and returns
     None when the PyTorch path must run (:func:`set_enabled` clears the api's plans)."""
-    if not _enabled or MAPS.get(fm.name) is None or fm is not _builtin(fm.name):
+    if not _enabled or MAPS.get(fm.name) is None or fm is not _builtin(fm.name) or not _plain(q, k, v, S, z):
         return None
     f32 = torch.float32
     if any(t.device.type != "cpu" or t.dtype != f32 for t in (q, k, v, S, z)):
@@ -205,6 +220,16 @@ _SPLIT_MIN = 1 << 18
 _POOL = None  # (ThreadPoolExecutor, the pid that started it)
 
 
+def _after_fork_in_child() -> None:
+    """A child forked while another thread held _LOCK (a build, a pool's start) would wait on it for ever."""
+    global _LOCK, _POOL
+    _LOCK, _POOL = threading.Lock(), None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _pool(workers: int):
     """A thread pool of at least ``workers`` threads, kept for the process (grown when a call needs more). A child
     forked after the pool started gets a new one: the parent's threads do not exist there, and a pool that
@@ -214,10 +239,9 @@ def _pool(workers: int):
         if _POOL is None or _POOL[1] != os.getpid() or _POOL[0]._max_workers < workers:
             from concurrent.futures import ThreadPoolExecutor
 
-            old = _POOL
+            # an old pool is dropped, not shut down: another thread may be about to submit to it (its idle threads
+            # leave once it is collected)
             _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lintx_features"), os.getpid()
-            if old is not None and old[1] == os.getpid():
-                old[0].shutdown(wait=False)
         return _POOL[0]
 
 
@@ -225,7 +249,7 @@ def features_eligible(fm, *xs) -> bool:
     """Whether :func:`features_into` takes phi = ``fm`` of these inputs: the native library on and built, a
     built-in elementwise map (:data:`MAPS`), CPU float32 with a unit inner stride (builds the library on the first
     eligible call)."""
-    if not _enabled or MAPS.get(fm.name) is None or fm is not _builtin(fm.name):
+    if not _enabled or MAPS.get(fm.name) is None or fm is not _builtin(fm.name) or not _plain(*xs):
         return False
     if any(x.device.type != "cpu" or x.dtype != torch.float32 or x.stride(-1) != 1 for x in xs):
         return False
@@ -249,11 +273,34 @@ def features_into(x, out, C: int, fm, G: int = 1) -> None:
     for i in range(parts):
         a[7], a[8] = bounds[i], bounds[i + 1]
         arrays.append((ctypes.c_int64 * len(a))(*a))
-    # x and out stay referenced by the caller until every share is done (the C reads their memory)
-    futures = [_pool(parts - 1).submit(_features, arr) for arr in arrays[1:]] if parts > 1 else []
-    _features(arrays[0])
-    for f in futures:
-        f.result()
+    # x and out must outlive every share (the C reads and writes their memory): whatever leaves this function
+    # (an exception, KeyboardInterrupt) leaves it after the shares handed to the pool are done
+    futures = []
+    try:
+        for i, arr in enumerate(arrays[1:], 1):
+            try:
+                futures.append(_pool(parts - 1).submit(_features, arr))
+            except RuntimeError:  # no new threads (the interpreter is shutting down): the rest on this thread
+                for rest in arrays[i:]:
+                    _features(rest)
+                break
+        _features(arrays[0])
+    finally:
+        _wait_all(futures)
+
+
+def _wait_all(futures) -> None:
+    """Wait for every future, through interrupts (raised once all are done)."""
+    from concurrent.futures import wait
+
+    pending, interrupt = futures, None
+    while pending:
+        try:
+            pending = wait(pending).not_done
+        except BaseException as e:  # noqa: BLE001 (KeyboardInterrupt: the C still holds the caller's memory)
+            interrupt = interrupt or e
+    if interrupt is not None:
+        raise interrupt
 
 
 def args(dims, pointers, scale: float, eps: float):
@@ -282,6 +329,8 @@ def _runner(fn, dims, B: int, H: int, DV: int, like_q: bool, inplace: bool):
         S0, z0 = state
         if _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or S0.requires_grad
                                 or z0.requires_grad):
+            return None
+        if _dispatch_modes() or _functorch_active():  # the key holds the types, not a mode (make_fx's real mode)
             return None
         if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
                 and (inplace or (S0.is_contiguous() and z0.is_contiguous()))):  # in place: the api checked them
