@@ -1,6 +1,6 @@
 /* A feature map written straight into the chunked layout of the CPU forward (issue #17): what
- * lintx_triton.reference's _ChunkedCausal.forward does without autograd in three passes over memory
- * (phi(x) = elu(x) + 1 is F.elu, then + 1, then a copy into [N, B, H, C, M] chunks) in one.
+ * lintx_triton.reference's _ChunkedCausal.forward did without autograd in several passes over memory (the map's
+ * torch calls, each into a new tensor, then a copy into [N, B, H, C, M] chunks) in one.
  *
  *   out[n, b, h, c, :] = phi(x[b, n C + c, h / G, :])   for n C + c < T
  *   out[n, b, h, c, :] = 0                               for the rows past T in the last chunk
