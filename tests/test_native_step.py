@@ -329,8 +329,9 @@ def test_every_isa_variant_gives_the_same_bits(tmp_path, monkeypatch):
     outs = {}
     for isa in isas:
         lib = tmp_path / f"{isa}.so"
-        subprocess.run([native._compiler(), *native._FLAGS, f"-DLINTX_FORCE_ISA={isa}", "-o", str(lib),
-                        *map(str, native._SOURCES)], check=True, capture_output=True, timeout=300)
+        force = f"-DLINTX_FORCE_ISA=LINTX_ISA_{isa.upper()}"
+        subprocess.run([native._compiler(), *native._FLAGS, force, "-o", str(lib), *map(str, native._SOURCES)],
+                       check=True, capture_output=True, timeout=300)
         loaded = ctypes.CDLL(str(lib))
         fn = loaded.lintx_step_f32
         res = []

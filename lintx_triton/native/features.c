@@ -44,7 +44,7 @@ LINTX_INLINE void features(const int64_t *a) {
 }
 
 #define LINTX_FEATURES_VARIANT(NAME) \
-    __attribute__((unused)) static void NAME(const int64_t *a) { features(a); }
+    static void NAME(const int64_t *a) { features(a); }
 #ifdef LINTX_X86
 __attribute__((target("avx512f"))) LINTX_FEATURES_VARIANT(features_avx512)
 __attribute__((target("avx2"))) LINTX_FEATURES_VARIANT(features_avx2)
@@ -52,21 +52,6 @@ __attribute__((target("avx2"))) LINTX_FEATURES_VARIANT(features_avx2)
 LINTX_FEATURES_VARIANT(features_base)
 
 typedef void (*features_fn)(const int64_t *);
-
-static features_fn choose_features(void) {
-#ifdef LINTX_FORCE_ISA
-    return LINTX_CAT(features_, LINTX_FORCE_ISA);
-#else
-#ifdef LINTX_X86
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f"))
-        return features_avx512;
-    if (__builtin_cpu_supports("avx2"))
-        return features_avx2;
-#endif
-    return features_base;
-#endif
-}
 
 /* the variant for the running CPU, chosen at the first call (two threads racing there store the same pointer) */
 static features_fn chosen_features = NULL;
@@ -77,8 +62,10 @@ int lintx_features_f32(const int64_t *a) {
     if (a == NULL)
         return F_LEN;
     features_fn fn = chosen_features;
-    if (fn == NULL)
-        chosen_features = fn = choose_features();
+    if (fn == NULL) {
+        static const features_fn variants[] = LINTX_VARIANTS(features_);
+        chosen_features = fn = variants[lintx_isa()];
+    }
     fn(a);
     return F_LEN;
 }

@@ -15,10 +15,30 @@
 #define LINTX_X86 1
 #endif
 #define LINTX_INLINE static inline __attribute__((always_inline))
-/* -DLINTX_FORCE_ISA=avx2 (or avx512, base) pins every entry point to that variant: tests/test_native_step.py builds
- * each the CPU runs and checks that they give the same bits */
-#define LINTX_CAT_(a, b) a##b
-#define LINTX_CAT(a, b) LINTX_CAT_(a, b)
+
+/* An entry point's variants, by the index lintx_isa() returns: LINTX_VARIANTS(step_) is {step_base, step_avx2,
+ * step_avx512} on x86-64, {step_base} elsewhere. */
+enum { LINTX_ISA_BASE = 0, LINTX_ISA_AVX2 = 1, LINTX_ISA_AVX512 = 2 };
+#ifdef LINTX_X86
+#define LINTX_VARIANTS(prefix) {prefix##base, prefix##avx2, prefix##avx512}
+#else
+#define LINTX_VARIANTS(prefix) {prefix##base}
+#endif
+
+/* The running CPU's variant. -DLINTX_FORCE_ISA=LINTX_ISA_AVX2 (say) pins every entry point to one:
+ * tests/test_native_step.py builds each the CPU runs and checks that they give the same bits. */
+static inline int lintx_isa(void) {
+#if !defined(LINTX_X86)
+    return LINTX_ISA_BASE;
+#elif defined(LINTX_FORCE_ISA)
+    return LINTX_FORCE_ISA;
+#else
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f"))
+        return LINTX_ISA_AVX512;
+    return __builtin_cpu_supports("avx2") ? LINTX_ISA_AVX2 : LINTX_ISA_BASE;
+#endif
+}
 
 /* The maps, as lintx_triton/feature_maps/builtin.py defines them (the Triton expression in the comment). */
 enum { LINTX_MAP_ELU = 1, LINTX_MAP_RELU = 2, LINTX_MAP_IDENTITY = 3 };

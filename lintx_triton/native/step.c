@@ -192,9 +192,8 @@ typedef int (*step_fn)(const int64_t *, const float *, const float *, const floa
                        float *, float *, float *, int, float, float);
 
 #define LINTX_VARIANT(NAME, W)                                                                                      \
-    __attribute__((unused)) static int NAME(const int64_t *dims, const float *q, const float *k, const float *v,   \
-                                            const float *S0, const float *z0, float *S, float *z, float *o,        \
-                                            int normalize, float scale, float eps) {                               \
+    static int NAME(const int64_t *dims, const float *q, const float *k, const float *v, const float *S0,          \
+                    const float *z0, float *S, float *z, float *o, int normalize, float scale, float eps) {        \
         return step(dims, q, k, v, S0, z0, S, z, o, normalize, scale, eps, W);                                      \
     }
 #ifdef LINTX_X86
@@ -202,21 +201,6 @@ __attribute__((target("avx512f"))) LINTX_VARIANT(step_avx512, 16)
 __attribute__((target("avx2"))) LINTX_VARIANT(step_avx2, 8)
 #endif
 LINTX_VARIANT(step_base, 4)
-
-static step_fn choose(void) {
-#ifdef LINTX_FORCE_ISA
-    return LINTX_CAT(step_, LINTX_FORCE_ISA);
-#else
-#ifdef LINTX_X86
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f"))
-        return step_avx512;
-    if (__builtin_cpu_supports("avx2"))
-        return step_avx2;
-#endif
-    return step_base;
-#endif
-}
 
 /* the variant for the running CPU, chosen at the first call (two threads racing there store the same pointer) */
 static step_fn chosen = NULL;
@@ -226,8 +210,10 @@ static step_fn chosen = NULL;
  * the caller refills the same per-thread arrays at each step (lintx_triton/native/__init__.py). */
 int lintx_step_f32(const int64_t *a, const float *se, int normalize) {
     step_fn fn = chosen;
-    if (fn == NULL)
-        chosen = fn = choose();
+    if (fn == NULL) {
+        static const step_fn variants[] = LINTX_VARIANTS(step_);
+        chosen = fn = variants[lintx_isa()];
+    }
     const float *q = (const float *)(intptr_t)a[6], *k = (const float *)(intptr_t)a[7],
                 *v = (const float *)(intptr_t)a[8], *S0 = (const float *)(intptr_t)a[9],
                 *z0 = (const float *)(intptr_t)a[10];
