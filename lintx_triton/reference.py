@@ -265,11 +265,7 @@ class _ChunkedCausal(torch.autograd.Function):
             native.features_into(a, A, C, native_map)
             native.features_into(b, Bk, C, native_map, G)
         else:
-            _to_chunks(a, C, out=A)
-            if T % C:
-                Bk[-1].zero_()
-            for view, n, c in _chunk_views(b, C):
-                Bk[n, :, :, :c].copy_(view)
+            _to_chunks(a, C, out=A), _to_chunks(b, C, out=Bk)
         A3, B3, V3 = A.view(NBH, C, M), Bk.view(NBH, C, M), V1.view(NBH, C, DV + 1)
         # S[n]: the state before chunk n (S[N]: after the last), [N + 1, B, H, M, DV + 1]
         S[0].copy_(S0)

@@ -277,9 +277,10 @@ def features_into(x, out, C: int, fm, G: int = 1) -> None:
     # (an exception, KeyboardInterrupt) leaves it after the shares handed to the pool are done
     futures = []
     try:
+        pool = _pool(parts - 1) if parts > 1 else None
         for i, arr in enumerate(arrays[1:], 1):
             try:
-                futures.append(_pool(parts - 1).submit(_features, arr))
+                futures.append(pool.submit(_features, arr))
             except RuntimeError:  # no new threads (the interpreter is shutting down): the rest on this thread
                 for rest in arrays[i:]:
                     _features(rest)
@@ -330,7 +331,7 @@ def _runner(fn, dims, B: int, H: int, DV: int, like_q: bool, inplace: bool):
         if _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or S0.requires_grad
                                 or z0.requires_grad):
             return None
-        if _dispatch_modes() or _functorch_active():  # the key holds the types, not a mode (make_fx's real mode)
+        if _traced():  # the key holds the types, not a mode (make_fx's real mode)
             return None
         if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
                 and (inplace or (S0.is_contiguous() and z0.is_contiguous()))):  # in place: the api checked them

@@ -430,10 +430,9 @@ def hybrid_bwd_plan(spec: KernelSpec, cfg: Config, lay: Layout, kernel: str, *, 
     BV, warps, stages = _pass(cfg, True)
     heads = lay.H if kernel == "hybrid_bwd_kernel_dq" else lay.HKV
     const = dict(H=lay.H, HKV=lay.HKV, BT=lay.BT, AFFINE=affine, IS_VARLEN=lay.varlen)
-    if kernel != "hybrid_bwd_kernel_h":
-        const.update(W=window, SLIDING=sliding, HAS_DFM=map_grads)
     if kernel != "hybrid_bwd_kernel_h":  # the state's products in value blocks where the tiles are wide
-        const.update(BV=min(BV, spec.block_dv) if max(spec.block_m, spec.block_dv) > 64 else spec.block_dv)
+        const.update(W=window, SLIDING=sliding, HAS_DFM=map_grads,
+                     BV=min(BV, spec.block_dv) if max(spec.block_m, spec.block_dv) > 64 else spec.block_dv)
     return Plan((lay.NT, lay.B * heads), const, warps, stages)
 
 
