@@ -8,7 +8,8 @@
     python bench/cpu_path.py --base main --reps 25             # A/B: the torch path at a git ref against this tree
 
 Per T (B = tokens // T; fp32, elu(x) + 1, causal, normalized, scale 1), the median of ``--reps`` runs of:
-lintx forward and forward+backward (``lx.linear_attention``, the chunked PyTorch path), causal
+lintx forward and forward+backward (``lx.linear_attention``: the recurrence in C, lintx_triton/native/causal.c;
+``--impls chunked``: the same call with the native code off, the chunked PyTorch products), causal
 ``scaled_dot_product_attention``, and fast-transformers' ``CausalLinearAttention`` (its elu feature map, its
 normalizer, its CPU ``causal_dot_product``) when ``--ft-src`` names a checkout of idiap/fast-transformers (its
 ``fast_transformers/causal_product/causal_product_cpu.cpp`` is compiled once with torch's cpp_extension).
@@ -17,9 +18,9 @@ The floor of a row is the time batched 64 x 64 x 64 fp32 matmuls take for the sa
 run, once before each of the row's timed runs (their median; the load average, printed with it, says how busy
 the machine was): the forward's FLOPs are those of the chunked algorithm (4 D (D + C) per token and head at
 D = DV = M, chunk C = 64, whatever chunk the path picks), the forward+backward's three times as many. Each figure
-is also printed as a multiple of its floor.
-With ``--base REF``: an A/B instead of the table, the PyTorch path at git ref REF (its lintx_triton/reference.py)
-against this tree's, forward and forward+backward, in ``--reps`` interleaved rounds of (floor, base, this tree)
+is also printed as a multiple of its floor. (The recurrence does 4 D DV: half the FLOPs the floor counts.)
+With ``--base REF``: an A/B instead of the table, the PyTorch path at git ref REF (its lintx_triton/reference.py,
+beside this tree's lintx_triton/native: refs from the commit that added causal.c on) against this tree's, forward and forward+backward, in ``--reps`` interleaved rounds of (floor, base, this tree)
 (which goes first alternates); the medians, each as a multiple of the median floor, the median over rounds of
 this tree's time over the base's, and the page faults per call (a fresh 16 MB buffer faults its pages in).
 Decode: one ``linear_attention_step_`` and one ``LinearAttention.step`` at B = 1 and 16 against the time to
@@ -181,6 +182,15 @@ def _ab(ref, Ts, H, D, tokens, reps, clock):
                   f"{os.getloadavg()[0]:.1f} |", flush=True)
 
 
+def _chunked(q, k, v, backend):
+    """lintx with lintx_triton.native off: the chunked PyTorch products (the CPU path before causal.c)."""
+    lx.native.set_enabled(False)
+    try:
+        return lx.linear_attention(q, k, v, backend=backend)
+    finally:
+        lx.native.set_enabled(True)
+
+
 def _fwd_bwd(f, q, k, v):
     def run():
         qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
@@ -203,7 +213,8 @@ def _fwd_bwd(f, q, k, v):
               help="forward and backward timed by the wall clock, or by the process's CPU time (with --threads 1: "
                    "robust to other processes' load on a shared machine; the decode rows stay on the wall clock)")
 @click.option("--impls", default="lintx,sdpa", show_default=True,
-              help="which of lintx, sdpa to time (fast-transformers joins with --ft-src)")
+              help="which of lintx, chunked (lintx with the native code off: the chunked PyTorch products), sdpa "
+                   "to time (fast-transformers joins with --ft-src)")
 @click.option("--base", default=None, help="a git ref: A/B its PyTorch path against this tree's (no table)")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="write the rows here")
 def main(Ts, H, D, tokens, reps, ft_src, backend, threads, clock, impls, base, json_out):
@@ -223,6 +234,7 @@ def main(Ts, H, D, tokens, reps, ft_src, backend, threads, clock, impls, base, j
           f"normalized, H = {H}, D = DV = {D}, B*T = {tokens}; median {clock} ms of {reps}, (x floor)")
     wanted = impls.split(",")
     impls = {"lintx": lambda q, k, v: lx.linear_attention(q, k, v, backend=backend),
+             "chunked": lambda q, k, v: _chunked(q, k, v, backend),
              "sdpa": lambda q, k, v: F.scaled_dot_product_attention(
                  q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True).transpose(1, 2)}
     impls = {n: f for n, f in impls.items() if n in wanted}

@@ -2,10 +2,10 @@
 
 :func:`linear_attention_reference` is written straight from the equations
 (prefix sums of outer products, O(T * M * DV) memory): it is what every kernel
-is checked against, never fast. :func:`linear_attention_torch` is the chunked
-algorithm of the kernels in plain PyTorch (fp32, differentiable: the causal products
-have a hand-written chunked backward, :class:`_ChunkedCausal`): the ``backend="torch"``
-path on CPU.
+is checked against, never fast. :func:`linear_attention_torch` is the ``backend="torch"``
+path (fp32, differentiable): on a CPU the causal products run as a recurrence in C
+(:class:`_RecurrentCausal`, :mod:`lintx_triton.native`), elsewhere as the chunked algorithm of
+the kernels in plain PyTorch with a hand-written chunked backward (:class:`_ChunkedCausal`).
 """
 
 from __future__ import annotations
@@ -100,10 +100,13 @@ def linear_attention_torch(
     initial_state: Optional[tuple[Tensor, Tensor]] = None,
     chunk: int = 64,
 ):
-    """The chunked algorithm in PyTorch, fp32, O(T) memory; differentiable.
+    """The ``torch`` backend: fp32, O(T) memory; differentiable.
 
-    The feature map (and the heads' repetition for grouped queries) runs under autograd; the causal chunked
-    products run in :class:`_ChunkedCausal`, with a hand-written backward.
+    Causal on CPU float32 tensors (the native code built and on, nothing tracing): the recurrence in C
+    (:class:`_RecurrentCausal`, :mod:`lintx_triton.native`; without autograd a built-in map is applied there
+    too). Elsewhere the chunked algorithm in PyTorch (``chunk`` tokens a chunk): the feature map (and the heads'
+    repetition for grouped queries) under autograd, the causal chunked products in :class:`_ChunkedCausal`, with
+    a hand-written backward.
 
     Returns ``o [B, T, H, DV]`` in the inputs' dtype and ``(S_T, z_T)`` in fp32.
     """
@@ -111,22 +114,24 @@ def linear_attention_torch(
     DV = v.shape[-1]
     f32 = torch.float32
     G = H // k.shape[2]
-    qf, kf = q.to(f32), k.to(f32)
-    # without autograd (inference), a built-in elementwise map (no parameters) is written straight into the chunks
-    # by native C (one pass, not the map's two and a copy: lintx_triton.native.features_into); `a` and `b` are
-    # then q and k themselves
-    native_map = (causal and T > 0 and not torch.compiler.is_compiling()
-                  and not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, *(initial_state or ()))))
-                  and native.features_eligible(fm, qf, kf))
-    if native_map:
-        a, b = qf, kf
-    else:
-        a = fm.features(qf, "query", stabilize=normalize)  # [B, T, H, M]
-        b = _repeat_heads(fm.features(kf, "key"), G, 2)
-    vv = _repeat_heads(v.to(f32), G, 2)  # [B, T, H, DV]
+    qf, kf, vf = q.to(f32), k.to(f32), v.to(f32)
+    states = tuple(x.to(f32) for x in initial_state) if initial_state is not None else ()
+    # causal on CPU float32: causal.c's recurrence (lintx_triton.native), not the chunked products; under
+    # torch.compile, a tracer, on another device, or with the native code off or unbuilt: the chunked products
+    recurrent = (causal and T > 0 and not torch.compiler.is_compiling()
+                 and native.causal_eligible(qf, kf, vf, *states))
+    inference = not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, *states)))
+    if recurrent and inference and native.fused_map(fm):
+        # a built-in elementwise map without autograd: phi applied in the C, the grouped heads read there too
+        S0 = _with_z(*(_repeat_heads(x, G, 1) for x in states)) if states else None
+        o, _, S = native.causal_forward(qf, kf, vf, S0, fm, normalize=normalize, scale=float(scale), eps=float(eps))
+        return o.to(q.dtype), (S[:, ::G, :, :DV], S[:, ::G, :, DV])
+    a = fm.features(qf, "query", stabilize=normalize)  # [B, T, H, M]
+    b = _repeat_heads(fm.features(kf, "key"), G, 2)
+    vv = _repeat_heads(vf, G, 2)  # [B, T, H, DV]
     M = a.shape[-1]
-    if initial_state is not None:
-        S0, z0 = (_repeat_heads(x.to(f32), G, 1) for x in initial_state)
+    if states:
+        S0, z0 = (_repeat_heads(x, G, 1) for x in states)
     else:
         S0 = a.new_zeros(B, H, M, DV)
         z0 = a.new_zeros(B, H, M)
@@ -136,16 +141,17 @@ def linear_attention_torch(
         return o, (S0[:, ::G], z0[:, ::G])
     # The normalizer rides along as one more value column: [v, 1] gives num and den in the same products (and
     # [S0, z0] the state), instead of separate row sums of the scores and of a * z.
-    S0 = torch.cat([S0, z0[..., None]], -1)  # [B, H, M, DV + 1]
-    if causal:
+    S0 = _with_z(S0, z0)  # [B, H, M, DV + 1]
+    if recurrent:
+        o, S = _RecurrentCausal.apply(a, b, vv, S0, normalize, float(scale), float(eps))
+    elif causal:
         # chunks of C tokens (no longer than the sequence: a short call pads nothing)
         # without autograd (inference) the chunked buffers are carved from a per-thread workspace kept between
         # calls (_workspace_buffers): fresh 16 MB buffers cost page faults on every call
         # (plain tensors, nothing tracing: a FakeTensor cannot land in a real buffer, nor a graph hold one)
         reuse = not (torch.is_grad_enabled() and any(x.requires_grad for x in (a, b, vv, S0)))
         reuse = reuse and not torch.compiler.is_compiling() and native._plain(a, b, vv, S0)
-        o, S = _ChunkedCausal.apply(a, b, vv, S0, min(chunk, T), normalize, float(scale), float(eps), reuse,
-                                    fm if native_map else None, G)
+        o, S = _ChunkedCausal.apply(a, b, vv, S0, min(chunk, T), normalize, float(scale), float(eps), reuse)
     else:
         a, b = a.transpose(1, 2), b.transpose(1, 2)  # [B, H, T, M]
         v1 = torch.cat([vv, vv.new_ones(B, T, H, 1)], -1).transpose(1, 2)
@@ -154,6 +160,32 @@ def linear_attention_torch(
         num, den = scale * out[..., :DV], scale * out[..., DV] + eps
         o = (num / den[..., None] if normalize else num).transpose(1, 2)
     return o.to(q.dtype), (S[:, ::G, :, :DV], S[:, ::G, :, DV])
+
+
+def _with_z(S: Tensor, z: Tensor) -> Tensor:
+    """The state as the causal paths hold it: ``[B, H, M, DV + 1]``, z as the last column."""
+    return torch.cat([S, z[..., None]], -1)
+
+
+class _RecurrentCausal(torch.autograd.Function):
+    """The causal products on features in C (:func:`lintx_triton.native.causal_forward` and ``causal_backward``):
+    ``(a, b [B, T, H, M], v [B, T, H, DV], S0 [B, H, M, DV + 1])`` -> ``(o [B, T, H, DV], S_T [B, H, M, DV + 1])``,
+    fp32, as :class:`_ChunkedCausal`. The backward needs o and r = scale / den from the forward (o is saved as
+    torch's own ops save their outputs: changing it in place before the backward is an error)."""
+
+    @staticmethod
+    def forward(ctx, a, b, v, S0, normalize, scale, eps):
+        o, r, S = native.causal_forward(a, b, v, S0, normalize=normalize, scale=scale, eps=eps, want_r=True)
+        ctx.save_for_backward(a, b, v, S0, o, r)
+        ctx.normalize, ctx.scale = normalize, scale
+        return o, S
+
+    @staticmethod
+    def backward(ctx, do, dS):
+        a, b, v, S0, o, r = ctx.saved_tensors
+        da, db, dv, dS0 = native.causal_backward(a, b, v, S0, o, r, do, dS, normalize=ctx.normalize,
+                                                 scale=ctx.scale)
+        return da, db, dv, dS0, None, None, None
 
 
 def _chunk_views(x: Tensor, C: int):
@@ -246,7 +278,7 @@ class _ChunkedCausal(torch.autograd.Function):
     torch.cumsum over a non-inner dimension)."""
 
     @staticmethod
-    def forward(ctx, a, b, v, S0, C, normalize, scale, eps, reuse=False, native_map=None, G=1):
+    def forward(ctx, a, b, v, S0, C, normalize, scale, eps, reuse=False):
         B, T, H, M = a.shape
         DV = v.shape[-1]
         N = -(-T // C)
@@ -261,11 +293,7 @@ class _ChunkedCausal(torch.autograd.Function):
         # ms, at 64 from the same buffers: 21.3; the 65-wide [P | A z]: 13.3 against 11.7 ms; [1024, 64, 64]
         # batches, 1 thread, bench/NOTES.md)
         Bk = Bz[..., :C, :]  # [N, B, H, C, M], a view (the backward's B_n)
-        if native_map is not None:  # a, b are q, k [B, T, H (HKV), M]: phi written into the chunks in one pass
-            native.features_into(a, A, C, native_map)
-            native.features_into(b, Bk, C, native_map, G)
-        else:
-            _to_chunks(a, C, out=A), _to_chunks(b, C, out=Bk)
+        _to_chunks(a, C, out=A), _to_chunks(b, C, out=Bk)
         A3, B3, V3 = A.view(NBH, C, M), Bk.view(NBH, C, M), V1.view(NBH, C, DV + 1)
         # S[n]: the state before chunk n (S[N]: after the last), [N + 1, B, H, M, DV + 1]
         S[0].copy_(S0)
@@ -339,7 +367,7 @@ class _ChunkedCausal(torch.autograd.Function):
             x = torch.bmm(B3, G3, out=buf(X, DV + 1)).view(N, B, H, C, DV + 1)
             y = torch.bmm(P.transpose(1, 2), D3, out=buf(Y, DV + 1)).view(N, B, H, C, DV + 1)
             dv = _from_chunks(x[..., :DV], T, y[..., :DV])
-        return da, db, dv, dS0, None, None, None, None, None, None, None
+        return da, db, dv, dS0, None, None, None, None, None
 
 
 def linear_attention_step_torch(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import platform
+from pathlib import Path
 
 import lintx_triton as lx
 from lintx_triton.testing import (  # noqa: F401  (re-exported for the tests)
@@ -47,3 +49,39 @@ def on(device, backend):
 
 def run(c, q, k, v, state, backend, return_state=False):
     return lx.linear_attention(q, k, v, initial_state=state, backend=backend, return_state=return_state, **kwargs(c))
+
+
+def cpu_isas() -> list:
+    """The ISA variants of lintx_triton.native this CPU runs: "base", then "avx2" and "avx512" where it has them."""
+    isas = ["base"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = {w for line in f if line.startswith("flags") for w in line.split(":", 1)[1].split()}
+        except OSError:
+            flags = set()
+        isas += [name for name, flag in (("avx2", "avx2"), ("avx512", "avx512f")) if flag in flags]
+    return isas
+
+
+def build_variant(isa: str, directory) -> Path:
+    """lintx_triton.native's library with every entry point pinned to one ISA variant (-DLINTX_FORCE_ISA), built
+    into ``directory`` (once)."""
+    from lintx_triton import native
+
+    path = Path(directory) / f"native_{isa}.so"
+    if not path.exists():
+        native._build(native._compiler(), path, (f"-DLINTX_FORCE_ISA=LINTX_ISA_{isa.upper()}",))
+    return path
+
+
+@contextlib.contextmanager
+def native_off():
+    """lintx_triton.native switched off within: the CPU's causal torch backend runs the chunked PyTorch products."""
+    from lintx_triton import native
+
+    native.set_enabled(False)
+    try:
+        yield
+    finally:
+        native.set_enabled(True)

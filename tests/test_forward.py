@@ -6,7 +6,8 @@ from hypothesis import example, given, note
 from hypothesis import strategies as st
 
 import lintx_triton as lx
-from helpers import CHUNKS, EPS_VALUES, case_id, cases, check_forward, check_state, config, make_inputs, on, run
+from helpers import CHUNKS, EPS_VALUES, case_id, cases, check_forward, check_state, config, make_inputs, native_off, on, \
+    run
 
 
 def _case(**changes):
@@ -93,24 +94,27 @@ def test_auto_backend_on_cpu(monkeypatch):
 
 
 def test_cpu_inference_workspace_is_not_aliased():
-    """The torch path's inference forward carves its chunked buffers from a per-thread workspace kept between calls:
-    what it returns (o and the final state) must not live there, so a second call leaves the first's results as
-    they were; clear_workspace() frees it and the next call is the same. relu: its native features (without
-    autograd) are torch's bit for bit, so the call with autograd (fresh buffers, torch's map) must match exactly."""
+    """The chunked torch path's inference forward (the CPU's path with the native code off, and every path where
+    it cannot run) carves its chunked buffers from a per-thread workspace kept between calls: what it returns (o
+    and the final state) must not live there, so a second call leaves the first's results as they were;
+    clear_workspace() frees it and the next call is the same, and the call with autograd (fresh buffers) matches
+    it exactly."""
     from lintx_triton.reference import _WORKSPACE, clear_workspace
 
     g = torch.Generator().manual_seed(0)
     x1 = [torch.randn(2, 70, 2, 16, generator=g) for _ in range(3)]
     x2 = [torch.randn(2, 70, 2, 16, generator=g) for _ in range(3)]
-    with torch.no_grad():
-        o1, (S1, z1) = lx.linear_attention(*x1, feature_map="relu", backend="torch", return_state=True)
-        kept = [t.clone() for t in (o1, S1, z1)]
-        assert _WORKSPACE.buf  # the inference path used the workspace
-        o2, _ = lx.linear_attention(*x2, feature_map="relu", backend="torch", return_state=True)
-        for a, b in zip((o1, S1, z1), kept):
-            assert torch.equal(a, b)
-        clear_workspace()
-        assert not _WORKSPACE.buf
-        torch.testing.assert_close(lx.linear_attention(*x2, feature_map="relu", backend="torch"), o2, rtol=0, atol=0)
-    o3 = lx.linear_attention(*(t.requires_grad_() for t in x2), feature_map="relu", backend="torch")  # fresh buffers
-    torch.testing.assert_close(o3.detach(), o2, rtol=0, atol=0)
+    with native_off():
+        with torch.no_grad():
+            o1, (S1, z1) = lx.linear_attention(*x1, feature_map="relu", backend="torch", return_state=True)
+            kept = [t.clone() for t in (o1, S1, z1)]
+            assert _WORKSPACE.buf  # the inference path used the workspace
+            o2, _ = lx.linear_attention(*x2, feature_map="relu", backend="torch", return_state=True)
+            for a, b in zip((o1, S1, z1), kept):
+                assert torch.equal(a, b)
+            clear_workspace()
+            assert not _WORKSPACE.buf
+            torch.testing.assert_close(lx.linear_attention(*x2, feature_map="relu", backend="torch"), o2, rtol=0,
+                                       atol=0)
+        o3 = lx.linear_attention(*(t.requires_grad_() for t in x2), feature_map="relu", backend="torch")  # fresh
+        torch.testing.assert_close(o3.detach(), o2, rtol=0, atol=0)

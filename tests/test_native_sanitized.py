@@ -38,7 +38,7 @@ native._FLAGS = native._FLAGS + ("-fsanitize=address,undefined", "-fno-sanitize-
                                  "-fno-omit-frame-pointer")
 assert native.available(), "the sanitized library did not build"
 sys.exit(pytest.main(["-q", "-x", "-p", "no:cacheprovider", "-p", "no:xdist", "-p", "no:randomly",
-                      "tests/test_native_step.py", "tests/test_native_features.py",
+                      "tests/test_native_step.py", "tests/test_native_causal.py",
                       "-k", "not isa and not fork and not failed_build and not no_compiler and not library_key"]))
 """
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lintx_triton as lx
-from helpers import case_id, check_forward, check_state, decode_steps, make_inputs
+from helpers import build_variant, case_id, check_forward, check_state, cpu_isas, decode_steps, make_inputs
 from lintx_triton import api, native
 from lintx_triton.codegen.cache import cache_dir
 
@@ -294,28 +294,16 @@ def test_library_key(monkeypatch):
     assert native._library_path("/bin/true") != path  # another compiler (its path and --version)
 
 
-def _cpu_flags() -> set:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return {w for line in f if line.startswith("flags") for w in line.split(":", 1)[1].split()}
-    except OSError:
-        return set()
-
-
 @pytest.mark.skipif(native._compiler() is None, reason="no C compiler here")
-def test_every_isa_variant_gives_the_same_bits(tmp_path, monkeypatch):
-    """The library's variants (AVX-512, AVX2, the baseline; each pinned by -DLINTX_FORCE_ISA) give bit-identical
-    results, so a result does not depend on the CPU that computed it. The step (16, 8 and 4 wide): shapes with a
-    column tail (DV % 16), grouped heads split across the register sweeps (G = 5: 4 + 1), both sources of the
-    state, each map, normalized or not. The forward's features: each map, a ragged last chunk, grouped keys."""
+def test_every_isa_variant_gives_the_same_bits(tmp_path):
+    """The step's variants (AVX-512, AVX2, the baseline; each pinned by -DLINTX_FORCE_ISA) give bit-identical
+    results, so a result does not depend on the CPU that computed it: shapes with a column tail (DV % 16),
+    grouped heads split across the register sweeps (G = 5: 4 + 1), both sources of the state, each map,
+    normalized or not. (causal.c's variants fuse products where the ISA can: tests/test_native_causal.py checks
+    each against the reference.)"""
     import ctypes
-    import platform
-    import subprocess
 
-    isas = ["base"]
-    if platform.machine() in ("x86_64", "AMD64"):
-        flags = _cpu_flags()
-        isas += [name for name, flag in (("avx2", "avx2"), ("avx512", "avx512f")) if flag in flags]
+    isas = cpu_isas()
     gen = torch.Generator().manual_seed(0)
     cases = []
     for B, H, HKV, D, DV in [(1, 8, 8, 64, 64), (3, 8, 2, 24, 40), (2, 5, 1, 32, 33), (1, 9, 1, 8, 100)]:
@@ -325,14 +313,9 @@ def test_every_isa_variant_gives_the_same_bits(tmp_path, monkeypatch):
                                                                (B, HKV, D, DV))]
                 z0 = torch.rand(B, HKV, D, generator=gen) + 1
                 cases.append(((B, H, HKV, D, DV, code), inplace, t + [z0]))
-    x = torch.randn(2, 37, 3, 20, generator=gen) * 30
     outs = {}
     for isa in isas:
-        lib = tmp_path / f"{isa}.so"
-        force = f"-DLINTX_FORCE_ISA=LINTX_ISA_{isa.upper()}"
-        subprocess.run([native._compiler(), *native._FLAGS, force, "-o", str(lib), *map(str, native._SOURCES)],
-                       check=True, capture_output=True, timeout=300)
-        loaded = ctypes.CDLL(str(lib))
+        loaded = ctypes.CDLL(str(build_variant(isa, tmp_path)))
         fn = loaded.lintx_step_f32
         res = []
         for dims, inplace, (q, k, v, S0, z0) in cases:
@@ -344,11 +327,6 @@ def test_every_isa_variant_gives_the_same_bits(tmp_path, monkeypatch):
                 a, se = native.args(dims, [t.data_ptr() for t in (q, k, v, S0c, z0c, S, z, o)], 0.7, 1e-3)
                 assert fn(a, se, normalize) == 0
                 res += [o, S, z]
-        monkeypatch.setattr(native, "_features", loaded.lintx_features_f32)
-        for name in native.MAPS:
-            out = torch.full((3, 2, 6, 17, 20), float("nan"))
-            native.features_into(x, out, 16, native._builtin(name), G=2)
-            res.append(out)
         outs[isa] = res
     for isa in isas[1:]:
         for a, b in zip(outs[isas[0]], outs[isa]):

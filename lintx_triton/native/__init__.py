@@ -1,5 +1,5 @@
-"""The decode step in C on the CPU (``step.c``), and the CPU forward's feature maps written straight into its
-chunks (``features.c``), built with the system C compiler at the first eligible call.
+"""Causal linear attention's CPU path in C: the decode step (``step.c``) and the recurrent forward and backward
+of the CPU forward (``causal.c``), built with the system C compiler at the first eligible call.
 
 A CPU decode step in PyTorch is about ten torch calls of 1-7 us each against a state that one pass reads in
 4-5 us at B = 1 (issue #17, bench/RESULTS.md); ``step.c`` does the same arithmetic as
@@ -7,21 +7,24 @@ A CPU decode step in PyTorch is about ten torch calls of 1-7 us each against a s
 :mod:`lintx_triton.api` (and so ``LinearAttention.step``) use it on the ``torch`` backend when a step is
 eligible: CPU float32 tensors, q, k, v, S, z contiguous, a built-in elementwise map (:data:`MAPS`), no
 autograd graph to record, not under ``torch.compile``. Anything else takes the PyTorch path, as before.
-Without autograd, the chunked CPU forward (:func:`lintx_triton.reference.linear_attention_torch`) writes phi(q)
-and phi(k) of those maps into its chunked buffers with ``features.c`` (:func:`features_into`): one pass over memory
-instead of three (the map, + 1, the copy into chunks).
+
+The causal CPU forward and backward (:func:`lintx_triton.reference.linear_attention_torch`) run ``causal.c``'s
+recurrence (:func:`causal_forward`, :func:`causal_backward`) on CPU float32 tensors: a token at a time through
+a state held in registers, 4 M DV flops a token and head where the chunked products do 4 M (DV + chunk), with
+phi of a built-in map applied in the same pass when nothing needs a gradient (any map's features otherwise).
 
 The shared library is built once per machine into the kernel cache (:func:`lintx_triton.codegen.cache.cache_dir`),
 named by a hash of the sources, the compiler (its path and ``--version``), the flags and the machine type, and
 written atomically (a temporary file, then ``os.replace``), so two processes never load a half-written file.
 The flags have no ``-march``: on x86-64 each entry point has a variant per ISA (AVX-512, AVX2, the baseline),
-picked at its first call from the CPU that runs it, so one cached file serves any CPU of the machine type, and
-``-std=c99`` keeps a * b + c unfused, so every variant gives the same bits.
-No compiler, or a failed build: the PyTorch path (a failed build warns once); decided once per process.
+picked at its first call from the CPU that runs it, so one cached file serves any CPU of the machine type.
+``step.c`` is ISO C99 (a * b + c unfused: every variant gives the same bits); ``causal.c`` is compiled with
+``-ffp-contract=fast`` (an FMA where the ISA has one: its products are what it spends its time on).
+No compiler, or a failed build: the PyTorch paths (a failed build warns once); decided once per process.
 
 Public::
 
-    available()         whether the native step is built and loaded (builds it on the first call)
+    available()         whether the native code is built and loaded (builds it on the first call)
     set_enabled(flag)   turn it off (False) or on again for this process; enabled() reads it
 """
 
@@ -46,29 +49,31 @@ __all__ = ["available", "enabled", "set_enabled", "MAPS"]
 
 _log = logging.getLogger(__name__)
 
-# compiled together into one library; maps.h is included by both (its bytes are part of the library's name)
-_SOURCES = (Path(__file__).with_name("step.c"), Path(__file__).with_name("features.c"))
+# linked into one library; maps.h is included by both (its bytes are part of the library's name)
+_SOURCES = (Path(__file__).with_name("step.c"), Path(__file__).with_name("causal.c"))
 _HEADERS = (Path(__file__).with_name("maps.h"),)
-# -O3 vectorizes the row loops; no -march (the file is reused by every CPU of the machine type: step.c picks
-# AVX-512 / AVX2 per CPU itself), no -ffast-math (NaN propagates as in the torch step), ISO C (no FMA contraction)
+# -O3 vectorizes the row loops; no -march (the file is reused by every CPU of the machine type: the C picks
+# AVX-512 / AVX2 per CPU itself), no -ffast-math (NaN propagates as in the torch paths), ISO C (no FMA contraction)
 _FLAGS = ("-O3", "-fPIC", "-shared", "-std=c99")
+# a source's own flags, after _FLAGS: causal.c's products as FMAs (AVX2 and AVX-512 variants; the baseline has none)
+_SOURCE_FLAGS = {"causal.c": ("-ffp-contract=fast",)}
 # the built-in maps step.c implements, by registry name -> its LINTX_MAP_* code; any other map: PyTorch path
 MAPS = {"elu": 1, "relu": 2, "identity": 3}
 
 _LOCK = threading.Lock()
 _lib = None  # the loaded step function, False once it is known not to load, None before the first try
-_features = None  # features.c's function, loaded with _lib
+_causal = None  # causal.c's function, loaded with _lib
 _enabled = True
 
 
 def enabled() -> bool:
-    """Whether eligible decode steps may use the native step (see :func:`set_enabled`)."""
+    """Whether eligible CPU calls may use the native code (see :func:`set_enabled`)."""
     return _enabled
 
 
 def set_enabled(flag: bool) -> None:
-    """Let eligible CPU decode steps use the native step (``True``, the default) or always the PyTorch path
-    (``False``), from the next call on, for this process.
+    """Let eligible CPU calls (decode steps, the causal forward and backward) use the native code (``True``, the
+    default) or always the PyTorch paths (``False``), from the next call on, for this process.
 
     Examples::
 
@@ -102,22 +107,32 @@ def _library_path(cc: str) -> Path:
         version = ""
     h = hashlib.sha256()
     for part in (*(f.read_bytes() for f in _SOURCES + _HEADERS), os.path.realpath(cc).encode(), version.encode(),
-                 " ".join(_FLAGS).encode(), platform.machine().encode(), platform.system().encode()):
+                 " ".join(_FLAGS).encode(), repr(sorted(_SOURCE_FLAGS.items())).encode(), platform.machine().encode(),
+                 platform.system().encode()):
         h.update(part)
         h.update(b"\0")
     return cache_dir() / f"native_step_{h.hexdigest()[:20]}.so"
 
 
-def _build(cc: str, path: Path) -> None:
-    """Compile step.c to ``path``: into a temporary file beside it, then renamed over it (atomic)."""
+def _build(cc: str, path: Path, extra: tuple = ()) -> None:
+    """Compile the sources (each with its own flags, then ``extra``) and link them to ``path``: into a temporary
+    file beside it, then renamed over it (atomic)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp.so")
     os.close(fd)
-    try:
-        done = subprocess.run([cc, *_FLAGS, "-o", tmp, *map(str, _SOURCES)], capture_output=True, text=True,
-                              timeout=300)
+
+    def run(cmd):
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{cc} exited with {done.returncode}: {done.stderr.strip()[-2000:]}")
+
+    try:
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=path.stem) as objs:
+            names = []
+            for src in _SOURCES:
+                names.append(os.path.join(objs, src.stem + ".o"))
+                run([cc, *_FLAGS, *_SOURCE_FLAGS.get(src.name, ()), *extra, "-c", str(src), "-o", names[-1]])
+            run([cc, *_FLAGS, "-o", tmp, *names])
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -126,7 +141,7 @@ def _build(cc: str, path: Path) -> None:
 
 def _load():
     """The ctypes function of the built library, or None (no compiler, a failed build): tried once."""
-    global _lib, _features
+    global _lib, _causal
     if _lib is not None:
         return _lib or None
     with _LOCK:
@@ -134,8 +149,8 @@ def _load():
             return _lib or None
         cc = _compiler()
         if cc is None:
-            _log.info("lintx_triton.native: no C compiler found (cc, gcc, clang); CPU decode steps and the "
-                      "forward's feature maps use PyTorch")
+            _log.info("lintx_triton.native: no C compiler found (cc, gcc, clang); CPU decode steps and the causal "
+                      "forward and backward use PyTorch")
             _lib = False
             return None
         try:
@@ -143,23 +158,24 @@ def _load():
             if not path.exists():
                 _build(cc, path)
             lib = ctypes.CDLL(str(path))
-            fn, features = lib.lintx_step_f32, lib.lintx_features_f32
-            if features(None) != len(_FEATURE_ARGS):
-                raise RuntimeError("features.c takes another argument list than lintx_triton/native/__init__.py")
+            fn, causal = lib.lintx_step_f32, lib.lintx_causal_f32
+            causal.restype = ctypes.c_int
+            if causal(None) != -len(_CAUSAL_ARGS):
+                raise RuntimeError("causal.c takes another argument list than lintx_triton/native/__init__.py")
         except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:  # AttributeError: no symbol
-            warnings.warn(f"lintx_triton: the native CPU code (decode step, forward's feature maps) could not be built "
-                          f"({e}); the CPU uses the PyTorch path", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"lintx_triton: the native CPU code (decode step, causal forward and backward) could not be "
+                          f"built ({e}); the CPU uses the PyTorch paths", RuntimeWarning, stacklevel=3)
             _lib = False
             return None
         # no argtypes: the arrays pass as pointers, normalize as a C int (see step.c's lintx_step_f32)
-        fn.restype = features.restype = ctypes.c_int
-        _features = features
+        fn.restype = ctypes.c_int
+        _causal = causal
         _lib = fn
         return fn
 
 
 def available() -> bool:
-    """Whether the native step is built and loaded here (compiling it on the first call, once per machine).
+    """Whether the native code is built and loaded here (compiling it on the first call, once per machine).
 
     Examples::
 
@@ -212,11 +228,14 @@ def _builtin(name: str):
     return {"elu": builtin.ELU, "relu": builtin.RELU, "identity": builtin.IDENTITY}[name]
 
 
-# features.c's argument array, in the order of its enum (F_B ... F_OC)
-_FEATURE_ARGS = ("B", "T", "H", "G", "W", "C", "map", "n0", "n1", "x", "xB", "xT", "xH", "out", "oN", "oB", "oH",
-                 "oC")
-# x's elements below which features_into runs on the calling thread alone: a pool's hand-off costs 20-50 us
-_SPLIT_MIN = 1 << 18
+# causal.c's argument array, in the order of its enum (A_MODE ... A_DS0): dims, then each tensor's address and
+# strides (B, T, head) in elements, then the states' addresses
+_VIEWS = ("q", "k", "v", "o", "r", "do", "dq", "dk", "dv")
+_CAUSAL_ARGS = ("mode", "B", "T", "H", "G", "M", "DV", "map", "normalize", "p0", "p1",
+                *(f"{t}{s}" for t in _VIEWS for s in ("", "_sB", "_sT", "_sH")), "S0", "ST", "dST", "dS0")
+_FORWARD, _BACKWARD = 0, 1
+# multiply-adds of a call below which it runs on the calling thread alone: a pool's hand-off costs 20-50 us
+_SPLIT_MIN = 1 << 21
 _POOL = None  # (ThreadPoolExecutor, the pid that started it)
 
 
@@ -241,53 +260,115 @@ def _pool(workers: int):
 
             # an old pool is dropped, not shut down: another thread may be about to submit to it (its idle threads
             # leave once it is collected)
-            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lintx_features"), os.getpid()
+            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lintx_native"), os.getpid()
         return _POOL[0]
 
 
-def features_eligible(fm, *xs) -> bool:
-    """Whether :func:`features_into` takes phi = ``fm`` of these inputs: the native library on and built, a
-    built-in elementwise map (:data:`MAPS`), CPU float32 with a unit inner stride (builds the library on the first
-    eligible call)."""
-    if not _enabled or MAPS.get(fm.name) is None or fm is not _builtin(fm.name) or not _plain(*xs):
+def causal_eligible(*xs) -> bool:
+    """Whether :func:`causal_forward` and :func:`causal_backward` take these tensors: the native library on and
+    built, plain CPU float32 tensors (nothing tracing them; builds the library on the first eligible call)."""
+    if not _enabled or not _plain(*xs):
         return False
-    if any(x.device.type != "cpu" or x.dtype != torch.float32 or x.stride(-1) != 1 for x in xs):
+    if any(x.device.type != "cpu" or x.dtype != torch.float32 for x in xs):
         return False
-    return _load() is not None and _features is not None
+    return _load() is not None and _causal is not None
 
 
-def features_into(x, out, C: int, fm, G: int = 1) -> None:
-    """phi(x) of ``x [B, T, HX, W]`` written into the chunked buffer ``out [N, B, H, C' >= C, W]`` (N = ceil(T / C),
-    H = G HX: head h of out reads head h // G of x; rows past T in the last chunk zero, rows C' > C untouched), in
-    one pass (features.c), split by chunks between ``torch.get_num_threads()`` threads when x is large. Call only
-    where :func:`features_eligible` said yes for x and out."""
-    B, T, HX, W = x.shape
-    N, Bo, H, rows, Wo = out.shape
-    if (Bo, Wo) != (B, W) or H != G * HX or rows < C or N != -(-T // C) or out.stride(-1) != 1:
-        raise ValueError(f"features_into: out {tuple(out.shape)} is not the chunked layout of x {tuple(x.shape)} "
-                         f"at C = {C}, G = {G}")
-    a = [B, T, H, G, W, C, MAPS[fm.name], 0, N, x.data_ptr(), *x.stride()[:3], out.data_ptr(), *out.stride()[:4]]
-    parts = min(torch.get_num_threads(), N) if x.numel() >= _SPLIT_MIN else 1
-    bounds = [N * i // parts for i in range(parts + 1)]
-    arrays = []
-    for i in range(parts):
-        a[7], a[8] = bounds[i], bounds[i + 1]
-        arrays.append((ctypes.c_int64 * len(a))(*a))
-    # x and out must outlive every share (the C reads and writes their memory): whatever leaves this function
+def fused_map(fm) -> bool:
+    """Whether :func:`causal_forward` applies ``fm`` itself (a built-in elementwise map, :data:`MAPS`)."""
+    return MAPS.get(fm.name) is not None and fm is _builtin(fm.name)
+
+
+def _view(x) -> list:
+    """A [B, T, heads(, W)] tensor as causal.c takes it: its address and its strides (B, T, head)."""
+    return [0, 0, 0, 0] if x is None else [x.data_ptr(), *x.stride()[:3]]
+
+
+def _unit(x):
+    """x with a unit inner stride (causal.c reads rows as contiguous runs)."""
+    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
+
+
+def _run(dims, views, states, scale: float, eps: float, work: int) -> None:
+    """causal.c over the B H heads, split between ``torch.get_num_threads()`` threads when ``work`` (multiply-adds)
+    is large (ctypes lets go of the GIL: each share writes its own heads)."""
+    B, H = dims[1], dims[3]
+    items = B * H
+    parts = max(1, min(torch.get_num_threads(), items)) if work >= _SPLIT_MIN else 1
+    head = list(dims[:9])
+    tail = [v for x in views for v in _view(x)] + [0 if t is None else t.data_ptr() for t in states]
+    se = (ctypes.c_float * 2)(scale, eps)
+    arrays = [(ctypes.c_int64 * len(_CAUSAL_ARGS))(*head, items * i // parts, items * (i + 1) // parts, *tail)
+              for i in range(parts)]
+    # the tensors must outlive every share (the C reads and writes their memory): whatever leaves this function
     # (an exception, KeyboardInterrupt) leaves it after the shares handed to the pool are done
-    futures = []
+    futures, failed = [], []
+
+    def share(arr):
+        if _causal(arr, se):
+            failed.append(True)
+
     try:
         pool = _pool(parts - 1) if parts > 1 else None
         for i, arr in enumerate(arrays[1:], 1):
             try:
-                futures.append(pool.submit(_features, arr))
+                futures.append(pool.submit(share, arr))
             except RuntimeError:  # no new threads (the interpreter is shutting down): the rest on this thread
                 for rest in arrays[i:]:
-                    _features(rest)
+                    share(rest)
                 break
-        _features(arrays[0])
+        share(arrays[0])
     finally:
         _wait_all(futures)
+    if failed:
+        raise MemoryError("lintx_triton.native: causal.c's scratch could not be allocated")
+
+
+def causal_forward(q, k, v, S0, fm=None, *, normalize: bool = True, scale: float = 1.0, eps: float = 1e-6,
+                   want_r: bool = False):
+    """The causal forward in C: ``q [B, T, H, M]``, ``k [B, T, HKV, M]``, ``v [B, T, HKV, DV]`` (CPU float32; H a
+    multiple of HKV: query head h reads kv head h // (H / HKV)), ``S0 [B, H, M, DV + 1]`` (the state with z as
+    its last column) or None (zeros) -> ``o [B, T, H, DV]``, ``r [B, T, H]`` (scale / den, for the backward:
+    with ``want_r`` and ``normalize``, else None), ``S_T [B, H, M, DV + 1]``, all fp32.
+
+    ``fm``: a built-in map (:func:`fused_map`) applied here to q and k; None: q and k are the features. Call only
+    where :func:`causal_eligible` said yes."""
+    q, k, v = _unit(q), _unit(k), _unit(v)
+    B, T, H, M = q.shape
+    HKV, DV = k.shape[2], v.shape[-1]
+    if k.shape != (B, T, HKV, M) or v.shape[:3] != (B, T, HKV) or H % HKV:
+        raise ValueError(f"causal_forward: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not agree")
+    if S0 is not None:
+        if S0.shape != (B, H, M, DV + 1):
+            raise ValueError(f"causal_forward: S0 {tuple(S0.shape)}, want {(B, H, M, DV + 1)}")
+        S0 = S0.contiguous()
+    o = q.new_empty(B, T, H, DV)
+    r = q.new_empty(B, T, H) if want_r and normalize else None
+    ST = q.new_empty(B, H, M, DV + 1)
+    dims = (_FORWARD, B, T, H, H // HKV, M, DV, 0 if fm is None else MAPS[fm.name], int(normalize))
+    _run(dims, (q, k, v, o, r, None, None, None, None), (S0, ST, None, None), scale, eps, B * T * H * M * DV)
+    return o, r, ST
+
+
+def causal_backward(a, b, v, S0, o, r, do, dST, *, normalize: bool = True, scale: float = 1.0):
+    """The causal backward in C, of :func:`causal_forward` on features (no map, H = HKV): ``a, b [B, T, H, M]``,
+    ``v [B, T, H, DV]``, ``S0`` as there (or None), ``o``, ``r`` its outputs (r None when not normalize), ``do [B,
+    T, H, DV]`` the gradient of o, ``dST [B, H, M, DV + 1]`` that of S_T (or None: zeros) -> ``da, db [B, T, H, M],
+    dv [B, T, H, DV], dS0 [B, H, M, DV + 1]``, fp32. Call only where :func:`causal_eligible` said yes."""
+    a, b, v, o, do = _unit(a), _unit(b), _unit(v), _unit(o), _unit(do)
+    B, T, H, M = a.shape
+    DV = v.shape[-1]
+    if b.shape != a.shape or v.shape != (B, T, H, DV) or do.shape != v.shape or o.shape != v.shape:
+        raise ValueError(f"causal_backward: a {tuple(a.shape)}, b {tuple(b.shape)}, v {tuple(v.shape)}, o "
+                         f"{tuple(o.shape)}, do {tuple(do.shape)} do not agree")
+    S0 = None if S0 is None else S0.contiguous()
+    dST = None if dST is None else dST.contiguous()
+    da, db, dv = a.new_empty(B, T, H, M), a.new_empty(B, T, H, M), a.new_empty(B, T, H, DV)
+    dS0 = a.new_empty(B, H, M, DV + 1)
+    dims = (_BACKWARD, B, T, H, 1, M, DV, 0, int(normalize))
+    _run(dims, (a, b, v, o, r if normalize else None, do, da, db, dv), (S0, None, dST, dS0), scale, 0.0,
+         3 * B * T * H * M * DV)
+    return da, db, dv, dS0
 
 
 def _wait_all(futures) -> None:

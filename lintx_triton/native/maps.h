@@ -1,4 +1,4 @@
-/* What lintx_triton's native C files share (step.c, features.c): the feature maps, a vectorizable exp, and the
+/* What lintx_triton's native C files share (step.c, causal.c): the feature maps, a vectorizable exp, and the
  * switches for one variant per x86-64 ISA. Included, not compiled on its own. */
 
 #ifndef LINTX_MAPS_H

@@ -1,0 +1,373 @@
+/* Causal linear attention on the CPU, fp32, in its recurrent form: the forward and the backward of
+ * lintx_triton.reference's CPU path (issue #17), a token at a time through a state held in registers.
+ *
+ * For each batch row b and head h (key/value head h / G), tokens t = 0 .. T - 1, a = phi(q), b = phi(k):
+ *   S_t = S_0 + sum_{s<=t} b_s v_s^T    [M, DV]       z_t = z_0 + sum_{s<=t} b_s    [M]
+ *   u_t = a_t^T S_t,  w_t = a_t . z_t
+ *   o_t = scale u_t / (scale w_t + eps) (normalize; r_t = scale / (scale w_t + eps) is written for the backward)
+ *   o_t = scale u_t                       (not)
+ * The chunked algorithm (lintx_triton.reference._ChunkedCausal) does 4 M (DV + C) flops a token and head in
+ * batched matrix products; this does the recurrence's 4 M DV, each state element updated and read once a token
+ * with the state in registers: RB rows of one W-wide column block (16 x 16 with AVX-512) swept over a tile of L
+ * tokens, then the next block. phi of a tile's tokens is written once into a padded tile and read by every
+ * block; the normalizer's z and w, a vector of M, are summed beside.
+ *
+ * The backward, with du_t = r_t do_t, dw_t = -(do_t . o_t) r_t (normalize; else du_t = scale do_t, dw_t = 0)
+ * and R_t = dS_T + sum_{s>=t} a_s du_s^T, rho_t = dz_T + sum_{s>=t} a_s dw_s:
+ *   da_t = S_t du_t + dw_t z_t      (a forward sweep, S transposed in registers)
+ *   dv_t = R_t^T b_t                 (a backward sweep, R in registers)
+ *   db_t = R_t v_t + rho_t           (the same backward sweep, R transposed)
+ *   dS_0 = R_0, dz_0 = rho_0
+ * Each of the four products is one sweep of the same kernel (sweep##W below):
+ *   O_t = A_t^T X_t,  X_t = X_{t-1} + Bc_t Cv_t^T   (t ascending, or descending from the end)
+ *
+ * Layouts: q, k, v, do, o and the gradients [B, T, heads, W] with strides (B, T, head) in elements and a unit
+ * inner stride, r [B, T, H] likewise; the states S0, S_T, dS_T, dS0 [B, H, M, DV + 1] contiguous, z as the last
+ * column (as _ChunkedCausal holds them). Only items p0 <= b H + h < p1: the caller splits [0, B H) between its
+ * threads (ctypes lets go of the GIL), each call writing its own heads.
+ *
+ * The variants (AVX-512, AVX2, the baseline) round differently: AVX-512 and AVX2 fuse each product into its sum
+ * (one rounding, an FMA), the baseline has none; each is checked against the float64 reference
+ * (tests/test_native_causal.py). The recurrence adds T terms one at a time where the chunked products add C and
+ * T / C: its rounding error grows with T; bench/NOTES.md has it measured against the tests' bound at T = 8192.
+ */
+
+#include "maps.h"
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi" /* vectors by value: only between always-inlined functions, no ABI crossed */
+#endif
+
+/* tokens a tile: phi of L tokens' q and k, their v, and the tile's outputs: 4 x 16 KB at M = DV = 64 */
+#define L 64
+/* M and DV are padded with zeros to a multiple of PAD (the widest W and RB below) */
+#define PAD 16
+
+enum { MODE_FORWARD = 0, MODE_BACKWARD = 1 };
+
+/* The argument array, in this order. A tensor is its address then its strides (B, T, head) in elements. */
+enum {
+    A_MODE, A_B, A_T, A_H, A_G, A_M, A_DV, A_MAP, A_NORMALIZE, A_P0, A_P1,
+    A_Q, A_QB, A_QT, A_QH,      /* q [B, T, H, M] (a = phi(q) when map is set, else a itself) */
+    A_K, A_KB, A_KT, A_KH,      /* k [B, T, H / G, M] (b, likewise) */
+    A_V, A_VB, A_VT, A_VH,      /* v [B, T, H / G, DV] */
+    A_O, A_OB, A_OT, A_OH,      /* o [B, T, H, DV]: written (forward), read (backward) */
+    A_R, A_RB, A_RT, A_RH,      /* r [B, T, H]: written (forward, normalize), read (backward, normalize) */
+    A_DO, A_DOB, A_DOT, A_DOH,  /* backward: do [B, T, H, DV] */
+    A_DQ, A_DQB, A_DQT, A_DQH,  /* backward: da [B, T, H, M] */
+    A_DK, A_DKB, A_DKT, A_DKH,  /* backward: db [B, T, H, M] (G = 1) */
+    A_DV_, A_DVB, A_DVT, A_DVH, /* backward: dv [B, T, H, DV] (G = 1) */
+    A_S0,                       /* [B, H, M, DV + 1], or 0: zeros */
+    A_ST,                       /* forward: S_T [B, H, M, DV + 1] */
+    A_DST,                      /* backward: dS_T [B, H, M, DV + 1], or 0: zeros */
+    A_DS0,                      /* backward: dS0 [B, H, M, DV + 1] */
+    A_LEN
+};
+
+typedef struct {
+    const float *p;
+    int64_t sb, st, sh;
+} view;
+
+LINTX_INLINE view view_at(const int64_t *a, int i) {
+    view x = {(const float *)(intptr_t)a[i], a[i + 1], a[i + 2], a[i + 3]};
+    return x;
+}
+
+LINTX_INLINE const float *row(view x, int64_t b, int64_t t, int64_t h) {
+    return x.p + b * x.sb + t * x.st + h * x.sh;
+}
+
+LINTX_INLINE int64_t padded(int64_t n) { return (n + PAD - 1) / PAD * PAD; }
+
+/* Asks for the n floats at x ahead of their use: the next tile's rows, 2 KB apart at H = 8, D = 64 (one
+ * head's tokens), which the hardware prefetcher does not follow across pages: without it, 28 % of a forward
+ * waited on the loads of q and k (perf, [8, 1024, 8, 64], one core). */
+LINTX_INLINE void prefetch(const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16)
+        __builtin_prefetch(x + i);
+}
+
+/* y[0 .. n) = phi(x) (map > 0) or x, y[n .. np) = 0 */
+LINTX_INLINE void fill(int map, float *restrict y, const float *restrict x, int64_t n, int64_t np) {
+    if (map)
+        phi(map, y, x, n);
+    else
+        memcpy(y, x, (size_t)n * sizeof(float));
+    memset(y + n, 0, (size_t)(np - n) * sizeof(float));
+}
+
+/* sweep##W: X [R, Cn] (row-major, R a multiple of RB, Cn of W) through tokens 0 .. n - 1 of a tile (descending
+ * when rev), inclusive: X += Bc_t Cv_t^T, then O_t = A_t^T X. A and Bc are [L, R], Cv and O [L, Cn]. Each column
+ * block of X is held RB rows at a time in registers through the tile (RB + 5 vector registers: 21 of AVX-512's 32
+ * at RB = 16); O_t sums the row blocks in order, each block's rows over four interleaved partial sums. This file
+ * is compiled with -ffp-contract=fast: where the ISA has an FMA, b * c + x is one instruction and one rounding. */
+#define LINTX_SWEEP(W, RB)                                                                                          \
+    typedef float vf##W __attribute__((vector_size(W * sizeof(float))));                                           \
+    LINTX_INLINE void sweep##W(float *restrict X, int64_t R, int64_t Cn, int64_t n, const float *restrict A,        \
+                               const float *restrict Bc, const float *restrict Cv, float *restrict O, int rev) {   \
+        for (int64_t j = 0; j < Cn; j += W)                                                                         \
+            for (int64_t r0 = 0; r0 < R; r0 += RB) {                                                                \
+                vf##W x[RB];                                                                                        \
+                for (int i = 0; i < RB; i++)                                                                        \
+                    memcpy(&x[i], X + (r0 + i) * Cn + j, sizeof x[i]);                                              \
+                for (int64_t s = 0; s < n; s++) {                                                                   \
+                    const int64_t t = rev ? n - 1 - s : s;                                                          \
+                    const float *restrict at = A + t * R + r0, *restrict bt = Bc + t * R + r0;                      \
+                    float *restrict ot = O + t * Cn + j;                                                            \
+                    vf##W c, acc[4];                                                                                \
+                    memcpy(&c, Cv + t * Cn + j, sizeof c);                                                          \
+                    for (int i = 0; i < RB; i++)                                                                    \
+                        x[i] = bt[i] * c + x[i];                                                    \
+                    for (int i = 0; i < 4; i++)                                                                     \
+                        acc[i] = at[i] * x[i];                                                            \
+                    for (int i = 4; i < RB; i++)                                                                    \
+                        acc[i % 4] = at[i] * x[i] + acc[i % 4];                                     \
+                    vf##W sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);                                              \
+                    if (r0) {                                                                                       \
+                        vf##W prev;                                                                                 \
+                        memcpy(&prev, ot, sizeof prev);                                                             \
+                        sum = prev + sum;                                                                           \
+                    }                                                                                               \
+                    memcpy(ot, &sum, sizeof sum);                                                                   \
+                }                                                                                                   \
+                for (int i = 0; i < RB; i++)                                                                        \
+                    memcpy(X + (r0 + i) * Cn + j, &x[i], sizeof x[i]);                                              \
+            }                                                                                                       \
+    }
+#ifdef LINTX_X86
+LINTX_SWEEP(16, 16)
+LINTX_SWEEP(8, 8)
+#endif
+LINTX_SWEEP(4, 8)
+
+/* x . y over n (a multiple of PAD) entries, in 16 interleaved partial sums (a fixed order at every ISA) */
+LINTX_INLINE float dot(const float *restrict x, const float *restrict y, int64_t n) {
+    float part[16] = {0.0f};
+    for (int64_t i = 0; i < n; i += 16)
+        for (int j = 0; j < 16; j++)
+            part[j] += x[i + j] * y[i + j];
+    for (int j = 8; j; j /= 2)
+        for (int i = 0; i < j; i++)
+            part[i] += part[i + j];
+    return part[0];
+}
+
+/* The scratch of one call: the tiles and the head's states, 64-byte aligned. */
+typedef struct {
+    float *ta, *tb, *tv, *tu, *to, *to2, *x, *x2, *z, *w;
+} scratch;
+
+/* Returns the block to free, or NULL (no memory). */
+static void *scratch_new(scratch *s, int64_t Mp, int64_t DVp) {
+    const int64_t K = Mp > DVp ? Mp : DVp;
+    const int64_t sizes[10] = {L * K, L * K, L * K, L * K, L * K, L * K, Mp * DVp, Mp * DVp, Mp, L};
+    int64_t total = 0;
+    for (int i = 0; i < 10; i++)
+        total += (sizes[i] + 15) / 16 * 16;
+    void *base = malloc((size_t)total * sizeof(float) + 64);  /* (C99 has no aligned_alloc) */
+    if (base == NULL)
+        return NULL;
+    float **slots[10] = {&s->ta, &s->tb, &s->tv, &s->tu, &s->to, &s->to2, &s->x, &s->x2, &s->z, &s->w};
+    float *p = (float *)(((uintptr_t)base + 63) & ~(uintptr_t)63);
+    for (int i = 0; i < 10; i++) {
+        *slots[i] = p;
+        p += (sizes[i] + 15) / 16 * 16;
+    }
+    return base;
+}
+
+/* the state [M, DV + 1] as X [Mp, DVp] (transposed: [DVp, Mp]) and z [Mp], zero-padded; src NULL: zeros */
+LINTX_INLINE void state_in(const float *restrict src, float *restrict X, float *restrict z, int64_t M, int64_t DV,
+                           int64_t Mp, int64_t DVp, int transposed) {
+    memset(X, 0, (size_t)(Mp * DVp) * sizeof(float));
+    memset(z, 0, (size_t)Mp * sizeof(float));
+    if (src == NULL)
+        return;
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t j = 0; j < DV; j++)
+            X[transposed ? j * Mp + m : m * DVp + j] = src[m * (DV + 1) + j];
+        z[m] = src[m * (DV + 1) + DV];
+    }
+}
+
+LINTX_INLINE void state_out(float *restrict dst, const float *restrict X, const float *restrict z, int64_t M,
+                            int64_t DV, int64_t DVp) {
+    for (int64_t m = 0; m < M; m++) {
+        memcpy(dst + m * (DV + 1), X + m * DVp, (size_t)DV * sizeof(float));
+        dst[m * (DV + 1) + DV] = z[m];
+    }
+}
+
+/* the sweep of width W (a constant at each call) */
+#ifdef LINTX_X86
+#define SWEEP(W, ...) ((W) == 16 ? sweep16(__VA_ARGS__) : (W) == 8 ? sweep8(__VA_ARGS__) : sweep4(__VA_ARGS__))
+#else
+#define SWEEP(W, ...) sweep4(__VA_ARGS__)
+#endif
+
+/* One head's forward. */
+LINTX_INLINE void forward_head(const int64_t *a, int64_t b, int64_t h, scratch s, float scale, float eps,
+                               const int W) {
+    const int64_t T = a[A_T], G = a[A_G], M = a[A_M], DV = a[A_DV], Mp = padded(M), DVp = padded(DV);
+    const int64_t H = a[A_H], hk = h / G, item = b * H + h;
+    const int map = (int)a[A_MAP], normalize = (int)a[A_NORMALIZE];
+    const view q = view_at(a, A_Q), k = view_at(a, A_K), v = view_at(a, A_V), o = view_at(a, A_O),
+               r = view_at(a, A_R);
+    const float *S0 = (const float *)(intptr_t)a[A_S0];
+    state_in(S0 ? S0 + item * M * (DV + 1) : NULL, s.x, s.z, M, DV, Mp, DVp, 0);
+    for (int64_t t0 = 0; t0 < T; t0 += L) {
+        const int64_t n = T - t0 < L ? T - t0 : L;
+        for (int64_t i = 0; i < n; i++) {
+            fill(map, s.ta + i * Mp, row(q, b, t0 + i, h), M, Mp);
+            fill(map, s.tb + i * Mp, row(k, b, t0 + i, hk), M, Mp);
+            fill(0, s.tv + i * DVp, row(v, b, t0 + i, hk), DV, DVp);
+            if (t0 + L + i < T) {
+                prefetch(row(q, b, t0 + L + i, h), M);
+                prefetch(row(k, b, t0 + L + i, hk), M);
+                prefetch(row(v, b, t0 + L + i, hk), DV);
+            }
+            for (int64_t m = 0; m < Mp; m++)
+                s.z[m] += s.tb[i * Mp + m];
+            s.w[i] = dot(s.ta + i * Mp, s.z, Mp);
+        }
+        SWEEP(W, s.x, Mp, DVp, n, s.ta, s.tb, s.tv, s.to, 0);
+        for (int64_t i = 0; i < n; i++) {
+            /* as the chunked path: r = scale / (scale w + eps), o = u r */
+            const float f = normalize ? scale / (s.w[i] * scale + eps) : scale;
+            float *restrict ot = (float *)row(o, b, t0 + i, h);
+            for (int64_t j = 0; j < DV; j++)
+                ot[j] = s.to[i * DVp + j] * f;
+            if (normalize && r.p)
+                *(float *)row(r, b, t0 + i, h) = f;
+        }
+    }
+    state_out((float *)(intptr_t)a[A_ST] + item * M * (DV + 1), s.x, s.z, M, DV, DVp);
+}
+
+/* The backward's tile: a, b, v, du ([n, *p] zero-padded) and dw [n] of tokens t0 .. t0 + n - 1; the rows of the
+ * next tile's tokens (from t1, or none when t1 < 0) asked for ahead. */
+LINTX_INLINE void backward_tile(const int64_t *a, int64_t b, int64_t h, int64_t t0, int64_t n, int64_t t1,
+                                scratch s, float scale) {
+    const int64_t M = a[A_M], DV = a[A_DV], Mp = padded(M), DVp = padded(DV);
+    const int normalize = (int)a[A_NORMALIZE];
+    const view q = view_at(a, A_Q), k = view_at(a, A_K), v = view_at(a, A_V), o = view_at(a, A_O),
+               r = view_at(a, A_R), d = view_at(a, A_DO);
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t t = t0 + i;
+        fill(0, s.ta + i * Mp, row(q, b, t, h), M, Mp);
+        fill(0, s.tb + i * Mp, row(k, b, t, h), M, Mp);
+        fill(0, s.tv + i * DVp, row(v, b, t, h), DV, DVp);
+        const float *restrict dot_ = row(d, b, t, h);
+        float *restrict du = s.tu + i * DVp;
+        if (normalize) {
+            const float rt = *row(r, b, t, h), *restrict ot = row(o, b, t, h);
+            float g = 0.0f;
+            for (int64_t j = 0; j < DV; j++) {
+                du[j] = dot_[j] * rt;
+                g += dot_[j] * ot[j];
+            }
+            s.w[i] = -g * rt;
+        } else {
+            for (int64_t j = 0; j < DV; j++)
+                du[j] = dot_[j] * scale;
+            s.w[i] = 0.0f;
+        }
+        memset(du + DV, 0, (size_t)(DVp - DV) * sizeof(float));
+        if (t1 >= 0 && t1 + i < a[A_T]) {
+            prefetch(row(q, b, t1 + i, h), M);
+            prefetch(row(k, b, t1 + i, h), M);
+            prefetch(row(v, b, t1 + i, h), DV);
+            prefetch(row(o, b, t1 + i, h), DV);
+            prefetch(row(d, b, t1 + i, h), DV);
+        }
+    }
+}
+
+/* One head's backward (G = 1: the caller repeats the key heads under autograd). */
+LINTX_INLINE void backward_head(const int64_t *a, int64_t b, int64_t h, scratch s, float scale, const int W) {
+    const int64_t T = a[A_T], M = a[A_M], DV = a[A_DV], Mp = padded(M), DVp = padded(DV);
+    const int64_t item = b * a[A_H] + h;
+    const view dq = view_at(a, A_DQ), dk = view_at(a, A_DK), dv = view_at(a, A_DV_);
+    const float *S0 = (const float *)(intptr_t)a[A_S0], *dST = (const float *)(intptr_t)a[A_DST];
+    /* da_t = S_t du_t + dw_t z_t: forward, S^T [DVp, Mp] in x; O_t = (du_t)^T S^T_t, S^T += v_t b_t^T */
+    state_in(S0 ? S0 + item * M * (DV + 1) : NULL, s.x, s.z, M, DV, Mp, DVp, 1);
+    for (int64_t t0 = 0; t0 < T; t0 += L) {
+        const int64_t n = T - t0 < L ? T - t0 : L;
+        backward_tile(a, b, h, t0, n, t0 + L, s, scale);
+        SWEEP(W, s.x, DVp, Mp, n, s.tu, s.tv, s.tb, s.to, 0);
+        for (int64_t i = 0; i < n; i++) {
+            float *restrict out = (float *)row(dq, b, t0 + i, h);
+            for (int64_t m = 0; m < M; m++) {
+                s.z[m] += s.tb[i * Mp + m];
+                out[m] = s.to[i * Mp + m] + s.w[i] * s.z[m];
+            }
+        }
+    }
+    /* dv_t = R_t^T b_t (R [Mp, DVp] in x) and db_t = R_t v_t + rho_t (R^T [DVp, Mp] in x2), from the end */
+    state_in(dST ? dST + item * M * (DV + 1) : NULL, s.x, s.z, M, DV, Mp, DVp, 0);
+    state_in(dST ? dST + item * M * (DV + 1) : NULL, s.x2, s.z, M, DV, Mp, DVp, 1);
+    for (int64_t t0 = (T - 1) / L * L; t0 >= 0; t0 -= L) {
+        const int64_t n = T - t0 < L ? T - t0 : L;
+        backward_tile(a, b, h, t0, n, t0 - L, s, scale);
+        SWEEP(W, s.x, Mp, DVp, n, s.tb, s.ta, s.tu, s.to, 1);
+        SWEEP(W, s.x2, DVp, Mp, n, s.tv, s.tu, s.ta, s.to2, 1);
+        for (int64_t i = n - 1; i >= 0; i--) {
+            float *restrict outk = (float *)row(dk, b, t0 + i, h), *restrict outv = (float *)row(dv, b, t0 + i, h);
+            for (int64_t m = 0; m < M; m++) {
+                s.z[m] += s.ta[i * Mp + m] * s.w[i];
+                outk[m] = s.to2[i * Mp + m] + s.z[m];
+            }
+            memcpy(outv, s.to + i * DVp, (size_t)DV * sizeof(float));
+        }
+    }
+    state_out((float *)(intptr_t)a[A_DS0] + item * M * (DV + 1), s.x, s.z, M, DV, DVp);
+}
+
+/* Returns 0, or 1 when the scratch cannot be allocated (nothing is written then). */
+LINTX_INLINE int causal(const int64_t *a, const float *se, const int W) {
+    const int64_t H = a[A_H], Mp = padded(a[A_M]), DVp = padded(a[A_DV]);
+    scratch s;
+    void *base = scratch_new(&s, Mp, DVp);
+    if (base == NULL)
+        return 1;
+    for (int64_t p = a[A_P0]; p < a[A_P1]; p++) {
+        if (a[A_MODE] == MODE_FORWARD)
+            forward_head(a, p / H, p % H, s, se[0], se[1], W);
+        else
+            backward_head(a, p / H, p % H, s, se[0], W);
+    }
+    free(base);
+    return 0;
+}
+
+#define LINTX_CAUSAL_VARIANT(NAME, W) \
+    static int NAME(const int64_t *a, const float *se) { return causal(a, se, W); }
+#ifdef LINTX_X86
+__attribute__((target("avx512f"))) LINTX_CAUSAL_VARIANT(causal_avx512, 16)
+__attribute__((target("avx2,fma"))) LINTX_CAUSAL_VARIANT(causal_avx2, 8)
+#endif
+LINTX_CAUSAL_VARIANT(causal_base, 4)
+
+typedef int (*causal_fn)(const int64_t *, const float *);
+
+/* the variant for the running CPU, chosen at the first call (two threads racing there store the same pointer) */
+static causal_fn chosen_causal = NULL;
+
+/* a: A_LEN int64 entries in the order of the enum above (addresses as integers), se = [scale, eps]. Returns 0,
+ * 1 when the scratch cannot be allocated; a == NULL: returns -A_LEN (the caller checks it agrees). */
+int lintx_causal_f32(const int64_t *a, const float *se) {
+    if (a == NULL)
+        return -A_LEN;
+    causal_fn fn = chosen_causal;
+    if (fn == NULL) {
+        static const causal_fn variants[] = LINTX_VARIANTS(causal_);
+        int isa = lintx_isa();
+#if defined(LINTX_X86) && !defined(LINTX_FORCE_ISA)
+        if (isa == LINTX_ISA_AVX2 && !__builtin_cpu_supports("fma"))  /* the AVX2 variant is AVX2 and FMA */
+            isa = LINTX_ISA_BASE;
+#endif
+        chosen_causal = fn = variants[isa];
+    }
+    return fn(a, se);
+}
