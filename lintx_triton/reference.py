@@ -121,10 +121,15 @@ def linear_attention_torch(
     recurrent = (causal and T > 0 and not torch.compiler.is_compiling()
                  and native.causal_eligible(qf, kf, vf, *states))
     inference = not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, *states)))
-    if recurrent and inference and native.fused_map(fm):
-        # a built-in elementwise map without autograd: phi applied in the C, the grouped heads read there too
+    if recurrent and native.fused_map(fm):
+        # a built-in elementwise map: phi (and under autograd phi') applied in the C
         S0 = _with_z(*(_repeat_heads(x, G, 1) for x in states)) if states else None
-        o, _, S = native.causal_forward(qf, kf, vf, S0, fm, normalize=normalize, scale=float(scale), eps=float(eps))
+        if inference:  # the grouped heads read in place there too
+            o, _, S = native.causal_forward(qf, kf, vf, S0, fm, normalize=normalize, scale=float(scale),
+                                            eps=float(eps))
+        else:  # the keys' heads repeated under autograd (its backward sums a group's gradients)
+            o, S = _RecurrentCausal.apply(qf, _repeat_heads(kf, G, 2), _repeat_heads(vf, G, 2), S0, normalize,
+                                          float(scale), float(eps), fm)
         return o.to(q.dtype), (S[:, ::G, :, :DV], S[:, ::G, :, DV])
     a = fm.features(qf, "query", stabilize=normalize)  # [B, T, H, M]
     b = _repeat_heads(fm.features(kf, "key"), G, 2)
@@ -143,7 +148,7 @@ def linear_attention_torch(
     # [S0, z0] the state), instead of separate row sums of the scores and of a * z.
     S0 = _with_z(S0, z0)  # [B, H, M, DV + 1]
     if recurrent:
-        o, S = _RecurrentCausal.apply(a, b, vv, S0, normalize, float(scale), float(eps))
+        o, S = _RecurrentCausal.apply(a, b, vv, S0, normalize, float(scale), float(eps), None)
     elif causal:
         # chunks of C tokens (no longer than the sequence: a short call pads nothing)
         # without autograd (inference) the chunked buffers are carved from a per-thread workspace kept between
@@ -168,24 +173,25 @@ def _with_z(S: Tensor, z: Tensor) -> Tensor:
 
 
 class _RecurrentCausal(torch.autograd.Function):
-    """The causal products on features in C (:func:`lintx_triton.native.causal_forward` and ``causal_backward``):
-    ``(a, b [B, T, H, M], v [B, T, H, DV], S0 [B, H, M, DV + 1])`` -> ``(o [B, T, H, DV], S_T [B, H, M, DV + 1])``,
-    fp32, as :class:`_ChunkedCausal`. The backward needs o and r = scale / den from the forward (o is saved as
-    torch's own ops save their outputs: changing it in place before the backward is an error)."""
+    """The causal products in C (:func:`lintx_triton.native.causal_forward` and ``causal_backward``):
+    ``(a, b [B, T, H, M], v [B, T, H, DV], S0 [B, H, M, DV + 1] or None)`` -> ``(o [B, T, H, DV], S_T [B, H, M,
+    DV + 1])``, fp32, as :class:`_ChunkedCausal`; a and b are the features, or with a built-in map ``fm`` q and k
+    themselves (phi and phi' applied in the C). The backward needs o and r = scale / den from the forward (o is
+    saved as torch's own ops save their outputs: changing it in place before the backward is an error)."""
 
     @staticmethod
-    def forward(ctx, a, b, v, S0, normalize, scale, eps):
-        o, r, S = native.causal_forward(a, b, v, S0, normalize=normalize, scale=scale, eps=eps, want_r=True)
+    def forward(ctx, a, b, v, S0, normalize, scale, eps, fm):
+        o, r, S = native.causal_forward(a, b, v, S0, fm, normalize=normalize, scale=scale, eps=eps, want_r=True)
         ctx.save_for_backward(a, b, v, S0, o, r)
-        ctx.normalize, ctx.scale = normalize, scale
+        ctx.normalize, ctx.scale, ctx.fm = normalize, scale, fm
         return o, S
 
     @staticmethod
     def backward(ctx, do, dS):
         a, b, v, S0, o, r = ctx.saved_tensors
-        da, db, dv, dS0 = native.causal_backward(a, b, v, S0, o, r, do, dS, normalize=ctx.normalize,
+        da, db, dv, dS0 = native.causal_backward(a, b, v, S0, o, r, do, dS, ctx.fm, normalize=ctx.normalize,
                                                  scale=ctx.scale)
-        return da, db, dv, dS0, None, None, None
+        return da, db, dv, dS0 if ctx.needs_input_grad[3] else None, None, None, None, None
 
 
 def _chunk_views(x: Tensor, C: int):

@@ -24,7 +24,8 @@ def _case(B=2, T=37, H=4, HKV=None, D=16, DV=16, fm="elu", normalize=True, initi
 
 @pytest.fixture
 def calls(monkeypatch):
-    """causal_forward's and causal_backward's calls, counted: [("forward", fused map or None), ("backward",)]."""
+    """causal_forward's and causal_backward's calls, counted: [("forward" or "backward", the fused map's name or
+    None)]."""
     seen = []
     fwd, bwd = native.causal_forward, native.causal_backward
 
@@ -33,7 +34,7 @@ def calls(monkeypatch):
         return fwd(*args, **kw)
 
     def backward(*args, **kw):
-        seen.append(("backward",))
+        seen.append(("backward", args[8].name if len(args) > 8 and args[8] is not None else None))
         return bwd(*args, **kw)
 
     monkeypatch.setattr(native, "causal_forward", forward)
@@ -51,27 +52,55 @@ shape_id = "B{}-T{}-H{}-HKV{}-D{}-DV{}".format
 @needs_native
 # identity unnormalized only: a signed map's normalizer can pass through 0, where no bound means anything
 @pytest.mark.parametrize("fm,normalize", [("elu", True), ("elu", False), ("relu", True), ("relu", False),
-                                          ("identity", False), ("favor", True), ("favor", False)],
+                                          ("identity", False), ("favor", True), ("favor", False),
+                                          ("hedgehog", True)],
                          ids=lambda x: str(x) if isinstance(x, str) else ("norm" if x else "unnorm"))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: shape_id(*s))
 def test_forward_and_gradients(calls, shape, fm, normalize):
     """Outputs, final states and every gradient (q, k, v, the initial state, through a final-state gradient) within
-    the float64 reference's bounds; without autograd a built-in map is applied in the C (a random-feature map's
-    features come from torch), with autograd torch's features go through causal_forward and causal_backward."""
+    the float64 reference's bounds; a built-in map is applied in the C (phi, and phi' in the backward), a
+    random-feature map's features come from torch (and its gradients go back through torch's autograd)."""
     B, T, H, HKV, D, DV = shape
-    extra = dict(map=dict(family="favor", D=D, M=24, seed=3)) if fm == "favor" else {}
+    extra = {"favor": dict(map=dict(family="favor", D=D, M=24, seed=3)),
+             "hedgehog": dict(map=dict(family="hedgehog", D=D, M=24, seed=3, heads=1, key_heads=None))}.get(fm, {})
     c = _case(B=B, T=T, H=H, HKV=HKV, D=D, DV=DV, fm=fm, normalize=normalize, **extra)
     q, k, v, state = make_inputs(c)
     with torch.no_grad():
         o, st = lx.linear_attention(q, k, v, initial_state=state, backend="torch", return_state=True,
                                     feature_map=lx.testing.ensure_map(c), normalize=normalize, scale=0.5, eps=1e-3)
-    assert calls == [("forward", None if fm == "favor" else fm)], case_id(c)
+    fused = None if fm in ("favor", "hedgehog") else fm
+    assert calls == [("forward", fused)], case_id(c)
     check_forward(c, o, q, k, v, state)
     check_state(c, st, q, k, v, state)
     calls.clear()
     got, want, bounds, names = forward_and_grads(c, "torch")
-    assert calls == [("forward", None), ("backward",)], case_id(c)
+    assert calls == [("forward", fused), ("backward", fused)], case_id(c)
     check_grads(c, got, want, bounds, names)
+
+
+@needs_native
+@pytest.mark.parametrize("fm", [builtin.ELU, builtin.RELU, builtin.IDENTITY], ids=lambda f: f.name)
+def test_fused_map_gradients_are_torch_maps(calls, fm):
+    """phi' in the C is the derivative torch's autograd takes of the map, also where it is not smooth (x = 0, where
+    elu + 1's slope is 1 and relu's 0) and far out (x = -20): the gradients of a call with the map fused match
+    those of the same map computed by torch (the same map under another name, which the C does not recognise)."""
+    by_torch = lx.feature_maps.ElementwiseFeatureMap(name=f"{fm.name}_by_torch", phi=fm.phi, vjp=fm.vjp,
+                                                     reference=fm.reference_fn, positive=fm.positive)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 70, 2, 8, generator=g) for _ in range(3))
+    for x in (q, k):
+        x[0, :3, 0, :4] = 0.0
+        x[1, 5:9, 1, :] = -20.0
+    do = torch.randn(2, 70, 2, 8, generator=g)
+    grads = []
+    for m in (fm, by_torch):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        o = lx.linear_attention(*leaves, feature_map=m, backend="torch", normalize=fm is not builtin.IDENTITY,
+                                eps=1e-3)
+        grads.append(torch.autograd.grad(o, leaves, do))
+    assert calls == [("forward", fm.name), ("backward", fm.name), ("forward", None), ("backward", None)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 @needs_native
@@ -117,7 +146,7 @@ def test_strided_inputs_and_expanded_gradients(calls):
         assert torch.equal(a.grad, b.grad)
     with torch.no_grad():  # phi from the C (torch's elu + 1 under autograd: the last bits differ)
         torch.testing.assert_close(lx.linear_attention(q, k, v, backend="torch"), o.detach(), rtol=1e-5, atol=1e-6)
-    assert ("backward",) in calls and ("forward", "elu") in calls
+    assert ("backward", "elu") in calls and ("forward", "elu") in calls
 
 
 @needs_native
@@ -155,7 +184,7 @@ def test_every_isa_variant_within_bounds(tmp_path, calls, monkeypatch):
             check_forward(c, o, q, k, v, state)
             check_state(c, st, q, k, v, state)
             check_grads(c, *forward_and_grads(c, "torch"))
-    assert ("backward",) in calls
+    assert ("backward", "elu") in calls
 
 
 @needs_native

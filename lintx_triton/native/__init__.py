@@ -350,11 +350,12 @@ def causal_forward(q, k, v, S0, fm=None, *, normalize: bool = True, scale: float
     return o, r, ST
 
 
-def causal_backward(a, b, v, S0, o, r, do, dST, *, normalize: bool = True, scale: float = 1.0):
-    """The causal backward in C, of :func:`causal_forward` on features (no map, H = HKV): ``a, b [B, T, H, M]``,
-    ``v [B, T, H, DV]``, ``S0`` as there (or None), ``o``, ``r`` its outputs (r None when not normalize), ``do [B,
-    T, H, DV]`` the gradient of o, ``dST [B, H, M, DV + 1]`` that of S_T (or None: zeros) -> ``da, db [B, T, H, M],
-    dv [B, T, H, DV], dS0 [B, H, M, DV + 1]``, fp32. Call only where :func:`causal_eligible` said yes."""
+def causal_backward(a, b, v, S0, o, r, do, dST, fm=None, *, normalize: bool = True, scale: float = 1.0):
+    """The causal backward in C, of :func:`causal_forward` (H = HKV): ``a, b [B, T, H, M]`` (q and k with a built-in
+    map ``fm``, the features without), ``v [B, T, H, DV]``, ``S0`` as there (or None), ``o``, ``r`` its outputs (r
+    None when not normalize), ``do [B, T, H, DV]`` the gradient of o, ``dST [B, H, M, DV + 1]`` that of S_T (or
+    None: zeros) -> ``da, db [B, T, H, M]`` (the gradients of a and b: through phi' with ``fm``), ``dv [B, T, H,
+    DV], dS0 [B, H, M, DV + 1]``, fp32. Call only where :func:`causal_eligible` said yes."""
     a, b, v, o, do = _unit(a), _unit(b), _unit(v), _unit(o), _unit(do)
     B, T, H, M = a.shape
     DV = v.shape[-1]
@@ -365,7 +366,7 @@ def causal_backward(a, b, v, S0, o, r, do, dST, *, normalize: bool = True, scale
     dST = None if dST is None else dST.contiguous()
     da, db, dv = a.new_empty(B, T, H, M), a.new_empty(B, T, H, M), a.new_empty(B, T, H, DV)
     dS0 = a.new_empty(B, H, M, DV + 1)
-    dims = (_BACKWARD, B, T, H, 1, M, DV, 0, int(normalize))
+    dims = (_BACKWARD, B, T, H, 1, M, DV, 0 if fm is None else MAPS[fm.name], int(normalize))
     _run(dims, (a, b, v, o, r if normalize else None, do, da, db, dv), (S0, None, dST, dS0), scale, 0.0,
          3 * B * T * H * M * DV)
     return da, db, dv, dS0

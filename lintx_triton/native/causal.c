@@ -13,7 +13,8 @@
  * block; the normalizer's z and w, a vector of M, are summed beside.
  *
  * The backward, with du_t = r_t do_t, dw_t = -(do_t . o_t) r_t (normalize; else du_t = scale do_t, dw_t = 0)
- * and R_t = dS_T + sum_{s>=t} a_s du_s^T, rho_t = dz_T + sum_{s>=t} a_s dw_s:
+ * and R_t = dS_T + sum_{s>=t} a_s du_s^T, rho_t = dz_T + sum_{s>=t} a_s dw_s (with a map, dq = da phi'(q) and
+ * dk = db phi'(k)):
  *   da_t = S_t du_t + dw_t z_t      (a forward sweep, S transposed in registers)
  *   dv_t = R_t^T b_t                 (a backward sweep, R in registers)
  *   db_t = R_t v_t + rho_t           (the same backward sweep, R transposed)
@@ -86,6 +87,16 @@ LINTX_INLINE int64_t padded(int64_t n) { return (n + PAD - 1) / PAD * PAD; }
 LINTX_INLINE void prefetch(const float *x, int64_t n) {
     for (int64_t i = 0; i < n; i += 16)
         __builtin_prefetch(x + i);
+}
+
+/* phi'(x) from y = phi(x) (the maps' derivatives as torch's autograd takes them, also at 0): elu + 1 is x + 1 > 1
+ * for x > 0 (slope 1) and exp(x) <= 1 otherwise (slope exp(x) = y); relu's slope is 1 where y > 0, else 0 */
+LINTX_INLINE float dphi(int map, float y) {
+    switch (map) {
+    case LINTX_MAP_ELU: return y > 1.0f ? 1.0f : y;
+    case LINTX_MAP_RELU: return y > 0.0f ? 1.0f : 0.0f;
+    default: return 1.0f;
+    }
 }
 
 /* y[0 .. n) = phi(x) (map > 0) or x, y[n .. np) = 0 */
@@ -250,13 +261,13 @@ LINTX_INLINE void forward_head(const int64_t *a, int64_t b, int64_t h, scratch s
 LINTX_INLINE void backward_tile(const int64_t *a, int64_t b, int64_t h, int64_t t0, int64_t n, int64_t t1,
                                 scratch s, float scale) {
     const int64_t M = a[A_M], DV = a[A_DV], Mp = padded(M), DVp = padded(DV);
-    const int normalize = (int)a[A_NORMALIZE];
+    const int normalize = (int)a[A_NORMALIZE], map = (int)a[A_MAP];
     const view q = view_at(a, A_Q), k = view_at(a, A_K), v = view_at(a, A_V), o = view_at(a, A_O),
                r = view_at(a, A_R), d = view_at(a, A_DO);
     for (int64_t i = 0; i < n; i++) {
         const int64_t t = t0 + i;
-        fill(0, s.ta + i * Mp, row(q, b, t, h), M, Mp);
-        fill(0, s.tb + i * Mp, row(k, b, t, h), M, Mp);
+        fill(map, s.ta + i * Mp, row(q, b, t, h), M, Mp);
+        fill(map, s.tb + i * Mp, row(k, b, t, h), M, Mp);
         fill(0, s.tv + i * DVp, row(v, b, t, h), DV, DVp);
         const float *restrict dot_ = row(d, b, t, h);
         float *restrict du = s.tu + i * DVp;
@@ -284,9 +295,11 @@ LINTX_INLINE void backward_tile(const int64_t *a, int64_t b, int64_t h, int64_t 
     }
 }
 
-/* One head's backward (G = 1: the caller repeats the key heads under autograd). */
+/* One head's backward (G = 1: the caller repeats the key heads under autograd). With a map, q and k are the raw
+ * inputs and dq, dk their gradients (through phi'), else the features' and theirs. */
 LINTX_INLINE void backward_head(const int64_t *a, int64_t b, int64_t h, scratch s, float scale, const int W) {
     const int64_t T = a[A_T], M = a[A_M], DV = a[A_DV], Mp = padded(M), DVp = padded(DV);
+    const int map = (int)a[A_MAP];
     const int64_t item = b * a[A_H] + h;
     const view dq = view_at(a, A_DQ), dk = view_at(a, A_DK), dv = view_at(a, A_DV_);
     const float *S0 = (const float *)(intptr_t)a[A_S0], *dST = (const float *)(intptr_t)a[A_DST];
@@ -302,6 +315,9 @@ LINTX_INLINE void backward_head(const int64_t *a, int64_t b, int64_t h, scratch 
                 s.z[m] += s.tb[i * Mp + m];
                 out[m] = s.to[i * Mp + m] + s.w[i] * s.z[m];
             }
+            if (map)
+                for (int64_t m = 0; m < M; m++)
+                    out[m] *= dphi(map, s.ta[i * Mp + m]);
         }
     }
     /* dv_t = R_t^T b_t (R [Mp, DVp] in x) and db_t = R_t v_t + rho_t (R^T [DVp, Mp] in x2), from the end */
@@ -318,6 +334,9 @@ LINTX_INLINE void backward_head(const int64_t *a, int64_t b, int64_t h, scratch 
                 s.z[m] += s.ta[i * Mp + m] * s.w[i];
                 outk[m] = s.to2[i * Mp + m] + s.z[m];
             }
+            if (map)
+                for (int64_t m = 0; m < M; m++)
+                    outk[m] *= dphi(map, s.tb[i * Mp + m]);
             memcpy(outv, s.to + i * DVp, (size_t)DV * sizeof(float));
         }
     }
