@@ -81,9 +81,9 @@ LINTX_INLINE const float *row(view x, int64_t b, int64_t t, int64_t h) {
 
 LINTX_INLINE int64_t padded(int64_t n) { return (n + PAD - 1) / PAD * PAD; }
 
-/* Asks for the n floats at x ahead of their use: the next tile's rows, 2 KB apart at H = 8, D = 64 (one
- * head's tokens), which the hardware prefetcher does not follow across pages: without it, 28 % of a forward
- * waited on the loads of q and k (perf, [8, 1024, 8, 64], one core). */
+/* Asks for the n floats at x ahead of their use: the rows of the (head, tile) read next, 2 KB apart at H = 8,
+ * D = 64 (one head's tokens), which the hardware prefetcher does not follow: without it, 28 % of a forward waited
+ * on the loads of q and k (perf, [8, 1024, 8, 64], one core). */
 LINTX_INLINE void prefetch(const float *x, int64_t n) {
     for (int64_t i = 0; i < n; i += 16)
         __builtin_prefetch(x + i);
@@ -164,24 +164,26 @@ LINTX_INLINE float dot(const float *restrict x, const float *restrict y, int64_t
     return part[0];
 }
 
-/* The scratch of one call: the tiles and the head's states, 64-byte aligned. */
+/* The scratch of one call: the tiles, and the states of up to NH heads (x, x2 [NH, Mp DVp], z, z2 [NH, Mp]),
+ * 64-byte aligned. */
 typedef struct {
-    float *ta, *tb, *tv, *tu, *to, *to2, *x, *x2, *z, *w;
+    float *ta, *tb, *tv, *tu, *to, *to2, *x, *x2, *z, *z2, *w;
 } scratch;
 
 /* Returns the block to free, or NULL (no memory). */
-static void *scratch_new(scratch *s, int64_t Mp, int64_t DVp) {
+static void *scratch_new(scratch *s, int64_t Mp, int64_t DVp, int64_t NH) {
     const int64_t K = Mp > DVp ? Mp : DVp;
-    const int64_t sizes[10] = {L * K, L * K, L * K, L * K, L * K, L * K, Mp * DVp, Mp * DVp, Mp, L};
+    const int64_t sizes[11] = {L * K, L * K, L * K, L * K, L * K, L * K, NH * Mp * DVp, NH * Mp * DVp, NH * Mp,
+                               NH * Mp, L};
     int64_t total = 0;
-    for (int i = 0; i < 10; i++)
+    for (int i = 0; i < 11; i++)
         total += (sizes[i] + 15) / 16 * 16;
     void *base = malloc((size_t)total * sizeof(float) + 64);  /* (C99 has no aligned_alloc) */
     if (base == NULL)
         return NULL;
-    float **slots[10] = {&s->ta, &s->tb, &s->tv, &s->tu, &s->to, &s->to2, &s->x, &s->x2, &s->z, &s->w};
+    float **slots[11] = {&s->ta, &s->tb, &s->tv, &s->tu, &s->to, &s->to2, &s->x, &s->x2, &s->z, &s->z2, &s->w};
     float *p = (float *)(((uintptr_t)base + 63) & ~(uintptr_t)63);
-    for (int i = 0; i < 10; i++) {
+    for (int i = 0; i < 11; i++) {
         *slots[i] = p;
         p += (sizes[i] + 15) / 16 * 16;
     }
@@ -217,49 +219,63 @@ LINTX_INLINE void state_out(float *restrict dst, const float *restrict X, const 
 #define SWEEP(W, ...) sweep4(__VA_ARGS__)
 #endif
 
-/* One head's forward. */
-LINTX_INLINE void forward_head(const int64_t *a, int64_t b, int64_t h, scratch s, float scale, float eps,
-                               const int W) {
+/* Heads h0 .. h1 - 1 of batch row b, tile by tile, every head's tile before the next tile: the heads of a
+ * token are adjacent in q, k, v and o (a tile of all of them 128 KB at H = 8, D = 64). One head at a time over
+ * the whole sequence walked 2 KB strides through all of it (4096 pages of q at T = 8192) for each head again:
+ * forward 35-39 ms at T = 8192 against 26-28 at T = 1024 for the same B T, backward 103-109 against 66-77 (H = 8,
+ * D = 64, B T = 8192, one core); now 24-29 and 68-75 at every T. Head j's state is x + j Mp DVp, z + j Mp. */
+LINTX_INLINE void forward_run(const int64_t *a, int64_t b, int64_t h0, int64_t h1, scratch s, float scale,
+                              float eps, const int W) {
     const int64_t T = a[A_T], G = a[A_G], M = a[A_M], DV = a[A_DV], Mp = padded(M), DVp = padded(DV);
-    const int64_t H = a[A_H], hk = h / G, item = b * H + h;
+    const int64_t H = a[A_H], XS = Mp * DVp;
     const int map = (int)a[A_MAP], normalize = (int)a[A_NORMALIZE];
     const view q = view_at(a, A_Q), k = view_at(a, A_K), v = view_at(a, A_V), o = view_at(a, A_O),
                r = view_at(a, A_R);
     const float *S0 = (const float *)(intptr_t)a[A_S0];
-    state_in(S0 ? S0 + item * M * (DV + 1) : NULL, s.x, s.z, M, DV, Mp, DVp, 0);
+    float *ST = (float *)(intptr_t)a[A_ST];
+    for (int64_t h = h0; h < h1; h++)
+        state_in(S0 ? S0 + (b * H + h) * M * (DV + 1) : NULL, s.x + (h - h0) * XS, s.z + (h - h0) * Mp, M, DV,
+                 Mp, DVp, 0);
     for (int64_t t0 = 0; t0 < T; t0 += L) {
         const int64_t n = T - t0 < L ? T - t0 : L;
-        for (int64_t i = 0; i < n; i++) {
-            fill(map, s.ta + i * Mp, row(q, b, t0 + i, h), M, Mp);
-            fill(map, s.tb + i * Mp, row(k, b, t0 + i, hk), M, Mp);
-            fill(0, s.tv + i * DVp, row(v, b, t0 + i, hk), DV, DVp);
-            if (t0 + L + i < T) {
-                prefetch(row(q, b, t0 + L + i, h), M);
-                prefetch(row(k, b, t0 + L + i, hk), M);
-                prefetch(row(v, b, t0 + L + i, hk), DV);
+        for (int64_t h = h0; h < h1; h++) {
+            const int64_t hk = h / G;
+            /* the rows read next: the next head's in this tile, after the last head the first's in the next */
+            const int64_t hn = h + 1 < h1 ? h + 1 : h0, tn = h + 1 < h1 ? t0 : t0 + L;
+            float *restrict z = s.z + (h - h0) * Mp;
+            for (int64_t i = 0; i < n; i++) {
+                fill(map, s.ta + i * Mp, row(q, b, t0 + i, h), M, Mp);
+                fill(map, s.tb + i * Mp, row(k, b, t0 + i, hk), M, Mp);
+                fill(0, s.tv + i * DVp, row(v, b, t0 + i, hk), DV, DVp);
+                if (tn + i < T) {
+                    prefetch(row(q, b, tn + i, hn), M);
+                    prefetch(row(k, b, tn + i, hn / G), M);
+                    prefetch(row(v, b, tn + i, hn / G), DV);
+                }
+                for (int64_t m = 0; m < Mp; m++)
+                    z[m] += s.tb[i * Mp + m];
+                s.w[i] = dot(s.ta + i * Mp, z, Mp);
             }
-            for (int64_t m = 0; m < Mp; m++)
-                s.z[m] += s.tb[i * Mp + m];
-            s.w[i] = dot(s.ta + i * Mp, s.z, Mp);
-        }
-        SWEEP(W, s.x, Mp, DVp, n, s.ta, s.tb, s.tv, s.to, 0);
-        for (int64_t i = 0; i < n; i++) {
-            /* as the chunked path: r = scale / (scale w + eps), o = u r */
-            const float f = normalize ? scale / (s.w[i] * scale + eps) : scale;
-            float *restrict ot = (float *)row(o, b, t0 + i, h);
-            for (int64_t j = 0; j < DV; j++)
-                ot[j] = s.to[i * DVp + j] * f;
-            if (normalize && r.p)
-                *(float *)row(r, b, t0 + i, h) = f;
+            SWEEP(W, s.x + (h - h0) * XS, Mp, DVp, n, s.ta, s.tb, s.tv, s.to, 0);
+            for (int64_t i = 0; i < n; i++) {
+                /* as the chunked path: r = scale / (scale w + eps), o = u r */
+                const float f = normalize ? scale / (s.w[i] * scale + eps) : scale;
+                float *restrict ot = (float *)row(o, b, t0 + i, h);
+                for (int64_t j = 0; j < DV; j++)
+                    ot[j] = s.to[i * DVp + j] * f;
+                if (normalize && r.p)
+                    *(float *)row(r, b, t0 + i, h) = f;
+            }
         }
     }
-    state_out((float *)(intptr_t)a[A_ST] + item * M * (DV + 1), s.x, s.z, M, DV, DVp);
+    for (int64_t h = h0; h < h1; h++)
+        state_out(ST + (b * H + h) * M * (DV + 1), s.x + (h - h0) * XS, s.z + (h - h0) * Mp, M, DV, DVp);
 }
 
-/* The backward's tile: a, b, v, du ([n, *p] zero-padded) and dw [n] of tokens t0 .. t0 + n - 1; the rows of the
- * next tile's tokens (from t1, or none when t1 < 0) asked for ahead. */
-LINTX_INLINE void backward_tile(const int64_t *a, int64_t b, int64_t h, int64_t t0, int64_t n, int64_t t1,
-                                scratch s, float scale) {
+/* The backward's tile: a, b, v, du ([n, *p] zero-padded) and dw [n] of tokens t0 .. t0 + n - 1 of head h; the
+ * rows of tokens tn .. tn + n - 1 of head hn (read next) asked for ahead. */
+LINTX_INLINE void backward_tile(const int64_t *a, int64_t b, int64_t h, int64_t t0, int64_t n, int64_t hn,
+                                int64_t tn, scratch s, float scale) {
     const int64_t M = a[A_M], DV = a[A_DV], Mp = padded(M), DVp = padded(DV);
     const int normalize = (int)a[A_NORMALIZE], map = (int)a[A_MAP];
     const view q = view_at(a, A_Q), k = view_at(a, A_K), v = view_at(a, A_V), o = view_at(a, A_O),
@@ -285,76 +301,98 @@ LINTX_INLINE void backward_tile(const int64_t *a, int64_t b, int64_t h, int64_t 
             s.w[i] = 0.0f;
         }
         memset(du + DV, 0, (size_t)(DVp - DV) * sizeof(float));
-        if (t1 >= 0 && t1 + i < a[A_T]) {
-            prefetch(row(q, b, t1 + i, h), M);
-            prefetch(row(k, b, t1 + i, h), M);
-            prefetch(row(v, b, t1 + i, h), DV);
-            prefetch(row(o, b, t1 + i, h), DV);
-            prefetch(row(d, b, t1 + i, h), DV);
+        if (tn + i >= 0 && tn + i < a[A_T]) {
+            prefetch(row(q, b, tn + i, hn), M);
+            prefetch(row(k, b, tn + i, hn), M);
+            prefetch(row(v, b, tn + i, hn), DV);
+            prefetch(row(o, b, tn + i, hn), DV);
+            prefetch(row(d, b, tn + i, hn), DV);
         }
     }
 }
 
-/* One head's backward (G = 1: the caller repeats the key heads under autograd). With a map, q and k are the raw
- * inputs and dq, dk their gradients (through phi'), else the features' and theirs. */
-LINTX_INLINE void backward_head(const int64_t *a, int64_t b, int64_t h, scratch s, float scale, const int W) {
+/* The backward of heads h0 .. h1 - 1 of batch row b, tile by tile as forward_run (G = 1: the caller repeats the
+ * key heads under autograd). With a map, q and k are the raw inputs and dq, dk their gradients (through phi'),
+ * else the features' and theirs. */
+LINTX_INLINE void backward_run(const int64_t *a, int64_t b, int64_t h0, int64_t h1, scratch s, float scale,
+                               const int W) {
     const int64_t T = a[A_T], M = a[A_M], DV = a[A_DV], Mp = padded(M), DVp = padded(DV);
+    const int64_t H = a[A_H], XS = Mp * DVp;
     const int map = (int)a[A_MAP];
-    const int64_t item = b * a[A_H] + h;
     const view dq = view_at(a, A_DQ), dk = view_at(a, A_DK), dv = view_at(a, A_DV_);
     const float *S0 = (const float *)(intptr_t)a[A_S0], *dST = (const float *)(intptr_t)a[A_DST];
+    float *dS0 = (float *)(intptr_t)a[A_DS0];
     /* da_t = S_t du_t + dw_t z_t: forward, S^T [DVp, Mp] in x; O_t = (du_t)^T S^T_t, S^T += v_t b_t^T */
-    state_in(S0 ? S0 + item * M * (DV + 1) : NULL, s.x, s.z, M, DV, Mp, DVp, 1);
+    for (int64_t h = h0; h < h1; h++)
+        state_in(S0 ? S0 + (b * H + h) * M * (DV + 1) : NULL, s.x + (h - h0) * XS, s.z + (h - h0) * Mp, M, DV,
+                 Mp, DVp, 1);
     for (int64_t t0 = 0; t0 < T; t0 += L) {
         const int64_t n = T - t0 < L ? T - t0 : L;
-        backward_tile(a, b, h, t0, n, t0 + L, s, scale);
-        SWEEP(W, s.x, DVp, Mp, n, s.tu, s.tv, s.tb, s.to, 0);
-        for (int64_t i = 0; i < n; i++) {
-            float *restrict out = (float *)row(dq, b, t0 + i, h);
-            for (int64_t m = 0; m < M; m++) {
-                s.z[m] += s.tb[i * Mp + m];
-                out[m] = s.to[i * Mp + m] + s.w[i] * s.z[m];
+        for (int64_t h = h0; h < h1; h++) {
+            float *restrict z = s.z + (h - h0) * Mp;
+            backward_tile(a, b, h, t0, n, h + 1 < h1 ? h + 1 : h0, h + 1 < h1 ? t0 : t0 + L, s, scale);
+            SWEEP(W, s.x + (h - h0) * XS, DVp, Mp, n, s.tu, s.tv, s.tb, s.to, 0);
+            for (int64_t i = 0; i < n; i++) {
+                float *restrict out = (float *)row(dq, b, t0 + i, h);
+                for (int64_t m = 0; m < M; m++) {
+                    z[m] += s.tb[i * Mp + m];
+                    out[m] = s.to[i * Mp + m] + s.w[i] * z[m];
+                }
+                if (map)
+                    for (int64_t m = 0; m < M; m++)
+                        out[m] *= dphi(map, s.ta[i * Mp + m]);
             }
-            if (map)
-                for (int64_t m = 0; m < M; m++)
-                    out[m] *= dphi(map, s.ta[i * Mp + m]);
         }
     }
-    /* dv_t = R_t^T b_t (R [Mp, DVp] in x) and db_t = R_t v_t + rho_t (R^T [DVp, Mp] in x2), from the end */
-    state_in(dST ? dST + item * M * (DV + 1) : NULL, s.x, s.z, M, DV, Mp, DVp, 0);
-    state_in(dST ? dST + item * M * (DV + 1) : NULL, s.x2, s.z, M, DV, Mp, DVp, 1);
+    /* dv_t = R_t^T b_t (R [Mp, DVp] in x) and db_t = R_t v_t + rho_t (R^T [DVp, Mp] in x2, rho in z2), from the
+     * end */
+    for (int64_t h = h0; h < h1; h++) {
+        const float *src = dST ? dST + (b * H + h) * M * (DV + 1) : NULL;
+        state_in(src, s.x + (h - h0) * XS, s.z2 + (h - h0) * Mp, M, DV, Mp, DVp, 0);
+        state_in(src, s.x2 + (h - h0) * XS, s.z2 + (h - h0) * Mp, M, DV, Mp, DVp, 1);
+    }
     for (int64_t t0 = (T - 1) / L * L; t0 >= 0; t0 -= L) {
         const int64_t n = T - t0 < L ? T - t0 : L;
-        backward_tile(a, b, h, t0, n, t0 - L, s, scale);
-        SWEEP(W, s.x, Mp, DVp, n, s.tb, s.ta, s.tu, s.to, 1);
-        SWEEP(W, s.x2, DVp, Mp, n, s.tv, s.tu, s.ta, s.to2, 1);
-        for (int64_t i = n - 1; i >= 0; i--) {
-            float *restrict outk = (float *)row(dk, b, t0 + i, h), *restrict outv = (float *)row(dv, b, t0 + i, h);
-            for (int64_t m = 0; m < M; m++) {
-                s.z[m] += s.ta[i * Mp + m] * s.w[i];
-                outk[m] = s.to2[i * Mp + m] + s.z[m];
+        for (int64_t h = h0; h < h1; h++) {
+            float *restrict rho = s.z2 + (h - h0) * Mp;
+            backward_tile(a, b, h, t0, n, h + 1 < h1 ? h + 1 : h0, h + 1 < h1 ? t0 : t0 - L, s, scale);
+            SWEEP(W, s.x + (h - h0) * XS, Mp, DVp, n, s.tb, s.ta, s.tu, s.to, 1);
+            SWEEP(W, s.x2 + (h - h0) * XS, DVp, Mp, n, s.tv, s.tu, s.ta, s.to2, 1);
+            for (int64_t i = n - 1; i >= 0; i--) {
+                float *restrict outk = (float *)row(dk, b, t0 + i, h), *restrict outv = (float *)row(dv, b, t0 + i, h);
+                for (int64_t m = 0; m < M; m++) {
+                    rho[m] += s.ta[i * Mp + m] * s.w[i];
+                    outk[m] = s.to2[i * Mp + m] + rho[m];
+                }
+                if (map)
+                    for (int64_t m = 0; m < M; m++)
+                        outk[m] *= dphi(map, s.tb[i * Mp + m]);
+                memcpy(outv, s.to + i * DVp, (size_t)DV * sizeof(float));
             }
-            if (map)
-                for (int64_t m = 0; m < M; m++)
-                    outk[m] *= dphi(map, s.tb[i * Mp + m]);
-            memcpy(outv, s.to + i * DVp, (size_t)DV * sizeof(float));
         }
     }
-    state_out((float *)(intptr_t)a[A_DS0] + item * M * (DV + 1), s.x, s.z, M, DV, DVp);
+    for (int64_t h = h0; h < h1; h++)
+        state_out(dS0 + (b * H + h) * M * (DV + 1), s.x + (h - h0) * XS, s.z2 + (h - h0) * Mp, M, DV, DVp);
 }
 
-/* Returns 0, or 1 when the scratch cannot be allocated (nothing is written then). */
+/* Returns 0, or 1 when the scratch cannot be allocated (nothing is written then). Items p0 .. p1 - 1 (b H + h)
+ * in runs of one batch row's heads. */
 LINTX_INLINE int causal(const int64_t *a, const float *se, const int W) {
-    const int64_t H = a[A_H], Mp = padded(a[A_M]), DVp = padded(a[A_DV]);
+    const int64_t H = a[A_H], Mp = padded(a[A_M]), DVp = padded(a[A_DV]), p0 = a[A_P0], p1 = a[A_P1];
+    const int64_t NH = p1 - p0 < H ? p1 - p0 : H;
+    if (NH <= 0)
+        return 0;
     scratch s;
-    void *base = scratch_new(&s, Mp, DVp);
+    void *base = scratch_new(&s, Mp, DVp, NH);
     if (base == NULL)
         return 1;
-    for (int64_t p = a[A_P0]; p < a[A_P1]; p++) {
+    for (int64_t p = p0; p < p1;) {
+        const int64_t b = p / H, h0 = p % H, h1 = h0 + (p1 - p) < H ? h0 + (p1 - p) : H;
         if (a[A_MODE] == MODE_FORWARD)
-            forward_head(a, p / H, p % H, s, se[0], se[1], W);
+            forward_run(a, b, h0, h1, s, se[0], se[1], W);
         else
-            backward_head(a, p / H, p % H, s, se[0], W);
+            backward_run(a, b, h0, h1, s, se[0], W);
+        p += h1 - h0;
     }
     free(base);
     return 0;
