@@ -103,11 +103,23 @@ def test_fused_map_gradients_are_torch_maps(calls, fm):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def _split_on(monkeypatch, where: str) -> None:
+    """Split every call between 4 threads: on torch's OpenMP team ("team": skipped where torch has none) or on the
+    module's own pool ("pool")."""
+    if where == "team" and not native._openmp_parallel():
+        pytest.skip("torch runs no OpenMP runtime here: splits take the pool")
+    if where == "pool":
+        monkeypatch.setattr(native, "_openmp_parallel", lambda: 0)
+    monkeypatch.setattr(native, "_SPLIT_MIN", 0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+
+
 @needs_native
+@pytest.mark.parametrize("where", ["team", "pool"])
 @pytest.mark.parametrize("T", [1, 64, 200])
-def test_threads_split_heads_with_the_same_bits(monkeypatch, T):
-    """The heads split between threads (every share its own heads) give the same bits as one call, forward and
-    backward."""
+def test_threads_split_heads_with_the_same_bits(monkeypatch, T, where):
+    """The heads split between threads (every share its own heads, on torch's OpenMP team or on the module's pool)
+    give the same bits as one call, forward and backward."""
     c = _case(B=3, T=T, H=3, D=16, DV=24)
     q, k, v, state = make_inputs(c, requires_grad=True)
 
@@ -120,8 +132,7 @@ def test_threads_split_heads_with_the_same_bits(monkeypatch, T):
         return [o, S, z, o2, *grads]
 
     one = run()
-    monkeypatch.setattr(native, "_SPLIT_MIN", 0)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    _split_on(monkeypatch, where)
     split = run()
     for a, b in zip(one, split):
         assert torch.equal(a.detach().view(torch.int32), b.detach().view(torch.int32))
@@ -245,26 +256,30 @@ def test_eligibility():
         native.causal_forward(x, x, x, torch.zeros(2, 3, 8, 8))
 
 
-def _forked_forward(q, queue):
+def _forked_forward(q, queue, one_thread):
+    if one_thread:  # what a DataLoader worker sets (torch.set_num_threads(1)), seen through the test's patch
+        torch.get_num_threads = lambda: 1
     with torch.no_grad():
         queue.put(float(lx.linear_attention(q, q, q, backend="torch").sum()))
 
 
 @needs_native
+@pytest.mark.parametrize("where", ["team", "pool"])
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork here")
-def test_split_after_fork(monkeypatch):
-    """A process forked after the thread pool started (a DataLoader worker, say) splits its calls on a pool of its
-    own: with the parent's, whose threads it does not have, it would wait for ever."""
+def test_split_after_fork(monkeypatch, where):
+    """A process forked after a split call (a DataLoader worker, say) runs its calls: split on a pool of its own
+    (with the parent's, whose threads it does not have, it would wait for ever); after a split on torch's OpenMP
+    team, unsplit at one thread, as DataLoader workers set it (GNU OpenMP's team does not survive a fork: torch's
+    own parallel ops hang there too at more than one thread)."""
     import multiprocessing
 
-    monkeypatch.setattr(native, "_SPLIT_MIN", 0)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    _split_on(monkeypatch, where)
     q = torch.randn(1, 64, 2, 8)
     with torch.no_grad():
         o = lx.linear_attention(q, q, q, backend="torch")  # the parent's pool is running
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
-    child = ctx.Process(target=_forked_forward, args=(q, queue))
+    child = ctx.Process(target=_forked_forward, args=(q, queue, where == "team"))
     child.start()
     child.join(timeout=20)
     hung = child.is_alive()
@@ -276,8 +291,9 @@ def test_split_after_fork(monkeypatch):
 
 @needs_native
 def test_waits_for_its_shares(monkeypatch):
-    """Whatever leaves a split call (a KeyboardInterrupt in the caller's share, here) leaves it after the shares
-    handed to the pool are done: they read and write the caller's tensors, which may be freed right after."""
+    """Whatever leaves a call split on the pool (a KeyboardInterrupt in the caller's share, here) leaves it after the
+    shares handed to the pool are done: they read and write the caller's tensors, which may be freed right
+    after. (A split on the OpenMP team is one C call, which returns when every member is done.)"""
     import threading
     import time
 
@@ -292,8 +308,7 @@ def test_waits_for_its_shares(monkeypatch):
         return 0
 
     monkeypatch.setattr(native, "_causal", share)
-    monkeypatch.setattr(native, "_SPLIT_MIN", 0)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    _split_on(monkeypatch, "pool")
     q = torch.randn(1, 64, 2, 8)
     with pytest.raises(KeyboardInterrupt), torch.no_grad():
         lx.linear_attention(q, q, q, backend="torch")
@@ -313,18 +328,26 @@ def test_without_new_threads(monkeypatch):
     with torch.no_grad():
         one = lx.linear_attention(q, q, q, backend="torch")
         monkeypatch.setattr(native, "_pool", lambda workers: Closed())
-        monkeypatch.setattr(native, "_SPLIT_MIN", 0)
-        monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+        _split_on(monkeypatch, "pool")
         assert torch.equal(lx.linear_attention(q, q, q, backend="torch"), one)
 
 
 @needs_native
 def test_scratch_failure_raises(monkeypatch):
-    """causal.c's scratch not allocated (its return value 1): a MemoryError, not a silent garbage output."""
-    monkeypatch.setattr(native, "_causal", lambda arr, se: 1)
-    q = torch.randn(1, 8, 1, 4)
-    with pytest.raises(MemoryError, match="scratch"), torch.no_grad():
-        lx.linear_attention(q, q, q, backend="torch")
+    """causal.c's scratch not allocated (its return value 1, in one call or a split's): a MemoryError, not a
+    silent garbage output."""
+    q = torch.randn(1, 8, 2, 4)
+    with monkeypatch.context() as m:
+        m.setattr(native, "_causal", lambda arr, se: 1)
+        with pytest.raises(MemoryError, match="scratch"), torch.no_grad():
+            lx.linear_attention(q, q, q, backend="torch")
+    for where in ("pool", "team"):
+        with monkeypatch.context() as m:
+            _split_on(m, where)
+            m.setattr(native, "_causal", lambda arr, se: 1)
+            m.setattr(native, "_causal_team", lambda arr, se, gomp, parts: 1)  # a member's failure, as the C says
+            with pytest.raises(MemoryError, match="scratch"), torch.no_grad():
+                lx.linear_attention(q, q, q, backend="torch")
 
 
 @needs_native

@@ -11,7 +11,10 @@ autograd graph to record, not under ``torch.compile``. Anything else takes the P
 The causal CPU forward and backward (:func:`lintx_triton.reference.linear_attention_torch`) run ``causal.c``'s
 recurrence (:func:`causal_forward`, :func:`causal_backward`) on CPU float32 tensors: a token at a time through
 a state held in registers, 4 M DV flops a token and head where the chunked products do 4 M (DV + chunk), with
-phi of a built-in map applied in the same pass when nothing needs a gradient (any map's features otherwise).
+phi (and phi' in the backward) of a built-in map applied in the same passes (any other map's features come from
+torch). A large call's heads are split between ``torch.get_num_threads()`` threads, on the team of torch's own
+OpenMP runtime where it has one (its threads spin after each parallel torch op: a pool of ours would share the
+cores with them), else on a thread pool of this module's.
 
 The shared library is built once per machine into the kernel cache (:func:`lintx_triton.codegen.cache.cache_dir`),
 named by a hash of the sources, the compiler (its path and ``--version``), the flags and the machine type, and
@@ -63,6 +66,8 @@ MAPS = {"elu": 1, "relu": 2, "identity": 3}
 _LOCK = threading.Lock()
 _lib = None  # the loaded step function, False once it is known not to load, None before the first try
 _causal = None  # causal.c's function, loaded with _lib
+_causal_team = None  # causal.c's split on an OpenMP team (lintx_causal_f32_team), loaded with _lib
+_GOMP = None  # the address of torch's OpenMP runtime's GOMP_parallel, 0 when there is none; None before the look
 _enabled = True
 
 
@@ -141,7 +146,7 @@ def _build(cc: str, path: Path, extra: tuple = ()) -> None:
 
 def _load():
     """The ctypes function of the built library, or None (no compiler, a failed build): tried once."""
-    global _lib, _causal
+    global _lib, _causal, _causal_team
     if _lib is not None:
         return _lib or None
     with _LOCK:
@@ -158,8 +163,8 @@ def _load():
             if not path.exists():
                 _build(cc, path)
             lib = ctypes.CDLL(str(path))
-            fn, causal = lib.lintx_step_f32, lib.lintx_causal_f32
-            causal.restype = ctypes.c_int
+            fn, causal, team = lib.lintx_step_f32, lib.lintx_causal_f32, lib.lintx_causal_f32_team
+            causal.restype = team.restype = ctypes.c_int
             if causal(None) != -len(_CAUSAL_ARGS):
                 raise RuntimeError("causal.c takes another argument list than lintx_triton/native/__init__.py")
         except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:  # AttributeError: no symbol
@@ -169,7 +174,7 @@ def _load():
             return None
         # no argtypes: the arrays pass as pointers, normalize as a C int (see step.c's lintx_step_f32)
         fn.restype = ctypes.c_int
-        _causal = causal
+        _causal, _causal_team = causal, team
         _lib = fn
         return fn
 
@@ -289,15 +294,47 @@ def _unit(x):
     return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
 
 
+def _openmp_parallel() -> int:
+    """The address of ``GOMP_parallel`` in the OpenMP runtime torch's own parallel ops run on (the one loaded from
+    torch's directory: torch/lib, or torch.libs beside it), or 0 (another parallel backend, or not found): looked
+    up once. causal.c splits its heads on that runtime's team (lintx_causal_f32_team), whose threads spin for a
+    while after each parallel torch op: a pool of its own would share the cores with them."""
+    global _GOMP
+    if _GOMP is None:
+        _GOMP = 0
+        try:
+            if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+                return 0
+            site = os.path.dirname(os.path.dirname(os.path.realpath(torch.__file__)))
+            with open("/proc/self/maps") as f:
+                paths = sorted({line.split()[-1] for line in f if "gomp" in line or "iomp" in line})
+            for path in paths:
+                rel = os.path.relpath(os.path.realpath(path), site)
+                if rel.startswith(("torch" + os.sep, "torch.libs" + os.sep)):
+                    lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD)  # the loaded copy, not a second one
+                    _GOMP = ctypes.cast(lib.GOMP_parallel, ctypes.c_void_p).value or 0
+                    break
+        except (OSError, AttributeError, ValueError):  # no /proc, no such symbol: the pool instead
+            _GOMP = 0
+    return _GOMP
+
+
 def _run(dims, views, states, scale: float, eps: float, work: int) -> None:
     """causal.c over the B H heads, split between ``torch.get_num_threads()`` threads when ``work`` (multiply-adds)
-    is large (ctypes lets go of the GIL: each share writes its own heads)."""
+    is large (each share writes its own heads): on torch's OpenMP team where it has one (:func:`_openmp_parallel`),
+    else on a pool of this module's (ctypes lets go of the GIL)."""
     B, H = dims[1], dims[3]
     items = B * H
     parts = max(1, min(torch.get_num_threads(), items)) if work >= _SPLIT_MIN else 1
     head = list(dims[:9])
     tail = [v for x in views for v in _view(x)] + [0 if t is None else t.data_ptr() for t in states]
     se = (ctypes.c_float * 2)(scale, eps)
+    gomp = _openmp_parallel() if parts > 1 else 0
+    if gomp:
+        arr = (ctypes.c_int64 * len(_CAUSAL_ARGS))(*head, 0, items, *tail)
+        if _causal_team(arr, se, ctypes.c_int64(gomp), ctypes.c_int64(parts)):
+            raise MemoryError("lintx_triton.native: causal.c's scratch could not be allocated")
+        return
     arrays = [(ctypes.c_int64 * len(_CAUSAL_ARGS))(*head, items * i // parts, items * (i + 1) // parts, *tail)
               for i in range(parts)]
     # the tensors must outlive every share (the C reads and writes their memory): whatever leaves this function
