@@ -1,6 +1,6 @@
 """A short demo: the op against the float64 reference, then its speed on this machine.
 
-    python bench/demo.py            # CPU: Triton kernels in the interpreter for correctness, PyTorch path for speed
+    python bench/demo.py            # CPU: Triton kernels in the interpreter for correctness, the torch path for speed
     python bench/demo.py --T 1024 4096 --heads 16 --dim 64
 
 On a machine with a CUDA GPU it checks and times the generated Triton kernels and
@@ -62,7 +62,8 @@ def check(device: torch.device) -> bool:
             except testing.EquivalenceError as e:
                 worst, good = e.worst, False
             ok &= good
-            label = f"{backend} ({where})" if backend == "triton" else "torch (chunked PyTorch)"
+            label = f"{backend} ({where})" if backend == "triton" else (
+                "torch (recurrence in C)" if q.device.type == "cpu" and lx.native.available() else "torch (chunked)")
             print(f"  {fm:14s} {label:32s} output and state: worst err / bound = {worst:.2e}   "
                   f"{'ok' if good else 'FAIL'}")
     return ok

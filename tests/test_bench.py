@@ -186,9 +186,13 @@ def test_cpu_path_benchmark_cpu_clock(tmp_path):
     out = tmp_path / "cpu.json"
     res = click_testing.CliRunner().invoke(cpu_path.main, ["--T", "16", "--heads", "2", "--dim", "16", "--tokens", "32",
                                                            "--reps", "1", "--backend", "torch", "--clock", "cpu",
-                                                           "--json", str(out)], catch_exceptions=False)
+                                                           "--impls", "lintx,chunked,sdpa", "--json", str(out)],
+                                           catch_exceptions=False)
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
     assert data["clock"] == "cpu" and "median cpu ms" in res.output
     rows = [r for r in data["rows"] if "T" in r]
     assert [r["T"] for r in rows] == [16] and rows[0]["bmm_gflops"] > 0 and rows[0]["lintx_fwdbwd"] > 0
+    from lintx_triton import native
+
+    assert rows[0]["chunked_fwdbwd"] > 0 and native.enabled()  # the chunked column turns the native code back on
