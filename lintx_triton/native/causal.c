@@ -212,6 +212,21 @@ LINTX_INLINE void state_out(float *restrict dst, const float *restrict X, const 
     }
 }
 
+/* the states of heads h0 .. h1 - 1 of batch row b ([B, H, M, DV + 1] at src, or NULL: zeros) into X + j Mp DVp,
+ * z + j Mp for head h0 + j; and back out to dst */
+LINTX_INLINE void run_states_in(const float *src, int64_t b, int64_t H, int64_t h0, int64_t h1, float *X, float *z,
+                                int64_t M, int64_t DV, int64_t Mp, int64_t DVp, int transposed) {
+    for (int64_t h = h0; h < h1; h++)
+        state_in(src ? src + (b * H + h) * M * (DV + 1) : NULL, X + (h - h0) * Mp * DVp, z + (h - h0) * Mp, M, DV,
+                 Mp, DVp, transposed);
+}
+
+LINTX_INLINE void run_states_out(float *dst, int64_t b, int64_t H, int64_t h0, int64_t h1, const float *X,
+                                 const float *z, int64_t M, int64_t DV, int64_t Mp, int64_t DVp) {
+    for (int64_t h = h0; h < h1; h++)
+        state_out(dst + (b * H + h) * M * (DV + 1), X + (h - h0) * Mp * DVp, z + (h - h0) * Mp, M, DV, DVp);
+}
+
 /* the sweep of width W (a constant at each call) */
 #ifdef LINTX_X86
 #define SWEEP(W, ...) ((W) == 16 ? sweep16(__VA_ARGS__) : (W) == 8 ? sweep8(__VA_ARGS__) : sweep4(__VA_ARGS__))
@@ -233,9 +248,7 @@ LINTX_INLINE void forward_run(const int64_t *a, int64_t b, int64_t h0, int64_t h
                r = view_at(a, A_R);
     const float *S0 = (const float *)(intptr_t)a[A_S0];
     float *ST = (float *)(intptr_t)a[A_ST];
-    for (int64_t h = h0; h < h1; h++)
-        state_in(S0 ? S0 + (b * H + h) * M * (DV + 1) : NULL, s.x + (h - h0) * XS, s.z + (h - h0) * Mp, M, DV,
-                 Mp, DVp, 0);
+    run_states_in(S0, b, H, h0, h1, s.x, s.z, M, DV, Mp, DVp, 0);
     for (int64_t t0 = 0; t0 < T; t0 += L) {
         const int64_t n = T - t0 < L ? T - t0 : L;
         for (int64_t h = h0; h < h1; h++) {
@@ -268,8 +281,7 @@ LINTX_INLINE void forward_run(const int64_t *a, int64_t b, int64_t h0, int64_t h
             }
         }
     }
-    for (int64_t h = h0; h < h1; h++)
-        state_out(ST + (b * H + h) * M * (DV + 1), s.x + (h - h0) * XS, s.z + (h - h0) * Mp, M, DV, DVp);
+    run_states_out(ST, b, H, h0, h1, s.x, s.z, M, DV, Mp, DVp);
 }
 
 /* The backward's tile: a, b, v, du ([n, *p] zero-padded) and dw [n] of tokens t0 .. t0 + n - 1 of head h; the
@@ -323,9 +335,7 @@ LINTX_INLINE void backward_run(const int64_t *a, int64_t b, int64_t h0, int64_t 
     const float *S0 = (const float *)(intptr_t)a[A_S0], *dST = (const float *)(intptr_t)a[A_DST];
     float *dS0 = (float *)(intptr_t)a[A_DS0];
     /* da_t = S_t du_t + dw_t z_t: forward, S^T [DVp, Mp] in x; O_t = (du_t)^T S^T_t, S^T += v_t b_t^T */
-    for (int64_t h = h0; h < h1; h++)
-        state_in(S0 ? S0 + (b * H + h) * M * (DV + 1) : NULL, s.x + (h - h0) * XS, s.z + (h - h0) * Mp, M, DV,
-                 Mp, DVp, 1);
+    run_states_in(S0, b, H, h0, h1, s.x, s.z, M, DV, Mp, DVp, 1);
     for (int64_t t0 = 0; t0 < T; t0 += L) {
         const int64_t n = T - t0 < L ? T - t0 : L;
         for (int64_t h = h0; h < h1; h++) {
@@ -346,11 +356,8 @@ LINTX_INLINE void backward_run(const int64_t *a, int64_t b, int64_t h0, int64_t 
     }
     /* dv_t = R_t^T b_t (R [Mp, DVp] in x) and db_t = R_t v_t + rho_t (R^T [DVp, Mp] in x2, rho in z2), from the
      * end */
-    for (int64_t h = h0; h < h1; h++) {
-        const float *src = dST ? dST + (b * H + h) * M * (DV + 1) : NULL;
-        state_in(src, s.x + (h - h0) * XS, s.z2 + (h - h0) * Mp, M, DV, Mp, DVp, 0);
-        state_in(src, s.x2 + (h - h0) * XS, s.z2 + (h - h0) * Mp, M, DV, Mp, DVp, 1);
-    }
+    run_states_in(dST, b, H, h0, h1, s.x, s.z2, M, DV, Mp, DVp, 0);
+    run_states_in(dST, b, H, h0, h1, s.x2, s.z2, M, DV, Mp, DVp, 1);
     for (int64_t t0 = (T - 1) / L * L; t0 >= 0; t0 -= L) {
         const int64_t n = T - t0 < L ? T - t0 : L;
         for (int64_t h = h0; h < h1; h++) {
@@ -371,8 +378,7 @@ LINTX_INLINE void backward_run(const int64_t *a, int64_t b, int64_t h0, int64_t 
             }
         }
     }
-    for (int64_t h = h0; h < h1; h++)
-        state_out(dS0 + (b * H + h) * M * (DV + 1), s.x + (h - h0) * XS, s.z2 + (h - h0) * Mp, M, DV, DVp);
+    run_states_out(dS0, b, H, h0, h1, s.x, s.z2, M, DV, Mp, DVp);
 }
 
 /* Returns 0, or 1 when the scratch cannot be allocated (nothing is written then). Items p0 .. p1 - 1 (b H + h)
