@@ -1,4 +1,4 @@
-"""PyTorch implementations: the float64 reference and the O(T) chunked ``torch`` backend.
+"""PyTorch implementations: the float64 reference and the O(T) ``torch`` backend.
 
 :func:`linear_attention_reference` is written straight from the equations
 (prefix sums of outer products, O(T * M * DV) memory): it is what every kernel
@@ -102,8 +102,8 @@ def linear_attention_torch(
 ):
     """The ``torch`` backend: fp32, O(T) memory; differentiable.
 
-    Causal on CPU float32 tensors (the native code built and on, nothing tracing): the recurrence in C
-    (:class:`_RecurrentCausal`, :mod:`lintx_triton.native`; without autograd a built-in map is applied there
+    Causal on CPU tensors (computed in fp32; the native code built and on, nothing tracing): the recurrence in C
+    (:class:`_RecurrentCausal`, :mod:`lintx_triton.native`; phi and phi' of a built-in map are applied there
     too). Elsewhere the chunked algorithm in PyTorch (``chunk`` tokens a chunk): the feature map (and the heads'
     repetition for grouped queries) under autograd, the causal chunked products in :class:`_ChunkedCausal`, with
     a hand-written backward.
@@ -113,11 +113,12 @@ def linear_attention_torch(
     B, T, H, _ = q.shape
     DV = v.shape[-1]
     f32 = torch.float32
-    G = H // k.shape[2]
+    G = H // k.shape[2] if k.shape[2] else 1
     qf, kf, vf = q.to(f32), k.to(f32), v.to(f32)
     states = tuple(x.to(f32) for x in initial_state) if initial_state is not None else ()
-    # causal on CPU float32: causal.c's recurrence (lintx_triton.native), not the chunked products; under
-    # torch.compile, a tracer, on another device, or with the native code off or unbuilt: the chunked products
+    # causal on a CPU (in fp32): causal.c's recurrence (lintx_triton.native), not the chunked products; under
+    # torch.compile, a tracer or transform (native._traced), on another device, or with the native code off or
+    # unbuilt: the chunked products
     recurrent = (causal and T > 0 and not torch.compiler.is_compiling()
                  and native.causal_eligible(qf, kf, vf, *states))
     inference = not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, *states)))
@@ -147,7 +148,7 @@ def linear_attention_torch(
     # The normalizer rides along as one more value column: [v, 1] gives num and den in the same products (and
     # [S0, z0] the state), instead of separate row sums of the scores and of a * z.
     S0 = _with_z(S0, z0)  # [B, H, M, DV + 1]
-    if recurrent:
+    if recurrent and native.causal_eligible(a, b):  # (a map's features in another dtype: the chunked products)
         o, S = _RecurrentCausal.apply(a, b, vv, S0, normalize, float(scale), float(eps), None)
     elif causal:
         # chunks of C tokens (no longer than the sequence: a short call pads nothing)

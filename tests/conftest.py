@@ -137,6 +137,13 @@ def kernel_device():
     return kernel_device_name()
 
 
+@pytest.fixture(scope="session")
+def native_variants(tmp_path_factory):
+    """A folder that the ISA-variant builds of lintx_triton.native (helpers.build_variant: about 6 s each) share
+    for the session (per xdist worker)."""
+    return tmp_path_factory.mktemp("native_variants")
+
+
 @pytest.fixture(autouse=True)
 def _kernel_mode(request, monkeypatch):
     """A test that takes kernel_device on a GPU runs compiled kernels: the interpreter is off for it."""

@@ -175,13 +175,13 @@ def test_long_sequence_within_bounds():
 
 
 @needs_native
-def test_every_isa_variant_within_bounds(tmp_path, calls, monkeypatch):
+def test_every_isa_variant_within_bounds(native_variants, calls, monkeypatch):
     """Each variant the CPU runs (AVX-512 and AVX2 fuse products into FMAs, the baseline does not: they differ in
     the last bits) meets the reference's bounds, forward and backward, at shapes with padding and ragged tiles."""
     import ctypes
 
     for isa in cpu_isas():
-        lib = ctypes.CDLL(str(build_variant(isa, tmp_path)))
+        lib = ctypes.CDLL(str(build_variant(isa, native_variants)))
         fn = lib.lintx_causal_f32
         fn.restype = ctypes.c_int
         monkeypatch.setattr(native, "_causal", fn)
@@ -199,9 +199,13 @@ def test_every_isa_variant_within_bounds(tmp_path, calls, monkeypatch):
 
 
 @needs_native
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.trace is deprecated; still used
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_off_switch_and_tracers_take_the_chunked_path(calls):
-    """native.set_enabled(False), FakeTensorMode (a FakeTensor's data_ptr is 0) and make_fx (its graph must
-    record the products) run the chunked PyTorch path; make_fx's graph then replays new inputs as eager does."""
+    """native.set_enabled(False), FakeTensorMode (a FakeTensor's data_ptr is 0), make_fx and torch.jit.trace (their
+    graphs must record the products) run the chunked PyTorch path; make_fx's graph then replays new inputs as
+    eager does (torch.jit.trace cannot trace the chunked path's autograd.Function: it raises, where the C would
+    have left a graph that returns uninitialised memory)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -218,12 +222,45 @@ def test_off_switch_and_tracers_take_the_chunked_path(calls):
         with FakeTensorMode() as mode:
             assert f(*(mode.from_tensor(t) for t in (q, k, v))).shape == q.shape
         graph = make_fx(f)(q, k, v)
+        with pytest.raises(RuntimeError):
+            torch.jit.trace(f, (q, k, v), check_trace=False)
         assert not calls
         x2 = [torch.randn(1, 20, 2, 8) - 1 for _ in range(3)]
         torch.testing.assert_close(graph(*x2), f(*x2), rtol=1e-5, atol=1e-6)
         o = f(q, k, v)
-    assert calls == [("forward", "elu"), ("forward", "elu")]  # the two eager calls
+    assert calls == [("forward", "elu")] * 2  # the two eager calls
     torch.testing.assert_close(o, o_off, rtol=1e-5, atol=1e-6)
+
+
+@needs_native
+def test_forward_ad_is_not_dropped(calls):
+    """Forward-mode AD (dual tensors, which require no grad) takes the chunked path, whose Function has no jvp: an
+    error, never an output without its tangent (the C would compute one unseen)."""
+    import torch.autograd.forward_ad as fwAD
+
+    q, k, v = (torch.randn(1, 9, 2, 8) for _ in range(3))
+    with fwAD.dual_level():
+        try:
+            tangent = fwAD.unpack_dual(lx.linear_attention(fwAD.make_dual(q, torch.ones_like(q)), k, v,
+                                                           backend="torch")).tangent
+        except NotImplementedError:
+            tangent = "raised"
+    assert tangent is not None and not calls
+
+
+@needs_native
+def test_features_in_another_dtype_take_the_chunked_path(calls):
+    """A user map whose features come out in float64 (the C reads float32): the chunked products, not garbage."""
+    import torch.nn.functional as F
+
+    fm = lx.feature_maps.ElementwiseFeatureMap(name="softplus_double", phi="x", vjp="g",
+                                               reference=lambda x: F.softplus(x.double()), positive=True)
+    q, k, v = (torch.randn(1, 8, 2, 16) for _ in range(3))
+    with torch.no_grad():
+        o = lx.linear_attention(q, k, v, feature_map=fm, backend="torch")
+        ref = reference.linear_attention_reference(q, k, v, fm)[0]
+    assert not calls
+    torch.testing.assert_close(o.double(), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_without_native(calls, monkeypatch):
@@ -365,13 +402,22 @@ def test_elu_forward_does_not_depend_on_autograd():
 
 
 @needs_native
-def test_nan_and_inf_propagate():
+@pytest.mark.parametrize("D", [16, 8], ids=["D16", "D8-padded"])
+def test_nan_and_inf_propagate(D):
     """A NaN or inf in one token's query reaches that token's output (and a key's, every later token's) as in the
-    PyTorch path: nothing in the C turns them into numbers."""
-    q, k, v = (torch.randn(1, 70, 1, 16) for _ in range(3))
+    PyTorch path: nothing in the C turns them into numbers; and an inf in a value stays an inf in its column, also
+    where D is padded to 16 (0 * inf in a padded row of the state would be NaN)."""
+    q, k, v = (torch.randn(1, 70, 1, D) for _ in range(3))
     q[0, 5, 0, 3] = float("nan")
     k[0, 66, 0, 0] = float("inf")
     with torch.no_grad():
         o = lx.linear_attention(q, k, v, backend="torch")
+        v[0, 3, 0, 0] = float("inf")
+        o_inf = lx.linear_attention(q[:, :66], k[:, :66], v[:, :66], backend="torch")
     assert o[0, 5].isnan().all() and not o[0, :5].isnan().any() and not o[0, 6:66].isnan().any()
     assert not o[0, 66:].isfinite().any()
+    keep = torch.ones(66, dtype=torch.bool)
+    keep[5] = False  # the NaN query's token
+    col = o_inf[0, keep, 0, 0]
+    assert col[3:].isinf().all() and (col[3:] > 0).all() and col[:3].isfinite().all()
+    assert o_inf[0, keep, 0, 1:].isfinite().all()

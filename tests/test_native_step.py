@@ -295,7 +295,7 @@ def test_library_key(monkeypatch):
 
 
 @pytest.mark.skipif(native._compiler() is None, reason="no C compiler here")
-def test_every_isa_variant_gives_the_same_bits(tmp_path):
+def test_every_isa_variant_gives_the_same_bits(native_variants):
     """The step's variants (AVX-512, AVX2, the baseline; each pinned by -DLINTX_FORCE_ISA) give bit-identical
     results, so a result does not depend on the CPU that computed it: shapes with a column tail (DV % 16),
     grouped heads split across the register sweeps (G = 5: 4 + 1), both sources of the state, each map,
@@ -315,7 +315,7 @@ def test_every_isa_variant_gives_the_same_bits(tmp_path):
                 cases.append(((B, H, HKV, D, DV, code), inplace, t + [z0]))
     outs = {}
     for isa in isas:
-        loaded = ctypes.CDLL(str(build_variant(isa, tmp_path)))
+        loaded = ctypes.CDLL(str(build_variant(isa, native_variants)))
         fn = loaded.lintx_step_f32
         res = []
         for dims, inplace, (q, k, v, S0, z0) in cases:

@@ -202,12 +202,16 @@ def available() -> bool:
 
 _dispatch_modes = torch._C._len_torch_dispatch_stack  # FakeTensorMode, make_fx's proxy mode, ...
 _functorch_active = torch._C._are_functorch_transforms_active  # vmap, grad, ...
+_jit_tracing = torch._C._get_tracing_state  # torch.jit.trace
+_forward_ad = torch.autograd.forward_ad
 
 
 def _traced() -> bool:
-    """Whether a tracer or transform sees the torch calls now: the C would run unseen by it (make_fx's graph would
-    miss it), or on a tensor without real memory (a FakeTensor's data_ptr is 0: the C wrote through NULL)."""
-    return bool(_dispatch_modes()) or _functorch_active()
+    """Whether a tracer or transform sees the torch calls now: the C would run unseen by it (make_fx's or
+    torch.jit.trace's graph would miss it, forward-mode AD its tangents), or on a tensor without real memory (a
+    FakeTensor's data_ptr is 0: the C wrote through NULL)."""
+    return (bool(_dispatch_modes()) or _functorch_active() or _jit_tracing() is not None
+            or _forward_ad._current_level >= 0)
 
 
 def _plain(*ts) -> bool:
@@ -405,6 +409,9 @@ def causal_backward(a, b, v, S0, o, r, do, dST, fm=None, *, normalize: bool = Tr
     a, b, v, o, do = _unit(a), _unit(b), _unit(v), _unit(o), _unit(do)
     B, T, H, M = a.shape
     DV = v.shape[-1]
+    if normalize and (r is None or r.shape != (B, T, H)):
+        raise ValueError(f"causal_backward: normalize needs r [B, T, H] = {(B, T, H)} from the forward, got "
+                         f"{None if r is None else tuple(r.shape)}")
     if b.shape != a.shape or v.shape != (B, T, H, DV) or do.shape != v.shape or o.shape != v.shape:
         raise ValueError(f"causal_backward: a {tuple(a.shape)}, b {tuple(b.shape)}, v {tuple(v.shape)}, o "
                          f"{tuple(o.shape)}, do {tuple(do.shape)} do not agree")

@@ -28,7 +28,7 @@
  * threads (ctypes lets go of the GIL), each call writing its own heads.
  *
  * The variants (AVX-512, AVX2, the baseline) round differently: AVX-512 and AVX2 fuse each product into its sum
- * (one rounding, an FMA), the baseline has none; each is checked against the float64 reference
+ * (one rounding, an FMA), the x86-64 baseline has none; each is checked against the float64 reference
  * (tests/test_native_causal.py). The recurrence adds T terms one at a time where the chunked products add C and
  * T / C: its rounding error grows with T; bench/NOTES.md has it measured against the tests' bound at T = 8192.
  */
@@ -108,43 +108,53 @@ LINTX_INLINE void fill(int map, float *restrict y, const float *restrict x, int6
     memset(y + n, 0, (size_t)(np - n) * sizeof(float));
 }
 
-/* sweep##W: X [R, Cn] (row-major, R a multiple of RB, Cn of W) through tokens 0 .. n - 1 of a tile (descending
- * when rev), inclusive: X += Bc_t Cv_t^T, then O_t = A_t^T X. A and Bc are [L, R], Cv and O [L, Cn]. Each column
+/* sweep##W: X [R, Cn] (row-major, R and Cn multiples of W; rows past Rr padding) through tokens 0 .. n - 1 of a
+ * tile (descending when rev), inclusive: X += Bc_t Cv_t^T, then O_t = A_t^T X. A and Bc are [L, R], Cv and O [L, Cn]. Each column
  * block of X is held RB rows at a time in registers through the tile (RB + 5 vector registers: 21 of AVX-512's 32
  * at RB = 16); O_t sums the row blocks in order, each block's rows over four interleaved partial sums. This file
  * is compiled with -ffp-contract=fast: where the ISA has an FMA, b * c + x is one instruction and one rounding. */
 #define LINTX_SWEEP(W, RB)                                                                                          \
     typedef float vf##W __attribute__((vector_size(W * sizeof(float))));                                           \
-    LINTX_INLINE void sweep##W(float *restrict X, int64_t R, int64_t Cn, int64_t n, const float *restrict A,        \
-                               const float *restrict Bc, const float *restrict Cv, float *restrict O, int rev) {   \
-        for (int64_t j = 0; j < Cn; j += W)                                                                         \
-            for (int64_t r0 = 0; r0 < R; r0 += RB) {                                                                \
-                vf##W x[RB];                                                                                        \
-                for (int i = 0; i < RB; i++)                                                                        \
-                    memcpy(&x[i], X + (r0 + i) * Cn + j, sizeof x[i]);                                              \
-                for (int64_t s = 0; s < n; s++) {                                                                   \
-                    const int64_t t = rev ? n - 1 - s : s;                                                          \
-                    const float *restrict at = A + t * R + r0, *restrict bt = Bc + t * R + r0;                      \
-                    float *restrict ot = O + t * Cn + j;                                                            \
-                    vf##W c, acc[4];                                                                                \
-                    memcpy(&c, Cv + t * Cn + j, sizeof c);                                                          \
-                    for (int i = 0; i < RB; i++)                                                                    \
-                        x[i] = bt[i] * c + x[i];                                                    \
-                    for (int i = 0; i < 4; i++)                                                                     \
-                        acc[i] = at[i] * x[i];                                                            \
-                    for (int i = 4; i < RB; i++)                                                                    \
-                        acc[i % 4] = at[i] * x[i] + acc[i % 4];                                     \
-                    vf##W sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);                                              \
-                    if (r0) {                                                                                       \
-                        vf##W prev;                                                                                 \
-                        memcpy(&prev, ot, sizeof prev);                                                             \
-                        sum = prev + sum;                                                                           \
-                    }                                                                                               \
-                    memcpy(ot, &sum, sizeof sum);                                                                   \
-                }                                                                                                   \
-                for (int i = 0; i < RB; i++)                                                                        \
-                    memcpy(X + (r0 + i) * Cn + j, &x[i], sizeof x[i]);                                              \
+    /* rows r0 .. r0 + rows - 1 (rows <= RB; RB at every block but a ragged last one) of column block j */          \
+    LINTX_INLINE void block##W(float *restrict X, int64_t R, int64_t Cn, int64_t n, const float *restrict A,        \
+                               const float *restrict Bc, const float *restrict Cv, float *restrict O, int rev,     \
+                               int64_t j, int64_t r0, const int rows) {                                            \
+        vf##W x[RB];                                                                                                \
+        for (int i = 0; i < rows; i++)                                                                              \
+            memcpy(&x[i], X + (r0 + i) * Cn + j, sizeof x[i]);                                                      \
+        for (int64_t s = 0; s < n; s++) {                                                                           \
+            const int64_t t = rev ? n - 1 - s : s;                                                                  \
+            const float *restrict at = A + t * R + r0, *restrict bt = Bc + t * R + r0;                              \
+            float *restrict ot = O + t * Cn + j;                                                                    \
+            vf##W c, acc[4] = {{0.0f}, {0.0f}, {0.0f}, {0.0f}};                                                     \
+            memcpy(&c, Cv + t * Cn + j, sizeof c);                                                                  \
+            for (int i = 0; i < rows; i++)                                                                          \
+                x[i] = bt[i] * c + x[i];                                                                            \
+            for (int i = 0; i < rows; i++)                                                                          \
+                acc[i % 4] = at[i] * x[i] + acc[i % 4];                                                             \
+            vf##W sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);                                                      \
+            if (r0) {                                                                                               \
+                vf##W prev;                                                                                         \
+                memcpy(&prev, ot, sizeof prev);                                                                     \
+                sum = prev + sum;                                                                                   \
             }                                                                                                       \
+            memcpy(ot, &sum, sizeof sum);                                                                           \
+        }                                                                                                           \
+        for (int i = 0; i < rows; i++)                                                                              \
+            memcpy(X + (r0 + i) * Cn + j, &x[i], sizeof x[i]);                                                      \
+    }                                                                                                               \
+    /* Rr <= R rows are real: the padded ones are left alone (0 * inf in them would be NaN, and a NaN times a      \
+     * padded 0 in the outputs) */                                                                                  \
+    LINTX_INLINE void sweep##W(float *restrict X, int64_t R, int64_t Rr, int64_t Cn, int64_t n,                     \
+                               const float *restrict A, const float *restrict Bc, const float *restrict Cv,        \
+                               float *restrict O, int rev) {                                                        \
+        for (int64_t j = 0; j < Cn; j += W) {                                                                       \
+            int64_t r0 = 0;                                                                                         \
+            for (; r0 + RB <= Rr; r0 += RB)                                                                         \
+                block##W(X, R, Cn, n, A, Bc, Cv, O, rev, j, r0, RB);                                                \
+            if (r0 < Rr)                                                                                            \
+                block##W(X, R, Cn, n, A, Bc, Cv, O, rev, j, r0, (int)(Rr - r0));                                    \
+        }                                                                                                           \
     }
 #ifdef LINTX_X86
 LINTX_SWEEP(16, 16)
@@ -269,7 +279,7 @@ LINTX_INLINE void forward_run(const int64_t *a, int64_t b, int64_t h0, int64_t h
                     z[m] += s.tb[i * Mp + m];
                 s.w[i] = dot(s.ta + i * Mp, z, Mp);
             }
-            SWEEP(W, s.x + (h - h0) * XS, Mp, DVp, n, s.ta, s.tb, s.tv, s.to, 0);
+            SWEEP(W, s.x + (h - h0) * XS, Mp, M, DVp, n, s.ta, s.tb, s.tv, s.to, 0);
             for (int64_t i = 0; i < n; i++) {
                 /* as the chunked path: r = scale / (scale w + eps), o = u r */
                 const float f = normalize ? scale / (s.w[i] * scale + eps) : scale;
@@ -341,7 +351,7 @@ LINTX_INLINE void backward_run(const int64_t *a, int64_t b, int64_t h0, int64_t 
         for (int64_t h = h0; h < h1; h++) {
             float *restrict z = s.z + (h - h0) * Mp;
             backward_tile(a, b, h, t0, n, h + 1 < h1 ? h + 1 : h0, h + 1 < h1 ? t0 : t0 + L, s, scale);
-            SWEEP(W, s.x + (h - h0) * XS, DVp, Mp, n, s.tu, s.tv, s.tb, s.to, 0);
+            SWEEP(W, s.x + (h - h0) * XS, DVp, DV, Mp, n, s.tu, s.tv, s.tb, s.to, 0);
             for (int64_t i = 0; i < n; i++) {
                 float *restrict out = (float *)row(dq, b, t0 + i, h);
                 for (int64_t m = 0; m < M; m++) {
@@ -363,8 +373,8 @@ LINTX_INLINE void backward_run(const int64_t *a, int64_t b, int64_t h0, int64_t 
         for (int64_t h = h0; h < h1; h++) {
             float *restrict rho = s.z2 + (h - h0) * Mp;
             backward_tile(a, b, h, t0, n, h + 1 < h1 ? h + 1 : h0, h + 1 < h1 ? t0 : t0 - L, s, scale);
-            SWEEP(W, s.x + (h - h0) * XS, Mp, DVp, n, s.tb, s.ta, s.tu, s.to, 1);
-            SWEEP(W, s.x2 + (h - h0) * XS, DVp, Mp, n, s.tv, s.tu, s.ta, s.to2, 1);
+            SWEEP(W, s.x + (h - h0) * XS, Mp, M, DVp, n, s.tb, s.ta, s.tu, s.to, 1);
+            SWEEP(W, s.x2 + (h - h0) * XS, DVp, DV, Mp, n, s.tv, s.tu, s.ta, s.to2, 1);
             for (int64_t i = n - 1; i >= 0; i--) {
                 float *restrict outk = (float *)row(dk, b, t0 + i, h), *restrict outv = (float *)row(dv, b, t0 + i, h);
                 for (int64_t m = 0; m < M; m++) {
