@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import lintx_triton as lx
-from helpers import build_variant, case_id, check_forward, check_grads, check_state, cpu_isas, forward_and_grads, make_inputs
+from helpers import build_variant, case_id, check_forward, check_grads, check_state, cpu_isas, forward_and_grads, \
+    make_inputs, native_off
 from lintx_triton import native, reference
 from lintx_triton.feature_maps import builtin
 
@@ -214,11 +215,8 @@ def test_off_switch_and_tracers_take_the_chunked_path(calls):
 
     q, k, v = (torch.randn(1, 20, 2, 8) for _ in range(3))
     with torch.no_grad():
-        native.set_enabled(False)
-        try:
+        with native_off():
             o_off = f(q, k, v)
-        finally:
-            native.set_enabled(True)
         with FakeTensorMode() as mode:
             assert f(*(mode.from_tensor(t) for t in (q, k, v))).shape == q.shape
         graph = make_fx(f)(q, k, v)
@@ -282,11 +280,8 @@ def test_eligibility():
     assert native.causal_eligible(x, x)
     assert not native.causal_eligible(x, x.half())
     assert native.fused_map(builtin.ELU) and not native.fused_map(lx.feature_maps.favor(8, 8, 0))
-    native.set_enabled(False)
-    try:
+    with native_off():
         assert not native.causal_eligible(x)
-    finally:
-        native.set_enabled(True)
     with pytest.raises(ValueError, match="do not agree"):
         native.causal_forward(x, x[:, :4], x, None)
     with pytest.raises(ValueError, match="S0"):

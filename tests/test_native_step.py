@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import lintx_triton as lx
-from helpers import build_variant, case_id, check_forward, check_state, cpu_isas, decode_steps, make_inputs
+from helpers import build_variant, case_id, check_forward, check_state, cpu_isas, decode_steps, make_inputs, \
+    native_off
 from lintx_triton import api, native
 from lintx_triton.codegen.cache import cache_dir
 
@@ -67,11 +68,8 @@ def test_native_matches_reference_and_torch(spy, shape, fm, normalize, inplace):
         assert len(spy) == used, case_id(c)
         check_forward(c, o, q, k, v, state)
         check_state(c, st, q, k, v, state)
-        native.set_enabled(False)
-        try:
+        with native_off():
             o_t, st_t = _steps(c, q, k, v, state, inplace)
-        finally:
-            native.set_enabled(True)
     assert len(spy) == used  # the torch step's run did not call it
     # both within the reference's bound; each other's within the bound's scale (err_native + err_torch)
     check_forward(c, o_t, q, k, v, state, name="torch step o")
@@ -204,15 +202,12 @@ def test_off_switch(spy):
     with torch.no_grad():
         lx.linear_attention_step_(q, k, v, (S, z), backend="torch")
         assert len(spy) == 1 and native.enabled()
-        native.set_enabled(False)
-        try:
+        with native_off():
             assert not native.enabled()
             for _ in range(3):
                 lx.linear_attention_step_(q, k, v, (S, z), backend="torch")
                 lx.linear_attention_step(q, k, v, (S, z), backend="torch")
             assert len(spy) == 1
-        finally:
-            native.set_enabled(True)
         lx.linear_attention_step_(q, k, v, (S, z), backend="torch")
     assert len(spy) == 2
 
@@ -232,12 +227,9 @@ def test_module_step_uses_it(spy):
         y, st = attn.step(x[:, 0], st)  # state None: torch; then native
         y, st = attn.step(x[:, 1], st)
         assert len(spy) == 5
-        native.set_enabled(False)
-        try:
+        with native_off():
             state_t = attn.init_state(3)
             ys_t = [attn.step(x[:, t], state_t, inplace=True)[0] for t in range(4)]
-        finally:
-            native.set_enabled(True)
     assert len(spy) == 5
     torch.testing.assert_close(torch.stack(ys), torch.stack(ys_t), rtol=1e-5, atol=1e-6)
     for a, b in zip(state, state_t):

@@ -345,13 +345,20 @@ def _run(dims, views, states, scale: float, eps: float, work: int) -> None:
     gomp = _openmp_parallel() if parts > 1 else 0
     if gomp:
         arr = (ctypes.c_int64 * len(_CAUSAL_ARGS))(*head, 0, items, *tail)
-        if _causal_team(arr, se, ctypes.c_int64(gomp), ctypes.c_int64(parts)):
-            raise MemoryError("lintx_triton.native: causal.c's scratch could not be allocated")
-        return
-    arrays = [(ctypes.c_int64 * len(_CAUSAL_ARGS))(*head, items * i // parts, items * (i + 1) // parts, *tail)
-              for i in range(parts)]
-    # the tensors must outlive every share (the C reads and writes their memory): whatever leaves this function
-    # (an exception, KeyboardInterrupt) leaves it after the shares handed to the pool are done
+        failed = [True] if _causal_team(arr, se, ctypes.c_int64(gomp), ctypes.c_int64(parts)) else []
+    else:
+        failed = _run_on_pool([(ctypes.c_int64 * len(_CAUSAL_ARGS))(*head, items * i // parts,
+                                                                    items * (i + 1) // parts, *tail)
+                               for i in range(parts)], se)
+    if failed:
+        raise MemoryError("lintx_triton.native: causal.c's scratch could not be allocated")
+
+
+def _run_on_pool(arrays, se) -> list:
+    """causal.c on each of ``arrays`` (the first on this thread, the rest on the pool); -> [True] per share whose
+    scratch could not be allocated. The tensors must outlive every share (the C reads and writes their memory):
+    whatever leaves this function (an exception, KeyboardInterrupt) leaves it after the shares handed to the pool
+    are done."""
     futures, failed = [], []
 
     def share(arr):
@@ -359,7 +366,7 @@ def _run(dims, views, states, scale: float, eps: float, work: int) -> None:
             failed.append(True)
 
     try:
-        pool = _pool(parts - 1) if parts > 1 else None
+        pool = _pool(len(arrays) - 1) if len(arrays) > 1 else None
         for i, arr in enumerate(arrays[1:], 1):
             try:
                 futures.append(pool.submit(share, arr))
@@ -370,8 +377,7 @@ def _run(dims, views, states, scale: float, eps: float, work: int) -> None:
         share(arrays[0])
     finally:
         _wait_all(futures)
-    if failed:
-        raise MemoryError("lintx_triton.native: causal.c's scratch could not be allocated")
+    return failed
 
 
 def causal_forward(q, k, v, S0, fm=None, *, normalize: bool = True, scale: float = 1.0, eps: float = 1e-6,
