@@ -351,9 +351,13 @@ def _check_step(q, k, v, state, fm: FeatureMap, scale, eps, backend):
 # repeats one key, so its steps after the first skip the checks (24 us of Python a step on a 2-core CPU, against
 # 30-50 us for the step's arithmetic at B = 1; the key and the lookup cost 3 us: bench/NOTES.md, issue #17); any
 # change of type, shape, dtype, device, contiguity, map, eps, scale's type, backend or TRITON_INTERPRET is a new
-# key and is checked. Cleared when it reaches _STEP_KEYS_MAX keys.
+# key and is checked. Replaced by an empty dict when it reaches _STEP_KEYS_MAX keys (and by
+# lintx_triton.native.set_enabled).
 _STEP_KEYS: dict = {}
 _STEP_KEYS_MAX = 256
+# The last native step planned, functional [0] and in place [1], with the rest of its key and the _STEP_KEYS it was
+# planned under (see _fast_step): (fm, backend, type(scale), type(eps), eps, TRITON_INTERPRET, runner, _STEP_KEYS)
+_STEP_FAST: list = [None, None]
 
 
 _is_compiling = torch.compiler.is_compiling
@@ -374,10 +378,25 @@ def _step_key(q, k, v, state, fm, scale, eps, backend, inplace):
         return None
 
 
+def _fast_step(inplace: bool, q, k, v, state, fm: FeatureMap, normalize, scale, eps, backend):
+    """The last native step planned (for this form: in place or functional) run on these arguments, or None when
+    they are not what it was planned for. Its runner compares every tensor property the checks read with what
+    they passed, this the rest of the key: the map, the backend, eps and scale's type, TRITON_INTERPRET. A decode
+    loop's step so skips building, hashing and looking up the key of 29 attributes (a B = 1 step 13.0-15.1 ->
+    8.2-10.6 us beside a 4.6-5.0 us copy of its state: bench/NOTES.md, issue #17)."""
+    last = _STEP_FAST[inplace]
+    if (last is None or last[7] is not _STEP_KEYS or fm is not last[0] or backend != last[1]
+            or type(scale) is not last[2] or type(eps) is not last[3] or eps != last[4]
+            or interpreting() is not last[5] or _is_compiling()):
+        return None
+    return last[6](q, k, v, state, normalize, float(scale), float(eps))
+
+
 def _step_backend(q, k, v, state, fm: FeatureMap, scale, eps, backend, inplace: bool):
     """Check a decode step's arguments (once per key, see _STEP_KEYS) -> its backend, "torch" or "triton", or
     on the torch backend the native CPU step's runner when the key is eligible (lintx_triton.native.plan; it
     returns None for a call that must take the torch path after all)."""
+    global _STEP_KEYS
     # not while dynamo traces (key None): it traces the checks once and guards on what they read
     key = None if state is None or _is_compiling() else _step_key(q, k, v, state, fm, scale, eps, backend, inplace)
     if key is not None:
@@ -386,17 +405,21 @@ def _step_backend(q, k, v, state, fm: FeatureMap, scale, eps, backend, inplace: 
         except TypeError:  # an unhashable eps: the checks say what is wrong
             key = hit = None
         if hit is not None:
+            if type(hit) is not str:
+                _STEP_FAST[inplace] = (fm, backend, type(scale), type(eps), eps, key[6], hit, _STEP_KEYS)
             return hit
     _check_step(q, k, v, state, fm, scale, eps, backend)
     if inplace and not (state[0].is_contiguous() and state[1].is_contiguous()):
         raise ValueError("linear_attention_step_ updates the state in place: S and z must be contiguous")
     picked = _pick_backend(backend, q, v, fm)
     if picked == "torch" and key is not None:  # the traced torch path under dynamo (key None)
-        picked = native.plan(q, k, v, state[0], state[1], fm, inplace) or picked
+        picked = native.plan(q, k, v, state[0], state[1], fm, inplace, type(state)) or picked
     if key is not None:
         if len(_STEP_KEYS) >= _STEP_KEYS_MAX:
-            _STEP_KEYS.clear()
+            _STEP_KEYS = {}
         _STEP_KEYS[key] = picked
+        if type(picked) is not str:
+            _STEP_FAST[inplace] = (fm, backend, type(scale), type(eps), eps, key[6], picked, _STEP_KEYS)
     return picked
 
 
@@ -454,6 +477,9 @@ def linear_attention_step(
         return hybrid_attention_step(q, k, v, state, fm, window=window, window_mix=window_mix,
                                      window_kind=window_kind, window_affine=window_affine, window_scale=window_scale,
                                      scale=scale, backend=backend, inplace=False)
+    out = _fast_step(False, q, k, v, state, fm, normalize, scale, eps, backend)
+    if out is not None:
+        return out
     backend = _step_backend(q, k, v, state, fm, scale, eps, backend, False)
     if type(backend) is not str:  # the native CPU step (lintx_triton.native)
         out = backend(q, k, v, state, normalize, float(scale), float(eps))
@@ -513,6 +539,9 @@ def linear_attention_step_(
         return hybrid_attention_step(q, k, v, state, fm, window=window, window_mix=window_mix,
                                      window_kind=window_kind, window_affine=window_affine, window_scale=window_scale,
                                      scale=scale, backend=backend, inplace=True)
+    o = _fast_step(True, q, k, v, state, fm, normalize, scale, eps, backend)
+    if o is not None:
+        return o
     if state is None:
         raise TypeError("linear_attention_step_ needs a preallocated state (S, z); use linear_attention_step for None")
     backend = _step_backend(q, k, v, state, fm, scale, eps, backend, True)

@@ -152,6 +152,59 @@ def test_used_only_when_eligible(spy):
     assert len(spy) == 3
 
 
+class _Sub(torch.Tensor):
+    pass
+
+
+@needs_native
+@pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "functional"])
+def test_repeated_step_skips_the_key_until_anything_changes(spy, monkeypatch, inplace):
+    """A step repeating the last native step's arguments runs it without building the key (api._fast_step); a
+    step that differs in any one thing the key holds (B, q's heads, a tensor's type, the state's container, a functional
+    state's contiguity, eps, scale's type, the map) goes through the key again and gives the torch path's
+    numbers, whether it runs natively or not."""
+    keys = []
+    real_key = api._step_key
+    monkeypatch.setattr(api, "_step_key", lambda *a: (keys.append(1), real_key(*a))[1])
+    fn = lx.linear_attention_step_ if inplace else lx.linear_attention_step
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 8, generator=gen) for _ in range(3))
+    S, z = torch.rand(2, 3, 8, 8, generator=gen), torch.rand(2, 3, 8, generator=gen) + 1
+
+    def run(q, k, v, state, **kw):
+        state = type(state)(t.clone() for t in state)
+        out = fn(q, k, v, state, backend="torch", **kw)
+        return (out, state) if inplace else out
+
+    with torch.no_grad():
+        for i in range(3):
+            run(q, k, v, (S, z))
+            assert len(keys) == 1 and len(spy) == i + 1
+        calls = dict(
+            B1=((q[:1], k[:1], v[:1], (S[:1], z[:1])), {}, True),
+            q_heads=((torch.randn(2, 6, 8, generator=gen), k, v, (S, z)), {}, True),  # two query heads a kv head
+            subclass=((q.as_subclass(_Sub), k, v, (S, z)), {}, False),
+            list_state=((q, k, v, [S, z]), {}, True),
+            eps=((q, k, v, (S, z)), dict(eps=0.25), True),
+            scale_int=((q, k, v, (S, z)), dict(scale=2), True),
+            relu=((q, k, v, (S, z)), dict(feature_map="relu"), True),
+        )
+        if not inplace:  # in place, a non-contiguous state is an error (test_decode)
+            calls["strided_S"] = ((q, k, v, (S.transpose(-1, -2).contiguous().transpose(-1, -2), z)), {}, False)
+        for name, (args, kw, native_runs) in calls.items():
+            run(q, k, v, (S, z))  # the first arguments' step is the last one again
+            n_keys, n_native = len(keys), len(spy)
+            run(q, k, v, (S, z))
+            assert (len(keys), len(spy)) == (n_keys, n_native + 1), name  # the fast path
+            n_native += 1
+            got = run(*args, **kw)
+            assert len(keys) == n_keys + 1, name
+            assert len(spy) == n_native + native_runs, name
+            with native_off():
+                want = run(*(a.as_subclass(torch.Tensor) if isinstance(a, torch.Tensor) else a for a in args), **kw)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+
+
 @needs_native
 def test_auto_step_follows_triton_interpret(spy, monkeypatch):
     """backend="auto" decode steps read TRITON_INTERPRET at each call (config.interpreting reads os.environ's own

@@ -90,7 +90,7 @@ def set_enabled(flag: bool) -> None:
     _enabled = bool(flag)
     from .. import api
 
-    api._STEP_KEYS.clear()  # the decode steps cache their plan per key: the next call of each plans again
+    api._STEP_KEYS = {}  # the decode steps cache their plan per key (and api._fast_step the last one, under it)
 
 
 def _compiler() -> "str | None":
@@ -219,12 +219,14 @@ def _plain(*ts) -> bool:
     return all(type(t) is torch.Tensor for t in ts) and not _traced()
 
 
-def plan(q, k, v, S, z, fm, inplace: bool):
+def plan(q, k, v, S, z, fm, inplace: bool, state_type: type):
     """The native step for the arguments of a decode step that passed the api's checks and picked the torch
     backend, or None when they are not eligible (builds the library on the first eligible call). Called once per
-    api step key (lintx_triton.api._STEP_KEYS); its runner checks per call what the key does not hold: that
-    autograd has nothing to record and that q, k, v (and a functional step's state) are contiguous, and returns
-    None when the PyTorch path must run (:func:`set_enabled` clears the api's plans)."""
+    api step key (lintx_triton.api._STEP_KEYS). Its runner checks per call every tensor property the checks and
+    the plan read (types, shapes, dtypes, devices, contiguity; ``state_type``, the state's tuple or list) and
+    what the key does not hold (that autograd has nothing to record, no tracer), and returns None when they do
+    not hold: the api then checks and plans again, or takes the PyTorch path (:func:`set_enabled` clears the
+    api's plans)."""
     if not _enabled or MAPS.get(fm.name) is None or fm is not _builtin(fm.name) or not _plain(q, k, v, S, z):
         return None
     f32 = torch.float32
@@ -237,7 +239,7 @@ def plan(q, k, v, S, z, fm, inplace: bool):
     HKV, DV = k.shape[1], v.shape[-1]
     if 0 in (B, H, D, HKV, DV):  # nothing to compute: the PyTorch path's empty results
         return None
-    return _runner(fn, (B, H, HKV, D, DV, MAPS[fm.name]), B, H, DV, D == DV, inplace)
+    return _runner(fn, (B, H, HKV, D, DV, MAPS[fm.name]), inplace, state_type)
 
 
 def _builtin(name: str):
@@ -459,25 +461,37 @@ _empty_like = torch.empty_like
 _bump = torch._C._increment_version  # the state changed in place: autograd's saved-tensor check must see it
 
 
-def _runner(fn, dims, B: int, H: int, DV: int, like_q: bool, inplace: bool):
+def _runner(fn, dims, inplace: bool, state_type: type):
+    B, H, HKV, D, DV, _ = dims
+    # every shape the api's checks passed, compared again per call with the types, dtypes, devices and contiguity:
+    # the runner is also the api's fast path (lintx_triton.api._fast_step), which skips the checks and the key
+    q_shape, k_shape, v_shape, S_shape, z_shape = (B, H, D), (B, HKV, D), (B, HKV, DV), (B, HKV, D, DV), (B, HKV, D)
+    f32, T = torch.float32, torch.Tensor
     # o: like q when D = DV (empty_like, 0.9 us; new_empty 1.4), never torch.empty, which follows torch's default
     # dtype and device
-    shape = (B, H, DV)
+    like_q, o_shape = D == DV, (B, H, DV)
     # the arrays are per thread: ctypes lets go of the GIL during the call, so two threads may be inside at once
     local = threading.local()
 
     def run(q, k, v, state, normalize, scale, eps):
-        """o (in place: the state updated), or (o, (S, z)) (functional: a new state); None: the torch path."""
+        """o (in place: the state updated), or (o, (S, z)) (functional: a new state); None: the arguments are not
+        the ones this runner was planned for, or the PyTorch path must run (autograd, a tracer)."""
+        if type(state) is not state_type or len(state) != 2:
+            return None
         S0, z0 = state
+        if not (type(q) is T and type(k) is T and type(v) is T and type(S0) is T and type(z0) is T
+                and q.shape == q_shape and k.shape == k_shape and v.shape == v_shape and S0.shape == S_shape
+                and z0.shape == z_shape and q.dtype is f32 and k.dtype is f32 and v.dtype is f32
+                and S0.dtype is f32 and z0.dtype is f32 and q.is_cpu and k.is_cpu and v.is_cpu and S0.is_cpu
+                and z0.is_cpu and q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
+                and S0.is_contiguous() and z0.is_contiguous()):
+            return None
         if _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or S0.requires_grad
                                 or z0.requires_grad):
             return None
-        if _traced():  # the key holds the types, not a mode (make_fx's real mode)
+        if _traced():  # the types are plain, not the modes (make_fx's real mode)
             return None
-        if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
-                and (inplace or (S0.is_contiguous() and z0.is_contiguous()))):  # in place: the api checked them
-            return None
-        o = _empty_like(q) if like_q else q.new_empty(shape)
+        o = _empty_like(q) if like_q else q.new_empty(o_shape)
         try:
             a, se = local.arrays
         except AttributeError:
