@@ -16,11 +16,27 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
+from . import native
 from .api import linear_attention, linear_attention_step, linear_attention_step_
 from .feature_maps import FeatureMap, LearnableFeatureMap
 from .feature_maps.learnable import HeadParams
 
 __all__ = ["LinearAttention"]
+
+
+_hooks = nn.modules.module  # the global module hooks' registries
+
+
+def _step_projection(proj: nn.Module, x: Tensor) -> Tensor:
+    """proj(x) for a decode step: on the CPU, a plain nn.Linear with no hook (its own or global) and nothing for
+    autograd to record runs lintx_triton.native.linear (a C kernel for a few rows: 370-450 against MKL's 480-570 us
+    for the four 512 x 512 projections of a step at B = 16, bench/NOTES.md); anything else calls the module."""
+    if (type(proj) is nn.Linear and not (proj._forward_hooks or proj._forward_pre_hooks
+                                         or _hooks._global_forward_hooks or _hooks._global_forward_pre_hooks)):
+        y = native.linear(x, proj.weight, proj.bias)
+        if y is not None:
+            return y
+    return proj(x)
 
 
 class LinearAttention(nn.Module):
@@ -124,11 +140,11 @@ class LinearAttention(nn.Module):
                       window_affine=self.window_affine)
         return kw
 
-    def _qkv(self, x: Tensor):
+    def _qkv(self, x: Tensor, project=nn.Module.__call__):
         lead = x.shape[:-1]
-        q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(*lead, self.num_kv_heads, self.value_dim)
+        q = project(self.q_proj, x).view(*lead, self.num_heads, self.head_dim)
+        k = project(self.k_proj, x).view(*lead, self.num_kv_heads, self.head_dim)
+        v = project(self.v_proj, x).view(*lead, self.num_kv_heads, self.value_dim)
         return q, k, v
 
     def forward(self, x: Tensor, state: Optional[tuple[Tensor, Tensor]] = None, return_state: bool = False):
@@ -144,12 +160,12 @@ class LinearAttention(nn.Module):
         """One token x ``[B, E]`` -> (y ``[B, E]``, new state); ``inplace`` updates ``state`` instead."""
         if not self.causal:
             raise ValueError("step() is the causal RNN form; this module was built with causal=False")
-        q, k, v = self._qkv(x)
+        q, k, v = self._qkv(x, _step_projection)
         if inplace:
             o = linear_attention_step_(q, k, v, state, **self._kw())
         else:
             o, state = linear_attention_step(q, k, v, state, **self._kw())
-        return self.out_proj(o.reshape(x.shape[0], self.num_heads * self.value_dim)), state
+        return _step_projection(self.out_proj, o.reshape(x.shape[0], self.num_heads * self.value_dim)), state
 
     def init_state(self, batch: int, device=None) -> tuple[Tensor, Tensor]:
         """A zero state, for :meth:`step` with ``inplace=True``."""

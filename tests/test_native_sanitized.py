@@ -40,7 +40,7 @@ native._FLAGS = native._FLAGS + ("-fsanitize=address,undefined", "-fno-sanitize-
                                  "-fno-omit-frame-pointer", "-O1")
 assert native.available(), "the sanitized library did not build"
 sys.exit(pytest.main(["-q", "-x", "-p", "no:cacheprovider", "-p", "no:xdist", "-p", "no:randomly",
-                      "tests/test_native_step.py", "tests/test_native_causal.py",
+                      "tests/test_native_step.py", "tests/test_native_causal.py", "tests/test_native_linear.py",
                       "-k", "not isa and not fork and not failed_build and not no_compiler and not library_key"]))
 """
 
@@ -60,8 +60,9 @@ def test_native_tests_pass_under_sanitizers(tmp_path):
     reports = "".join(f.read_text()[:4000] for f in sorted(logs.iterdir()))
     assert done.returncode == 0 and not reports, reports or (done.stdout + done.stderr)[-6000:]
     assert "passed" in done.stdout
-    built = list(tmp_path.rglob("native_step_*.so"))
-    assert built, "no library was built in the test's cache"
-    if shutil.which("nm"):
-        symbols = subprocess.run(["nm", "-D", str(built[0])], capture_output=True, text=True).stdout
-        assert "__asan" in symbols, "the library was built without AddressSanitizer"
+    for pattern in ("native_step_*.so", "native_runner_*.so"):  # the library, and runner.c's extension
+        built = list(tmp_path.rglob(pattern))
+        assert built, f"no {pattern} was built in the test's cache"
+        if shutil.which("nm"):
+            symbols = subprocess.run(["nm", "-D", str(built[0])], capture_output=True, text=True).stdout
+            assert "__asan" in symbols, f"{built[0].name} was built without AddressSanitizer"

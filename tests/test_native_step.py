@@ -21,19 +21,43 @@ SHAPES = [(1, 2, 2, 64, 64), (3, 4, 2, 33, 17), (1, 4, 2, 33, 17), (3, 1, 1, 16,
           (1, 9, 1, 16, 24)]
 
 
+class _Count:
+    """len(): the native steps run since it was made: the C runner's counter (lintx_runner.calls()), plus the
+    calls of the C function wrapped here for the Python runner."""
+
+    def __init__(self, ext):
+        self.ext, self.python = ext, []
+        self.start = ext.calls() if ext is not None else 0
+
+    def __len__(self):
+        return len(self.python) + (self.ext.calls() - self.start if self.ext is not None else 0)
+
+
+def _spy(monkeypatch, python_runner: bool):
+    monkeypatch.setattr(api, "_STEP_KEYS", {})  # the api's plans forgotten (and restored)
+    ext = None if python_runner else native._ext()
+    count = _Count(ext)
+    if ext is None:  # the Python runner, its C function wrapped
+        fn = native._load()
+
+        def counted(*args):
+            count.python.append(args[0][:6])
+            return fn(*args)
+
+        monkeypatch.setattr(native, "_load", lambda: counted if fn is not None else None)
+    return count
+
+
 @pytest.fixture
 def spy(monkeypatch):
-    """The native step's calls, counted: its C function wrapped, the api's plans forgotten (and restored)."""
-    fn = native._load()
-    calls = []
+    """The native steps run, counted, on the runner a step uses here (runner.c's when it builds)."""
+    return _spy(monkeypatch, False)
 
-    def counted(*args):
-        calls.append(args[0][:6])
-        return fn(*args)
 
-    monkeypatch.setattr(native, "_load", lambda: counted if fn is not None else None)
-    monkeypatch.setattr(api, "_STEP_KEYS", {})
-    return calls
+@pytest.fixture
+def py_spy(monkeypatch):
+    """The same on the Python runner (native._runner: where runner.c cannot be built)."""
+    return _spy(monkeypatch, True)
 
 
 def _steps(c, q, k, v, state, inplace):
@@ -76,6 +100,14 @@ def test_native_matches_reference_and_torch(spy, shape, fm, normalize, inplace):
     torch.testing.assert_close(o, o_t, rtol=1e-5, atol=1e-5)
     for a, b in zip(st, st_t):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "functional"])
+@pytest.mark.parametrize("shape", SHAPES[1:3], ids=lambda s: "B{}-H{}-HKV{}-D{}-DV{}".format(*s))
+def test_python_runner_matches_reference(py_spy, shape, inplace):
+    """The Python runner (where runner.c cannot be built) runs the same steps to the same bounds."""
+    test_native_matches_reference_and_torch(py_spy, shape, "elu", True, inplace)
 
 
 @needs_native
@@ -157,12 +189,14 @@ class _Sub(torch.Tensor):
 
 
 @needs_native
+@pytest.mark.parametrize("runner", ["spy", "py_spy"], ids=["c_runner", "python_runner"])
 @pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "functional"])
-def test_repeated_step_skips_the_key_until_anything_changes(spy, monkeypatch, inplace):
+def test_repeated_step_skips_the_key_until_anything_changes(request, monkeypatch, inplace, runner):
     """A step repeating the last native step's arguments runs it without building the key (api._fast_step); a
     step that differs in any one thing the key holds (B, q's heads, a tensor's type, the state's container, a functional
     state's contiguity, eps, scale's type, the map) goes through the key again and gives the torch path's
-    numbers, whether it runs natively or not."""
+    numbers, whether it runs natively or not; on both runners (runner.c's and the Python one)."""
+    spy = request.getfixturevalue(runner)
     keys = []
     real_key = api._step_key
     monkeypatch.setattr(api, "_step_key", lambda *a: (keys.append(1), real_key(*a))[1])
@@ -324,6 +358,36 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
         lx.linear_attention_step_(q, q, q, (torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8)), backend="torch")
     assert not any(p.suffix == ".so" and not p.name.endswith(".tmp.so") for p in (tmp_path / "cache").rglob("*"))
     assert not list((tmp_path / "cache").rglob("*.tmp.so"))  # the temporary file is removed
+
+
+@needs_native
+@pytest.mark.parametrize("why", ["no_headers", "failed_build"])
+def test_runner_falls_back_to_python(monkeypatch, tmp_path, why):
+    """runner.c not built (no Python.h: quietly; a compile error: one RuntimeWarning): the decode steps run the
+    Python runner, natively and with the same numbers."""
+    import sysconfig
+
+    monkeypatch.setattr(native, "_EXT", None)
+    monkeypatch.setattr(api, "_STEP_KEYS", {})
+    monkeypatch.setenv("LINTX_TRITON_CACHE_DIR", str(tmp_path / "cache"))  # the library stays loaded
+    if why == "no_headers":
+        paths = sysconfig.get_paths()
+        monkeypatch.setattr(sysconfig, "get_paths", lambda: dict(paths, include=str(tmp_path)))
+    else:
+        bad = tmp_path / "runner.c"
+        bad.write_text("this is not C\n")
+        monkeypatch.setattr(native, "_RUNNER_SOURCE", bad)
+    q, k, v = (torch.randn(1, 2, 8) for _ in range(3))
+    states = [(torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8)) for _ in range(2)]
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        outs = [lx.linear_attention_step_(q, k, v, states[0], backend="torch") for _ in range(3)]
+    runner_warnings = [w for w in caught if w.category is RuntimeWarning and "runner.c" in str(w.message)]
+    assert len(runner_warnings) == (0 if why == "no_headers" else 1)
+    assert native._EXT is False and api._STEP_FAST[1][6].__module__ == native.__name__  # the Python runner
+    with native_off(), torch.no_grad():
+        want = [lx.linear_attention_step_(q, k, v, states[1], backend="torch") for _ in range(3)]
+    torch.testing.assert_close(outs, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif(native._compiler() is None, reason="no C compiler here")

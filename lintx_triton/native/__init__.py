@@ -1,12 +1,16 @@
-"""Causal linear attention's CPU path in C: the decode step (``step.c``) and the recurrent forward and backward
-of the CPU forward (``causal.c``), built with the system C compiler at the first eligible call.
+"""Causal linear attention's CPU path in C: the decode step (``step.c``, called through ``runner.c``), the
+recurrent forward and backward of the CPU forward (``causal.c``) and a decode step's projections (``linear.c``),
+built with the system C compiler at the first eligible call.
 
 A CPU decode step in PyTorch is about ten torch calls of 1-7 us each against a state that one pass reads in
 4-5 us at B = 1 (issue #17, bench/RESULTS.md); ``step.c`` does the same arithmetic as
 :func:`lintx_triton.reference.linear_attention_step_torch_` in one pass over the state. The decode steps of
 :mod:`lintx_triton.api` (and so ``LinearAttention.step``) use it on the ``torch`` backend when a step is
 eligible: CPU float32 tensors, q, k, v, S, z contiguous, a built-in elementwise map (:data:`MAPS`), no
-autograd graph to record, not under ``torch.compile``. Anything else takes the PyTorch path, as before.
+autograd graph to record, not under ``torch.compile``. Anything else takes the PyTorch path, as before. A planned
+step's per-call work (checking that the tensors are the ones planned for, allocating o, the call) is
+``runner.c``, a CPython extension built beside the library with Python's headers (without them, the same in
+Python: ``_runner``). ``LinearAttention.step`` also projects its few rows with ``linear.c`` (:func:`linear`).
 
 The causal CPU forward and backward (:func:`lintx_triton.reference.linear_attention_torch`) run ``causal.c``'s
 recurrence (:func:`causal_forward`, :func:`causal_backward`) on CPU float32 tensors: a token at a time through
@@ -40,6 +44,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import sysconfig
 import tempfile
 import threading
@@ -52,14 +57,15 @@ __all__ = ["available", "enabled", "set_enabled", "MAPS"]
 
 _log = logging.getLogger(__name__)
 
-# linked into one library; maps.h is included by both (its bytes are part of the library's name)
-_SOURCES = (Path(__file__).with_name("step.c"), Path(__file__).with_name("causal.c"))
+# linked into one library; maps.h is included by each (its bytes are part of the library's name)
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("step.c", "causal.c", "linear.c"))
 _HEADERS = (Path(__file__).with_name("maps.h"),)
 # -O3 vectorizes the row loops; no -march (the file is reused by every CPU of the machine type: the C picks
 # AVX-512 / AVX2 per CPU itself), no -ffast-math (NaN propagates as in the torch paths), ISO C (no FMA contraction)
 _FLAGS = ("-O3", "-fPIC", "-shared", "-std=c99")
-# a source's own flags, after _FLAGS: causal.c's products as FMAs (AVX2 and AVX-512 variants; the baseline has none)
-_SOURCE_FLAGS = {"causal.c": ("-ffp-contract=fast",)}
+# a source's own flags, after _FLAGS: causal.c's and linear.c's products as FMAs (AVX2 and AVX-512 variants; the
+# baseline has none)
+_SOURCE_FLAGS = {"causal.c": ("-ffp-contract=fast",), "linear.c": ("-ffp-contract=fast",)}
 # the built-in maps step.c implements, by registry name -> its LINTX_MAP_* code; any other map: PyTorch path
 MAPS = {"elu": 1, "relu": 2, "identity": 3}
 
@@ -67,6 +73,11 @@ _LOCK = threading.Lock()
 _lib = None  # the loaded step function, False once it is known not to load, None before the first try
 _causal = None  # causal.c's function, loaded with _lib
 _causal_team = None  # causal.c's split on an OpenMP team (lintx_causal_f32_team), loaded with _lib
+_linear = None  # linear.c's function, loaded with _lib
+# runner.c, the decode step's runner as a CPython extension (module lintx_runner), built beside the library with
+# Python's headers; _EXT: the module, False when it cannot be built (the Python runner then), None before the try
+_RUNNER_SOURCE = Path(__file__).with_name("runner.c")
+_EXT = None
 _GOMP = None  # the address of torch's OpenMP runtime's GOMP_parallel, 0 when there is none; None before the look
 _enabled = True
 
@@ -103,6 +114,14 @@ def _compiler() -> "str | None":
     return None
 
 
+def _hash(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part)
+        h.update(b"\0")
+    return h.hexdigest()[:20]
+
+
 def _library_path(cc: str) -> Path:
     from ..codegen.cache import cache_dir
 
@@ -110,18 +129,16 @@ def _library_path(cc: str) -> Path:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError):
         version = ""
-    h = hashlib.sha256()
-    for part in (*(f.read_bytes() for f in _SOURCES + _HEADERS), os.path.realpath(cc).encode(), version.encode(),
-                 " ".join(_FLAGS).encode(), repr(sorted(_SOURCE_FLAGS.items())).encode(), platform.machine().encode(),
-                 platform.system().encode()):
-        h.update(part)
-        h.update(b"\0")
-    return cache_dir() / f"native_step_{h.hexdigest()[:20]}.so"
+    return cache_dir() / "native_step_{}.so".format(_hash(
+        *(f.read_bytes() for f in _SOURCES + _HEADERS), os.path.realpath(cc).encode(), version.encode(),
+        " ".join(_FLAGS).encode(), repr(sorted(_SOURCE_FLAGS.items())).encode(), platform.machine().encode(),
+        platform.system().encode()))
 
 
-def _build(cc: str, path: Path, extra: tuple = ()) -> None:
-    """Compile the sources (each with its own flags, then ``extra``) and link them to ``path``: into a temporary
-    file beside it, then renamed over it (atomic)."""
+def _build(cc: str, path: Path, extra: tuple = (), sources: "tuple | None" = None) -> None:
+    """Compile ``sources`` (default _SOURCES; each with _FLAGS, its own flags, then ``extra``) and link them to
+    ``path``: into a temporary file beside it, then renamed over it (atomic)."""
+    sources = _SOURCES if sources is None else sources
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp.so")
     os.close(fd)
@@ -132,11 +149,11 @@ def _build(cc: str, path: Path, extra: tuple = ()) -> None:
 
     try:
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=path.stem) as objs:
-            names = [os.path.join(objs, src.stem + ".o") for src in _SOURCES]
+            names = [os.path.join(objs, src.stem + ".o") for src in sources]
             # the sources compiled side by side (causal.c's unrolled variants take most of the time)
             procs = [subprocess.Popen([cc, *_FLAGS, *_SOURCE_FLAGS.get(src.name, ()), *extra, "-c", str(src), "-o",
                                        name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                     for src, name in zip(_SOURCES, names)]
+                     for src, name in zip(sources, names)]
             try:
                 for proc in procs:
                     _, err = proc.communicate(timeout=300)
@@ -155,7 +172,7 @@ def _build(cc: str, path: Path, extra: tuple = ()) -> None:
 
 def _load():
     """The ctypes function of the built library, or None (no compiler, a failed build): tried once."""
-    global _lib, _causal, _causal_team
+    global _lib, _causal, _causal_team, _linear
     if _lib is not None:
         return _lib or None
     with _LOCK:
@@ -173,9 +190,11 @@ def _load():
                 _build(cc, path)
             lib = ctypes.CDLL(str(path))
             fn, causal, team = lib.lintx_step_f32, lib.lintx_causal_f32, lib.lintx_causal_f32_team
-            causal.restype = team.restype = ctypes.c_int
-            if causal(None) != -len(_CAUSAL_ARGS):
-                raise RuntimeError("causal.c takes another argument list than lintx_triton/native/__init__.py")
+            linear = lib.lintx_linear_f32
+            causal.restype = team.restype = linear.restype = ctypes.c_int
+            if causal(None) != -len(_CAUSAL_ARGS) or linear(None) != -len(_LINEAR_ARGS):
+                raise RuntimeError("causal.c or linear.c takes another argument list than "
+                                   "lintx_triton/native/__init__.py")
         except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:  # AttributeError: no symbol
             warnings.warn(f"lintx_triton: the native CPU code (decode step, causal forward and backward) could not be "
                           f"built ({e}); the CPU uses the PyTorch paths", RuntimeWarning, stacklevel=3)
@@ -183,7 +202,7 @@ def _load():
             return None
         # no argtypes: the arrays pass as pointers, normalize as a C int (see step.c's lintx_step_f32)
         fn.restype = ctypes.c_int
-        _causal, _causal_team = causal, team
+        _causal, _causal_team, _linear = causal, team, linear
         _lib = fn
         return fn
 
@@ -198,6 +217,48 @@ def available() -> bool:
         True
     """
     return _load() is not None
+
+
+def _ext():
+    """The lintx_runner extension module (runner.c), built on the first call once the library is, or None: no
+    Python headers here (logged), or a failed build (warned once); the decode steps then use the Python runner."""
+    global _EXT
+    if _EXT is not None:
+        return _EXT or None
+    if _load() is None:
+        return None
+    with _LOCK:
+        if _EXT is not None:
+            return _EXT or None
+        include = sysconfig.get_paths().get("include") or ""
+        if not os.path.exists(os.path.join(include, "Python.h")):
+            _log.info("lintx_triton.native: no Python.h in %r; the decode step's runner stays in Python", include)
+            _EXT = False
+            return None
+        cc = _compiler()
+        try:
+            version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+            from ..codegen.cache import cache_dir
+
+            path = cache_dir() / "native_runner_{}.so".format(_hash(
+                _RUNNER_SOURCE.read_bytes(), os.path.realpath(cc).encode(), version.encode(), " ".join(_FLAGS).encode(),
+                include.encode(), sys.version.encode(), (sysconfig.get_config_var("EXT_SUFFIX") or "").encode(),
+                platform.machine().encode(), platform.system().encode()))
+            if not path.exists():
+                _build(cc, path, ("-I" + include,), (_RUNNER_SOURCE,))
+            import importlib.util
+
+            spec = importlib.util.spec_from_file_location("lintx_runner", path)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            mod.setup(torch.Tensor, torch.float32, torch.empty_like, _bump, torch.is_grad_enabled, _traced)
+        except (OSError, RuntimeError, ImportError, AttributeError, subprocess.SubprocessError) as e:
+            warnings.warn(f"lintx_triton: the decode step's runner (lintx_triton/native/runner.c) could not be built "
+                          f"({e}); decode steps run the Python runner", RuntimeWarning, stacklevel=3)
+            _EXT = False
+            return None
+        _EXT = mod
+        return mod
 
 
 _dispatch_modes = torch._C._len_torch_dispatch_stack  # FakeTensorMode, make_fx's proxy mode, ...
@@ -239,7 +300,11 @@ def plan(q, k, v, S, z, fm, inplace: bool, state_type: type):
     HKV, DV = k.shape[1], v.shape[-1]
     if 0 in (B, H, D, HKV, DV):  # nothing to compute: the PyTorch path's empty results
         return None
-    return _runner(fn, (B, H, HKV, D, DV, MAPS[fm.name]), inplace, state_type)
+    dims = (B, H, HKV, D, DV, MAPS[fm.name])
+    ext = _ext() if isinstance(fn, ctypes._CFuncPtr) else None  # (tests wrap fn in Python: the Python runner)
+    if ext is not None:
+        return ext.Runner(ctypes.cast(fn, ctypes.c_void_p).value, dims, inplace, state_type)
+    return _runner(fn, dims, inplace, state_type)
 
 
 def _builtin(name: str):
@@ -513,3 +578,53 @@ def _runner(fn, dims, inplace: bool, state_type: type):
         return o, (S, z)
 
     return run
+
+
+# linear.c's argument array, in the order of its enum (L_M ... L_Y)
+_LINEAR_ARGS = ("M", "N", "K", "x", "ldx", "w", "b", "y")
+# rows up to which linear() runs linear.c: a decode step's one token per sequence. At 16 rows of 512 it took 63-75 %
+# of the FMA peak against MKL's 50-58 %; a prefill's thousands of rows are MKL's (bench/NOTES.md)
+LINEAR_MAX_ROWS = 32
+_PARAMETER = torch.nn.Parameter
+_is_compiling = torch.compiler.is_compiling
+
+
+def linear(x, weight, bias=None):
+    """``x @ weight.T + bias`` (nn.Linear's ``F.linear``) in linear.c for a decode step's few rows, or None when the
+    arguments are not eligible (the caller then runs torch's): ``x`` [M, K] with M <= :data:`LINEAR_MAX_ROWS` and
+    unit column stride, ``weight`` [N, K] and ``bias`` [N] (or None) contiguous, all CPU float32 tensors or
+    parameters, nothing for autograd to record, no tracer or ``torch.compile``, the native code on and built.
+
+    Examples::
+
+        >>> import torch, lintx_triton as lx
+        >>> proj = torch.nn.Linear(64, 32)
+        >>> x = torch.randn(4, 64)
+        >>> with torch.no_grad():
+        ...     y = lx.native.linear(x, proj.weight, proj.bias)
+        >>> y is None or torch.allclose(y, proj(x), atol=1e-5)
+        True
+    """
+    if not _enabled or _linear is None and _load() is None:
+        return None
+    plain = (torch.Tensor, _PARAMETER)
+    if type(x) is not torch.Tensor or type(weight) not in plain or (bias is not None and type(bias) not in plain):
+        return None
+    if x.dim() != 2 or weight.dim() != 2 or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return None
+    (M, K), N = x.shape, weight.shape[0]
+    if not (0 < M <= LINEAR_MAX_ROWS and K > 0 and N > 0 and weight.shape[1] == K and x.is_cpu and weight.is_cpu
+            and (x.stride(1) == 1 or K == 1) and weight.is_contiguous()):
+        return None
+    if bias is not None and not (bias.shape == (N,) and bias.dtype == torch.float32 and bias.is_cpu
+                                 and bias.is_contiguous()):
+        return None
+    if _grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return None
+    if _traced() or _is_compiling():
+        return None
+    y = x.new_empty((M, N))
+    a = (ctypes.c_int64 * len(_LINEAR_ARGS))(M, N, K, x.data_ptr(), x.stride(0), weight.data_ptr(),
+                                             0 if bias is None else bias.data_ptr(), y.data_ptr())
+    _linear(a)
+    return y

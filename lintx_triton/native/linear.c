@@ -1,0 +1,123 @@
+/* A decode step's projections: y = x w^T + b for the few rows of one token per sequence (nn.Linear's layout:
+ * w [N, K] row-major), called by LinearAttention.step on the CPU (lintx_triton/native/__init__.py's linear).
+ * At 16 rows torch's matmul (MKL) spent 480-570 us on the four 512 x 512 projections of one step, three times a
+ * copy of the step's state and weights (issue #17, bench/NOTES.md); this file 370-450 us, 63-75 % of the FMA peak.
+ *
+ * Each tile is MB rows of x by NB rows of w: MB x NB vector accumulators run along K (W floats at a time), then
+ * each is summed across its lanes, plus the K % W tail, plus the bias. The NB rows of w of a tile stay in L1
+ * while the tiles of every row block of x pass them. Compiled with -ffp-contract=fast: an FMA where the ISA has
+ * one. */
+
+#include "maps.h"
+
+/* a: the entries' order (int64; addresses as integers) */
+enum { L_M, L_N, L_K, L_X, L_LDX, L_W, L_B, L_Y, L_LEN };
+
+/* a vector's lanes summed: halves added down to 4 lanes (vector adds), then those 4 */
+typedef float hv4 __attribute__((vector_size(4 * sizeof(float))));
+typedef float hv8 __attribute__((vector_size(8 * sizeof(float))));
+typedef float hv16 __attribute__((vector_size(16 * sizeof(float))));
+LINTX_INLINE float hsum4(hv4 v) { return (v[0] + v[2]) + (v[1] + v[3]); }
+LINTX_INLINE float hsum8(hv8 v) {
+    hv4 lo, hi;
+    memcpy(&lo, &v, sizeof lo);
+    memcpy(&hi, (const char *)&v + sizeof lo, sizeof hi);
+    return hsum4(lo + hi);
+}
+LINTX_INLINE float hsum16(hv16 v) {
+    hv8 lo, hi;
+    memcpy(&lo, &v, sizeof lo);
+    memcpy(&hi, (const char *)&v + sizeof lo, sizeof hi);
+    return hsum8(lo + hi);
+}
+
+#define LINTX_LINEAR(W, MB, NB)                                                                                     \
+    typedef float lv##W __attribute__((vector_size(W * sizeof(float))));                                           \
+    /* y[i, j] for rows i < rows (<= MB) of x and j < cols (<= NB) of w; b NULL: no bias */                         \
+    LINTX_INLINE void tile##W(const float *restrict x, int64_t ldx, const float *restrict w, int64_t K,            \
+                              const float *restrict b, float *restrict y, int64_t ldy, const int rows,             \
+                              const int cols) {                                                                     \
+        lv##W acc[MB][NB];                                                                                          \
+        for (int i = 0; i < rows; i++)                                                                              \
+            for (int j = 0; j < cols; j++)                                                                          \
+                acc[i][j] = (lv##W){0.0f};                                                                          \
+        const int64_t Kv = K - K % W;                                                                               \
+        for (int64_t k = 0; k < Kv; k += W) {                                                                       \
+            lv##W wv[NB], xv;                                                                                       \
+            for (int j = 0; j < cols; j++)                                                                          \
+                memcpy(&wv[j], w + j * K + k, sizeof wv[j]);                                                        \
+            for (int i = 0; i < rows; i++) {                                                                        \
+                memcpy(&xv, x + i * ldx + k, sizeof xv);                                                            \
+                for (int j = 0; j < cols; j++)                                                                      \
+                    acc[i][j] = xv * wv[j] + acc[i][j];                                                             \
+            }                                                                                                       \
+        }                                                                                                           \
+        for (int i = 0; i < rows; i++)                                                                              \
+            for (int j = 0; j < cols; j++) {                                                                        \
+                float s = hsum##W(acc[i][j]);                                                                       \
+                for (int64_t k = Kv; k < K; k++)                                                                    \
+                    s += x[i * ldx + k] * w[j * K + k];                                                             \
+                y[i * ldy + j] = b ? s + b[j] : s;                                                                  \
+            }                                                                                                       \
+    }                                                                                                               \
+    LINTX_INLINE int linear_run##W(const int64_t *a) {                                                              \
+        const int64_t M = a[L_M], N = a[L_N], K = a[L_K], ldx = a[L_LDX];                                           \
+        const float *x = (const float *)(intptr_t)a[L_X], *w = (const float *)(intptr_t)a[L_W];                    \
+        const float *b = (const float *)(intptr_t)a[L_B];                                                          \
+        float *y = (float *)(intptr_t)a[L_Y];                                                                       \
+        for (int64_t n0 = 0; n0 < N; n0 += NB) {                                                                    \
+            const float *wn = w + n0 * K, *bn = b ? b + n0 : NULL;                                                  \
+            int64_t m0 = 0;                                                                                         \
+            if (n0 + NB <= N) {                                                                                     \
+                for (; m0 + MB <= M; m0 += MB)                                                                      \
+                    tile##W(x + m0 * ldx, ldx, wn, K, bn, y + m0 * N + n0, N, MB, NB);                              \
+                if (m0 < M)                                                                                         \
+                    tile##W(x + m0 * ldx, ldx, wn, K, bn, y + m0 * N + n0, N, (int)(M - m0), NB);                   \
+            } else {                                                                                                \
+                for (; m0 < M; m0 += MB)                                                                            \
+                    tile##W(x + m0 * ldx, ldx, wn, K, bn, y + m0 * N + n0, N, M - m0 < MB ? (int)(M - m0) : MB,     \
+                            (int)(N - n0));                                                                         \
+            }                                                                                                       \
+        }                                                                                                           \
+        return 0;                                                                                                   \
+    }
+
+/* MB x NB accumulators + NB rows of w + one of x in vector registers: 21 of AVX-512's 32, 11 of AVX2's and SSE's
+ * 16 */
+#ifdef LINTX_X86
+LINTX_LINEAR(16, 4, 4)
+LINTX_LINEAR(8, 4, 2)
+#endif
+LINTX_LINEAR(4, 4, 2)
+
+#define LINTX_LINEAR_VARIANT(NAME, W) \
+    static int NAME(const int64_t *a) { return linear_run##W(a); }
+#ifdef LINTX_X86
+__attribute__((target("avx512f"))) LINTX_LINEAR_VARIANT(linear_avx512, 16)
+__attribute__((target("avx2,fma"))) LINTX_LINEAR_VARIANT(linear_avx2, 8)
+#endif
+LINTX_LINEAR_VARIANT(linear_base, 4)
+
+typedef int (*linear_fn)(const int64_t *);
+
+/* the variant for the running CPU, chosen at the first call (two threads racing there store the same pointer) */
+static linear_fn chosen_linear = NULL;
+
+/* a: L_LEN entries in the order of the enum above: M, N, K, x's address and row stride (in floats; its rows
+ * contiguous), w's address (contiguous [N, K]), b's (0: none), y's (contiguous [M, N]). Returns 0; a == NULL:
+ * -L_LEN (the caller checks it agrees). */
+int lintx_linear_f32(const int64_t *a) {
+    if (a == NULL)
+        return -L_LEN;
+    linear_fn fn = chosen_linear;
+    if (fn == NULL) {
+        static const linear_fn variants[] = LINTX_VARIANTS(linear_);
+        int isa = lintx_isa();
+#if defined(LINTX_X86) && !defined(LINTX_FORCE_ISA)
+        if (isa == LINTX_ISA_AVX2 && !__builtin_cpu_supports("fma"))  /* the AVX2 variant is AVX2 and FMA */
+            isa = LINTX_ISA_BASE;
+#endif
+        chosen_linear = fn = variants[isa];
+    }
+    return fn(a);
+}

@@ -1,0 +1,319 @@
+/* The decode step's runner as a CPython extension: what lintx_triton/native/__init__.py's Python runner (_runner)
+ * does per call (compare the tensors with what the api's checks passed, allocate o, read the addresses, call
+ * step.c's lintx_step_f32, bump the state's version), without the interpreter between its ~60 attribute reads
+ * and calls and without ctypes' argument conversion: a B = 1 step in bench/cpu_decode.py 11.7-12.4 -> 10.3-10.6 us
+ * against a 4.0-4.4 us copy of its state (bench/NOTES.md, issue #17).
+ *
+ * Module lintx_runner:
+ *   setup(tensor_type, float32, empty_like, bump, is_grad_enabled, traced)   once, from torch and native
+ *   Runner(step_address, dims, inplace, state_type)                          a planned step; dims = (B, H, HKV,
+ *       D, DV, map); calling it as runner(q, k, v, state, normalize, scale, eps) gives o (in place) or
+ *       (o, (S, z)) (functional), or None when the arguments are not what it was planned for, autograd has
+ *       something to record or a tracer is active: the caller then takes its other paths.
+ *   calls()                                                                  the steps run so far (for tests)
+ * Only the Python C API; no torch headers (the tensors are read through their Python attributes, as the Python
+ * runner reads them).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stddef.h>
+#include <stdint.h>
+
+typedef int (*step_fn)(const int64_t *a, const float *se, int normalize);
+
+static long long n_calls; /* steps run, under the GIL */
+static PyObject *g_tensor, *g_f32, *g_empty_like, *g_bump, *g_grad_enabled, *g_traced;
+static PyObject *s_shape, *s_dtype, *s_is_cpu, *s_is_contiguous, *s_data_ptr, *s_requires_grad, *s_new_empty;
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    step_fn fn;
+    int64_t dims[6]; /* B, H, HKV, D, DV, map */
+    int inplace;
+    PyObject *state_type;
+    PyObject *o_shape; /* (B, H, DV), for new_empty when D != DV */
+} Runner;
+
+/* 1: t is a plain torch.Tensor, float32, on the CPU, contiguous, of shape dims[0..n); 0: not; -1: an error */
+static int plain_as(PyObject *t, const int64_t *dims, Py_ssize_t n)
+{
+    if ((PyObject *)Py_TYPE(t) != g_tensor)
+        return 0;
+    PyObject *x = PyObject_GetAttr(t, s_shape);
+    if (x == NULL)
+        return -1;
+    int ok = PyTuple_Check(x) && PyTuple_GET_SIZE(x) == n;
+    for (Py_ssize_t i = 0; ok && i < n; i++) {
+        long long d = PyLong_AsLongLong(PyTuple_GET_ITEM(x, i));
+        ok = d == dims[i];
+    }
+    Py_DECREF(x);
+    if (!ok)
+        return PyErr_Occurred() ? -1 : 0;
+    if ((x = PyObject_GetAttr(t, s_dtype)) == NULL)
+        return -1;
+    ok = x == g_f32;
+    Py_DECREF(x);
+    if (!ok)
+        return 0;
+    if ((x = PyObject_GetAttr(t, s_is_cpu)) == NULL)
+        return -1;
+    ok = x == Py_True;
+    Py_DECREF(x);
+    if (!ok)
+        return 0;
+    PyObject *args[1] = {t};
+    if ((x = PyObject_VectorcallMethod(s_is_contiguous, args, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL)) == NULL)
+        return -1;
+    ok = x == Py_True;
+    Py_DECREF(x);
+    return ok;
+}
+
+/* 1: t.requires_grad; 0: not; -1: an error */
+static int requires_grad(PyObject *t)
+{
+    PyObject *x = PyObject_GetAttr(t, s_requires_grad);
+    if (x == NULL)
+        return -1;
+    int r = x == Py_True;
+    Py_DECREF(x);
+    return r;
+}
+
+/* 1: the call's result is True; 0: False; -1: an error */
+static int call_true(PyObject *f)
+{
+    PyObject *x = PyObject_CallNoArgs(f);
+    if (x == NULL)
+        return -1;
+    int r = PyObject_IsTrue(x);
+    Py_DECREF(x);
+    return r;
+}
+
+static int data_ptr(PyObject *t, int64_t *out)
+{
+    PyObject *args[1] = {t};
+    PyObject *x = PyObject_VectorcallMethod(s_data_ptr, args, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    if (x == NULL)
+        return -1;
+    *out = (int64_t)PyLong_AsLongLong(x);
+    Py_DECREF(x);
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+static PyObject *empty_like(PyObject *t)
+{
+    PyObject *args[1] = {t};
+    return PyObject_Vectorcall(g_empty_like, args, 1, NULL);
+}
+
+static PyObject *runner_call(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Runner *r = (Runner *)callable;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs != 7 || kwnames != NULL) {
+        PyErr_SetString(PyExc_TypeError, "a runner takes (q, k, v, state, normalize, scale, eps)");
+        return NULL;
+    }
+    PyObject *q = args[0], *k = args[1], *v = args[2], *state = args[3];
+    if ((PyObject *)Py_TYPE(state) != r->state_type)
+        Py_RETURN_NONE;
+    PyObject *S0, *z0;
+    if (PyTuple_CheckExact(state) && PyTuple_GET_SIZE(state) == 2) {
+        S0 = PyTuple_GET_ITEM(state, 0);
+        z0 = PyTuple_GET_ITEM(state, 1);
+    } else if (PyList_CheckExact(state) && PyList_GET_SIZE(state) == 2) {
+        S0 = PyList_GET_ITEM(state, 0);
+        z0 = PyList_GET_ITEM(state, 1);
+    } else {
+        Py_RETURN_NONE;
+    }
+    const int64_t B = r->dims[0], H = r->dims[1], HKV = r->dims[2], D = r->dims[3], DV = r->dims[4];
+    const int64_t q_shape[3] = {B, H, D}, k_shape[3] = {B, HKV, D}, v_shape[3] = {B, HKV, DV};
+    const int64_t S_shape[4] = {B, HKV, D, DV};
+    PyObject *ts[5] = {q, k, v, S0, z0};
+    const int64_t *shapes[5] = {q_shape, k_shape, v_shape, S_shape, k_shape};
+    const Py_ssize_t ndims[5] = {3, 3, 3, 4, 3};
+    /* a list's items may change while Python code runs (the attribute reads below): hold them */
+    Py_INCREF(S0);
+    Py_INCREF(z0);
+    PyObject *o = NULL, *S = NULL, *z = NULL, *result = NULL;
+    int ok = 1;
+    for (int i = 0; ok > 0 && i < 5; i++)
+        ok = plain_as(ts[i], shapes[i], ndims[i]);
+    if (ok > 0) { /* with grad on, no input may need one */
+        int g = call_true(g_grad_enabled);
+        for (int i = 0; g > 0 && i < 5; i++) {
+            int rg = requires_grad(ts[i]);
+            if (rg != 0) {
+                ok = rg < 0 ? -1 : 0;
+                break;
+            }
+        }
+        if (g < 0)
+            ok = -1;
+    }
+    if (ok > 0) {
+        int tr = call_true(g_traced);
+        ok = tr < 0 ? -1 : !tr;
+    }
+    if (ok < 0)
+        goto done;
+    if (ok == 0) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    double scale = PyFloat_AsDouble(args[5]), eps = PyFloat_AsDouble(args[6]);
+    int normalize = PyObject_IsTrue(args[4]);
+    if (normalize < 0 || PyErr_Occurred())
+        goto done;
+    if (D == DV) {
+        o = empty_like(q);
+    } else {
+        PyObject *a2[2] = {q, r->o_shape};
+        o = PyObject_VectorcallMethod(s_new_empty, a2, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    }
+    if (o == NULL)
+        goto done;
+    int64_t a[14] = {B, H, HKV, D, DV, r->dims[5]};
+    if (data_ptr(q, &a[6]) || data_ptr(k, &a[7]) || data_ptr(v, &a[8]) || data_ptr(S0, &a[9])
+        || data_ptr(z0, &a[10]) || data_ptr(o, &a[13]))
+        goto done;
+    if (r->inplace) {
+        a[11] = a[9];
+        a[12] = a[10];
+    } else {
+        if ((S = empty_like(S0)) == NULL || (z = empty_like(z0)) == NULL || data_ptr(S, &a[11])
+            || data_ptr(z, &a[12]))
+            goto done;
+    }
+    const float se[2] = {(float)scale, (float)eps};
+    int err;
+    Py_BEGIN_ALLOW_THREADS
+    err = r->fn(a, se, normalize);
+    Py_END_ALLOW_THREADS
+    if (err) {
+        PyErr_SetString(PyExc_MemoryError, "lintx_triton.native: the decode step's scratch could not be allocated");
+        goto done;
+    }
+    n_calls++;
+    if (r->inplace) {
+        PyObject *b = PyObject_CallOneArg(g_bump, state);
+        if (b == NULL)
+            goto done;
+        Py_DECREF(b);
+        result = Py_NewRef(o);
+    } else {
+        result = Py_BuildValue("(O(OO))", o, S, z);
+    }
+done:
+    Py_XDECREF(o);
+    Py_XDECREF(S);
+    Py_XDECREF(z);
+    Py_DECREF(S0);
+    Py_DECREF(z0);
+    return result;
+}
+
+static PyObject *runner_new(PyTypeObject *type, PyObject *args, PyObject *Py_UNUSED(kw))
+{
+    unsigned long long address;
+    PyObject *dims, *state_type;
+    int inplace;
+    if (g_tensor == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "lintx_runner.setup() first");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "KO!pO!", &address, &PyTuple_Type, &dims, &inplace, &PyType_Type, &state_type))
+        return NULL;
+    if (PyTuple_GET_SIZE(dims) != 6 || address == 0) {
+        PyErr_SetString(PyExc_ValueError, "Runner(step_address, (B, H, HKV, D, DV, map), inplace, state_type)");
+        return NULL;
+    }
+    Runner *r = (Runner *)type->tp_alloc(type, 0);
+    if (r == NULL)
+        return NULL;
+    for (int i = 0; i < 6; i++)
+        r->dims[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(dims, i));
+    if (PyErr_Occurred()) {
+        Py_DECREF(r);
+        return NULL;
+    }
+    r->vectorcall = runner_call;
+    r->fn = (step_fn)(uintptr_t)address;
+    r->inplace = inplace;
+    r->state_type = Py_NewRef(state_type);
+    r->o_shape = Py_BuildValue("(LLL)", (long long)r->dims[0], (long long)r->dims[1], (long long)r->dims[4]);
+    if (r->o_shape == NULL) {
+        Py_DECREF(r);
+        return NULL;
+    }
+    return (PyObject *)r;
+}
+
+static void runner_dealloc(Runner *r)
+{
+    Py_XDECREF(r->state_type);
+    Py_XDECREF(r->o_shape);
+    Py_TYPE(r)->tp_free((PyObject *)r);
+}
+
+static PyTypeObject RunnerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "lintx_runner.Runner",
+    .tp_basicsize = sizeof(Runner),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_vectorcall_offset = offsetof(Runner, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_new = runner_new,
+    .tp_dealloc = (destructor)runner_dealloc,
+    .tp_doc = "A planned decode step: runner(q, k, v, state, normalize, scale, eps) -> o, (o, (S, z)) or None",
+};
+
+static PyObject *setup(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    PyObject *objs[6];
+    if (!PyArg_ParseTuple(args, "OOOOOO", &objs[0], &objs[1], &objs[2], &objs[3], &objs[4], &objs[5]))
+        return NULL;
+    PyObject **slots[6] = {&g_tensor, &g_f32, &g_empty_like, &g_bump, &g_grad_enabled, &g_traced};
+    for (int i = 0; i < 6; i++)
+        Py_XSETREF(*slots[i], Py_NewRef(objs[i]));
+    Py_RETURN_NONE;
+}
+
+static PyObject *calls(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(args))
+{
+    return PyLong_FromLongLong(n_calls);
+}
+
+static PyMethodDef methods[] = {
+    {"calls", calls, METH_NOARGS, "calls(): the native steps the runners have run in this process"},
+    {"setup", setup, METH_VARARGS,
+     "setup(tensor_type, float32, empty_like, bump, is_grad_enabled, traced): what a runner calls"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "lintx_runner", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit_lintx_runner(void)
+{
+    if (PyType_Ready(&RunnerType) < 0)
+        return NULL;
+    const char *names[7] = {"shape", "dtype", "is_cpu", "is_contiguous", "data_ptr", "requires_grad", "new_empty"};
+    PyObject **slots[7] = {&s_shape, &s_dtype, &s_is_cpu, &s_is_contiguous, &s_data_ptr, &s_requires_grad,
+                           &s_new_empty};
+    for (int i = 0; i < 7; i++)
+        if ((*slots[i] = PyUnicode_InternFromString(names[i])) == NULL)
+            return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "Runner", (PyObject *)&RunnerType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,121 @@
+"""The decode step's projections in C (lintx_triton/native/linear.c, issue #17): nn.Linear's x w^T + b for a
+few rows, within a rounding bound of the float64 product at every shape and ISA variant, used by
+LinearAttention.step only where nothing else must see the call (autograd, a hook, a tracer)."""
+
+import ctypes
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import lintx_triton as lx
+from helpers import build_variant, cpu_isas, native_off
+from lintx_triton import native
+
+needs_native = pytest.mark.skipif(not native.available(), reason="no working C compiler here: no native code")
+
+U = 2.0 ** -24  # float32's unit roundoff
+
+
+def _bound(x, w, b):
+    """|y - x w^T - b| for any order of the K products' sums (each an FMA or a product and an add) and the bias'
+    add: gamma_(K+1) (|x| |w|^T + |b|), Higham's bound for a dot product of K + 1 terms, plus y's rounding."""
+    K = x.shape[1]
+    g = (K + 1) * U / (1 - (K + 1) * U)
+    ref = x.abs().double() @ w.abs().double().T + (b.abs().double() if b is not None else 0)
+    return g * ref + U * ref
+
+
+def _check(y, x, w, b):
+    want = x.double() @ w.double().T + (b.double() if b is not None else 0)
+    err = (y.double() - want).abs()
+    bound = _bound(x, w, b)
+    assert (err <= bound).all(), f"error {err.max().item():.3g} over its bound at {(err / bound).argmax().item()}"
+
+
+# M up to LINEAR_MAX_ROWS; N and K around the tiles (4 x 4 rows, 16 / 8 / 4 lanes) and their tails
+shapes = st.tuples(st.integers(1, native.LINEAR_MAX_ROWS), st.integers(1, 37), st.integers(1, 70))
+
+
+@needs_native
+@given(shape=shapes, bias=st.booleans(), pad=st.integers(0, 5), seed=st.integers(0, 2**16))
+def test_linear_within_bound(shape, bias, pad, seed):
+    """Every shape (row blocks and column tiles with tails, K below, at and past a vector), with and without a
+    bias, x's rows strided (a view of wider rows): within the dot-product bound of the float64 product."""
+    M, N, K = shape
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K + pad, generator=gen)[:, :K]
+    w, b = torch.randn(N, K, generator=gen), torch.randn(N, generator=gen) if bias else None
+    y = native.linear(x, w, b)
+    assert y is not None and y.shape == (M, N) and y.is_contiguous()
+    _check(y, x, w, b)
+
+
+@needs_native
+def test_every_isa_variant_within_bound(native_variants):
+    """linear.c's variants (AVX-512, AVX2, the baseline; each pinned by -DLINTX_FORCE_ISA), each on shapes with
+    row, column and K tails: within the bound."""
+    gen = torch.Generator().manual_seed(1)
+    for isa in cpu_isas():
+        fn = ctypes.CDLL(str(build_variant(isa, native_variants))).lintx_linear_f32
+        for M, N, K in [(16, 512, 512), (5, 7, 3), (1, 33, 67), (32, 9, 16), (7, 1, 1)]:
+            x, w, b = torch.randn(M, K, generator=gen), torch.randn(N, K, generator=gen), torch.randn(N, generator=gen)
+            y = torch.full((M, N), float("nan"))
+            a = (ctypes.c_int64 * 8)(M, N, K, x.data_ptr(), K, w.data_ptr(), b.data_ptr(), y.data_ptr())
+            assert fn(a) == 0
+            _check(y, x, w, b)
+
+
+@needs_native
+def test_not_eligible_returns_none():
+    """None (the caller runs torch) wherever linear.c must not run: autograd to record, too many rows, another
+    dtype, a non-contiguous weight or bias, a strided x column, a tensor subclass, a tracer, the switch off."""
+    x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+    with torch.no_grad():
+        assert native.linear(x, w, b) is not None
+        assert native.linear(torch.randn(native.LINEAR_MAX_ROWS + 1, 8), w, b) is None
+        assert native.linear(x.double(), w.double(), b.double()) is None
+        assert native.linear(x, torch.randn(8, 5).T, b) is None
+        assert native.linear(x, w, torch.randn(10)[::2]) is None
+        assert native.linear(torch.randn(8, 3).T, w, b) is None
+        assert native.linear(x.as_subclass(type("Sub", (torch.Tensor,), {})), w, b) is None
+        assert native.linear(x[:0], w, b) is None
+        with native_off():
+            assert native.linear(x, w, b) is None
+    assert native.linear(x, w.requires_grad_(), b) is None  # grad mode on, a parameter that requires grad
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    graph = make_fx(lambda x, w, b: native.linear(x, w, b) is None)(x, w.detach(), b)
+    assert graph(x, w.detach(), b)  # the tracer saw None (no call it could not record)
+
+
+@needs_native
+def test_module_step_projects_in_c_unless_hooked(monkeypatch):
+    """LinearAttention.step under no_grad projects q, k, v and the output with linear.c (four calls a step) and
+    matches the module with the native code off; a forward hook on a projection, a module's own or a global
+    one, sends that projection through the module (the hook runs); with grad the module runs as before."""
+    calls = []
+    fn = native._linear
+    monkeypatch.setattr(native, "_linear", lambda a: (calls.append(a[0]), fn(a))[1])
+    torch.manual_seed(0)
+    attn = lx.nn.LinearAttention(32, 4, num_kv_heads=2)
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        y, _ = attn.step(x, attn.init_state(3))
+        assert len(calls) == 4
+        with native_off():
+            y_t, _ = attn.step(x, attn.init_state(3))
+        torch.testing.assert_close(y, y_t, rtol=1e-5, atol=1e-5)
+        seen = []
+        handle = attn.k_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        attn.step(x, attn.init_state(3))
+        handle.remove()
+        assert len(calls) == 7 and seen == [(3, 16)]
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(type(m)))
+        try:
+            attn.step(x, attn.init_state(3))
+        finally:
+            handle.remove()
+        assert len(calls) == 7 and seen.count(torch.nn.Linear) == 4
+    y_g, _ = attn.step(x, attn.init_state(3))
+    assert len(calls) == 7 and y_g.requires_grad
