@@ -9,15 +9,17 @@ Floors, measured in the same run. ``state``: a copy of S and z's bytes ([B, H, M
 which a step reads and writes once. ``module``: a copy of the state's and the four projections' weights' and
 biases' bytes, which ``LinearAttention.step`` has to read (the issue's floor; a copy also writes the weights,
 so it is the generous one); ``module_read``: the state's copy plus one read of the weights (a sum);
-``module_gemm``: the state's copy plus the projections' matmuls alone (x against the concatenated q, k, v
-weights, then the output projection: two calls), the floor once the projections' FLOPs outweigh their bytes.
+``module_gemm``: the state's copy plus the projections' matmuls alone in torch (x against the concatenated
+q, k, v weights, then the output projection: two calls, MKL), what torch's matmuls need once the projections'
+FLOPs outweigh their bytes (the module's own projections, ``lintx_triton/native/linear.c``, run under it).
 
 Rows: ``step_`` (the public in-place step: argument checks, then the arithmetic; the native C step of
 ``lintx_triton.native`` where it builds), ``step_torch`` (the same call with the native step off:
 ``lx.native.set_enabled(False)``, the PyTorch path), ``body`` (the PyTorch arithmetic alone:
 ``reference.linear_attention_step_torch_``), ``native_c`` (the C function alone, its pointers prepared outside
 the timing: what the native step's Python costs is ``step_`` minus it), ``module``
-(``LinearAttention.step(x, state, inplace=True)``, native where it builds) and ``module_torch`` (native off),
+(``LinearAttention.step(x, state, inplace=True)``, native where it builds: the step, and the projections in
+``linear.c``) and ``module_torch`` (native off: torch's projections and step),
 ``module_fused_qkv`` (the same step with q, k, v from one matmul against a concatenated weight, built once
 outside the timing: what fusing the projections would save), and the dispatch costs that bound what any
 sequence of torch calls can reach: ``empty_op`` (``torch.add`` of two 1-element tensors into a third) and
