@@ -20,7 +20,7 @@ Rows: ``step_`` (the public in-place step: argument checks, then the arithmetic;
 the timing: what the native step's Python costs is ``step_`` minus it), ``module``
 (``LinearAttention.step(x, state, inplace=True)``, native where it builds: the step, and the projections in
 ``linear.c``) and ``module_torch`` (native off: torch's projections and step),
-``module_fused_qkv`` (the same step with q, k, v from one matmul against a concatenated weight, built once
+``module_fused_qkv`` (the same step with q, k, v from one torch matmul against a concatenated weight, built once
 outside the timing: what fusing the projections would save), and the dispatch costs that bound what any
 sequence of torch calls can reach: ``empty_op`` (``torch.add`` of two 1-element tensors into a third) and
 ``view``. Without a C compiler the native rows are left out (and ``step_``, ``module`` are the PyTorch path).

@@ -25,14 +25,17 @@ __all__ = ["LinearAttention"]
 
 
 _hooks = nn.modules.module  # the global module hooks' registries
+_LINEAR_FORWARD = nn.Linear.forward
 
 
 def _step_projection(proj: nn.Module, x: Tensor) -> Tensor:
-    """proj(x) for a decode step: on the CPU, a plain nn.Linear with no hook (its own or global) and nothing for
-    autograd to record runs lintx_triton.native.linear (a C kernel for a few rows: 370-450 against MKL's 480-570 us
-    for the four 512 x 512 projections of a step at B = 16, bench/NOTES.md); anything else calls the module."""
-    if (type(proj) is nn.Linear and not (proj._forward_hooks or proj._forward_pre_hooks
-                                         or _hooks._global_forward_hooks or _hooks._global_forward_pre_hooks)):
+    """proj(x) for a decode step: on the CPU, a plain nn.Linear (its forward neither replaced on the instance, as
+    accelerate's hooks do, nor patched on the class) with no hook, its own or global, and nothing for autograd to
+    record runs lintx_triton.native.linear (a C kernel for a few rows: 427 against MKL's 481-505 us for the four
+    512 x 512 projections of a step at B = 16, bench/NOTES.md); anything else calls the module."""
+    if (type(proj) is nn.Linear and nn.Linear.forward is _LINEAR_FORWARD and "forward" not in proj.__dict__
+            and not (proj._forward_hooks or proj._forward_pre_hooks or _hooks._global_forward_hooks
+                     or _hooks._global_forward_pre_hooks)):
         y = native.linear(x, proj.weight, proj.bias)
         if y is not None:
             return y

@@ -79,14 +79,32 @@ def test_not_eligible_returns_none():
         assert native.linear(x, w, torch.randn(10)[::2]) is None
         assert native.linear(torch.randn(8, 3).T, w, b) is None
         assert native.linear(x.as_subclass(type("Sub", (torch.Tensor,), {})), w, b) is None
-        assert native.linear(x[:0], w, b) is None
+        assert native.linear(x[:0], w, b) is None  # no rows
+        assert native.linear(torch.randn(3, 0), torch.randn(5, 0), b) is None  # K = 0
+        assert native.linear(x, torch.randn(0, 8), None) is None  # N = 0
+        assert native.linear(x.to("meta"), w, b) is None and native.linear(x, w.to("meta"), b) is None
+        assert native.linear(x, w, b.double()) is None
+        assert native.linear(torch._neg_view(x), w, b) is None  # its memory holds -x
+        assert native.linear(x, torch._neg_view(w), b) is None
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # F.linear would give bfloat16
+            assert native.linear(x, w, b) is None
         with native_off():
             assert native.linear(x, w, b) is None
+    assert native.linear(x.clone().requires_grad_(), w, b) is None  # grad mode on, an input that requires grad
     assert native.linear(x, w.requires_grad_(), b) is None  # grad mode on, a parameter that requires grad
     from torch.fx.experimental.proxy_tensor import make_fx
 
     graph = make_fx(lambda x, w, b: native.linear(x, w, b) is None)(x, w.detach(), b)
     assert graph(x, w.detach(), b)  # the tracer saw None (no call it could not record)
+
+    class Logging(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Logging():  # a mode answers even the attribute reads: not for the C
+        assert native.linear(x, w.detach(), b) is None
+    with torch.no_grad(), torch.device("cpu"):  # set_default_device's mode alone: the C runs
+        assert native.linear(x, w.detach(), b) is not None
 
 
 @needs_native
@@ -119,3 +137,41 @@ def test_module_step_projects_in_c_unless_hooked(monkeypatch):
         assert len(calls) == 7 and seen.count(torch.nn.Linear) == 4
     y_g, _ = attn.step(x, attn.init_state(3))
     assert len(calls) == 7 and y_g.requires_grad
+
+
+@needs_native
+def test_module_step_leaves_replaced_forwards_modes_and_autocast_to_torch(monkeypatch):
+    """A projection whose forward is replaced on the instance (as accelerate's hooks do) or patched on the class,
+    a TorchFunctionMode around the step (it sees the four F.linear calls, as it did before linear.c), and CPU
+    autocast (the projections' dtype is autocast's) all take the modules' own path."""
+    torch.manual_seed(0)
+    attn = lx.nn.LinearAttention(32, 4, num_kv_heads=2)
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        y0, _ = attn.step(x, attn.init_state(3))
+        original = attn.k_proj.forward
+        attn.k_proj.forward = lambda i: original(i) * 0
+        y1, _ = attn.step(x, attn.init_state(3))
+        del attn.k_proj.forward
+        seen = []
+        real = torch.nn.Linear.forward
+        monkeypatch.setattr(torch.nn.Linear, "forward", lambda self, i: (seen.append(1), real(self, i))[1])
+        attn.step(x, attn.init_state(3))
+        assert len(seen) == 4
+        monkeypatch.undo()
+        funcs = []
+
+        class Logging(torch.overrides.TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                funcs.append(func)
+                return func(*args, **(kwargs or {}))
+
+        with Logging():
+            attn.step(x, attn.init_state(3))
+        assert funcs.count(torch.nn.functional.linear) == 4
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y_native, _ = attn.step(x, attn.init_state(3))
+            with native_off():
+                y_torch, _ = attn.step(x, attn.init_state(3))
+    assert not torch.equal(y0, y1)  # k was zeroed: the replaced forward ran
+    assert y_native.dtype == y_torch.dtype == torch.bfloat16

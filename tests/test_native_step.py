@@ -193,7 +193,7 @@ class _Sub(torch.Tensor):
 @pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "functional"])
 def test_repeated_step_skips_the_key_until_anything_changes(request, monkeypatch, inplace, runner):
     """A step repeating the last native step's arguments runs it without building the key (api._fast_step); a
-    step that differs in any one thing the key holds (B, q's heads, a tensor's type, the state's container, a functional
+    step that differs in any one thing the key holds (B, q's heads, a tensor's type or dtype, a negated view, the state's container, a functional
     state's contiguity, eps, scale's type, the map) goes through the key again and gives the torch path's
     numbers, whether it runs natively or not; on both runners (runner.c's and the Python one)."""
     spy = request.getfixturevalue(runner)
@@ -218,6 +218,8 @@ def test_repeated_step_skips_the_key_until_anything_changes(request, monkeypatch
             B1=((q[:1], k[:1], v[:1], (S[:1], z[:1])), {}, True),
             q_heads=((torch.randn(2, 6, 8, generator=gen), k, v, (S, z)), {}, True),  # two query heads a kv head
             subclass=((q.as_subclass(_Sub), k, v, (S, z)), {}, False),
+            neg_view=((torch._neg_view(-q), k, v, (S, z)), {}, False),  # q's values, its memory -q
+            half=((q.half(), k.half(), v.half(), (S, z)), {}, False),
             list_state=((q, k, v, [S, z]), {}, True),
             eps=((q, k, v, (S, z)), dict(eps=0.25), True),
             scale_int=((q, k, v, (S, z)), dict(scale=2), True),

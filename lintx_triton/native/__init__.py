@@ -265,19 +265,30 @@ _dispatch_modes = torch._C._len_torch_dispatch_stack  # FakeTensorMode, make_fx'
 _functorch_active = torch._C._are_functorch_transforms_active  # vmap, grad, ...
 _jit_tracing = torch._C._get_tracing_state  # torch.jit.trace
 _forward_ad = torch.autograd.forward_ad
+_function_modes = torch._C._len_torch_function_stack  # TorchFunctionMode: a logger, an override, torch.device(...)
+
+
+def _function_modes_other_than_device() -> bool:
+    from torch.overrides import _get_current_function_mode_stack
+    from torch.utils._device import DeviceContext
+
+    return not all(isinstance(m, DeviceContext) for m in _get_current_function_mode_stack())
 
 
 def _traced() -> bool:
-    """Whether a tracer or transform sees the torch calls now: the C would run unseen by it (make_fx's or
-    torch.jit.trace's graph would miss it, forward-mode AD its tangents), or on a tensor without real memory (a
-    FakeTensor's data_ptr is 0: the C wrote through NULL)."""
+    """Whether a tracer, transform or mode sees the torch calls now: the C would run unseen by it (make_fx's or
+    torch.jit.trace's graph would miss it, forward-mode AD its tangents, a TorchFunctionMode the projections), on a
+    tensor without real memory (a FakeTensor's data_ptr is 0: the C wrote through NULL), or on an output a mode
+    allocated (its empty_like could return anything). torch.set_default_device's mode alone does not count (the
+    outputs follow their inputs' device)."""
     return (bool(_dispatch_modes()) or _functorch_active() or _jit_tracing() is not None
-            or _forward_ad._current_level >= 0)
+            or _forward_ad._current_level >= 0 or (_function_modes() > 0 and _function_modes_other_than_device()))
 
 
 def _plain(*ts) -> bool:
-    """Plain tensors (not subclasses: FakeTensor, a wrapper) and nothing tracing the calls (:func:`_traced`)."""
-    return all(type(t) is torch.Tensor for t in ts) and not _traced()
+    """Plain tensors (not subclasses: FakeTensor, a wrapper; not negated views, whose memory holds -x) and nothing
+    tracing the calls (:func:`_traced`)."""
+    return all(type(t) is torch.Tensor and not t.is_neg() for t in ts) and not _traced()
 
 
 def plan(q, k, v, S, z, fm, inplace: bool, state_type: type):
@@ -541,7 +552,7 @@ def _runner(fn, dims, inplace: bool, state_type: type):
     def run(q, k, v, state, normalize, scale, eps):
         """o (in place: the state updated), or (o, (S, z)) (functional: a new state); None: the arguments are not
         the ones this runner was planned for, or the PyTorch path must run (autograd, a tracer)."""
-        if type(state) is not state_type or len(state) != 2:
+        if type(state) is not state_type or len(state) != 2 or _traced():  # a mode would answer the reads below
             return None
         S0, z0 = state
         if not (type(q) is T and type(k) is T and type(v) is T and type(S0) is T and type(z0) is T
@@ -549,12 +560,11 @@ def _runner(fn, dims, inplace: bool, state_type: type):
                 and z0.shape == z_shape and q.dtype is f32 and k.dtype is f32 and v.dtype is f32
                 and S0.dtype is f32 and z0.dtype is f32 and q.is_cpu and k.is_cpu and v.is_cpu and S0.is_cpu
                 and z0.is_cpu and q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
-                and S0.is_contiguous() and z0.is_contiguous()):
+                and S0.is_contiguous() and z0.is_contiguous() and not (q.is_neg() or k.is_neg() or v.is_neg()
+                                                                        or S0.is_neg() or z0.is_neg())):
             return None
         if _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or S0.requires_grad
                                 or z0.requires_grad):
-            return None
-        if _traced():  # the types are plain, not the modes (make_fx's real mode)
             return None
         o = _empty_like(q) if like_q else q.new_empty(o_shape)
         try:
@@ -587,13 +597,15 @@ _LINEAR_ARGS = ("M", "N", "K", "x", "ldx", "w", "b", "y")
 LINEAR_MAX_ROWS = 32
 _PARAMETER = torch.nn.Parameter
 _is_compiling = torch.compiler.is_compiling
+_autocast = torch.is_autocast_enabled
 
 
 def linear(x, weight, bias=None):
     """``x @ weight.T + bias`` (nn.Linear's ``F.linear``) in linear.c for a decode step's few rows, or None when the
     arguments are not eligible (the caller then runs torch's): ``x`` [M, K] with M <= :data:`LINEAR_MAX_ROWS` and
     unit column stride, ``weight`` [N, K] and ``bias`` [N] (or None) contiguous, all CPU float32 tensors or
-    parameters, nothing for autograd to record, no tracer or ``torch.compile``, the native code on and built.
+    parameters (not negated views), nothing for autograd to record, no tracer, mode, CPU autocast or
+    ``torch.compile``, the native code on and built.
 
     Examples::
 
@@ -612,6 +624,8 @@ def linear(x, weight, bias=None):
         return None
     if x.dim() != 2 or weight.dim() != 2 or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return None
+    if x.is_neg() or weight.is_neg() or (bias is not None and bias.is_neg()) or _autocast("cpu"):
+        return None  # a negated view's memory holds -x; autocast would give F.linear another dtype
     (M, K), N = x.shape, weight.shape[0]
     if not (0 < M <= LINEAR_MAX_ROWS and K > 0 and N > 0 and weight.shape[1] == K and x.is_cpu and weight.is_cpu
             and (x.stride(1) == 1 or K == 1) and weight.is_contiguous()):

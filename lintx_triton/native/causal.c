@@ -435,12 +435,7 @@ int lintx_causal_f32(const int64_t *a, const float *se) {
     causal_fn fn = chosen_causal;
     if (fn == NULL) {
         static const causal_fn variants[] = LINTX_VARIANTS(causal_);
-        int isa = lintx_isa();
-#if defined(LINTX_X86) && !defined(LINTX_FORCE_ISA)
-        if (isa == LINTX_ISA_AVX2 && !__builtin_cpu_supports("fma"))  /* the AVX2 variant is AVX2 and FMA */
-            isa = LINTX_ISA_BASE;
-#endif
-        chosen_causal = fn = variants[isa];
+        chosen_causal = fn = variants[lintx_isa_fma()];
     }
     return fn(a, se);
 }

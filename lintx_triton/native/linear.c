@@ -112,12 +112,7 @@ int lintx_linear_f32(const int64_t *a) {
     linear_fn fn = chosen_linear;
     if (fn == NULL) {
         static const linear_fn variants[] = LINTX_VARIANTS(linear_);
-        int isa = lintx_isa();
-#if defined(LINTX_X86) && !defined(LINTX_FORCE_ISA)
-        if (isa == LINTX_ISA_AVX2 && !__builtin_cpu_supports("fma"))  /* the AVX2 variant is AVX2 and FMA */
-            isa = LINTX_ISA_BASE;
-#endif
-        chosen_linear = fn = variants[isa];
+        chosen_linear = fn = variants[lintx_isa_fma()];
     }
     return fn(a);
 }

@@ -40,6 +40,17 @@ static inline int lintx_isa(void) {
 #endif
 }
 
+/* lintx_isa() for the entry points whose AVX2 variant also uses FMA (target "avx2,fma": causal.c, linear.c): the
+ * baseline on an AVX2 CPU without it. */
+static inline int lintx_isa_fma(void) {
+    int isa = lintx_isa();
+#if defined(LINTX_X86) && !defined(LINTX_FORCE_ISA)
+    if (isa == LINTX_ISA_AVX2 && !__builtin_cpu_supports("fma"))
+        isa = LINTX_ISA_BASE;
+#endif
+    return isa;
+}
+
 /* The maps, as lintx_triton/feature_maps/builtin.py defines them (the Triton expression in the comment). */
 enum { LINTX_MAP_ELU = 1, LINTX_MAP_RELU = 2, LINTX_MAP_IDENTITY = 3 };
 

@@ -23,7 +23,8 @@ typedef int (*step_fn)(const int64_t *a, const float *se, int normalize);
 
 static long long n_calls; /* steps run, under the GIL */
 static PyObject *g_tensor, *g_f32, *g_empty_like, *g_bump, *g_grad_enabled, *g_traced;
-static PyObject *s_shape, *s_dtype, *s_is_cpu, *s_is_contiguous, *s_data_ptr, *s_requires_grad, *s_new_empty;
+static PyObject *s_shape, *s_dtype, *s_is_cpu, *s_is_contiguous, *s_is_neg, *s_data_ptr, *s_requires_grad,
+    *s_new_empty;
 
 typedef struct {
     PyObject_HEAD
@@ -35,7 +36,25 @@ typedef struct {
     PyObject *o_shape; /* (B, H, DV), for new_empty when D != DV */
 } Runner;
 
-/* 1: t is a plain torch.Tensor, float32, on the CPU, contiguous, of shape dims[0..n); 0: not; -1: an error */
+/* x (a new reference, or NULL after an error) is want: 1; is not: 0; NULL: -1. Releases x. */
+static int is_and_release(PyObject *x, PyObject *want)
+{
+    if (x == NULL)
+        return -1;
+    int r = x == want;
+    Py_DECREF(x);
+    return r;
+}
+
+/* t.name(), a method without arguments */
+static PyObject *call_method(PyObject *t, PyObject *name)
+{
+    PyObject *args[1] = {t};
+    return PyObject_VectorcallMethod(name, args, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+}
+
+/* 1: t is a plain torch.Tensor, float32, on the CPU, contiguous, not a negated view, of shape dims[0..n); 0: not;
+ * -1: an error */
 static int plain_as(PyObject *t, const int64_t *dims, Py_ssize_t n)
 {
     if ((PyObject *)Py_TYPE(t) != g_tensor)
@@ -51,52 +70,18 @@ static int plain_as(PyObject *t, const int64_t *dims, Py_ssize_t n)
     Py_DECREF(x);
     if (!ok)
         return PyErr_Occurred() ? -1 : 0;
-    if ((x = PyObject_GetAttr(t, s_dtype)) == NULL)
-        return -1;
-    ok = x == g_f32;
-    Py_DECREF(x);
-    if (!ok)
-        return 0;
-    if ((x = PyObject_GetAttr(t, s_is_cpu)) == NULL)
-        return -1;
-    ok = x == Py_True;
-    Py_DECREF(x);
-    if (!ok)
-        return 0;
-    PyObject *args[1] = {t};
-    if ((x = PyObject_VectorcallMethod(s_is_contiguous, args, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL)) == NULL)
-        return -1;
-    ok = x == Py_True;
-    Py_DECREF(x);
-    return ok;
-}
-
-/* 1: t.requires_grad; 0: not; -1: an error */
-static int requires_grad(PyObject *t)
-{
-    PyObject *x = PyObject_GetAttr(t, s_requires_grad);
-    if (x == NULL)
-        return -1;
-    int r = x == Py_True;
-    Py_DECREF(x);
-    return r;
-}
-
-/* 1: the call's result is True; 0: False; -1: an error */
-static int call_true(PyObject *f)
-{
-    PyObject *x = PyObject_CallNoArgs(f);
-    if (x == NULL)
-        return -1;
-    int r = PyObject_IsTrue(x);
-    Py_DECREF(x);
+    int r;
+    if ((r = is_and_release(PyObject_GetAttr(t, s_dtype), g_f32)) != 1
+        || (r = is_and_release(PyObject_GetAttr(t, s_is_cpu), Py_True)) != 1
+        || (r = is_and_release(call_method(t, s_is_contiguous), Py_True)) != 1)
+        return r;
+    r = is_and_release(call_method(t, s_is_neg), Py_False);
     return r;
 }
 
 static int data_ptr(PyObject *t, int64_t *out)
 {
-    PyObject *args[1] = {t};
-    PyObject *x = PyObject_VectorcallMethod(s_data_ptr, args, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    PyObject *x = call_method(t, s_data_ptr);
     if (x == NULL)
         return -1;
     *out = (int64_t)PyLong_AsLongLong(x);
@@ -141,13 +126,14 @@ static PyObject *runner_call(PyObject *callable, PyObject *const *args, size_t n
     Py_INCREF(S0);
     Py_INCREF(z0);
     PyObject *o = NULL, *S = NULL, *z = NULL, *result = NULL;
-    int ok = 1;
+    /* a tracer or mode first: under a TorchFunctionMode even the attribute reads below are its to answer */
+    int ok = is_and_release(PyObject_CallNoArgs(g_traced), Py_False);
     for (int i = 0; ok > 0 && i < 5; i++)
         ok = plain_as(ts[i], shapes[i], ndims[i]);
     if (ok > 0) { /* with grad on, no input may need one */
-        int g = call_true(g_grad_enabled);
+        int g = is_and_release(PyObject_CallNoArgs(g_grad_enabled), Py_True);
         for (int i = 0; g > 0 && i < 5; i++) {
-            int rg = requires_grad(ts[i]);
+            int rg = is_and_release(PyObject_GetAttr(ts[i], s_requires_grad), Py_True);
             if (rg != 0) {
                 ok = rg < 0 ? -1 : 0;
                 break;
@@ -156,19 +142,20 @@ static PyObject *runner_call(PyObject *callable, PyObject *const *args, size_t n
         if (g < 0)
             ok = -1;
     }
-    if (ok > 0) {
-        int tr = call_true(g_traced);
-        ok = tr < 0 ? -1 : !tr;
-    }
     if (ok < 0)
         goto done;
     if (ok == 0) {
         result = Py_NewRef(Py_None);
         goto done;
     }
-    double scale = PyFloat_AsDouble(args[5]), eps = PyFloat_AsDouble(args[6]);
-    int normalize = PyObject_IsTrue(args[4]);
-    if (normalize < 0 || PyErr_Occurred())
+    const double scale = PyFloat_AsDouble(args[5]);
+    if (scale == -1.0 && PyErr_Occurred())
+        goto done;
+    const double eps = PyFloat_AsDouble(args[6]);
+    if (eps == -1.0 && PyErr_Occurred())
+        goto done;
+    const int normalize = PyObject_IsTrue(args[4]);
+    if (normalize < 0)
         goto done;
     if (D == DV) {
         o = empty_like(q);
@@ -296,16 +283,17 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "lintx_runner", NULL, -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "lintx_runner", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit_lintx_runner(void)
 {
     if (PyType_Ready(&RunnerType) < 0)
         return NULL;
-    const char *names[7] = {"shape", "dtype", "is_cpu", "is_contiguous", "data_ptr", "requires_grad", "new_empty"};
-    PyObject **slots[7] = {&s_shape, &s_dtype, &s_is_cpu, &s_is_contiguous, &s_data_ptr, &s_requires_grad,
-                           &s_new_empty};
-    for (int i = 0; i < 7; i++)
+    const char *names[8] = {"shape",    "dtype",         "is_cpu",   "is_contiguous", "is_neg",
+                            "data_ptr", "requires_grad", "new_empty"};
+    PyObject **slots[8] = {&s_shape,    &s_dtype,         &s_is_cpu,   &s_is_contiguous, &s_is_neg,
+                           &s_data_ptr, &s_requires_grad, &s_new_empty};
+    for (int i = 0; i < 8; i++)
         if ((*slots[i] = PyUnicode_InternFromString(names[i])) == NULL)
             return NULL;
     PyObject *m = PyModule_Create(&module);
