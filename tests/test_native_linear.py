@@ -33,6 +33,15 @@ def _check(y, x, w, b):
     assert (err <= bound).all(), f"error {err.max().item():.3g} over its bound at {(err / bound).argmax().item()}"
 
 
+_new_empty = torch.Tensor.new_empty
+
+
+@pytest.fixture(autouse=True)
+def nan_new_empty(monkeypatch):
+    """y (x.new_empty) starts as NaN, as conftest's nan_empty does for torch.empty: a column linear.c forgot fails."""
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: _new_empty(self, *a, **k).fill_(float("nan")))
+
+
 # M up to LINEAR_MAX_ROWS; N and K around the tiles (4 x 4 rows, 16 / 8 / 4 lanes) and their tails
 shapes = st.tuples(st.integers(1, native.LINEAR_MAX_ROWS), st.integers(1, 37), st.integers(1, 70))
 
@@ -52,6 +61,28 @@ def test_linear_within_bound(shape, bias, pad, seed):
 
 
 @needs_native
+def test_split_between_threads_within_bound(monkeypatch):
+    """Large enough calls split y's columns between torch's threads (on its OpenMP team, in whole tiles of 4; the
+    last part takes the tail): the same bound, every column written (y starts as NaN)."""
+    calls = []
+    team = native._linear_team
+    monkeypatch.setattr(native, "_linear_team", lambda *a: (calls.append(a[2].value), team(*a))[1])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(2)
+        for M, N, K in [(16, 512, 512), (9, 37, 6400), (32, 6, 12000)]:
+            assert M * N * K >= native._LINEAR_SPLIT_MIN
+            x, w, b = torch.randn(M, K, generator=gen), torch.randn(N, K, generator=gen), torch.randn(N, generator=gen)
+            y = native.linear(x, w, b)
+            _check(y, x, w, b)
+    finally:
+        torch.set_num_threads(threads)
+    if native._openmp_parallel():
+        assert calls == [2, 2, 2]
+
+
+@needs_native
 def test_every_isa_variant_within_bound(native_variants):
     """linear.c's variants (AVX-512, AVX2, the baseline; each pinned by -DLINTX_FORCE_ISA), each on shapes with
     row, column and K tails: within the bound."""
@@ -61,7 +92,7 @@ def test_every_isa_variant_within_bound(native_variants):
         for M, N, K in [(16, 512, 512), (5, 7, 3), (1, 33, 67), (32, 9, 16), (7, 1, 1)]:
             x, w, b = torch.randn(M, K, generator=gen), torch.randn(N, K, generator=gen), torch.randn(N, generator=gen)
             y = torch.full((M, N), float("nan"))
-            a = (ctypes.c_int64 * 8)(M, N, K, x.data_ptr(), K, w.data_ptr(), b.data_ptr(), y.data_ptr())
+            a = (ctypes.c_int64 * 9)(M, N, K, x.data_ptr(), K, w.data_ptr(), b.data_ptr(), y.data_ptr(), N)
             assert fn(a) == 0
             _check(y, x, w, b)
 

@@ -73,7 +73,7 @@ _LOCK = threading.Lock()
 _lib = None  # the loaded step function, False once it is known not to load, None before the first try
 _causal = None  # causal.c's function, loaded with _lib
 _causal_team = None  # causal.c's split on an OpenMP team (lintx_causal_f32_team), loaded with _lib
-_linear = None  # linear.c's function, loaded with _lib
+_linear = _linear_team = None  # linear.c's functions (lintx_linear_f32, its split on the OpenMP team), with _lib
 # runner.c, the decode step's runner as a CPython extension (module lintx_runner), built beside the library with
 # Python's headers; _EXT: the module, False when it cannot be built (the Python runner then), None before the try
 _RUNNER_SOURCE = Path(__file__).with_name("runner.c")
@@ -172,7 +172,7 @@ def _build(cc: str, path: Path, extra: tuple = (), sources: "tuple | None" = Non
 
 def _load():
     """The ctypes function of the built library, or None (no compiler, a failed build): tried once."""
-    global _lib, _causal, _causal_team, _linear
+    global _lib, _causal, _causal_team, _linear, _linear_team
     if _lib is not None:
         return _lib or None
     with _LOCK:
@@ -190,8 +190,8 @@ def _load():
                 _build(cc, path)
             lib = ctypes.CDLL(str(path))
             fn, causal, team = lib.lintx_step_f32, lib.lintx_causal_f32, lib.lintx_causal_f32_team
-            linear = lib.lintx_linear_f32
-            causal.restype = team.restype = linear.restype = ctypes.c_int
+            linear, linear_team = lib.lintx_linear_f32, lib.lintx_linear_f32_team
+            causal.restype = team.restype = linear.restype = linear_team.restype = ctypes.c_int
             if causal(None) != -len(_CAUSAL_ARGS) or linear(None) != -len(_LINEAR_ARGS):
                 raise RuntimeError("causal.c or linear.c takes another argument list than "
                                    "lintx_triton/native/__init__.py")
@@ -202,7 +202,7 @@ def _load():
             return None
         # no argtypes: the arrays pass as pointers, normalize as a C int (see step.c's lintx_step_f32)
         fn.restype = ctypes.c_int
-        _causal, _causal_team, _linear = causal, team, linear
+        _causal, _causal_team, _linear, _linear_team = causal, team, linear, linear_team
         _lib = fn
         return fn
 
@@ -591,7 +591,10 @@ def _runner(fn, dims, inplace: bool, state_type: type):
 
 
 # linear.c's argument array, in the order of its enum (L_M ... L_Y)
-_LINEAR_ARGS = ("M", "N", "K", "x", "ldx", "w", "b", "y")
+_LINEAR_ARGS = ("M", "N", "K", "x", "ldx", "w", "b", "y", "ldy")
+# multiply-adds from which linear() splits y's columns between torch.get_num_threads() threads (torch's OpenMP
+# team): at two threads 4 rows of 512 x 512 (1 M) gained nothing from a split, 8 rows lost to MKL's two threads
+_LINEAR_SPLIT_MIN = 1 << 21
 # rows up to which linear() runs linear.c: a decode step's one token per sequence. At 16 rows of 512 it took 63-75 %
 # of the FMA peak against MKL's 50-58 %; a prefill's thousands of rows are MKL's (bench/NOTES.md)
 LINEAR_MAX_ROWS = 32
@@ -639,6 +642,11 @@ def linear(x, weight, bias=None):
         return None
     y = x.new_empty((M, N))
     a = (ctypes.c_int64 * len(_LINEAR_ARGS))(M, N, K, x.data_ptr(), x.stride(0), weight.data_ptr(),
-                                             0 if bias is None else bias.data_ptr(), y.data_ptr())
-    _linear(a)
+                                             0 if bias is None else bias.data_ptr(), y.data_ptr(), N)
+    parts = min(torch.get_num_threads(), (N + 3) // 4) if M * N * K >= _LINEAR_SPLIT_MIN else 1
+    gomp = _openmp_parallel() if parts > 1 else 0
+    if gomp:
+        _linear_team(a, ctypes.c_int64(gomp), ctypes.c_int64(parts))
+    else:
+        _linear(a)
     return y

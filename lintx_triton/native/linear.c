@@ -11,7 +11,7 @@
 #include "maps.h"
 
 /* a: the entries' order (int64; addresses as integers) */
-enum { L_M, L_N, L_K, L_X, L_LDX, L_W, L_B, L_Y, L_LEN };
+enum { L_M, L_N, L_K, L_X, L_LDX, L_W, L_B, L_Y, L_LDY, L_LEN };
 
 /* a vector's lanes summed: halves added down to 4 lanes (vector adds), then those 4 */
 typedef float hv4 __attribute__((vector_size(4 * sizeof(float))));
@@ -61,7 +61,7 @@ LINTX_INLINE float hsum16(hv16 v) {
             }                                                                                                       \
     }                                                                                                               \
     LINTX_INLINE int linear_run##W(const int64_t *a) {                                                              \
-        const int64_t M = a[L_M], N = a[L_N], K = a[L_K], ldx = a[L_LDX];                                           \
+        const int64_t M = a[L_M], N = a[L_N], K = a[L_K], ldx = a[L_LDX], ldy = a[L_LDY];                           \
         const float *x = (const float *)(intptr_t)a[L_X], *w = (const float *)(intptr_t)a[L_W];                    \
         const float *b = (const float *)(intptr_t)a[L_B];                                                          \
         float *y = (float *)(intptr_t)a[L_Y];                                                                       \
@@ -70,12 +70,12 @@ LINTX_INLINE float hsum16(hv16 v) {
             int64_t m0 = 0;                                                                                         \
             if (n0 + NB <= N) {                                                                                     \
                 for (; m0 + MB <= M; m0 += MB)                                                                      \
-                    tile##W(x + m0 * ldx, ldx, wn, K, bn, y + m0 * N + n0, N, MB, NB);                              \
+                    tile##W(x + m0 * ldx, ldx, wn, K, bn, y + m0 * ldy + n0, ldy, MB, NB);                              \
                 if (m0 < M)                                                                                         \
-                    tile##W(x + m0 * ldx, ldx, wn, K, bn, y + m0 * N + n0, N, (int)(M - m0), NB);                   \
+                    tile##W(x + m0 * ldx, ldx, wn, K, bn, y + m0 * ldy + n0, ldy, (int)(M - m0), NB);                   \
             } else {                                                                                                \
                 for (; m0 < M; m0 += MB)                                                                            \
-                    tile##W(x + m0 * ldx, ldx, wn, K, bn, y + m0 * N + n0, N, M - m0 < MB ? (int)(M - m0) : MB,     \
+                    tile##W(x + m0 * ldx, ldx, wn, K, bn, y + m0 * ldy + n0, ldy, M - m0 < MB ? (int)(M - m0) : MB, \
                             (int)(N - n0));                                                                         \
             }                                                                                                       \
         }                                                                                                           \
@@ -104,8 +104,8 @@ typedef int (*linear_fn)(const int64_t *);
 static linear_fn chosen_linear = NULL;
 
 /* a: L_LEN entries in the order of the enum above: M, N, K, x's address and row stride (in floats; its rows
- * contiguous), w's address (contiguous [N, K]), b's (0: none), y's (contiguous [M, N]). Returns 0; a == NULL:
- * -L_LEN (the caller checks it agrees). */
+ * contiguous), w's address (contiguous [N, K]), b's (0: none), y's address and row stride (in floats; its rows
+ * contiguous). Returns 0; a == NULL: -L_LEN (the caller checks it agrees). */
 int lintx_linear_f32(const int64_t *a) {
     if (a == NULL)
         return -L_LEN;
@@ -115,4 +115,41 @@ int lintx_linear_f32(const int64_t *a) {
         chosen_linear = fn = variants[lintx_isa_fma()];
     }
     return fn(a);
+}
+
+/* The columns of y split in `parts` parts (whole tiles of 4) on the team of torch's OpenMP runtime, as causal.c's
+ * lintx_causal_f32_team does (gomp_parallel: that runtime's GOMP_parallel): with two threads torch's matmul runs on
+ * both, and one of ours alone was slower than it from 8 rows of 512 x 512 on (bench/NOTES.md). */
+typedef void (*gomp_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
+
+typedef struct {
+    const int64_t *a;
+    int64_t parts, next;
+} linear_team;
+
+static void linear_member(void *p) {
+    linear_team *t = (linear_team *)p;
+    const int64_t N = t->a[L_N], K = t->a[L_K];
+    for (;;) {
+        const int64_t i = __atomic_fetch_add(&t->next, 1, __ATOMIC_RELAXED);
+        if (i >= t->parts)
+            break;
+        const int64_t n0 = N * i / t->parts / 4 * 4, n1 = i + 1 == t->parts ? N : N * (i + 1) / t->parts / 4 * 4;
+        if (n1 <= n0)
+            continue;
+        int64_t arr[L_LEN];
+        memcpy(arr, t->a, sizeof arr);
+        arr[L_N] = n1 - n0;
+        arr[L_W] += n0 * K * (int64_t)sizeof(float);
+        arr[L_B] += arr[L_B] ? n0 * (int64_t)sizeof(float) : 0;
+        arr[L_Y] += n0 * (int64_t)sizeof(float);
+        lintx_linear_f32(arr);
+    }
+}
+
+/* a as lintx_linear_f32; returns 0 */
+int lintx_linear_f32_team(const int64_t *a, int64_t gomp_parallel, int64_t parts) {
+    linear_team t = {a, parts, 0};
+    ((gomp_parallel_fn)(intptr_t)gomp_parallel)(linear_member, &t, (unsigned)parts, 0);
+    return 0;
 }
