@@ -382,8 +382,9 @@ def _fast_step(inplace: bool, q, k, v, state, fm: FeatureMap, normalize, scale, 
     """The last native step planned (for this form: in place or functional) run on these arguments, or None when
     they are not what it was planned for. Its runner compares every tensor property the checks read with what
     they passed, this the rest of the key: the map, the backend, eps and scale's type, TRITON_INTERPRET. A decode
-    loop's step so skips building, hashing and looking up the key of 29 attributes (a B = 1 step 13.0-15.1 ->
-    8.2-10.6 us beside a 4.6-5.0 us copy of its state: bench/NOTES.md, issue #17)."""
+    loop's step so skips building, hashing and looking up the key of 29 attributes (in bench/cpu_decode.py's
+    rounds a B = 1 step 13.1-13.4 -> 11.7-12.4 us, 10.3-10.6 with the runner in C, beside a 4.0-4.4 us copy of its
+    state; hot, in a tight loop, the guard costs what the key did: bench/NOTES.md, issue #17)."""
     last = _STEP_FAST[inplace]
     if (last is None or last[7] is not _STEP_KEYS or fm is not last[0] or backend != last[1]
             or type(scale) is not last[2] or type(eps) is not last[3] or eps != last[4]
