@@ -400,27 +400,25 @@ def _step_backend(q, k, v, state, fm: FeatureMap, scale, eps, backend, inplace: 
     global _STEP_KEYS
     # not while dynamo traces (key None): it traces the checks once and guards on what they read
     key = None if state is None or _is_compiling() else _step_key(q, k, v, state, fm, scale, eps, backend, inplace)
+    picked = None
     if key is not None:
         try:
-            hit = _STEP_KEYS.get(key)
+            picked = _STEP_KEYS.get(key)
         except TypeError:  # an unhashable eps: the checks say what is wrong
-            key = hit = None
-        if hit is not None:
-            if type(hit) is not str:
-                _STEP_FAST[inplace] = (fm, backend, type(scale), type(eps), eps, key[6], hit, _STEP_KEYS)
-            return hit
-    _check_step(q, k, v, state, fm, scale, eps, backend)
-    if inplace and not (state[0].is_contiguous() and state[1].is_contiguous()):
-        raise ValueError("linear_attention_step_ updates the state in place: S and z must be contiguous")
-    picked = _pick_backend(backend, q, v, fm)
-    if picked == "torch" and key is not None:  # the traced torch path under dynamo (key None)
-        picked = native.plan(q, k, v, state[0], state[1], fm, inplace, type(state)) or picked
-    if key is not None:
-        if len(_STEP_KEYS) >= _STEP_KEYS_MAX:
-            _STEP_KEYS = {}
-        _STEP_KEYS[key] = picked
-        if type(picked) is not str:
-            _STEP_FAST[inplace] = (fm, backend, type(scale), type(eps), eps, key[6], picked, _STEP_KEYS)
+            key = None
+    if picked is None:  # a new key: checked, then planned
+        _check_step(q, k, v, state, fm, scale, eps, backend)
+        if inplace and not (state[0].is_contiguous() and state[1].is_contiguous()):
+            raise ValueError("linear_attention_step_ updates the state in place: S and z must be contiguous")
+        picked = _pick_backend(backend, q, v, fm)
+        if picked == "torch" and key is not None:  # the traced torch path under dynamo (key None)
+            picked = native.plan(q, k, v, state[0], state[1], fm, inplace, type(state)) or picked
+        if key is not None:
+            if len(_STEP_KEYS) >= _STEP_KEYS_MAX:
+                _STEP_KEYS = {}
+            _STEP_KEYS[key] = picked
+    if key is not None and type(picked) is not str:  # a native step: the next call's fast path (_fast_step)
+        _STEP_FAST[inplace] = (fm, backend, type(scale), type(eps), eps, key[6], picked, _STEP_KEYS)
     return picked
 
 

@@ -38,6 +38,7 @@ Public::
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -122,17 +123,27 @@ def _hash(*parts: bytes) -> str:
     return h.hexdigest()[:20]
 
 
+@functools.cache
+def _cc_version(cc: str) -> str:
+    """``cc --version`` (run once a process per compiler), or "" when it does not run."""
+    try:
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _toolchain(cc: str) -> tuple:
+    """What a build's name hashes besides its sources: the compiler (its path and ``--version``), the common
+    flags, the machine type."""
+    return (os.path.realpath(cc).encode(), _cc_version(cc).encode(), " ".join(_FLAGS).encode(),
+            platform.machine().encode(), platform.system().encode())
+
+
 def _library_path(cc: str) -> Path:
     from ..codegen.cache import cache_dir
 
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError):
-        version = ""
     return cache_dir() / "native_step_{}.so".format(_hash(
-        *(f.read_bytes() for f in _SOURCES + _HEADERS), os.path.realpath(cc).encode(), version.encode(),
-        " ".join(_FLAGS).encode(), repr(sorted(_SOURCE_FLAGS.items())).encode(), platform.machine().encode(),
-        platform.system().encode()))
+        *(f.read_bytes() for f in _SOURCES + _HEADERS), *_toolchain(cc), repr(sorted(_SOURCE_FLAGS.items())).encode()))
 
 
 def _build(cc: str, path: Path, extra: tuple = (), sources: "tuple | None" = None) -> None:
@@ -237,13 +248,11 @@ def _ext():
             return None
         cc = _compiler()
         try:
-            version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
             from ..codegen.cache import cache_dir
 
             path = cache_dir() / "native_runner_{}.so".format(_hash(
-                _RUNNER_SOURCE.read_bytes(), os.path.realpath(cc).encode(), version.encode(), " ".join(_FLAGS).encode(),
-                include.encode(), sys.version.encode(), (sysconfig.get_config_var("EXT_SUFFIX") or "").encode(),
-                platform.machine().encode(), platform.system().encode()))
+                _RUNNER_SOURCE.read_bytes(), *_toolchain(cc), include.encode(), sys.version.encode(),
+                (sysconfig.get_config_var("EXT_SUFFIX") or "").encode()))
             if not path.exists():
                 _build(cc, path, ("-I" + include,), (_RUNNER_SOURCE,))
             import importlib.util

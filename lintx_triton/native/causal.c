@@ -446,8 +446,6 @@ int lintx_causal_f32(const int64_t *a, const float *se) {
  * spin for a while waiting for more work; threads of another pool then share the cores with them: a
  * forward + backward at B = 16, T = 256, H = 4, D = 64 took 27 ms on two threads of a pool against 18 with the
  * spinning turned off (OMP_WAIT_POLICY=PASSIVE). Here the spinning threads are the ones that take the work. */
-typedef void (*gomp_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
-
 typedef struct {
     const int64_t *a;
     const float *se;

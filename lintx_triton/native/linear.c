@@ -120,8 +120,6 @@ int lintx_linear_f32(const int64_t *a) {
 /* The columns of y split in `parts` parts (whole tiles of 4) on the team of torch's OpenMP runtime, as causal.c's
  * lintx_causal_f32_team does (gomp_parallel: that runtime's GOMP_parallel): with two threads torch's matmul runs on
  * both, and one of ours alone was slower than it from 8 rows of 512 x 512 on (bench/NOTES.md). */
-typedef void (*gomp_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
-
 typedef struct {
     const int64_t *a;
     int64_t parts, next;

@@ -51,6 +51,10 @@ static inline int lintx_isa_fma(void) {
     return isa;
 }
 
+/* GOMP_parallel's type: the entry of the OpenMP runtime torch runs its parallel ops on, whose address the caller
+ * finds (lintx_triton/native/__init__.py's _openmp_parallel); causal.c and linear.c split their work on its team. */
+typedef void (*gomp_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
+
 /* The maps, as lintx_triton/feature_maps/builtin.py defines them (the Triton expression in the comment). */
 enum { LINTX_MAP_ELU = 1, LINTX_MAP_RELU = 2, LINTX_MAP_IDENTITY = 3 };
 
