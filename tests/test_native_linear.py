@@ -2,6 +2,7 @@
 few rows, within a rounding bound of the float64 product at every shape and ISA variant, used by
 LinearAttention.step only where nothing else must see the call (autograd, a hook, a tracer)."""
 
+import contextlib
 import ctypes
 
 import pytest
@@ -42,31 +43,69 @@ def nan_new_empty(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: _new_empty(self, *a, **k).fill_(float("nan")))
 
 
+@contextlib.contextmanager
+def _on(path: str):
+    """native.linear on one of its two paths within: "c" (runner.c's linear, where Python's headers let it build)
+    or "python" (its checks in Python, where they do not)."""
+    if path == "c" and native._ext() is None:
+        pytest.skip("runner.c cannot be built here (no Python headers): native.linear's checks run in Python")
+    saved = native._EXT
+    native._EXT = native._EXT if path == "c" else False
+    try:
+        yield
+    finally:
+        native._EXT = saved
+
+
+class _Calls:
+    """linear.c's calls since it was made, on the path of _on(path): (whole, split between threads); runner.c's
+    counter, or for the Python path its ctypes functions wrapped."""
+
+    def __init__(self, monkeypatch, path: str):
+        self.ext = native._ext() if path == "c" else None
+        self.start = self.ext.linear_calls() if self.ext is not None else (0, 0)
+        self.python = [0, 0]
+        if self.ext is None:
+            for i, name in enumerate(("_linear", "_linear_team")):
+                fn = getattr(native, name)
+                monkeypatch.setattr(native, name, lambda *a, fn=fn, i=i: (self.python.__setitem__(i, self.python[i] + 1),
+                                                                        fn(*a))[1])
+
+    def __call__(self) -> tuple:
+        if self.ext is None:
+            return tuple(self.python)
+        now = self.ext.linear_calls()
+        return now[0] - self.start[0], now[1] - self.start[1]
+
+
+PATHS = pytest.mark.parametrize("path", ["c", "python"])
+
 # M up to LINEAR_MAX_ROWS; N and K around the tiles (4 x 4 rows, 16 / 8 / 4 lanes) and their tails
 shapes = st.tuples(st.integers(1, native.LINEAR_MAX_ROWS), st.integers(1, 37), st.integers(1, 70))
 
 
 @needs_native
+@PATHS
 @given(shape=shapes, bias=st.booleans(), pad=st.integers(0, 5), seed=st.integers(0, 2**16))
-def test_linear_within_bound(shape, bias, pad, seed):
+def test_linear_within_bound(path, shape, bias, pad, seed):
     """Every shape (row blocks and column tiles with tails, K below, at and past a vector), with and without a
     bias, x's rows strided (a view of wider rows): within the dot-product bound of the float64 product."""
     M, N, K = shape
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K + pad, generator=gen)[:, :K]
     w, b = torch.randn(N, K, generator=gen), torch.randn(N, generator=gen) if bias else None
-    y = native.linear(x, w, b)
+    with _on(path):
+        y = native.linear(x, w, b)
     assert y is not None and y.shape == (M, N) and y.is_contiguous()
     _check(y, x, w, b)
 
 
 @needs_native
-def test_split_between_threads_within_bound(monkeypatch):
+@PATHS
+def test_split_between_threads_within_bound(monkeypatch, path):
     """Large enough calls split y's columns between torch's threads (on its OpenMP team, in whole tiles of 4; the
     last part takes the tail): the same bound, every column written (y starts as NaN)."""
-    calls = []
-    team = native._linear_team
-    monkeypatch.setattr(native, "_linear_team", lambda *a: (calls.append(a[2].value), team(*a))[1])
+    calls = _Calls(monkeypatch, path)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -74,12 +113,12 @@ def test_split_between_threads_within_bound(monkeypatch):
         for M, N, K in [(16, 512, 512), (9, 37, 6400), (32, 6, 12000)]:
             assert M * N * K >= native._LINEAR_SPLIT_MIN
             x, w, b = torch.randn(M, K, generator=gen), torch.randn(N, K, generator=gen), torch.randn(N, generator=gen)
-            y = native.linear(x, w, b)
+            with _on(path):
+                y = native.linear(x, w, b)
             _check(y, x, w, b)
     finally:
         torch.set_num_threads(threads)
-    if native._openmp_parallel():
-        assert calls == [2, 2, 2]
+    assert calls() == ((0, 3) if native._openmp_parallel() else (3, 0))
 
 
 @needs_native
@@ -98,60 +137,63 @@ def test_every_isa_variant_within_bound(native_variants):
 
 
 @needs_native
-def test_not_eligible_returns_none():
+@PATHS
+def test_not_eligible_returns_none(path):
     """None (the caller runs torch) wherever linear.c must not run: autograd to record, too many rows, another
     dtype, a non-contiguous weight or bias, a strided x column, a tensor subclass, a tracer, the switch off."""
-    x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
-    with torch.no_grad():
-        assert native.linear(x, w, b) is not None
-        assert native.linear(torch.randn(native.LINEAR_MAX_ROWS + 1, 8), w, b) is None
-        assert native.linear(x.double(), w.double(), b.double()) is None
-        assert native.linear(x, torch.randn(8, 5).T, b) is None
-        assert native.linear(x, w, torch.randn(10)[::2]) is None
-        assert native.linear(torch.randn(8, 3).T, w, b) is None
-        assert native.linear(x.as_subclass(type("Sub", (torch.Tensor,), {})), w, b) is None
-        assert native.linear(x[:0], w, b) is None  # no rows
-        assert native.linear(torch.randn(3, 0), torch.randn(5, 0), b) is None  # K = 0
-        assert native.linear(x, torch.randn(0, 8), None) is None  # N = 0
-        assert native.linear(x.to("meta"), w, b) is None and native.linear(x, w.to("meta"), b) is None
-        assert native.linear(x, w, b.double()) is None
-        assert native.linear(torch._neg_view(x), w, b) is None  # its memory holds -x
-        assert native.linear(x, torch._neg_view(w), b) is None
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # F.linear would give bfloat16
-            assert native.linear(x, w, b) is None
-        with native_off():
-            assert native.linear(x, w, b) is None
-    assert native.linear(x.clone().requires_grad_(), w, b) is None  # grad mode on, an input that requires grad
-    assert native.linear(x, w.requires_grad_(), b) is None  # grad mode on, a parameter that requires grad
-    from torch.fx.experimental.proxy_tensor import make_fx
+    with _on(path):
+        x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+        with torch.no_grad():
+            assert native.linear(x, w, b) is not None
+            assert native.linear(torch.randn(native.LINEAR_MAX_ROWS + 1, 8), w, b) is None
+            assert native.linear(x.double(), w.double(), b.double()) is None
+            assert native.linear(x, torch.randn(8, 5).T, b) is None
+            assert native.linear(x, w, torch.randn(10)[::2]) is None
+            assert native.linear(torch.randn(8, 3).T, w, b) is None
+            assert native.linear(x.as_subclass(type("Sub", (torch.Tensor,), {})), w, b) is None
+            assert native.linear(x[:0], w, b) is None  # no rows
+            assert native.linear(torch.randn(3, 0), torch.randn(5, 0), b) is None  # K = 0
+            assert native.linear(x, torch.randn(0, 8), None) is None  # N = 0
+            assert native.linear(x.to("meta"), w, b) is None and native.linear(x, w.to("meta"), b) is None
+            assert native.linear(x, w, b.double()) is None
+            assert native.linear(x, w.double(), b) is None
+            assert native.linear(x, w, torch.randn(6)) is None and native.linear(x, w, torch.randn(5, 1)) is None
+            assert native.linear(torch._neg_view(x), w, b) is None  # its memory holds -x
+            assert native.linear(x, torch._neg_view(w), b) is None
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # F.linear would give bfloat16
+                assert native.linear(x, w, b) is None
+            with native_off():
+                assert native.linear(x, w, b) is None
+        assert native.linear(x.clone().requires_grad_(), w, b) is None  # grad mode on, an input that requires grad
+        assert native.linear(x, w.requires_grad_(), b) is None  # grad mode on, a parameter that requires grad
+        from torch.fx.experimental.proxy_tensor import make_fx
 
-    graph = make_fx(lambda x, w, b: native.linear(x, w, b) is None)(x, w.detach(), b)
-    assert graph(x, w.detach(), b)  # the tracer saw None (no call it could not record)
+        graph = make_fx(lambda x, w, b: native.linear(x, w, b) is None)(x, w.detach(), b)
+        assert graph(x, w.detach(), b)  # the tracer saw None (no call it could not record)
 
-    class Logging(torch.overrides.TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            return func(*args, **(kwargs or {}))
+        class Logging(torch.overrides.TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                return func(*args, **(kwargs or {}))
 
-    with torch.no_grad(), Logging():  # a mode answers even the attribute reads: not for the C
-        assert native.linear(x, w.detach(), b) is None
-    with torch.no_grad(), torch.device("cpu"):  # set_default_device's mode alone: the C runs
-        assert native.linear(x, w.detach(), b) is not None
+        with torch.no_grad(), Logging():  # a mode answers even the attribute reads: not for the C
+            assert native.linear(x, w.detach(), b) is None
+        with torch.no_grad(), torch.device("cpu"):  # set_default_device's mode alone: the C runs
+            assert native.linear(x, w.detach(), b) is not None
 
 
 @needs_native
-def test_module_step_projects_in_c_unless_hooked(monkeypatch):
+@PATHS
+def test_module_step_projects_in_c_unless_hooked(monkeypatch, path):
     """LinearAttention.step under no_grad projects q, k, v and the output with linear.c (four calls a step) and
     matches the module with the native code off; a forward hook on a projection, a module's own or a global
     one, sends that projection through the module (the hook runs); with grad the module runs as before."""
-    calls = []
-    fn = native._linear
-    monkeypatch.setattr(native, "_linear", lambda a: (calls.append(a[0]), fn(a))[1])
+    count = _Calls(monkeypatch, path)
     torch.manual_seed(0)
     attn = lx.nn.LinearAttention(32, 4, num_kv_heads=2)
     x = torch.randn(3, 32)
-    with torch.no_grad():
+    with torch.no_grad(), _on(path):
         y, _ = attn.step(x, attn.init_state(3))
-        assert len(calls) == 4
+        assert sum(count()) == 4
         with native_off():
             y_t, _ = attn.step(x, attn.init_state(3))
         torch.testing.assert_close(y, y_t, rtol=1e-5, atol=1e-5)
@@ -159,26 +201,28 @@ def test_module_step_projects_in_c_unless_hooked(monkeypatch):
         handle = attn.k_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
         attn.step(x, attn.init_state(3))
         handle.remove()
-        assert len(calls) == 7 and seen == [(3, 16)]
+        assert sum(count()) == 7 and seen == [(3, 16)]
         handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(type(m)))
         try:
             attn.step(x, attn.init_state(3))
         finally:
             handle.remove()
-        assert len(calls) == 7 and seen.count(torch.nn.Linear) == 4
-    y_g, _ = attn.step(x, attn.init_state(3))
-    assert len(calls) == 7 and y_g.requires_grad
+        assert sum(count()) == 7 and seen.count(torch.nn.Linear) == 4
+    with _on(path):
+        y_g, _ = attn.step(x, attn.init_state(3))
+    assert sum(count()) == 7 and y_g.requires_grad
 
 
 @needs_native
-def test_module_step_leaves_replaced_forwards_modes_and_autocast_to_torch(monkeypatch):
+@PATHS
+def test_module_step_leaves_replaced_forwards_modes_and_autocast_to_torch(monkeypatch, path):
     """A projection whose forward is replaced on the instance (as accelerate's hooks do) or patched on the class,
     a TorchFunctionMode around the step (it sees the four F.linear calls, as it did before linear.c), and CPU
     autocast (the projections' dtype is autocast's) all take the modules' own path."""
     torch.manual_seed(0)
     attn = lx.nn.LinearAttention(32, 4, num_kv_heads=2)
     x = torch.randn(3, 32)
-    with torch.no_grad():
+    with torch.no_grad(), _on(path):
         y0, _ = attn.step(x, attn.init_state(3))
         original = attn.k_proj.forward
         attn.k_proj.forward = lambda i: original(i) * 0

@@ -4,7 +4,7 @@
  * copy of the step's state and weights (issue #17, bench/NOTES.md); this file 370-450 us, 63-75 % of the FMA peak.
  *
  * Each tile is MB rows of x by NB rows of w: MB x NB vector accumulators run along K (W floats at a time), then
- * each is summed across its lanes, plus the K % W tail, plus the bias. The NB rows of w of a tile stay in L1
+ * each is summed across its lanes (a full AVX-512 tile's 16 at once, sums16), plus the K % W tail, plus the bias. The NB rows of w of a tile stay in L1
  * while the tiles of every row block of x pass them. Compiled with -ffp-contract=fast: an FMA where the ISA has
  * one. */
 
@@ -31,6 +31,32 @@ LINTX_INLINE float hsum16(hv16 v) {
     return hsum8(lo + hi);
 }
 
+/* r[p] = hsum16(a[p]) for the 16 accumulators of a 4 x 4 tile, with the same additions in the same order (lane l
+ * + lane l + 8, then + l + 4, then (0 + 2) + (1 + 3)), but done on all 16 at once: each level adds two halves of
+ * a pair of vectors, packing the pair's partial sums into one (8 + 4 + 2 + 1 vector adds and twice as many
+ * shuffles, against 16 x 4 adds and their extracts). A 16 x 512 x 512 projection 96-102 -> 87-93 us (it was
+ * 16 % of the tile's work at K = 512; bench/NOTES.md). a is taken in the order IN, so that lane p of the last
+ * vector is a[p]'s sum. */
+typedef int32_t hi16 __attribute__((vector_size(16 * sizeof(int32_t))));
+#define LINTX_HALVES(a, b, ...) __builtin_shuffle(a, b, (hi16){__VA_ARGS__})
+LINTX_INLINE void sums16(const hv16 *a, float *r) {
+    static const int IN[16] = {0, 4, 8, 12, 2, 6, 10, 14, 1, 5, 9, 13, 3, 7, 11, 15};
+    hv16 s[8], t[4], u[2];
+    for (int m = 0; m < 8; m++) /* [a 8 | b 8]: lanes l + l + 8 */
+        s[m] = LINTX_HALVES(a[IN[2 * m]], a[IN[2 * m + 1]], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+               + LINTX_HALVES(a[IN[2 * m]], a[IN[2 * m + 1]], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29,
+                              30, 31);
+    for (int n = 0; n < 4; n++) /* 4-lane blocks: + l + 4 */
+        t[n] = LINTX_HALVES(s[2 * n], s[2 * n + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+               + LINTX_HALVES(s[2 * n], s[2 * n + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    for (int q = 0; q < 2; q++) /* pairs: (0, 1) + (2, 3) */
+        u[q] = LINTX_HALVES(t[2 * q], t[2 * q + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29)
+               + LINTX_HALVES(t[2 * q], t[2 * q + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+    const hv16 v = LINTX_HALVES(u[0], u[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30)
+                   + LINTX_HALVES(u[0], u[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+    memcpy(r, &v, sizeof v);
+}
+
 #define LINTX_LINEAR(W, MB, NB)                                                                                     \
     typedef float lv##W __attribute__((vector_size(W * sizeof(float))));                                           \
     /* y[i, j] for rows i < rows (<= MB) of x and j < cols (<= NB) of w; b NULL: no bias */                         \
@@ -52,9 +78,16 @@ LINTX_INLINE float hsum16(hv16 v) {
                     acc[i][j] = xv * wv[j] + acc[i][j];                                                             \
             }                                                                                                       \
         }                                                                                                           \
+        float sums[MB][NB];                                                                                         \
+        if (W == 16 && MB * NB == 16 && rows == MB && cols == NB) /* a full AVX-512 tile */                          \
+            sums16((const hv16 *)acc, &sums[0][0]);                                                                 \
+        else                                                                                                        \
+            for (int i = 0; i < rows; i++)                                                                          \
+                for (int j = 0; j < cols; j++)                                                                      \
+                    sums[i][j] = hsum##W(acc[i][j]);                                                                \
         for (int i = 0; i < rows; i++)                                                                              \
             for (int j = 0; j < cols; j++) {                                                                        \
-                float s = hsum##W(acc[i][j]);                                                                       \
+                float s = sums[i][j];                                                                               \
                 for (int64_t k = Kv; k < K; k++)                                                                    \
                     s += x[i * ldx + k] * w[j * K + k];                                                             \
                 y[i * ldy + j] = b ? s + b[j] : s;                                                                  \

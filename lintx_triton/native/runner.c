@@ -11,6 +11,13 @@
  *       (o, (S, z)) (functional), or None when the arguments are not what it was planned for, autograd has
  *       something to record or a tracer is active: the caller then takes its other paths.
  *   calls()                                                                  the steps run so far (for tests)
+ *   setup_linear(parameter_type, linear_address, team_address, is_autocast_enabled, is_compiling,
+ *                get_num_threads, gomp_parallel, max_rows, split_min)        once, from native._ext
+ *   linear(x, weight, bias)                                                  lintx_triton.native.linear's checks
+ *       and its call of linear.c in C: y, or None when the arguments are not eligible (LinearAttention.step
+ *       makes four such calls a step; in Python their checks cost 13 us each, bench/NOTES.md)
+ *   linear_calls()                                                           linear()'s calls so far: (whole,
+ *       split between threads), for tests
  * Only the Python C API; no torch headers (the tensors are read through their Python attributes, as the Python
  * runner reads them).
  */
@@ -21,10 +28,19 @@
 
 typedef int (*step_fn)(const int64_t *a, const float *se, int normalize);
 
-static long long n_calls; /* steps run, under the GIL */
+static long long n_calls;                   /* steps run, under the GIL */
+static long long n_linear[2];               /* linear.c's calls: whole, split between threads */
 static PyObject *g_tensor, *g_f32, *g_empty_like, *g_bump, *g_grad_enabled, *g_traced;
 static PyObject *s_shape, *s_dtype, *s_is_cpu, *s_is_contiguous, *s_is_neg, *s_data_ptr, *s_requires_grad,
-    *s_new_empty;
+    *s_new_empty, *s_stride, *s_cpu;
+
+/* setup_linear's: linear.c's entry points, and what lintx_triton.native.linear reads besides the tensors */
+typedef int (*linear_fn)(const int64_t *a);
+typedef int (*linear_team_fn)(const int64_t *a, int64_t gomp_parallel, int64_t parts);
+static linear_fn g_linear;
+static linear_team_fn g_linear_team;
+static PyObject *g_parameter, *g_autocast, *g_compiling, *g_num_threads, *g_gomp;
+static int64_t g_max_rows, g_split_min;
 
 typedef struct {
     PyObject_HEAD
@@ -260,6 +276,169 @@ static PyTypeObject RunnerType = {
     .tp_doc = "A planned decode step: runner(q, k, v, state, normalize, scale, eps) -> o, (o, (S, z)) or None",
 };
 
+/* t's shape (or t.stride() with name s_stride) into out[0..n): 1; another length or not a tuple: 0; -1: an error */
+static int ints_of(PyObject *t, PyObject *name, int64_t *out, Py_ssize_t n)
+{
+    PyObject *x = name == s_shape ? PyObject_GetAttr(t, s_shape) : call_method(t, name);
+    if (x == NULL)
+        return -1;
+    int ok = PyTuple_Check(x) && PyTuple_GET_SIZE(x) == n;
+    for (Py_ssize_t i = 0; ok && i < n; i++)
+        out[i] = (int64_t)PyLong_AsLongLong(PyTuple_GET_ITEM(x, i));
+    Py_DECREF(x);
+    return PyErr_Occurred() ? -1 : ok;
+}
+
+/* 1: t is float32, on the CPU and not a negated view; 0: not; -1: an error */
+static int f32_cpu(PyObject *t)
+{
+    int r;
+    if ((r = is_and_release(PyObject_GetAttr(t, s_dtype), g_f32)) != 1
+        || (r = is_and_release(PyObject_GetAttr(t, s_is_cpu), Py_True)) != 1)
+        return r;
+    return is_and_release(call_method(t, s_is_neg), Py_False);
+}
+
+/* fn() is True: 1; anything else: 0; -1: an error */
+static int truth_of(PyObject *fn, PyObject *arg)
+{
+    PyObject *x = arg == NULL ? PyObject_CallNoArgs(fn) : PyObject_CallOneArg(fn, arg);
+    if (x == NULL)
+        return -1;
+    int r = PyObject_IsTrue(x);
+    Py_DECREF(x);
+    return r;
+}
+
+/* lintx_triton.native.linear's checks, in the order that lets a mode answer none of the reads: y = x w^T + b in
+ * linear.c, or None */
+static PyObject *linear(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "linear(x, weight, bias)");
+        return NULL;
+    }
+    if (g_linear == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "lintx_runner.setup_linear() first");
+        return NULL;
+    }
+    PyObject *x = args[0], *w = args[1], *b = args[2] == Py_None ? NULL : args[2];
+    PyObject *tw = (PyObject *)Py_TYPE(w), *tb = b ? (PyObject *)Py_TYPE(b) : NULL;
+    if ((PyObject *)Py_TYPE(x) != g_tensor || (tw != g_tensor && tw != g_parameter)
+        || (b && tb != g_tensor && tb != g_parameter))
+        Py_RETURN_NONE;
+    int r;
+    /* a tracer, mode, torch.compile or CPU autocast (F.linear would return its dtype): torch's F.linear */
+    if ((r = truth_of(g_traced, NULL)) != 0 || (r = truth_of(g_compiling, NULL)) != 0
+        || (r = truth_of(g_autocast, s_cpu)) != 0)
+        goto out;
+    int64_t xs[2], ws[2], bs[1], st[2];
+    if ((r = ints_of(x, s_shape, xs, 2)) != 1 || (r = ints_of(w, s_shape, ws, 2)) != 1)
+        goto out;
+    const int64_t M = xs[0], K = xs[1], N = ws[0];
+    if (!(0 < M && M <= g_max_rows && K > 0 && N > 0 && ws[1] == K))
+        Py_RETURN_NONE;
+    if ((r = f32_cpu(x)) != 1 || (r = f32_cpu(w)) != 1 || (r = ints_of(x, s_stride, st, 2)) != 1)
+        goto out;
+    if (!(st[1] == 1 || K == 1))
+        Py_RETURN_NONE;
+    if ((r = is_and_release(call_method(w, s_is_contiguous), Py_True)) != 1)
+        goto out;
+    if (b) {
+        if ((r = ints_of(b, s_shape, bs, 1)) != 1)
+            goto out;
+        if (bs[0] != N)
+            Py_RETURN_NONE;
+        if ((r = f32_cpu(b)) != 1 || (r = is_and_release(call_method(b, s_is_contiguous), Py_True)) != 1)
+            goto out;
+    }
+    if ((r = truth_of(g_grad_enabled, NULL)) > 0) { /* with grad on, nothing may need one */
+        PyObject *ts[3] = {x, w, b};
+        for (int i = 0; i < 3 && r > 0; i++)
+            if (ts[i] != NULL) {
+                int rg = is_and_release(PyObject_GetAttr(ts[i], s_requires_grad), Py_True);
+                r = rg < 0 ? -1 : !rg;
+            }
+        if (r != 1)
+            goto out;
+    } else if (r < 0) {
+        return NULL;
+    }
+    /* x.new_empty(M, N): the sizes as arguments, not a tuple (0.9-1.1 against 1.4-1.6 us) */
+    PyObject *m = PyLong_FromLongLong(M), *n = m ? PyLong_FromLongLong(N) : NULL, *y = NULL;
+    if (n != NULL) {
+        PyObject *a3[3] = {x, m, n};
+        y = PyObject_VectorcallMethod(s_new_empty, a3, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    }
+    Py_XDECREF(m);
+    Py_XDECREF(n);
+    if (y == NULL)
+        return NULL;
+    int64_t a[9] = {M, N, K, 0, st[0], 0, 0, 0, N}; /* linear.c's L_M ... L_LDY */
+    if (data_ptr(x, &a[3]) || data_ptr(w, &a[5]) || (b && data_ptr(b, &a[6])) || data_ptr(y, &a[7]))
+        goto fail;
+    int64_t parts = 1, gomp = 0;
+    if (M * N * K >= g_split_min) { /* on torch's OpenMP team, as native.linear splits it */
+        PyObject *n = PyObject_CallNoArgs(g_num_threads);
+        if (n == NULL)
+            goto fail;
+        parts = (int64_t)PyLong_AsLongLong(n);
+        Py_DECREF(n);
+        if (parts == -1 && PyErr_Occurred())
+            goto fail;
+        parts = parts < (N + 3) / 4 ? parts : (N + 3) / 4;
+        if (parts > 1) {
+            PyObject *g = PyObject_CallNoArgs(g_gomp);
+            if (g == NULL)
+                goto fail;
+            gomp = (int64_t)PyLong_AsLongLong(g);
+            Py_DECREF(g);
+            if (gomp == -1 && PyErr_Occurred())
+                goto fail;
+        }
+    }
+    const int split = parts > 1 && gomp;
+    Py_BEGIN_ALLOW_THREADS
+    if (split)
+        g_linear_team(a, gomp, parts);
+    else
+        g_linear(a);
+    Py_END_ALLOW_THREADS
+    n_linear[split]++;
+    return y;
+fail:
+    Py_DECREF(y);
+    return NULL;
+out:
+    if (r < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *setup_linear(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    PyObject *objs[5];
+    unsigned long long fn, team;
+    long long max_rows, split_min;
+    if (!PyArg_ParseTuple(args, "OKKOOOOLL", &objs[0], &fn, &team, &objs[1], &objs[2], &objs[3], &objs[4],
+                          &max_rows, &split_min))
+        return NULL;
+    if (fn == 0 || team == 0 || g_tensor == NULL) {
+        PyErr_SetString(PyExc_ValueError, "setup() first, then setup_linear(parameter_type, linear_address, "
+                                          "team_address, is_autocast_enabled, is_compiling, get_num_threads, "
+                                          "gomp_parallel, max_rows, split_min)");
+        return NULL;
+    }
+    PyObject **slots[5] = {&g_parameter, &g_autocast, &g_compiling, &g_num_threads, &g_gomp};
+    for (int i = 0; i < 5; i++)
+        Py_XSETREF(*slots[i], Py_NewRef(objs[i]));
+    g_linear = (linear_fn)(uintptr_t)fn;
+    g_linear_team = (linear_team_fn)(uintptr_t)team;
+    g_max_rows = max_rows;
+    g_split_min = split_min;
+    Py_RETURN_NONE;
+}
+
 static PyObject *setup(PyObject *Py_UNUSED(self), PyObject *args)
 {
     PyObject *objs[6];
@@ -276,8 +455,20 @@ static PyObject *calls(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(args))
     return PyLong_FromLongLong(n_calls);
 }
 
+static PyObject *linear_calls(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(args))
+{
+    return Py_BuildValue("(LL)", n_linear[0], n_linear[1]);
+}
+
 static PyMethodDef methods[] = {
     {"calls", calls, METH_NOARGS, "calls(): the native steps the runners have run in this process"},
+    {"linear_calls", linear_calls, METH_NOARGS,
+     "linear_calls(): linear()'s calls of linear.c in this process, (whole, split between threads)"},
+    {"linear", (PyCFunction)(void (*)(void))linear, METH_FASTCALL,
+     "linear(x, weight, bias): lintx_triton.native.linear's checks and call in C -> y or None"},
+    {"setup_linear", setup_linear, METH_VARARGS,
+     "setup_linear(parameter_type, linear_address, team_address, is_autocast_enabled, is_compiling, "
+     "get_num_threads, gomp_parallel, max_rows, split_min): what linear() calls"},
     {"setup", setup, METH_VARARGS,
      "setup(tensor_type, float32, empty_like, bump, is_grad_enabled, traced): what a runner calls"},
     {NULL, NULL, 0, NULL},
@@ -289,11 +480,11 @@ PyMODINIT_FUNC PyInit_lintx_runner(void)
 {
     if (PyType_Ready(&RunnerType) < 0)
         return NULL;
-    const char *names[8] = {"shape",    "dtype",         "is_cpu",   "is_contiguous", "is_neg",
-                            "data_ptr", "requires_grad", "new_empty"};
-    PyObject **slots[8] = {&s_shape,    &s_dtype,         &s_is_cpu,   &s_is_contiguous, &s_is_neg,
-                           &s_data_ptr, &s_requires_grad, &s_new_empty};
-    for (int i = 0; i < 8; i++)
+    const char *names[10] = {"shape",    "dtype",         "is_cpu",    "is_contiguous", "is_neg",
+                             "data_ptr", "requires_grad", "new_empty", "stride",        "cpu"};
+    PyObject **slots[10] = {&s_shape,    &s_dtype,         &s_is_cpu,    &s_is_contiguous, &s_is_neg,
+                            &s_data_ptr, &s_requires_grad, &s_new_empty, &s_stride,        &s_cpu};
+    for (int i = 0; i < 10; i++)
         if ((*slots[i] = PyUnicode_InternFromString(names[i])) == NULL)
             return NULL;
     PyObject *m = PyModule_Create(&module);
