@@ -85,3 +85,20 @@ def native_off():
         yield
     finally:
         native.set_enabled(True)
+
+
+_ATTR_RUNNER = []
+
+
+def attr_runner():
+    """runner.c built without meta.cpp (its reads of the tensors through their Python attributes, as where no C++
+    compiler or torch headers are), set up, once a process; None where runner.c cannot be built at all."""
+    import sysconfig
+
+    from lintx_triton import native
+
+    if not _ATTR_RUNNER:
+        include = sysconfig.get_paths().get("include") or ""
+        ok = native._ext() is not None
+        _ATTR_RUNNER.append(native._runner_module(include, from_impl=False) if ok else None)
+    return _ATTR_RUNNER[0]

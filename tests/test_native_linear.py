@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import lintx_triton as lx
-from helpers import build_variant, cpu_isas, native_off
+from helpers import attr_runner, build_variant, cpu_isas, native_off
 from lintx_triton import native
 
 needs_native = pytest.mark.skipif(not native.available(), reason="no working C compiler here: no native code")
@@ -43,14 +43,23 @@ def nan_new_empty(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: _new_empty(self, *a, **k).fill_(float("nan")))
 
 
+def _module(path: str):
+    """runner.c's module for a path of native.linear: "c" (built with meta.cpp where it builds), "c_attrs" (built
+    without: the tensors' Python attributes), "python" (False: its checks in Python, where runner.c cannot be
+    built)."""
+    if path == "python":
+        return False
+    mod = native._ext() if path == "c" else attr_runner()
+    if mod is None:
+        pytest.skip("runner.c cannot be built here (no Python headers): native.linear's checks run in Python")
+    return mod
+
+
 @contextlib.contextmanager
 def _on(path: str):
-    """native.linear on one of its two paths within: "c" (runner.c's linear, where Python's headers let it build)
-    or "python" (its checks in Python, where they do not)."""
-    if path == "c" and native._ext() is None:
-        pytest.skip("runner.c cannot be built here (no Python headers): native.linear's checks run in Python")
-    saved = native._EXT
-    native._EXT = native._EXT if path == "c" else False
+    """native.linear on one of its paths (see _module) within."""
+    mod, saved = _module(path), native._EXT
+    native._EXT = mod
     try:
         yield
     finally:
@@ -62,7 +71,7 @@ class _Calls:
     counter, or for the Python path its ctypes functions wrapped."""
 
     def __init__(self, monkeypatch, path: str):
-        self.ext = native._ext() if path == "c" else None
+        self.ext = _module(path) or None
         self.start = self.ext.linear_calls() if self.ext is not None else (0, 0)
         self.python = [0, 0]
         if self.ext is None:
@@ -78,7 +87,7 @@ class _Calls:
         return now[0] - self.start[0], now[1] - self.start[1]
 
 
-PATHS = pytest.mark.parametrize("path", ["c", "python"])
+PATHS = pytest.mark.parametrize("path", ["c", "c_attrs", "python"])
 
 # M up to LINEAR_MAX_ROWS; N and K around the tiles (4 x 4 rows, 16 / 8 / 4 lanes) and their tails
 shapes = st.tuples(st.integers(1, native.LINEAR_MAX_ROWS), st.integers(1, 37), st.integers(1, 70))

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import lintx_triton as lx
-from helpers import build_variant, case_id, check_forward, check_state, cpu_isas, decode_steps, make_inputs, \
-    native_off
+from helpers import attr_runner, build_variant, case_id, check_forward, check_state, cpu_isas, decode_steps, \
+    make_inputs, native_off
 from lintx_triton import api, native
 from lintx_triton.codegen.cache import cache_dir
 
@@ -52,6 +52,18 @@ def _spy(monkeypatch, python_runner: bool):
 def spy(monkeypatch):
     """The native steps run, counted, on the runner a step uses here (runner.c's when it builds)."""
     return _spy(monkeypatch, False)
+
+
+@pytest.fixture
+def attr_spy(monkeypatch):
+    """The same on runner.c built without meta.cpp (the tensors read through their Python attributes: where no
+    C++ compiler or torch headers are)."""
+    mod = attr_runner()
+    if mod is None:
+        pytest.skip("runner.c cannot be built here")
+    monkeypatch.setattr(native, "_EXT", mod)
+    monkeypatch.setattr(api, "_STEP_KEYS", {})
+    return _Count(mod)
 
 
 @pytest.fixture
@@ -103,11 +115,13 @@ def test_native_matches_reference_and_torch(spy, shape, fm, normalize, inplace):
 
 
 @needs_native
+@pytest.mark.parametrize("runner", ["attr_spy", "py_spy"], ids=["c_runner_attrs", "python_runner"])
 @pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "functional"])
 @pytest.mark.parametrize("shape", SHAPES[1:3], ids=lambda s: "B{}-H{}-HKV{}-D{}-DV{}".format(*s))
-def test_python_runner_matches_reference(py_spy, shape, inplace):
-    """The Python runner (where runner.c cannot be built) runs the same steps to the same bounds."""
-    test_native_matches_reference_and_torch(py_spy, shape, "elu", True, inplace)
+def test_other_runners_match_reference(request, runner, shape, inplace):
+    """runner.c without meta.cpp and the Python runner (where meta.cpp, or runner.c, cannot be built) run the same
+    steps to the same bounds."""
+    test_native_matches_reference_and_torch(request.getfixturevalue(runner), shape, "elu", True, inplace)
 
 
 @needs_native
@@ -189,7 +203,8 @@ class _Sub(torch.Tensor):
 
 
 @needs_native
-@pytest.mark.parametrize("runner", ["spy", "py_spy"], ids=["c_runner", "python_runner"])
+@pytest.mark.parametrize("runner", ["spy", "attr_spy", "py_spy"],
+                         ids=["c_runner", "c_runner_attrs", "python_runner"])
 @pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "functional"])
 def test_repeated_step_skips_the_key_until_anything_changes(request, monkeypatch, inplace, runner):
     """A step repeating the last native step's arguments runs it without building the key (api._fast_step); a
@@ -390,6 +405,56 @@ def test_runner_falls_back_to_python(monkeypatch, tmp_path, why):
     with native_off(), torch.no_grad():
         want = [lx.linear_attention_step_(q, k, v, states[1], backend="torch") for _ in range(3)]
     torch.testing.assert_close(outs, want, rtol=1e-5, atol=1e-6)
+
+
+@needs_native
+@pytest.mark.parametrize("why", ["no_cxx", "failed_build", "disagrees"])
+def test_runner_reads_attributes_without_meta(monkeypatch, tmp_path, why):
+    """meta.cpp not built (no C++ compiler, a compile error) or reading a tensor otherwise than its Python
+    attributes do: runner.c reads the attributes (logged, no warning), and the steps stay native, same numbers."""
+    monkeypatch.setattr(native, "_EXT", None)
+    monkeypatch.setattr(api, "_STEP_KEYS", {})
+    monkeypatch.setenv("LINTX_TRITON_CACHE_DIR", str(tmp_path / "cache"))  # the library stays loaded
+    if why == "no_cxx":
+        monkeypatch.setattr(native, "_cxx_compiler", lambda: None)
+    elif why == "failed_build":
+        bad = tmp_path / "meta.cpp"
+        bad.write_text("this is not C++\n")
+        monkeypatch.setattr(native, "_META_SOURCE", bad)
+    else:
+        monkeypatch.setattr(native, "_props", lambda t: ((), (), 0, 0, 0, 0))
+    q, k, v = (torch.randn(1, 2, 8) for _ in range(3))
+    states = [(torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8)) for _ in range(2)]
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        outs = [lx.linear_attention_step_(q, k, v, states[0], backend="torch") for _ in range(3)]
+    assert not [w for w in caught if w.category is RuntimeWarning]
+    assert native._EXT and native._EXT.FROM_IMPL == 0 and native._EXT.calls() == 3
+    with native_off(), torch.no_grad():
+        want = [lx.linear_attention_step_(q, k, v, states[1], backend="torch") for _ in range(3)]
+    torch.testing.assert_close(outs, want, rtol=1e-5, atol=1e-6)
+
+
+@needs_native
+def test_runner_props_are_the_attributes():
+    """What both builds of runner.c read of a tensor (meta.cpp from its TensorImpl, or its Python attributes)
+    equals its attributes, on views, strides, dtypes, negated views, parameters, 0-d, 5-d and empty tensors."""
+    mods = [m for m in (native._ext(), attr_runner()) if m is not None]
+    if not mods:
+        pytest.skip("runner.c cannot be built here")
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 4, 5, 6, generator=gen)
+    ts = native._props_samples() + [
+        base[:, ::2, 1:], base.permute(3, 1, 0, 2), base[..., :1], base[0, 0, 0], base.half(), base.to(torch.bfloat16),
+        base[0, :, 0].contiguous().t(), base[0, :, :, 1].t(), torch.nn.Parameter(base.clone()),
+        torch._neg_view(base[0]), base.expand(2, -1, -1, -1, -1)[1], torch.empty(5, 0, 2).transpose(0, 2),
+        torch.complex(base, base), base.to("meta")]
+    for mod in mods:
+        for t in ts:
+            assert mod.props(t) == native._props(t), (mod.FROM_IMPL, t.shape, t.stride(), t.dtype)
+    assert attr_runner().FROM_IMPL == 0
+    if native._cxx_compiler() is not None:  # meta.cpp builds wherever a C++ compiler is (torch ships its headers)
+        assert native._ext().FROM_IMPL == 1, "meta.cpp was not used: native._ext logged why"
 
 
 @pytest.mark.skipif(native._compiler() is None, reason="no C compiler here")

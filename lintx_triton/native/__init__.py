@@ -10,7 +10,10 @@ eligible: CPU float32 tensors, q, k, v, S, z contiguous, a built-in elementwise 
 autograd graph to record, not under ``torch.compile``. Anything else takes the PyTorch path, as before. A planned
 step's per-call work (checking that the tensors are the ones planned for, allocating o, the call) is
 ``runner.c``, a CPython extension built beside the library with Python's headers (without them, the same in
-Python: ``_runner``). ``LinearAttention.step`` also projects its few rows with ``linear.c`` (:func:`linear`).
+Python: ``_runner``); it reads each tensor's shape, dtype, device, strides and address from its TensorImpl
+through ``meta.cpp`` (c10's inline accessors, built with a C++ compiler against the torch that runs), or where
+that does not build through the tensor's Python attributes. ``LinearAttention.step`` also projects its few rows
+with ``linear.c`` (:func:`linear`, whose checks ``runner.c`` makes too).
 
 The causal CPU forward and backward (:func:`lintx_triton.reference.linear_attention_torch`) run ``causal.c``'s
 recurrence (:func:`causal_forward`, :func:`causal_backward`) on CPU float32 tensors: a token at a time through
@@ -78,6 +81,9 @@ _linear = _linear_team = None  # linear.c's functions (lintx_linear_f32, its spl
 # runner.c, the decode step's runner as a CPython extension (module lintx_runner), built beside the library with
 # Python's headers; _EXT: the module, False when it cannot be built (the Python runner then), None before the try
 _RUNNER_SOURCE = Path(__file__).with_name("runner.c")
+# meta.cpp: runner.c's reads of a tensor from its TensorImpl (c10's inline accessors), linked in where a C++
+# compiler and torch's headers are (else runner.c reads the tensors' Python attributes); meta.h: what both share
+_META_SOURCE, _META_HEADER = Path(__file__).with_name("meta.cpp"), Path(__file__).with_name("meta.h")
 _EXT = None
 _GOMP = None  # the address of torch's OpenMP runtime's GOMP_parallel, 0 when there is none; None before the look
 _enabled = True
@@ -146,10 +152,29 @@ def _library_path(cc: str) -> Path:
         *(f.read_bytes() for f in _SOURCES + _HEADERS), *_toolchain(cc), repr(sorted(_SOURCE_FLAGS.items())).encode()))
 
 
-def _build(cc: str, path: Path, extra: tuple = (), sources: "tuple | None" = None) -> None:
+def _cxx_compiler() -> "str | None":
+    """The system C++ compiler (for meta.cpp): Python's when it is here, else c++, g++, clang++."""
+    cxx = (sysconfig.get_config_var("CXX") or "").split()
+    for name in cxx[:1] + ["c++", "g++", "clang++"]:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _build(cc: str, path: Path, extra: tuple = (), sources: "tuple | None" = None, cxx: "tuple | None" = None,
+           link: tuple = ()) -> None:
     """Compile ``sources`` (default _SOURCES; each with _FLAGS, its own flags, then ``extra``) and link them to
-    ``path``: into a temporary file beside it, then renamed over it (atomic)."""
+    ``path`` (then ``link``'s flags): into a temporary file beside it, then renamed over it (atomic). ``cxx``:
+    (compiler, its flags) for C++ sources (.cpp), which take _FLAGS without their C standard; the link is then
+    the C++ compiler's."""
     sources = _SOURCES if sources is None else sources
+
+    def command(src: Path) -> list:
+        if src.suffix == ".cpp":
+            return [cxx[0], *(f for f in _FLAGS if not f.startswith("-std=")), *cxx[1]]
+        return [cc, *_FLAGS, *_SOURCE_FLAGS.get(src.name, ()), *extra]
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp.so")
     os.close(fd)
@@ -162,8 +187,8 @@ def _build(cc: str, path: Path, extra: tuple = (), sources: "tuple | None" = Non
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=path.stem) as objs:
             names = [os.path.join(objs, src.stem + ".o") for src in sources]
             # the sources compiled side by side (causal.c's unrolled variants take most of the time)
-            procs = [subprocess.Popen([cc, *_FLAGS, *_SOURCE_FLAGS.get(src.name, ()), *extra, "-c", str(src), "-o",
-                                       name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            procs = [subprocess.Popen([*command(src), "-c", str(src), "-o", name], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)
                      for src, name in zip(sources, names)]
             try:
                 for proc in procs:
@@ -174,7 +199,9 @@ def _build(cc: str, path: Path, extra: tuple = (), sources: "tuple | None" = Non
                     if proc.poll() is None:
                         proc.kill()
                         proc.wait()
-            check(subprocess.run([cc, *_FLAGS, "-o", tmp, *names], capture_output=True, text=True, timeout=300))
+            linker = cxx[0] if any(src.suffix == ".cpp" for src in sources) else cc
+            check(subprocess.run([linker, *_FLAGS, "-o", tmp, *names, *link], capture_output=True, text=True,
+                                 timeout=300))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -232,7 +259,9 @@ def available() -> bool:
 
 def _ext():
     """The lintx_runner extension module (runner.c), built on the first call once the library is, or None: no
-    Python headers here (logged), or a failed build (warned once); the decode steps then use the Python runner."""
+    Python headers here (logged), or a failed build (warned once); the decode steps then use the Python runner.
+    Where a C++ compiler and torch's headers are, it reads the tensors through meta.cpp (else, or if that build
+    fails or reads a tensor otherwise than its Python attributes do, logged, through their attributes)."""
     global _EXT
     if _EXT is not None:
         return _EXT or None
@@ -246,24 +275,13 @@ def _ext():
             _log.info("lintx_triton.native: no Python.h in %r; the decode step's runner stays in Python", include)
             _EXT = False
             return None
-        cc = _compiler()
+        mod = None
         try:
-            from ..codegen.cache import cache_dir
-
-            path = cache_dir() / "native_runner_{}.so".format(_hash(
-                _RUNNER_SOURCE.read_bytes(), *_toolchain(cc), include.encode(), sys.version.encode(),
-                (sysconfig.get_config_var("EXT_SUFFIX") or "").encode()))
-            if not path.exists():
-                _build(cc, path, ("-I" + include,), (_RUNNER_SOURCE,))
-            import importlib.util
-
-            spec = importlib.util.spec_from_file_location("lintx_runner", path)
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-            mod.setup(torch.Tensor, torch.float32, torch.empty_like, _bump, torch.is_grad_enabled, _traced)
-            mod.setup_linear(_PARAMETER, ctypes.cast(_linear, ctypes.c_void_p).value,
-                             ctypes.cast(_linear_team, ctypes.c_void_p).value, _autocast, _is_compiling,
-                             torch.get_num_threads, _openmp_parallel, LINEAR_MAX_ROWS, _LINEAR_SPLIT_MIN)
+            mod = _runner_module(include, from_impl=True)
+        except (OSError, RuntimeError, ImportError, AttributeError, ValueError, subprocess.SubprocessError) as e:
+            _log.info("lintx_triton.native: runner.c reads the tensors' Python attributes (meta.cpp: %s)", e)
+        try:
+            mod = mod or _runner_module(include, from_impl=False)
         except (OSError, RuntimeError, ImportError, AttributeError, subprocess.SubprocessError) as e:
             warnings.warn(f"lintx_triton: the decode step's runner (lintx_triton/native/runner.c) could not be built "
                           f"({e}); decode steps run the Python runner", RuntimeWarning, stacklevel=3)
@@ -271,6 +289,67 @@ def _ext():
             return None
         _EXT = mod
         return mod
+
+
+def _runner_module(include: str, from_impl: bool):
+    """runner.c built (once per source, toolchain, Python and, ``from_impl``, torch) and loaded, set up: with
+    ``from_impl`` linked to meta.cpp, checked first against the Python attributes of a few tensors (ValueError
+    when they disagree; RuntimeError when the build fails, e.g. no C++ compiler or no torch headers)."""
+    from ..codegen.cache import cache_dir
+
+    cc = _compiler()
+    parts = [_RUNNER_SOURCE.read_bytes(), _META_HEADER.read_bytes(), *_toolchain(cc), include.encode(),
+             sys.version.encode(), (sysconfig.get_config_var("EXT_SUFFIX") or "").encode()]
+    extra, cxx, link = ("-I" + include,), None, ()
+    if from_impl:
+        from torch.utils import cpp_extension
+
+        cxx_path = _cxx_compiler()
+        headers = [p for p in cpp_extension.include_paths() if os.path.isdir(p)]
+        if cxx_path is None or not headers:
+            raise RuntimeError("no C++ compiler" if cxx_path is None else "no torch headers")
+        torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+        abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+        cxx = (cxx_path, ("-std=c++20", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *("-I" + h for h in headers)))
+        extra += ("-DLINTX_TORCH_META",)
+        link = ("-L" + torch_lib, "-lc10", "-Wl,-rpath," + torch_lib)
+        parts += [_META_SOURCE.read_bytes(), os.path.realpath(cxx_path).encode(), _cc_version(cxx_path).encode(),
+                  torch.__version__.encode(), torch_lib.encode(), " ".join(cxx[1]).encode()]
+    path = cache_dir() / "native_runner_{}.so".format(_hash(*parts))
+    if not path.exists():
+        _build(cc, path, extra, (_RUNNER_SOURCE, _META_SOURCE) if from_impl else (_RUNNER_SOURCE,), cxx, link)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lintx_runner", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.setup(torch.Tensor, torch.float32, torch.empty_like, _bump, torch.is_grad_enabled, _traced)
+    mod.setup_linear(_PARAMETER, ctypes.cast(_linear, ctypes.c_void_p).value,
+                     ctypes.cast(_linear_team, ctypes.c_void_p).value, _autocast, _is_compiling,
+                     torch.get_num_threads, _openmp_parallel, LINEAR_MAX_ROWS, _LINEAR_SPLIT_MIN)
+    if from_impl:
+        for t in _props_samples():
+            if mod.props(t) != _props(t):
+                raise ValueError(f"it read {mod.props(t)} where the Python attributes give {_props(t)}")
+    return mod
+
+
+def _props_samples() -> list:
+    """Tensors on which meta.cpp's reads must agree with the Python attributes' (native._runner_module)."""
+    base = torch.arange(120, dtype=torch.float32).reshape(2, 3, 4, 5)
+    return [base, base[:, 1:, ::2], base.transpose(1, 3), base[1, 2], torch.zeros(1, 4).requires_grad_(),
+            torch._neg_view(base), base.double(), base.as_strided((2, 2), (0, 1), 3), torch.empty(0, 3),
+            torch.tensor(2.0), base.view(1, 2, 3, 4, 5), torch.nn.Parameter(torch.ones(3))]
+
+
+def _props(t) -> tuple:
+    """runner.c's props(t) from t's Python attributes: (sizes, strides, data_ptr, plain, contiguous,
+    requires_grad), sizes and strides (up to 4 long) and the rest 0 when t is not plain."""
+    plain = t.layout == torch.strided and t.is_cpu and t.dtype == torch.float32 and not t.is_neg()
+    if not plain:
+        return (), (), 0, 0, 0, 0
+    n = min(t.dim(), 4)
+    return tuple(t.shape[:n]), t.stride()[:n], t.data_ptr(), 1, int(t.is_contiguous()), int(t.requires_grad)
 
 
 _dispatch_modes = torch._C._len_torch_dispatch_stack  # FakeTensorMode, make_fx's proxy mode, ...
@@ -635,7 +714,7 @@ def linear(x, weight, bias=None):
     if not _enabled or _linear is None and _load() is None:
         return None
     ext = _EXT if _EXT is not None else _ext()
-    if ext:  # the same checks and call in C (runner.c's linear): 13 -> 2 us a call (bench/NOTES.md)
+    if ext:  # the same checks and call in C (runner.c's linear): a tiny call 6.3 -> 2.5 us (bench/NOTES.md)
         return ext.linear(x, weight, bias)
     plain = (torch.Tensor, _PARAMETER)
     if type(x) is not torch.Tensor or type(weight) not in plain or (bias is not None and type(bias) not in plain):

@@ -1,8 +1,9 @@
 /* The decode step's runner as a CPython extension: what lintx_triton/native/__init__.py's Python runner (_runner)
  * does per call (compare the tensors with what the api's checks passed, allocate o, read the addresses, call
- * step.c's lintx_step_f32, bump the state's version), without the interpreter between its ~60 attribute reads
- * and calls and without ctypes' argument conversion: a B = 1 step in bench/cpu_decode.py 11.7-12.4 -> 10.3-10.6 us
- * against a 4.0-4.4 us copy of its state (bench/NOTES.md, issue #17).
+ * step.c's lintx_step_f32, bump the state's version), without the interpreter between its attribute reads and
+ * calls and without ctypes' argument conversion: a B = 1 step in bench/cpu_decode.py 11.7-12.4 -> 10.3-10.6 us
+ * against a 4.0-4.4 us copy of its state; with meta.cpp's reads, best of 200 rounds, 7.6 -> 5.7 us against 3.4
+ * (bench/NOTES.md, issue #17).
  *
  * Module lintx_runner:
  *   setup(tensor_type, float32, empty_like, bump, is_grad_enabled, traced)   once, from torch and native
@@ -15,16 +16,21 @@
  *                get_num_threads, gomp_parallel, max_rows, split_min)        once, from native._ext
  *   linear(x, weight, bias)                                                  lintx_triton.native.linear's checks
  *       and its call of linear.c in C: y, or None when the arguments are not eligible (LinearAttention.step
- *       makes four such calls a step; in Python their checks cost 13 us each, bench/NOTES.md)
+ *       makes four such calls a step; a tiny call's checks: 6.3 us in Python, 2.5 here with meta.cpp's reads)
  *   linear_calls()                                                           linear()'s calls so far: (whole,
  *       split between threads), for tests
- * Only the Python C API; no torch headers (the tensors are read through their Python attributes, as the Python
- * runner reads them).
+ *   props(t)                                                                 what props() reads of t, as a tuple
+ *   FROM_IMPL                                                                1: built with meta.cpp
+ * A tensor's properties come from props(): built with -DLINTX_TORCH_META and linked to meta.cpp, from its
+ * c10::TensorImpl (its _cdata) through c10's inline accessors; without, through its Python attributes, as the
+ * Python runner reads them (only the Python C API).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stddef.h>
 #include <stdint.h>
+
+#include "meta.h"
 
 typedef int (*step_fn)(const int64_t *a, const float *se, int normalize);
 
@@ -32,7 +38,7 @@ static long long n_calls;                   /* steps run, under the GIL */
 static long long n_linear[2];               /* linear.c's calls: whole, split between threads */
 static PyObject *g_tensor, *g_f32, *g_empty_like, *g_bump, *g_grad_enabled, *g_traced;
 static PyObject *s_shape, *s_dtype, *s_is_cpu, *s_is_contiguous, *s_is_neg, *s_data_ptr, *s_requires_grad,
-    *s_new_empty, *s_stride, *s_cpu;
+    *s_new_empty, *s_stride, *s_cpu, *s_cdata;
 
 /* setup_linear's: linear.c's entry points, and what lintx_triton.native.linear reads besides the tensors */
 typedef int (*linear_fn)(const int64_t *a);
@@ -62,6 +68,30 @@ static int is_and_release(PyObject *x, PyObject *want)
     return r;
 }
 
+
+#ifdef LINTX_TORCH_META
+/* t's properties (want: LINTX_META_* bits) from its TensorImpl: one attribute read (_cdata, the address) and
+ * meta.cpp's accessors. 0, or -1 with an exception set. */
+static int props(PyObject *t, int want, lintx_meta *m)
+{
+    memset(m, 0, sizeof *m);
+    PyObject *a = PyObject_GetAttr(t, s_cdata);
+    if (a == NULL)
+        return -1;
+    void *impl = PyLong_AsVoidPtr(a);
+    Py_DECREF(a);
+    if (impl == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "lintx_triton.native: a tensor without a TensorImpl");
+        return -1;
+    }
+    if (lintx_tensor_meta(impl, want, m) != 0) {
+        PyErr_SetString(PyExc_RuntimeError, "lintx_triton.native: c10 raised reading a tensor's properties");
+        return -1;
+    }
+    return 0;
+}
+#else
 /* t.name(), a method without arguments */
 static PyObject *call_method(PyObject *t, PyObject *name)
 {
@@ -69,40 +99,82 @@ static PyObject *call_method(PyObject *t, PyObject *name)
     return PyObject_VectorcallMethod(name, args, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
 }
 
-/* 1: t is a plain torch.Tensor, float32, on the CPU, contiguous, not a negated view, of shape dims[0..n); 0: not;
- * -1: an error */
-static int plain_as(PyObject *t, const int64_t *dims, Py_ssize_t n)
+/* the same from t's Python attributes, read in the order that stops at the first that makes it not plain: its
+ * shape, dtype, is_cpu, is_neg(), then is_contiguous(), stride() (want LINTX_META_STRIDES), requires_grad
+ * (LINTX_META_GRAD) and data_ptr() (LINTX_META_DATA) */
+static int props(PyObject *t, int want, lintx_meta *m)
 {
-    if ((PyObject *)Py_TYPE(t) != g_tensor)
-        return 0;
+    memset(m, 0, sizeof *m);
     PyObject *x = PyObject_GetAttr(t, s_shape);
     if (x == NULL)
         return -1;
-    int ok = PyTuple_Check(x) && PyTuple_GET_SIZE(x) == n;
-    for (Py_ssize_t i = 0; ok && i < n; i++) {
-        long long d = PyLong_AsLongLong(PyTuple_GET_ITEM(x, i));
-        ok = d == dims[i];
-    }
+    int ok = PyTuple_Check(x);
+    m->ndim = ok ? PyTuple_GET_SIZE(x) : -1;
+    for (Py_ssize_t i = 0; ok && i < m->ndim && i < LINTX_META_DIMS; i++)
+        m->sizes[i] = (int64_t)PyLong_AsLongLong(PyTuple_GET_ITEM(x, i));
     Py_DECREF(x);
-    if (!ok)
-        return PyErr_Occurred() ? -1 : 0;
+    if (PyErr_Occurred())
+        return -1;
     int r;
-    if ((r = is_and_release(PyObject_GetAttr(t, s_dtype), g_f32)) != 1
+    if (!ok || (r = is_and_release(PyObject_GetAttr(t, s_dtype), g_f32)) != 1
         || (r = is_and_release(PyObject_GetAttr(t, s_is_cpu), Py_True)) != 1
-        || (r = is_and_release(call_method(t, s_is_contiguous), Py_True)) != 1)
-        return r;
-    r = is_and_release(call_method(t, s_is_neg), Py_False);
-    return r;
+        || (r = is_and_release(call_method(t, s_is_neg), Py_False)) != 1)
+        return !ok ? 0 : r < 0 ? -1 : 0;
+    m->plain = 1;
+    if ((r = is_and_release(call_method(t, s_is_contiguous), Py_True)) < 0)
+        return -1;
+    m->contiguous = r;
+    if (want & LINTX_META_STRIDES) {
+        if ((x = call_method(t, s_stride)) == NULL)
+            return -1;
+        for (Py_ssize_t i = 0; PyTuple_Check(x) && i < PyTuple_GET_SIZE(x) && i < LINTX_META_DIMS; i++)
+            m->strides[i] = (int64_t)PyLong_AsLongLong(PyTuple_GET_ITEM(x, i));
+        Py_DECREF(x);
+        if (PyErr_Occurred())
+            return -1;
+    }
+    if ((want & LINTX_META_GRAD) && (m->requires_grad = is_and_release(PyObject_GetAttr(t, s_requires_grad),
+                                                                       Py_True)) < 0)
+        return -1;
+    if (want & LINTX_META_DATA) {
+        if ((x = call_method(t, s_data_ptr)) == NULL)
+            return -1;
+        m->data = (int64_t)PyLong_AsLongLong(x);
+        Py_DECREF(x);
+        if (PyErr_Occurred())
+            return -1;
+    }
+    return 0;
+}
+#endif
+
+/* 1: t is a plain torch.Tensor, float32, on the CPU, contiguous, not a negated view, of shape dims[0..n); 0: not;
+ * -1: an error. With grad (needs_grad: 1), its requires_grad in *grad; its address in *data. */
+static int plain_as(PyObject *t, const int64_t *dims, Py_ssize_t n, int grad, int *requires_grad, int64_t *data)
+{
+    if ((PyObject *)Py_TYPE(t) != g_tensor)
+        return 0;
+    lintx_meta m;
+    if (props(t, LINTX_META_DATA | (grad ? LINTX_META_GRAD : 0), &m) != 0)
+        return -1;
+    if (!m.plain || !m.contiguous || m.ndim != n)
+        return 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (m.sizes[i] != dims[i])
+            return 0;
+    *requires_grad = m.requires_grad;
+    *data = m.data;
+    return 1;
 }
 
+/* t.data_ptr() */
 static int data_ptr(PyObject *t, int64_t *out)
 {
-    PyObject *x = call_method(t, s_data_ptr);
-    if (x == NULL)
+    lintx_meta m;
+    if (props(t, LINTX_META_DATA, &m) != 0)
         return -1;
-    *out = (int64_t)PyLong_AsLongLong(x);
-    Py_DECREF(x);
-    return PyErr_Occurred() ? -1 : 0;
+    *out = m.data;
+    return 0;
 }
 
 static PyObject *empty_like(PyObject *t)
@@ -142,28 +214,8 @@ static PyObject *runner_call(PyObject *callable, PyObject *const *args, size_t n
     Py_INCREF(S0);
     Py_INCREF(z0);
     PyObject *o = NULL, *S = NULL, *z = NULL, *result = NULL;
-    /* a tracer or mode first: under a TorchFunctionMode even the attribute reads below are its to answer */
-    int ok = is_and_release(PyObject_CallNoArgs(g_traced), Py_False);
-    for (int i = 0; ok > 0 && i < 5; i++)
-        ok = plain_as(ts[i], shapes[i], ndims[i]);
-    if (ok > 0) { /* with grad on, no input may need one */
-        int g = is_and_release(PyObject_CallNoArgs(g_grad_enabled), Py_True);
-        for (int i = 0; g > 0 && i < 5; i++) {
-            int rg = is_and_release(PyObject_GetAttr(ts[i], s_requires_grad), Py_True);
-            if (rg != 0) {
-                ok = rg < 0 ? -1 : 0;
-                break;
-            }
-        }
-        if (g < 0)
-            ok = -1;
-    }
-    if (ok < 0)
-        goto done;
-    if (ok == 0) {
-        result = Py_NewRef(Py_None);
-        goto done;
-    }
+    /* the scalars before the tensors' reads: normalize's __bool__ is Python code, which could resize a tensor
+     * after its shape and address were read */
     const double scale = PyFloat_AsDouble(args[5]);
     if (scale == -1.0 && PyErr_Occurred())
         goto done;
@@ -173,6 +225,24 @@ static PyObject *runner_call(PyObject *callable, PyObject *const *args, size_t n
     const int normalize = PyObject_IsTrue(args[4]);
     if (normalize < 0)
         goto done;
+    /* a tracer or mode first: under a TorchFunctionMode even the attribute reads below are its to answer */
+    int ok = is_and_release(PyObject_CallNoArgs(g_traced), Py_False);
+    const int grad = ok > 0 ? is_and_release(PyObject_CallNoArgs(g_grad_enabled), Py_True) : 0;
+    if (grad < 0)
+        ok = -1;
+    int64_t a[14] = {B, H, HKV, D, DV, r->dims[5]};
+    for (int i = 0; ok > 0 && i < 5; i++) { /* with grad on, no input may need one */
+        int rg = 0;
+        ok = plain_as(ts[i], shapes[i], ndims[i], grad, &rg, &a[6 + i]);
+        if (ok > 0 && rg)
+            ok = 0;
+    }
+    if (ok < 0)
+        goto done;
+    if (ok == 0) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
     if (D == DV) {
         o = empty_like(q);
     } else {
@@ -181,9 +251,7 @@ static PyObject *runner_call(PyObject *callable, PyObject *const *args, size_t n
     }
     if (o == NULL)
         goto done;
-    int64_t a[14] = {B, H, HKV, D, DV, r->dims[5]};
-    if (data_ptr(q, &a[6]) || data_ptr(k, &a[7]) || data_ptr(v, &a[8]) || data_ptr(S0, &a[9])
-        || data_ptr(z0, &a[10]) || data_ptr(o, &a[13]))
+    if (data_ptr(o, &a[13]))
         goto done;
     if (r->inplace) {
         a[11] = a[9];
@@ -276,29 +344,6 @@ static PyTypeObject RunnerType = {
     .tp_doc = "A planned decode step: runner(q, k, v, state, normalize, scale, eps) -> o, (o, (S, z)) or None",
 };
 
-/* t's shape (or t.stride() with name s_stride) into out[0..n): 1; another length or not a tuple: 0; -1: an error */
-static int ints_of(PyObject *t, PyObject *name, int64_t *out, Py_ssize_t n)
-{
-    PyObject *x = name == s_shape ? PyObject_GetAttr(t, s_shape) : call_method(t, name);
-    if (x == NULL)
-        return -1;
-    int ok = PyTuple_Check(x) && PyTuple_GET_SIZE(x) == n;
-    for (Py_ssize_t i = 0; ok && i < n; i++)
-        out[i] = (int64_t)PyLong_AsLongLong(PyTuple_GET_ITEM(x, i));
-    Py_DECREF(x);
-    return PyErr_Occurred() ? -1 : ok;
-}
-
-/* 1: t is float32, on the CPU and not a negated view; 0: not; -1: an error */
-static int f32_cpu(PyObject *t)
-{
-    int r;
-    if ((r = is_and_release(PyObject_GetAttr(t, s_dtype), g_f32)) != 1
-        || (r = is_and_release(PyObject_GetAttr(t, s_is_cpu), Py_True)) != 1)
-        return r;
-    return is_and_release(call_method(t, s_is_neg), Py_False);
-}
-
 /* fn() is True: 1; anything else: 0; -1: an error */
 static int truth_of(PyObject *fn, PyObject *arg)
 {
@@ -332,38 +377,19 @@ static PyObject *linear(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssi
     if ((r = truth_of(g_traced, NULL)) != 0 || (r = truth_of(g_compiling, NULL)) != 0
         || (r = truth_of(g_autocast, s_cpu)) != 0)
         goto out;
-    int64_t xs[2], ws[2], bs[1], st[2];
-    if ((r = ints_of(x, s_shape, xs, 2)) != 1 || (r = ints_of(w, s_shape, ws, 2)) != 1)
-        goto out;
-    const int64_t M = xs[0], K = xs[1], N = ws[0];
-    if (!(0 < M && M <= g_max_rows && K > 0 && N > 0 && ws[1] == K))
-        Py_RETURN_NONE;
-    if ((r = f32_cpu(x)) != 1 || (r = f32_cpu(w)) != 1 || (r = ints_of(x, s_stride, st, 2)) != 1)
-        goto out;
-    if (!(st[1] == 1 || K == 1))
-        Py_RETURN_NONE;
-    if ((r = is_and_release(call_method(w, s_is_contiguous), Py_True)) != 1)
-        goto out;
-    if (b) {
-        if ((r = ints_of(b, s_shape, bs, 1)) != 1)
-            goto out;
-        if (bs[0] != N)
-            Py_RETURN_NONE;
-        if ((r = f32_cpu(b)) != 1 || (r = is_and_release(call_method(b, s_is_contiguous), Py_True)) != 1)
-            goto out;
-    }
-    if ((r = truth_of(g_grad_enabled, NULL)) > 0) { /* with grad on, nothing may need one */
-        PyObject *ts[3] = {x, w, b};
-        for (int i = 0; i < 3 && r > 0; i++)
-            if (ts[i] != NULL) {
-                int rg = is_and_release(PyObject_GetAttr(ts[i], s_requires_grad), Py_True);
-                r = rg < 0 ? -1 : !rg;
-            }
-        if (r != 1)
-            goto out;
-    } else if (r < 0) {
+    /* with grad on, nothing may need one */
+    const int grad = truth_of(g_grad_enabled, NULL), want = LINTX_META_DATA | (grad > 0 ? LINTX_META_GRAD : 0);
+    lintx_meta mx, mw, mb;
+    if (grad < 0 || props(x, want | LINTX_META_STRIDES, &mx) != 0 || props(w, want, &mw) != 0
+        || (b && props(b, want, &mb) != 0))
         return NULL;
-    }
+    const int64_t M = mx.sizes[0], K = mx.sizes[1], N = mw.sizes[0];
+    if (!(mx.plain && mw.plain && mx.ndim == 2 && mw.ndim == 2 && 0 < M && M <= g_max_rows && K > 0 && N > 0
+          && mw.sizes[1] == K && (mx.strides[1] == 1 || K == 1) && mw.contiguous && !mx.requires_grad
+          && !mw.requires_grad))
+        Py_RETURN_NONE;
+    if (b && !(mb.plain && mb.ndim == 1 && mb.sizes[0] == N && mb.contiguous && !mb.requires_grad))
+        Py_RETURN_NONE;
     /* x.new_empty(M, N): the sizes as arguments, not a tuple (0.9-1.1 against 1.4-1.6 us) */
     PyObject *m = PyLong_FromLongLong(M), *n = m ? PyLong_FromLongLong(N) : NULL, *y = NULL;
     if (n != NULL) {
@@ -374,8 +400,8 @@ static PyObject *linear(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssi
     Py_XDECREF(n);
     if (y == NULL)
         return NULL;
-    int64_t a[9] = {M, N, K, 0, st[0], 0, 0, 0, N}; /* linear.c's L_M ... L_LDY */
-    if (data_ptr(x, &a[3]) || data_ptr(w, &a[5]) || (b && data_ptr(b, &a[6])) || data_ptr(y, &a[7]))
+    int64_t a[9] = {M, N, K, mx.data, mx.strides[0], mw.data, b ? mb.data : 0, 0, N}; /* linear.c's L_M .. L_LDY */
+    if (data_ptr(y, &a[7]))
         goto fail;
     int64_t parts = 1, gomp = 0;
     if (M * N * K >= g_split_min) { /* on torch's OpenMP team, as native.linear splits it */
@@ -455,6 +481,28 @@ static PyObject *calls(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(args))
     return PyLong_FromLongLong(n_calls);
 }
 
+/* props(t) as a tuple, for the check native._ext makes before it uses a build, and for tests: (sizes, strides,
+ * data, plain, contiguous, requires_grad), sizes and strides up to LINTX_META_DIMS long, empty when not plain */
+static PyObject *py_props(PyObject *Py_UNUSED(self), PyObject *t)
+{
+    lintx_meta m;
+    if (props(t, LINTX_META_DATA | LINTX_META_GRAD | LINTX_META_STRIDES, &m) != 0)
+        return NULL;
+    const Py_ssize_t n = !m.plain ? 0 : m.ndim < LINTX_META_DIMS ? (Py_ssize_t)m.ndim : LINTX_META_DIMS;
+    PyObject *sizes = PyTuple_New(n), *strides = PyTuple_New(n);
+    if (sizes == NULL || strides == NULL) {
+        Py_XDECREF(sizes);
+        Py_XDECREF(strides);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyTuple_SET_ITEM(sizes, i, PyLong_FromLongLong(m.sizes[i]));
+        PyTuple_SET_ITEM(strides, i, PyLong_FromLongLong(m.strides[i]));
+    }
+    return Py_BuildValue("(NNLiii)", sizes, strides, (long long)m.data, (int)m.plain, (int)m.contiguous,
+                         (int)m.requires_grad);
+}
+
 static PyObject *linear_calls(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(args))
 {
     return Py_BuildValue("(LL)", n_linear[0], n_linear[1]);
@@ -462,6 +510,8 @@ static PyObject *linear_calls(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(arg
 
 static PyMethodDef methods[] = {
     {"calls", calls, METH_NOARGS, "calls(): the native steps the runners have run in this process"},
+    {"props", py_props, METH_O,
+     "props(t): (sizes, strides, data_ptr, plain, contiguous, requires_grad) as the runners read them"},
     {"linear_calls", linear_calls, METH_NOARGS,
      "linear_calls(): linear()'s calls of linear.c in this process, (whole, split between threads)"},
     {"linear", (PyCFunction)(void (*)(void))linear, METH_FASTCALL,
@@ -480,17 +530,23 @@ PyMODINIT_FUNC PyInit_lintx_runner(void)
 {
     if (PyType_Ready(&RunnerType) < 0)
         return NULL;
-    const char *names[10] = {"shape",    "dtype",         "is_cpu",    "is_contiguous", "is_neg",
-                             "data_ptr", "requires_grad", "new_empty", "stride",        "cpu"};
-    PyObject **slots[10] = {&s_shape,    &s_dtype,         &s_is_cpu,    &s_is_contiguous, &s_is_neg,
-                            &s_data_ptr, &s_requires_grad, &s_new_empty, &s_stride,        &s_cpu};
-    for (int i = 0; i < 10; i++)
+    const char *names[11] = {"shape",    "dtype",         "is_cpu",    "is_contiguous", "is_neg", "data_ptr",
+                             "requires_grad", "new_empty", "stride", "cpu",    "_cdata"};
+    PyObject **slots[11] = {&s_shape,         &s_dtype,     &s_is_cpu, &s_is_contiguous, &s_is_neg, &s_data_ptr,
+                            &s_requires_grad, &s_new_empty, &s_stride, &s_cpu,           &s_cdata};
+    for (int i = 0; i < 11; i++)
         if ((*slots[i] = PyUnicode_InternFromString(names[i])) == NULL)
             return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddObjectRef(m, "Runner", (PyObject *)&RunnerType) < 0) {
+#ifdef LINTX_TORCH_META
+    const int from_impl = 1;
+#else
+    const int from_impl = 0;
+#endif
+    if (PyModule_AddIntConstant(m, "FROM_IMPL", from_impl) < 0
+        || PyModule_AddObjectRef(m, "Runner", (PyObject *)&RunnerType) < 0) {
         Py_DECREF(m);
         return NULL;
     }
