@@ -167,6 +167,15 @@ def test_not_eligible_returns_none(path):
             assert native.linear(x, w, b.double()) is None
             assert native.linear(x, w.double(), b) is None
             assert native.linear(x, w, torch.randn(6)) is None and native.linear(x, w, torch.randn(5, 1)) is None
+            # no memory behind them (linear.c would read NULL or freed memory): sparse, mkldnn, a ZeroTensor, a
+            # weight whose storage was resized to 0 (as FSDP frees a parameter's)
+            shrunk = w.clone()
+            shrunk.untyped_storage().resize_(0)
+            for xx, ww, bb in [(x.to_sparse(), w, b), (x, w.to_sparse(), b), (x, w, b.to_sparse()), (x, shrunk, b),
+                               (torch._efficientzerotensor(3, 8), w, b), (x, w, torch._efficientzerotensor(5))]:
+                assert native.linear(xx, ww, bb) is None
+            if torch.backends.mkldnn.is_available():
+                assert native.linear(x.to_mkldnn(), w, b) is None
             assert native.linear(torch._neg_view(x), w, b) is None  # its memory holds -x
             assert native.linear(x, torch._neg_view(w), b) is None
             with torch.autocast("cpu", dtype=torch.bfloat16):  # F.linear would give bfloat16
@@ -188,6 +197,30 @@ def test_not_eligible_returns_none(path):
             assert native.linear(x, w.detach(), b) is None
         with torch.no_grad(), torch.device("cpu"):  # set_default_device's mode alone: the C runs
             assert native.linear(x, w.detach(), b) is not None
+
+
+@needs_native
+def test_runner_is_built_outside_modes(monkeypatch, tmp_path):
+    """runner.c is built (and meta.cpp checked against the attributes) at the first call outside a mode or
+    tracer: a call under a TorchFunctionMode leaves it unbuilt; under torch.set_default_device's mode it builds,
+    its check on CPU tensors all the same."""
+    if native._cxx_compiler() is None or native._ext() is None:
+        pytest.skip("no C++ compiler, or runner.c cannot be built here")
+    monkeypatch.setattr(native, "_EXT", None)
+    monkeypatch.setenv("LINTX_TRITON_CACHE_DIR", str(tmp_path / "cache"))  # built again (the library stays)
+
+    class Logging(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+    with torch.no_grad():
+        with Logging():
+            assert native.linear(x, w, b) is None and native._EXT is None
+        with torch.device("meta"):
+            y = native.linear(x, w, b)
+    assert y is not None and native._EXT.FROM_IMPL == 1
+    _check(y, x, w, b)
 
 
 @needs_native

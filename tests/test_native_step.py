@@ -408,6 +408,58 @@ def test_runner_falls_back_to_python(monkeypatch, tmp_path, why):
 
 
 @needs_native
+@pytest.mark.parametrize("runner", ["spy", "attr_spy", "py_spy"],
+                         ids=["c_runner", "c_runner_attrs", "python_runner"])
+def test_runners_refuse_tensors_without_their_memory(request, runner):
+    """A runner returns None (the api then checks again and takes the PyTorch path) for a sparse or mkldnn q, a
+    ZeroTensor, a state whose storage was resized to 0 (as FSDP frees one), and a state that normalize's __bool__
+    shrinks (the scalars are read before the tensors): it never touches memory a tensor does not have. A gc
+    callback that frees the state during a call finds it outside the runner's reads (run under AddressSanitizer
+    by test_native_sanitized)."""
+    import gc
+
+    spy = request.getfixturevalue(runner)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 8, generator=gen) for _ in range(3))
+
+    def state():
+        return torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 8)
+
+    run = native.plan(q, k, v, *state(), lx.feature_maps.resolve("elu"), True, tuple)
+    with torch.no_grad():
+        assert run(q, k, v, state(), True, 1.0, 1e-6) is not None and len(spy) == 1
+        S, z = state()
+        S.untyped_storage().resize_(0)
+        cases = [(q.to_sparse(), state()), (torch._efficientzerotensor(2, 3, 8), state()), (q, (S, z))]
+        if torch.backends.mkldnn.is_available():
+            cases.append((q.to_mkldnn(), state()))
+        for qq, st in cases:
+            assert run(qq, k, v, st, True, 1.0, 1e-6) is None
+        S, z = state()
+
+        class Shrinks:
+            def __bool__(self):
+                S.untyped_storage().resize_(0)
+                return True
+
+        assert run(q, k, v, (S, z), Shrinks(), 1.0, 1e-6) is None and len(spy) == 1
+        S, z = state()
+        threshold = gc.get_threshold()
+
+        def free(phase, info):
+            S.set_(torch.empty(0))
+
+        gc.callbacks.append(free)
+        gc.set_threshold(1)
+        try:
+            for _ in range(20):
+                run(q, k, v, (S, z), True, 1.0, 1e-6)
+        finally:
+            gc.callbacks.remove(free)
+            gc.set_threshold(*threshold)
+
+
+@needs_native
 @pytest.mark.parametrize("why", ["no_cxx", "failed_build", "disagrees"])
 def test_runner_reads_attributes_without_meta(monkeypatch, tmp_path, why):
     """meta.cpp not built (no C++ compiler, a compile error) or reading a tensor otherwise than its Python
@@ -430,6 +482,8 @@ def test_runner_reads_attributes_without_meta(monkeypatch, tmp_path, why):
         outs = [lx.linear_attention_step_(q, k, v, states[0], backend="torch") for _ in range(3)]
     assert not [w for w in caught if w.category is RuntimeWarning]
     assert native._EXT and native._EXT.FROM_IMPL == 0 and native._EXT.calls() == 3
+    # a failed build is remembered beside its name: the next process goes straight to the attribute build
+    assert len(list((tmp_path / "cache").rglob("native_runner_*.failed"))) == (why == "failed_build")
     with native_off(), torch.no_grad():
         want = [lx.linear_attention_step_(q, k, v, states[1], backend="torch") for _ in range(3)]
     torch.testing.assert_close(outs, want, rtol=1e-5, atol=1e-6)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import gc
 import hashlib
 import logging
 import os
@@ -294,7 +295,8 @@ def _ext():
 def _runner_module(include: str, from_impl: bool):
     """runner.c built (once per source, toolchain, Python and, ``from_impl``, torch) and loaded, set up: with
     ``from_impl`` linked to meta.cpp, checked first against the Python attributes of a few tensors (ValueError
-    when they disagree; RuntimeError when the build fails, e.g. no C++ compiler or no torch headers)."""
+    when they disagree; RuntimeError when the build fails, e.g. no C++ compiler or no torch headers, remembered
+    in the cache beside the library's name so that later processes do not try again)."""
     from ..codegen.cache import cache_dir
 
     cc = _compiler()
@@ -302,50 +304,65 @@ def _runner_module(include: str, from_impl: bool):
              sys.version.encode(), (sysconfig.get_config_var("EXT_SUFFIX") or "").encode()]
     extra, cxx, link = ("-I" + include,), None, ()
     if from_impl:
-        from torch.utils import cpp_extension
-
         cxx_path = _cxx_compiler()
-        headers = [p for p in cpp_extension.include_paths() if os.path.isdir(p)]
-        if cxx_path is None or not headers:
+        root = Path(torch.__file__).parent
+        torch_include, torch_lib = root / "include", root / "lib"
+        if cxx_path is None or not (torch_include / "c10" / "core" / "TensorImpl.h").exists():
             raise RuntimeError("no C++ compiler" if cxx_path is None else "no torch headers")
-        torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
         abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-        cxx = (cxx_path, ("-std=c++20", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *("-I" + h for h in headers)))
+        cxx = (cxx_path, ("-std=c++17", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{torch_include}"))
         extra += ("-DLINTX_TORCH_META",)
-        link = ("-L" + torch_lib, "-lc10", "-Wl,-rpath," + torch_lib)
+        link = (f"-L{torch_lib}", "-lc10", f"-Wl,-rpath,{torch_lib}")
         parts += [_META_SOURCE.read_bytes(), os.path.realpath(cxx_path).encode(), _cc_version(cxx_path).encode(),
-                  torch.__version__.encode(), torch_lib.encode(), " ".join(cxx[1]).encode()]
+                  torch.__version__.encode(), str(torch.version.git_version).encode(), str(root).encode(),
+                  " ".join(cxx[1]).encode()]
     path = cache_dir() / "native_runner_{}.so".format(_hash(*parts))
+    failed = path.with_suffix(".failed")
+    if failed.exists():
+        raise RuntimeError(f"an earlier build failed ({failed.read_text()[-300:]})")
     if not path.exists():
-        _build(cc, path, extra, (_RUNNER_SOURCE, _META_SOURCE) if from_impl else (_RUNNER_SOURCE,), cxx, link)
+        try:
+            _build(cc, path, extra, (_RUNNER_SOURCE, _META_SOURCE) if from_impl else (_RUNNER_SOURCE,), cxx, link)
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            if from_impl:  # the attribute build is tried next, in this process and the later ones
+                failed.write_text(str(e))
+            raise
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("lintx_runner", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    mod.setup(torch.Tensor, torch.float32, torch.empty_like, _bump, torch.is_grad_enabled, _traced)
+    mod.setup(torch.Tensor, torch.float32, torch.strided, _bump, torch.is_grad_enabled, _traced)
     mod.setup_linear(_PARAMETER, ctypes.cast(_linear, ctypes.c_void_p).value,
                      ctypes.cast(_linear_team, ctypes.c_void_p).value, _autocast, _is_compiling,
-                     torch.get_num_threads, _openmp_parallel, LINEAR_MAX_ROWS, _LINEAR_SPLIT_MIN)
+                     torch.get_num_threads, _openmp_parallel(), LINEAR_MAX_ROWS, _LINEAR_SPLIT_MIN)
     if from_impl:
-        for t in _props_samples():
-            if mod.props(t) != _props(t):
-                raise ValueError(f"it read {mod.props(t)} where the Python attributes give {_props(t)}")
+        # outside any mode (a FakeTensorMode or torch.set_default_device would make the samples something else)
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with _disable_current_modes(), torch._C.DisableTorchFunction():
+            samples = _props_samples()
+            got, want = [mod.props(t) for t in samples], [_props(t) for t in samples]
+        if got != want or [w[3] for w in want] != [1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1]:
+            raise ValueError(f"it read {got} where the Python attributes give {want}")
     return mod
 
 
 def _props_samples() -> list:
-    """Tensors on which meta.cpp's reads must agree with the Python attributes' (native._runner_module)."""
-    base = torch.arange(120, dtype=torch.float32).reshape(2, 3, 4, 5)
+    """Tensors on which meta.cpp's reads must agree with the Python attributes' (native._runner_module): plain
+    ones of 4, 3, 2, 0 and 5 dimensions, strided, transposed, broadcast, empty, a parameter that requires grad;
+    then a negated view and a float64 tensor, which are not plain."""
+    base = torch.arange(120, dtype=torch.float32, device="cpu").reshape(2, 3, 4, 5)
     return [base, base[:, 1:, ::2], base.transpose(1, 3), base[1, 2], torch.zeros(1, 4).requires_grad_(),
-            torch._neg_view(base), base.double(), base.as_strided((2, 2), (0, 1), 3), torch.empty(0, 3),
-            torch.tensor(2.0), base.view(1, 2, 3, 4, 5), torch.nn.Parameter(torch.ones(3))]
+            torch._neg_view(base), base.double(), base.as_strided((2, 2), (0, 1), 3), torch.empty(0, 3, device="cpu"),
+            torch.tensor(2.0, device="cpu"), base.view(1, 2, 3, 4, 5), torch.nn.Parameter(torch.ones(3))]
 
 
 def _props(t) -> tuple:
     """runner.c's props(t) from t's Python attributes: (sizes, strides, data_ptr, plain, contiguous,
-    requires_grad), sizes and strides (up to 4 long) and the rest 0 when t is not plain."""
-    plain = t.layout == torch.strided and t.is_cpu and t.dtype == torch.float32 and not t.is_neg()
+    requires_grad), sizes and strides up to 4 long; ((), (), 0, 0, 0, 0) when t is not plain."""
+    plain = (t.layout == torch.strided and t.is_cpu and t.dtype == torch.float32 and not t.is_neg()
+             and _within_storage(t))
     if not plain:
         return (), (), 0, 0, 0, 0
     n = min(t.dim(), 4)
@@ -376,10 +393,22 @@ def _traced() -> bool:
             or _forward_ad._current_level >= 0 or (_function_modes() > 0 and _function_modes_other_than_device()))
 
 
+def _within_storage(t) -> bool:
+    """t is strided (not sparse or mkldnn), not a ZeroTensor (no memory behind it), and its storage holds every
+    element its shape, strides and offset reach (a parameter whose storage was resized to 0, as FSDP frees one,
+    does not)."""
+    if t.layout != torch.strided or t._is_zerotensor():
+        return False
+    if t.numel() == 0:
+        return True
+    end = t.storage_offset() + 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    return end * t.element_size() <= t.untyped_storage().nbytes()
+
+
 def _plain(*ts) -> bool:
-    """Plain tensors (not subclasses: FakeTensor, a wrapper; not negated views, whose memory holds -x) and nothing
-    tracing the calls (:func:`_traced`)."""
-    return all(type(t) is torch.Tensor and not t.is_neg() for t in ts) and not _traced()
+    """Plain tensors (not subclasses: FakeTensor, a wrapper; not negated views, whose memory holds -x; within
+    their storage) and nothing tracing the calls (:func:`_traced`)."""
+    return all(type(t) is torch.Tensor and not t.is_neg() and _within_storage(t) for t in ts) and not _traced()
 
 
 def plan(q, k, v, S, z, fm, inplace: bool, state_type: type):
@@ -624,7 +653,6 @@ def args(dims, pointers, scale: float, eps: float):
 # tensor attribute 0.1, refilling the arrays 0.2, the ctypes call 0.4; twelve arguments converted by argtypes took
 # 1.1) against a 4 us floor at B = 1 (bench/NOTES.md).
 _grad_enabled = torch.is_grad_enabled
-_empty_like = torch.empty_like
 _bump = torch._C._increment_version  # the state changed in place: autograd's saved-tensor check must see it
 
 
@@ -634,9 +662,8 @@ def _runner(fn, dims, inplace: bool, state_type: type):
     # the runner is also the api's fast path (lintx_triton.api._fast_step), which skips the checks and the key
     q_shape, k_shape, v_shape, S_shape, z_shape = (B, H, D), (B, HKV, D), (B, HKV, DV), (B, HKV, D, DV), (B, HKV, D)
     f32, T = torch.float32, torch.Tensor
-    # o: like q when D = DV (empty_like, 0.9 us; new_empty 1.4), never torch.empty, which follows torch's default
-    # dtype and device
-    like_q, o_shape = D == DV, (B, H, DV)
+    # o: q.new_empty, never torch.empty, which follows torch's default dtype and device
+    o_shape = (B, H, DV)
     # the arrays are per thread: ctypes lets go of the GIL during the call, so two threads may be inside at once
     local = threading.local()
 
@@ -646,33 +673,38 @@ def _runner(fn, dims, inplace: bool, state_type: type):
         if type(state) is not state_type or len(state) != 2 or _traced():  # a mode would answer the reads below
             return None
         S0, z0 = state
-        if not (type(q) is T and type(k) is T and type(v) is T and type(S0) is T and type(z0) is T
-                and q.shape == q_shape and k.shape == k_shape and v.shape == v_shape and S0.shape == S_shape
-                and z0.shape == z_shape and q.dtype is f32 and k.dtype is f32 and v.dtype is f32
-                and S0.dtype is f32 and z0.dtype is f32 and q.is_cpu and k.is_cpu and v.is_cpu and S0.is_cpu
-                and z0.is_cpu and q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
-                and S0.is_contiguous() and z0.is_contiguous() and not (q.is_neg() or k.is_neg() or v.is_neg()
-                                                                        or S0.is_neg() or z0.is_neg())):
+        if not (type(q) is T and type(k) is T and type(v) is T and type(S0) is T and type(z0) is T):
             return None
-        if _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or S0.requires_grad
-                                or z0.requires_grad):
-            return None
-        o = _empty_like(q) if like_q else q.new_empty(o_shape)
+        nz = 1 if normalize else 0  # normalize's __bool__ (Python) before the reads, as runner.c
+        grad = _grad_enabled()
+        # the outputs first, then the reads and the call with gc off (runner.c's reasons: nothing may resize a
+        # tensor between its reads and the call)
+        gc_on = gc.isenabled()
+        gc.disable()
         try:
-            a, se = local.arrays
-        except AttributeError:
-            a, se = local.arrays = args(dims, (0,) * 8, 0.0, 0.0)
-        if inplace:
-            pS, pz = S0.data_ptr(), z0.data_ptr()
-            a[6:14] = q.data_ptr(), k.data_ptr(), v.data_ptr(), pS, pz, pS, pz, o.data_ptr()
-        else:
-            S, z = _empty_like(S0), _empty_like(z0)
+            o = q.new_empty(o_shape)
+            S, z = (S0, z0) if inplace else (S0.new_empty(S_shape), z0.new_empty(z_shape))
+            ts, shapes = (q, k, v, S0, z0, o, S, z), (q_shape, k_shape, v_shape, S_shape, z_shape, o_shape, S_shape,
+                                                      z_shape)
+            if not all(t.shape == shape and t.dtype is f32 and t.is_cpu and _within_storage(t) and not t.is_neg()
+                       and t.is_contiguous() for t, shape in zip(ts, shapes)):
+                return None
+            if grad and (q.requires_grad or k.requires_grad or v.requires_grad or S0.requires_grad
+                         or z0.requires_grad):
+                return None
+            try:
+                a, se = local.arrays
+            except AttributeError:
+                a, se = local.arrays = args(dims, (0,) * 8, 0.0, 0.0)
             a[6:14] = (q.data_ptr(), k.data_ptr(), v.data_ptr(), S0.data_ptr(), z0.data_ptr(), S.data_ptr(),
                        z.data_ptr(), o.data_ptr())
-        se[0] = scale
-        se[1] = eps
-        if fn(a, se, 1 if normalize else 0):
-            raise MemoryError("lintx_triton.native: the decode step's scratch could not be allocated")
+            se[0] = scale
+            se[1] = eps
+            if fn(a, se, nz):
+                raise MemoryError("lintx_triton.native: the decode step's scratch could not be allocated")
+        finally:
+            if gc_on:
+                gc.enable()
         if inplace:
             _bump(state)
             return o
@@ -713,34 +745,43 @@ def linear(x, weight, bias=None):
     """
     if not _enabled or _linear is None and _load() is None:
         return None
+    if _EXT is None and _traced():  # runner.c is built (and checked) at a call outside any mode or tracer
+        return None
     ext = _EXT if _EXT is not None else _ext()
     if ext:  # the same checks and call in C (runner.c's linear): a tiny call 6.3 -> 2.5 us (bench/NOTES.md)
         return ext.linear(x, weight, bias)
     plain = (torch.Tensor, _PARAMETER)
     if type(x) is not torch.Tensor or type(weight) not in plain or (bias is not None and type(bias) not in plain):
         return None
-    if x.dim() != 2 or weight.dim() != 2 or x.dtype != torch.float32 or weight.dtype != torch.float32:
-        return None
-    if x.is_neg() or weight.is_neg() or (bias is not None and bias.is_neg()) or _autocast("cpu"):
-        return None  # a negated view's memory holds -x; autocast would give F.linear another dtype
-    (M, K), N = x.shape, weight.shape[0]
-    if not (0 < M <= LINEAR_MAX_ROWS and K > 0 and N > 0 and weight.shape[1] == K and x.is_cpu and weight.is_cpu
-            and (x.stride(1) == 1 or K == 1) and weight.is_contiguous()):
-        return None
-    if bias is not None and not (bias.shape == (N,) and bias.dtype == torch.float32 and bias.is_cpu
-                                 and bias.is_contiguous()):
-        return None
-    if _grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        return None
-    if _traced() or _is_compiling():
-        return None
-    y = x.new_empty((M, N))
-    a = (ctypes.c_int64 * len(_LINEAR_ARGS))(M, N, K, x.data_ptr(), x.stride(0), weight.data_ptr(),
-                                             0 if bias is None else bias.data_ptr(), y.data_ptr(), N)
-    parts = min(torch.get_num_threads(), (N + 3) // 4) if M * N * K >= _LINEAR_SPLIT_MIN else 1
-    gomp = _openmp_parallel() if parts > 1 else 0
-    if gomp:
-        _linear_team(a, ctypes.c_int64(gomp), ctypes.c_int64(parts))
-    else:
-        _linear(a)
+    if _traced() or _is_compiling() or _autocast("cpu"):  # a mode first: it would answer the reads below
+        return None  # autocast would give F.linear another dtype
+    grad, threads = _grad_enabled(), torch.get_num_threads()
+    gc_on = gc.isenabled()
+    gc.disable()  # from the reads to the call, as runner.c: nothing may resize a tensor in between
+    try:
+        ts = (x, weight) if bias is None else (x, weight, bias)
+        if any(t.dtype != torch.float32 or not t.is_cpu or not _within_storage(t) or t.is_neg() for t in ts):
+            return None  # a negated view's memory holds -x
+        if x.dim() != 2 or weight.dim() != 2:
+            return None
+        (M, K), N = x.shape, weight.shape[0]
+        if not (0 < M <= LINEAR_MAX_ROWS and K > 0 and N > 0 and weight.shape[1] == K
+                and (x.stride(1) == 1 or K == 1) and weight.is_contiguous()):
+            return None
+        if bias is not None and not (bias.shape == (N,) and bias.is_contiguous()):
+            return None
+        if grad and any(t.requires_grad for t in ts):
+            return None
+        y = x.new_empty(M, N)
+        a = (ctypes.c_int64 * len(_LINEAR_ARGS))(M, N, K, x.data_ptr(), x.stride(0), weight.data_ptr(),
+                                                 0 if bias is None else bias.data_ptr(), y.data_ptr(), N)
+        parts = min(threads, (N + 3) // 4) if M * N * K >= _LINEAR_SPLIT_MIN else 1
+        gomp = _openmp_parallel() if parts > 1 else 0
+        if gomp:
+            _linear_team(a, ctypes.c_int64(gomp), ctypes.c_int64(parts))
+        else:
+            _linear(a)
+    finally:
+        if gc_on:
+            gc.enable()
     return y

@@ -4,7 +4,8 @@
  * copy of the step's state and weights (issue #17, bench/NOTES.md); this file 370-450 us, 63-75 % of the FMA peak.
  *
  * Each tile is MB rows of x by NB rows of w: MB x NB vector accumulators run along K (W floats at a time), then
- * each is summed across its lanes (a full AVX-512 tile's 16 at once, sums16), plus the K % W tail, plus the bias. The NB rows of w of a tile stay in L1
+ * each is summed across its lanes (a full AVX-512 tile's 16 at once: sums16), plus the K % W tail, plus the
+ * bias. The NB rows of w of a tile stay in L1
  * while the tiles of every row block of x pass them. Compiled with -ffp-contract=fast: an FMA where the ISA has
  * one. */
 
@@ -32,13 +33,17 @@ LINTX_INLINE float hsum16(hv16 v) {
 }
 
 /* r[p] = hsum16(a[p]) for the 16 accumulators of a 4 x 4 tile, with the same additions in the same order (lane l
- * + lane l + 8, then + l + 4, then (0 + 2) + (1 + 3)), but done on all 16 at once: each level adds two halves of
- * a pair of vectors, packing the pair's partial sums into one (8 + 4 + 2 + 1 vector adds and twice as many
- * shuffles, against 16 x 4 adds and their extracts). A 16 x 512 x 512 projection 96-102 -> 87-93 us (it was
- * 16 % of the tile's work at K = 512; bench/NOTES.md). a is taken in the order IN, so that lane p of the last
- * vector is a[p]'s sum. */
+ * + lane l + 8, then + l + 4, then (0 + 2) + (1 + 3)): the same values (a NaN's payload may differ: the compiler
+ * may swap an add's operands), but done on all 16 at once: each level adds two halves of a pair of vectors,
+ * packing the pair's partial sums into one (8 + 4 + 2 + 1 vector adds and twice as many shuffles, against
+ * 16 x 4 adds and their extracts). A 16 x 512 x 512 projection 2-14 % faster (bench/NOTES.md). a is taken in the
+ * order IN, so that lane p of the last vector is a[p]'s sum. */
+#if defined(__clang__)
+#define LINTX_HALVES(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
 typedef int32_t hi16 __attribute__((vector_size(16 * sizeof(int32_t))));
 #define LINTX_HALVES(a, b, ...) __builtin_shuffle(a, b, (hi16){__VA_ARGS__})
+#endif
 LINTX_INLINE void sums16(const hv16 *a, float *r) {
     static const int IN[16] = {0, 4, 8, 12, 2, 6, 10, 14, 1, 5, 9, 13, 3, 7, 11, 15};
     hv16 s[8], t[4], u[2];

@@ -13,15 +13,21 @@ extern "C" int lintx_tensor_meta(const void *impl, int want, lintx_meta *m) {
     try {
         auto *t = const_cast<c10::TensorImpl *>(static_cast<const c10::TensorImpl *>(impl));
         m->plain = t->layout() == c10::kStrided && t->device_type() == c10::DeviceType::CPU &&
-                   t->dtype() == caffe2::TypeMeta::Make<float>() && !t->is_neg() && t->has_storage();
+                   t->dtype() == caffe2::TypeMeta::Make<float>() && !t->is_neg() && t->has_storage() &&
+                   !t->key_set().has(c10::DispatchKey::ZeroTensor);  // a ZeroTensor's storage is empty
         m->ndim = t->dim();
-        const int64_t n = m->ndim < LINTX_META_DIMS ? m->ndim : LINTX_META_DIMS;
         if (m->plain) {  // sizes and strides of a dense strided tensor (others may have none)
             const auto sizes = t->sizes(), strides = t->strides();
-            for (int64_t i = 0; i < n; i++) {
-                m->sizes[i] = sizes[i];
-                m->strides[i] = strides[i];
+            int64_t end = t->storage_offset() + 1;  // the last element's offset + 1, 0 for none
+            for (int64_t i = 0; i < m->ndim; i++) {
+                if (i < LINTX_META_DIMS) {
+                    m->sizes[i] = sizes[i];
+                    m->strides[i] = strides[i];
+                }
+                end = sizes[i] == 0 || end == 0 ? 0 : end + (sizes[i] - 1) * strides[i];
             }
+            // its storage shrunk under it (resize_, as FSDP frees a parameter's): not plain
+            m->plain = end * (int64_t)sizeof(float) <= (int64_t)t->unsafe_storage().nbytes();
         }
         m->contiguous = m->plain && t->is_contiguous();
         m->requires_grad = m->plain && (want & LINTX_META_GRAD) ? t->requires_grad() : 0;

@@ -13,12 +13,12 @@ typedef struct {
     int64_t ndim;
     int64_t sizes[LINTX_META_DIMS], strides[LINTX_META_DIMS]; /* the first min(ndim, LINTX_META_DIMS) */
     int64_t data;        /* data_ptr() (mutable_data, as Python's), read only when asked and plain; else 0 */
-    int32_t plain;       /* strided, on the CPU, float32, not a negated view, with storage */
+    int32_t plain;       /* strided, CPU, float32, not a negated view or a ZeroTensor, within its storage */
     int32_t contiguous;  /* is_contiguous() */
     int32_t requires_grad; /* read only when asked and plain; else 0 */
 } lintx_meta;
 
-enum { LINTX_META_GRAD = 1, LINTX_META_DATA = 2, LINTX_META_STRIDES = 4 };
+enum { LINTX_META_GRAD = 1, LINTX_META_DATA = 2 };
 
 #ifdef __cplusplus
 extern "C" {

@@ -6,14 +6,14 @@
  * (bench/NOTES.md, issue #17).
  *
  * Module lintx_runner:
- *   setup(tensor_type, float32, empty_like, bump, is_grad_enabled, traced)   once, from torch and native
+ *   setup(tensor_type, float32, strided, bump, is_grad_enabled, traced)      once, from torch and native
  *   Runner(step_address, dims, inplace, state_type)                          a planned step; dims = (B, H, HKV,
  *       D, DV, map); calling it as runner(q, k, v, state, normalize, scale, eps) gives o (in place) or
  *       (o, (S, z)) (functional), or None when the arguments are not what it was planned for, autograd has
  *       something to record or a tracer is active: the caller then takes its other paths.
  *   calls()                                                                  the steps run so far (for tests)
  *   setup_linear(parameter_type, linear_address, team_address, is_autocast_enabled, is_compiling,
- *                get_num_threads, gomp_parallel, max_rows, split_min)        once, from native._ext
+ *                get_num_threads, gomp_parallel_address, max_rows, split_min)  once, from native._ext
  *   linear(x, weight, bias)                                                  lintx_triton.native.linear's checks
  *       and its call of linear.c in C: y, or None when the arguments are not eligible (LinearAttention.step
  *       makes four such calls a step; a tiny call's checks: 6.3 us in Python, 2.5 here with meta.cpp's reads)
@@ -36,17 +36,18 @@ typedef int (*step_fn)(const int64_t *a, const float *se, int normalize);
 
 static long long n_calls;                   /* steps run, under the GIL */
 static long long n_linear[2];               /* linear.c's calls: whole, split between threads */
-static PyObject *g_tensor, *g_f32, *g_empty_like, *g_bump, *g_grad_enabled, *g_traced;
+static PyObject *g_tensor, *g_f32, *g_strided, *g_bump, *g_grad_enabled, *g_traced;
 static PyObject *s_shape, *s_dtype, *s_is_cpu, *s_is_contiguous, *s_is_neg, *s_data_ptr, *s_requires_grad,
-    *s_new_empty, *s_stride, *s_cpu, *s_cdata;
+    *s_new_empty, *s_stride, *s_cpu, *s_cdata, *s_layout, *s_is_zerotensor, *s_untyped_storage, *s_nbytes,
+    *s_storage_offset;
 
 /* setup_linear's: linear.c's entry points, and what lintx_triton.native.linear reads besides the tensors */
 typedef int (*linear_fn)(const int64_t *a);
 typedef int (*linear_team_fn)(const int64_t *a, int64_t gomp_parallel, int64_t parts);
 static linear_fn g_linear;
 static linear_team_fn g_linear_team;
-static PyObject *g_parameter, *g_autocast, *g_compiling, *g_num_threads, *g_gomp;
-static int64_t g_max_rows, g_split_min;
+static PyObject *g_parameter, *g_autocast, *g_compiling, *g_num_threads;
+static int64_t g_max_rows, g_split_min, g_gomp;
 
 typedef struct {
     PyObject_HEAD
@@ -55,7 +56,6 @@ typedef struct {
     int64_t dims[6]; /* B, H, HKV, D, DV, map */
     int inplace;
     PyObject *state_type;
-    PyObject *o_shape; /* (B, H, DV), for new_empty when D != DV */
 } Runner;
 
 /* x (a new reference, or NULL after an error) is want: 1; is not: 0; NULL: -1. Releases x. */
@@ -99,57 +99,87 @@ static PyObject *call_method(PyObject *t, PyObject *name)
     return PyObject_VectorcallMethod(name, args, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
 }
 
+/* t.name() as an int64 (a method without arguments): 0, or -1 with an exception set */
+static int int_method(PyObject *t, PyObject *name, int64_t *out)
+{
+    PyObject *x = call_method(t, name);
+    if (x == NULL)
+        return -1;
+    *out = (int64_t)PyLong_AsLongLong(x);
+    Py_DECREF(x);
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+/* a shape or stride() tuple into out (its first LINTX_META_DIMS) and the extent it spans with the other (in
+ * elements past the first, for sizes and strides both read: sum of (size - 1) stride) */
+static int tuple_into(PyObject *x, int64_t *out, Py_ssize_t n)
+{
+    if (!PyTuple_Check(x) || PyTuple_GET_SIZE(x) != n)
+        return 0;
+    for (Py_ssize_t i = 0; i < n && i < LINTX_META_DIMS; i++)
+        out[i] = (int64_t)PyLong_AsLongLong(PyTuple_GET_ITEM(x, i));
+    return PyErr_Occurred() ? -1 : 1;
+}
+
 /* the same from t's Python attributes, read in the order that stops at the first that makes it not plain: its
- * shape, dtype, is_cpu, is_neg(), then is_contiguous(), stride() (want LINTX_META_STRIDES), requires_grad
- * (LINTX_META_GRAD) and data_ptr() (LINTX_META_DATA) */
+ * shape, dtype, layout, is_cpu, is_neg(), _is_zerotensor(), then stride(), its storage's size and offset (the
+ * extent its shape and strides span must lie in it), is_contiguous(), requires_grad (want LINTX_META_GRAD) and
+ * data_ptr() (LINTX_META_DATA) */
 static int props(PyObject *t, int want, lintx_meta *m)
 {
     memset(m, 0, sizeof *m);
-    PyObject *x = PyObject_GetAttr(t, s_shape);
-    if (x == NULL)
+    PyObject *shape = PyObject_GetAttr(t, s_shape);
+    if (shape == NULL)
         return -1;
-    int ok = PyTuple_Check(x);
-    m->ndim = ok ? PyTuple_GET_SIZE(x) : -1;
-    for (Py_ssize_t i = 0; ok && i < m->ndim && i < LINTX_META_DIMS; i++)
-        m->sizes[i] = (int64_t)PyLong_AsLongLong(PyTuple_GET_ITEM(x, i));
-    Py_DECREF(x);
-    if (PyErr_Occurred())
-        return -1;
+    int ok = PyTuple_Check(shape);
+    m->ndim = ok ? PyTuple_GET_SIZE(shape) : -1;
     int r;
     if (!ok || (r = is_and_release(PyObject_GetAttr(t, s_dtype), g_f32)) != 1
+        || (r = is_and_release(PyObject_GetAttr(t, s_layout), g_strided)) != 1
         || (r = is_and_release(PyObject_GetAttr(t, s_is_cpu), Py_True)) != 1
-        || (r = is_and_release(call_method(t, s_is_neg), Py_False)) != 1)
+        || (r = is_and_release(call_method(t, s_is_neg), Py_False)) != 1
+        || (r = is_and_release(call_method(t, s_is_zerotensor), Py_False)) != 1) {
+        Py_DECREF(shape);
         return !ok ? 0 : r < 0 ? -1 : 0;
+    }
+    PyObject *stride = call_method(t, s_stride), *storage = NULL;
+    int64_t offset = 0, nbytes = 0;
+    if (stride == NULL || (r = tuple_into(shape, m->sizes, m->ndim)) < 0
+        || (r = tuple_into(stride, m->strides, m->ndim)) < 0 || int_method(t, s_storage_offset, &offset) != 0
+        || (storage = call_method(t, s_untyped_storage)) == NULL || int_method(storage, s_nbytes, &nbytes) != 0) {
+        Py_DECREF(shape);
+        Py_XDECREF(stride);
+        Py_XDECREF(storage);
+        return -1;
+    }
+    /* the last element's offset + 1 (0: no element), from the full tuples */
+    int64_t end = offset + 1;
+    for (Py_ssize_t i = 0; i < m->ndim; i++) {
+        const int64_t size = (int64_t)PyLong_AsLongLong(PyTuple_GET_ITEM(shape, i));
+        end = size == 0 || end == 0 ? 0 : end + (size - 1) * (int64_t)PyLong_AsLongLong(PyTuple_GET_ITEM(stride, i));
+    }
+    Py_DECREF(shape);
+    Py_DECREF(stride);
+    Py_DECREF(storage);
+    if (PyErr_Occurred())
+        return -1;
+    if (r == 0 || end * (int64_t)sizeof(float) > nbytes) /* its storage shrunk under it (resize_): not plain */
+        return 0;
     m->plain = 1;
     if ((r = is_and_release(call_method(t, s_is_contiguous), Py_True)) < 0)
         return -1;
     m->contiguous = r;
-    if (want & LINTX_META_STRIDES) {
-        if ((x = call_method(t, s_stride)) == NULL)
-            return -1;
-        for (Py_ssize_t i = 0; PyTuple_Check(x) && i < PyTuple_GET_SIZE(x) && i < LINTX_META_DIMS; i++)
-            m->strides[i] = (int64_t)PyLong_AsLongLong(PyTuple_GET_ITEM(x, i));
-        Py_DECREF(x);
-        if (PyErr_Occurred())
-            return -1;
-    }
     if ((want & LINTX_META_GRAD) && (m->requires_grad = is_and_release(PyObject_GetAttr(t, s_requires_grad),
                                                                        Py_True)) < 0)
         return -1;
-    if (want & LINTX_META_DATA) {
-        if ((x = call_method(t, s_data_ptr)) == NULL)
-            return -1;
-        m->data = (int64_t)PyLong_AsLongLong(x);
-        Py_DECREF(x);
-        if (PyErr_Occurred())
-            return -1;
-    }
+    if ((want & LINTX_META_DATA) && int_method(t, s_data_ptr, &m->data) != 0)
+        return -1;
     return 0;
 }
 #endif
 
-/* 1: t is a plain torch.Tensor, float32, on the CPU, contiguous, not a negated view, of shape dims[0..n); 0: not;
- * -1: an error. With grad (needs_grad: 1), its requires_grad in *grad; its address in *data. */
+/* 1: t is a plain torch.Tensor, float32, on the CPU, contiguous, not a negated view, within its storage, of shape
+ * dims[0..n); 0: not; -1: an error. Its address in *data; with grad, its requires_grad in *requires_grad. */
 static int plain_as(PyObject *t, const int64_t *dims, Py_ssize_t n, int grad, int *requires_grad, int64_t *data)
 {
     if ((PyObject *)Py_TYPE(t) != g_tensor)
@@ -167,20 +197,19 @@ static int plain_as(PyObject *t, const int64_t *dims, Py_ssize_t n, int grad, in
     return 1;
 }
 
-/* t.data_ptr() */
-static int data_ptr(PyObject *t, int64_t *out)
+/* t.new_empty(*dims), of t's dtype and device: n sizes as arguments (not a tuple: 0.9-1.1 against 1.4-1.6 us) */
+static PyObject *new_empty(PyObject *t, const int64_t *dims, int n)
 {
-    lintx_meta m;
-    if (props(t, LINTX_META_DATA, &m) != 0)
-        return -1;
-    *out = m.data;
-    return 0;
-}
-
-static PyObject *empty_like(PyObject *t)
-{
-    PyObject *args[1] = {t};
-    return PyObject_Vectorcall(g_empty_like, args, 1, NULL);
+    PyObject *a[1 + LINTX_META_DIMS] = {t}, *out = NULL;
+    int made = 0;
+    for (; made < n; made++)
+        if ((a[1 + made] = PyLong_FromLongLong(dims[made])) == NULL)
+            goto done;
+    out = PyObject_VectorcallMethod(s_new_empty, a, (size_t)(1 + n) | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+done:
+    for (int i = 0; i < made; i++)
+        Py_DECREF(a[1 + i]);
+    return out;
 }
 
 static PyObject *runner_call(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
@@ -204,18 +233,22 @@ static PyObject *runner_call(PyObject *callable, PyObject *const *args, size_t n
     } else {
         Py_RETURN_NONE;
     }
+    PyObject *ts[8] = {q, k, v, S0, z0, NULL, NULL, NULL}; /* then o, and S, z for the functional step */
+    for (int i = 0; i < 5; i++)
+        if ((PyObject *)Py_TYPE(ts[i]) != g_tensor)
+            Py_RETURN_NONE;
     const int64_t B = r->dims[0], H = r->dims[1], HKV = r->dims[2], D = r->dims[3], DV = r->dims[4];
     const int64_t q_shape[3] = {B, H, D}, k_shape[3] = {B, HKV, D}, v_shape[3] = {B, HKV, DV};
-    const int64_t S_shape[4] = {B, HKV, D, DV};
-    PyObject *ts[5] = {q, k, v, S0, z0};
-    const int64_t *shapes[5] = {q_shape, k_shape, v_shape, S_shape, k_shape};
-    const Py_ssize_t ndims[5] = {3, 3, 3, 4, 3};
-    /* a list's items may change while Python code runs (the attribute reads below): hold them */
+    const int64_t S_shape[4] = {B, HKV, D, DV}, o_shape[3] = {B, H, DV};
+    const int64_t *shapes[8] = {q_shape, k_shape, v_shape, S_shape, k_shape, o_shape, S_shape, k_shape};
+    const Py_ssize_t ndims[8] = {3, 3, 3, 4, 3, 3, 4, 3};
+    const int n = r->inplace ? 6 : 8;
+    /* a list's items may change while Python code runs: hold them */
     Py_INCREF(S0);
     Py_INCREF(z0);
-    PyObject *o = NULL, *S = NULL, *z = NULL, *result = NULL;
-    /* the scalars before the tensors' reads: normalize's __bool__ is Python code, which could resize a tensor
-     * after its shape and address were read */
+    PyObject *result = NULL;
+    int gc = -1; /* gc's state before this call disabled it (PyGC_Disable's answer), -1: not disabled here */
+    /* the scalars before the tensors: normalize's __bool__ is Python code, which could resize one */
     const double scale = PyFloat_AsDouble(args[5]);
     if (scale == -1.0 && PyErr_Occurred())
         goto done;
@@ -225,15 +258,26 @@ static PyObject *runner_call(PyObject *callable, PyObject *const *args, size_t n
     const int normalize = PyObject_IsTrue(args[4]);
     if (normalize < 0)
         goto done;
-    /* a tracer or mode first: under a TorchFunctionMode even the attribute reads below are its to answer */
+    /* a tracer or mode: under a TorchFunctionMode even the attribute reads are its to answer */
     int ok = is_and_release(PyObject_CallNoArgs(g_traced), Py_False);
     const int grad = ok > 0 ? is_and_release(PyObject_CallNoArgs(g_grad_enabled), Py_True) : 0;
     if (grad < 0)
         ok = -1;
+    /* From here to the call no Python code may run (it could resize a tensor after its shape and address were
+     * read): gc off (an allocation could run a finalizer), the outputs allocated first (shapes from the plan;
+     * checked below with the inputs), then only torch's C getters (meta.cpp, or the attributes) */
+    if (ok > 0) {
+        gc = PyGC_Disable();
+        if ((ts[5] = new_empty(q, o_shape, 3)) == NULL
+            || (!r->inplace && ((ts[6] = new_empty(S0, S_shape, 4)) == NULL
+                                || (ts[7] = new_empty(z0, k_shape, 3)) == NULL)))
+            ok = -1;
+    }
     int64_t a[14] = {B, H, HKV, D, DV, r->dims[5]};
-    for (int i = 0; ok > 0 && i < 5; i++) { /* with grad on, no input may need one */
+    const int at[8] = {6, 7, 8, 9, 10, 13, 11, 12}; /* each tensor's address in a */
+    for (int i = 0; ok > 0 && i < n; i++) { /* with grad on, no input may need one */
         int rg = 0;
-        ok = plain_as(ts[i], shapes[i], ndims[i], grad, &rg, &a[6 + i]);
+        ok = plain_as(ts[i], shapes[i], ndims[i], grad && i < 5, &rg, &a[at[i]]);
         if (ok > 0 && rg)
             ok = 0;
     }
@@ -243,29 +287,18 @@ static PyObject *runner_call(PyObject *callable, PyObject *const *args, size_t n
         result = Py_NewRef(Py_None);
         goto done;
     }
-    if (D == DV) {
-        o = empty_like(q);
-    } else {
-        PyObject *a2[2] = {q, r->o_shape};
-        o = PyObject_VectorcallMethod(s_new_empty, a2, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-    }
-    if (o == NULL)
-        goto done;
-    if (data_ptr(o, &a[13]))
-        goto done;
     if (r->inplace) {
         a[11] = a[9];
         a[12] = a[10];
-    } else {
-        if ((S = empty_like(S0)) == NULL || (z = empty_like(z0)) == NULL || data_ptr(S, &a[11])
-            || data_ptr(z, &a[12]))
-            goto done;
     }
     const float se[2] = {(float)scale, (float)eps};
     int err;
     Py_BEGIN_ALLOW_THREADS
     err = r->fn(a, se, normalize);
     Py_END_ALLOW_THREADS
+    if (gc == 1)
+        PyGC_Enable();
+    gc = -1;
     if (err) {
         PyErr_SetString(PyExc_MemoryError, "lintx_triton.native: the decode step's scratch could not be allocated");
         goto done;
@@ -276,14 +309,15 @@ static PyObject *runner_call(PyObject *callable, PyObject *const *args, size_t n
         if (b == NULL)
             goto done;
         Py_DECREF(b);
-        result = Py_NewRef(o);
+        result = Py_NewRef(ts[5]);
     } else {
-        result = Py_BuildValue("(O(OO))", o, S, z);
+        result = Py_BuildValue("(O(OO))", ts[5], ts[6], ts[7]);
     }
 done:
-    Py_XDECREF(o);
-    Py_XDECREF(S);
-    Py_XDECREF(z);
+    if (gc == 1)
+        PyGC_Enable();
+    for (int i = 5; i < 8; i++)
+        Py_XDECREF(ts[i]);
     Py_DECREF(S0);
     Py_DECREF(z0);
     return result;
@@ -317,18 +351,12 @@ static PyObject *runner_new(PyTypeObject *type, PyObject *args, PyObject *Py_UNU
     r->fn = (step_fn)(uintptr_t)address;
     r->inplace = inplace;
     r->state_type = Py_NewRef(state_type);
-    r->o_shape = Py_BuildValue("(LLL)", (long long)r->dims[0], (long long)r->dims[1], (long long)r->dims[4]);
-    if (r->o_shape == NULL) {
-        Py_DECREF(r);
-        return NULL;
-    }
     return (PyObject *)r;
 }
 
 static void runner_dealloc(Runner *r)
 {
     Py_XDECREF(r->state_type);
-    Py_XDECREF(r->o_shape);
     Py_TYPE(r)->tp_free((PyObject *)r);
 }
 
@@ -376,92 +404,77 @@ static PyObject *linear(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssi
     /* a tracer, mode, torch.compile or CPU autocast (F.linear would return its dtype): torch's F.linear */
     if ((r = truth_of(g_traced, NULL)) != 0 || (r = truth_of(g_compiling, NULL)) != 0
         || (r = truth_of(g_autocast, s_cpu)) != 0)
-        goto out;
-    /* with grad on, nothing may need one */
-    const int grad = truth_of(g_grad_enabled, NULL), want = LINTX_META_DATA | (grad > 0 ? LINTX_META_GRAD : 0);
-    lintx_meta mx, mw, mb;
-    if (grad < 0 || props(x, want | LINTX_META_STRIDES, &mx) != 0 || props(w, want, &mw) != 0
-        || (b && props(b, want, &mb) != 0))
+        return r < 0 ? NULL : Py_NewRef(Py_None);
+    const int grad = truth_of(g_grad_enabled, NULL);
+    PyObject *nt = PyObject_CallNoArgs(g_num_threads);
+    int64_t threads = nt ? (int64_t)PyLong_AsLongLong(nt) : -1;
+    Py_XDECREF(nt);
+    if (grad < 0 || (threads == -1 && PyErr_Occurred()))
         return NULL;
+    /* From here to the call no Python code may run (as in runner_call): gc off, then torch's C getters and y's
+     * allocation only */
+    const int gc = PyGC_Disable(), want = LINTX_META_DATA | (grad ? LINTX_META_GRAD : 0);
+    PyObject *y = NULL, *result = NULL;
+    lintx_meta mx, mw, mb, my;
+    if (props(x, want, &mx) != 0 || props(w, want, &mw) != 0 || (b && props(b, want, &mb) != 0))
+        goto done;
     const int64_t M = mx.sizes[0], K = mx.sizes[1], N = mw.sizes[0];
+    /* with grad on, nothing may need one */
     if (!(mx.plain && mw.plain && mx.ndim == 2 && mw.ndim == 2 && 0 < M && M <= g_max_rows && K > 0 && N > 0
           && mw.sizes[1] == K && (mx.strides[1] == 1 || K == 1) && mw.contiguous && !mx.requires_grad
-          && !mw.requires_grad))
-        Py_RETURN_NONE;
-    if (b && !(mb.plain && mb.ndim == 1 && mb.sizes[0] == N && mb.contiguous && !mb.requires_grad))
-        Py_RETURN_NONE;
-    /* x.new_empty(M, N): the sizes as arguments, not a tuple (0.9-1.1 against 1.4-1.6 us) */
-    PyObject *m = PyLong_FromLongLong(M), *n = m ? PyLong_FromLongLong(N) : NULL, *y = NULL;
-    if (n != NULL) {
-        PyObject *a3[3] = {x, m, n};
-        y = PyObject_VectorcallMethod(s_new_empty, a3, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+          && !mw.requires_grad)
+        || (b && !(mb.plain && mb.ndim == 1 && mb.sizes[0] == N && mb.contiguous && !mb.requires_grad))) {
+        result = Py_NewRef(Py_None);
+        goto done;
     }
-    Py_XDECREF(m);
-    Py_XDECREF(n);
-    if (y == NULL)
-        return NULL;
-    int64_t a[9] = {M, N, K, mx.data, mx.strides[0], mw.data, b ? mb.data : 0, 0, N}; /* linear.c's L_M .. L_LDY */
-    if (data_ptr(y, &a[7]))
-        goto fail;
-    int64_t parts = 1, gomp = 0;
-    if (M * N * K >= g_split_min) { /* on torch's OpenMP team, as native.linear splits it */
-        PyObject *n = PyObject_CallNoArgs(g_num_threads);
-        if (n == NULL)
-            goto fail;
-        parts = (int64_t)PyLong_AsLongLong(n);
-        Py_DECREF(n);
-        if (parts == -1 && PyErr_Occurred())
-            goto fail;
-        parts = parts < (N + 3) / 4 ? parts : (N + 3) / 4;
-        if (parts > 1) {
-            PyObject *g = PyObject_CallNoArgs(g_gomp);
-            if (g == NULL)
-                goto fail;
-            gomp = (int64_t)PyLong_AsLongLong(g);
-            Py_DECREF(g);
-            if (gomp == -1 && PyErr_Occurred())
-                goto fail;
-        }
+    const int64_t y_shape[2] = {M, N};
+    if ((y = new_empty(x, y_shape, 2)) == NULL || props(y, LINTX_META_DATA, &my) != 0)
+        goto done;
+    if (!(my.plain && my.contiguous && my.ndim == 2 && my.sizes[0] == M && my.sizes[1] == N)) {
+        PyErr_SetString(PyExc_RuntimeError, "lintx_triton.native.linear: x.new_empty gave another tensor");
+        goto done;
     }
-    const int split = parts > 1 && gomp;
+    /* the columns split between torch's threads (its OpenMP team) from g_split_min multiply-adds, as
+     * native.linear splits them */
+    const int64_t parts = M * N * K < g_split_min || !g_gomp ? 1 : threads < (N + 3) / 4 ? threads : (N + 3) / 4;
+    const int64_t a[9] = {M, N, K, mx.data, mx.strides[0], mw.data, b ? mb.data : 0, my.data, N}; /* L_M .. */
     Py_BEGIN_ALLOW_THREADS
-    if (split)
-        g_linear_team(a, gomp, parts);
+    if (parts > 1)
+        g_linear_team(a, g_gomp, parts);
     else
         g_linear(a);
     Py_END_ALLOW_THREADS
-    n_linear[split]++;
-    return y;
-fail:
-    Py_DECREF(y);
-    return NULL;
-out:
-    if (r < 0)
-        return NULL;
-    Py_RETURN_NONE;
+    n_linear[parts > 1]++;
+    result = Py_NewRef(y);
+done:
+    if (gc == 1)
+        PyGC_Enable();
+    Py_XDECREF(y);
+    return result;
 }
 
 static PyObject *setup_linear(PyObject *Py_UNUSED(self), PyObject *args)
 {
-    PyObject *objs[5];
-    unsigned long long fn, team;
+    PyObject *objs[4];
+    unsigned long long fn, team, gomp;
     long long max_rows, split_min;
-    if (!PyArg_ParseTuple(args, "OKKOOOOLL", &objs[0], &fn, &team, &objs[1], &objs[2], &objs[3], &objs[4],
-                          &max_rows, &split_min))
+    if (!PyArg_ParseTuple(args, "OKKOOOKLL", &objs[0], &fn, &team, &objs[1], &objs[2], &objs[3], &gomp, &max_rows,
+                          &split_min))
         return NULL;
     if (fn == 0 || team == 0 || g_tensor == NULL) {
         PyErr_SetString(PyExc_ValueError, "setup() first, then setup_linear(parameter_type, linear_address, "
                                           "team_address, is_autocast_enabled, is_compiling, get_num_threads, "
-                                          "gomp_parallel, max_rows, split_min)");
+                                          "gomp_parallel_address, max_rows, split_min)");
         return NULL;
     }
-    PyObject **slots[5] = {&g_parameter, &g_autocast, &g_compiling, &g_num_threads, &g_gomp};
-    for (int i = 0; i < 5; i++)
+    PyObject **slots[4] = {&g_parameter, &g_autocast, &g_compiling, &g_num_threads};
+    for (int i = 0; i < 4; i++)
         Py_XSETREF(*slots[i], Py_NewRef(objs[i]));
     g_linear = (linear_fn)(uintptr_t)fn;
     g_linear_team = (linear_team_fn)(uintptr_t)team;
     g_max_rows = max_rows;
     g_split_min = split_min;
+    g_gomp = (int64_t)gomp;
     Py_RETURN_NONE;
 }
 
@@ -470,7 +483,7 @@ static PyObject *setup(PyObject *Py_UNUSED(self), PyObject *args)
     PyObject *objs[6];
     if (!PyArg_ParseTuple(args, "OOOOOO", &objs[0], &objs[1], &objs[2], &objs[3], &objs[4], &objs[5]))
         return NULL;
-    PyObject **slots[6] = {&g_tensor, &g_f32, &g_empty_like, &g_bump, &g_grad_enabled, &g_traced};
+    PyObject **slots[6] = {&g_tensor, &g_f32, &g_strided, &g_bump, &g_grad_enabled, &g_traced};
     for (int i = 0; i < 6; i++)
         Py_XSETREF(*slots[i], Py_NewRef(objs[i]));
     Py_RETURN_NONE;
@@ -485,19 +498,30 @@ static PyObject *calls(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(args))
  * data, plain, contiguous, requires_grad), sizes and strides up to LINTX_META_DIMS long, empty when not plain */
 static PyObject *py_props(PyObject *Py_UNUSED(self), PyObject *t)
 {
+    if (g_tensor == NULL || !PyObject_TypeCheck(t, (PyTypeObject *)g_tensor)) {
+        PyErr_SetString(PyExc_TypeError, "props(t): t a torch.Tensor, after setup()");
+        return NULL;
+    }
     lintx_meta m;
-    if (props(t, LINTX_META_DATA | LINTX_META_GRAD | LINTX_META_STRIDES, &m) != 0)
+    if (props(t, LINTX_META_DATA | LINTX_META_GRAD, &m) != 0)
         return NULL;
     const Py_ssize_t n = !m.plain ? 0 : m.ndim < LINTX_META_DIMS ? (Py_ssize_t)m.ndim : LINTX_META_DIMS;
     PyObject *sizes = PyTuple_New(n), *strides = PyTuple_New(n);
+    for (Py_ssize_t i = 0; sizes != NULL && strides != NULL && i < n; i++) {
+        PyObject *a = PyLong_FromLongLong(m.sizes[i]), *b = PyLong_FromLongLong(m.strides[i]);
+        if (a == NULL || b == NULL) {
+            Py_XDECREF(a);
+            Py_XDECREF(b);
+            Py_CLEAR(sizes);
+            break;
+        }
+        PyTuple_SET_ITEM(sizes, i, a);
+        PyTuple_SET_ITEM(strides, i, b);
+    }
     if (sizes == NULL || strides == NULL) {
         Py_XDECREF(sizes);
         Py_XDECREF(strides);
         return NULL;
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyTuple_SET_ITEM(sizes, i, PyLong_FromLongLong(m.sizes[i]));
-        PyTuple_SET_ITEM(strides, i, PyLong_FromLongLong(m.strides[i]));
     }
     return Py_BuildValue("(NNLiii)", sizes, strides, (long long)m.data, (int)m.plain, (int)m.contiguous,
                          (int)m.requires_grad);
@@ -518,9 +542,9 @@ static PyMethodDef methods[] = {
      "linear(x, weight, bias): lintx_triton.native.linear's checks and call in C -> y or None"},
     {"setup_linear", setup_linear, METH_VARARGS,
      "setup_linear(parameter_type, linear_address, team_address, is_autocast_enabled, is_compiling, "
-     "get_num_threads, gomp_parallel, max_rows, split_min): what linear() calls"},
+     "get_num_threads, gomp_parallel_address, max_rows, split_min): what linear() calls"},
     {"setup", setup, METH_VARARGS,
-     "setup(tensor_type, float32, empty_like, bump, is_grad_enabled, traced): what a runner calls"},
+     "setup(tensor_type, float32, strided, bump, is_grad_enabled, traced): what a runner calls"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -530,11 +554,14 @@ PyMODINIT_FUNC PyInit_lintx_runner(void)
 {
     if (PyType_Ready(&RunnerType) < 0)
         return NULL;
-    const char *names[11] = {"shape",    "dtype",         "is_cpu",    "is_contiguous", "is_neg", "data_ptr",
-                             "requires_grad", "new_empty", "stride", "cpu",    "_cdata"};
-    PyObject **slots[11] = {&s_shape,         &s_dtype,     &s_is_cpu, &s_is_contiguous, &s_is_neg, &s_data_ptr,
-                            &s_requires_grad, &s_new_empty, &s_stride, &s_cpu,           &s_cdata};
-    for (int i = 0; i < 11; i++)
+    const char *names[16] = {"shape",  "dtype",  "is_cpu", "is_contiguous",  "is_neg",         "data_ptr",
+                             "requires_grad",  "new_empty", "stride", "cpu", "_cdata", "layout", "_is_zerotensor",
+                             "untyped_storage", "nbytes", "storage_offset"};
+    PyObject **slots[16] = {&s_shape,   &s_dtype,          &s_is_cpu,          &s_is_contiguous, &s_is_neg,
+                            &s_data_ptr, &s_requires_grad, &s_new_empty,       &s_stride,        &s_cpu,
+                            &s_cdata,    &s_layout,        &s_is_zerotensor,   &s_untyped_storage, &s_nbytes,
+                            &s_storage_offset};
+    for (int i = 0; i < 16; i++)
         if ((*slots[i] = PyUnicode_InternFromString(names[i])) == NULL)
             return NULL;
     PyObject *m = PyModule_Create(&module);
