@@ -200,6 +200,36 @@ def test_not_eligible_returns_none(path):
 
 
 @needs_native
+@PATHS
+def test_default_device_mode_stays_out_of_the_window(path):
+    """Under torch.set_default_device's mode (which linear.c runs under) its Python __torch_function__ does not
+    run between the reads of x, w and the call (y's allocation included): a trace hook that would free w there
+    never fires, and y is right."""
+    import sys
+
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 32768, generator=gen), torch.randn(64, 32768, generator=gen)  # w: 8 MiB, its own mmap
+    want = x.double() @ w.double().T
+    fired = []
+
+    def tracer(frame, event, arg):
+        if event == "call" and frame.f_code.co_name == "__torch_function__" and "new_empty" in str(
+                frame.f_locals.get("func")):
+            fired.append(1)
+            w.set_(torch.empty(0))
+        return None
+
+    with _on(path), torch.no_grad(), torch.device("cpu"):
+        sys.settrace(tracer)
+        try:
+            y = native.linear(x, w, None)
+        finally:
+            sys.settrace(None)
+    assert not fired and y is not None
+    assert (y.double() - want).abs().max() < 1e-3
+
+
+@needs_native
 def test_runner_is_built_outside_modes(monkeypatch, tmp_path):
     """runner.c is built (and meta.cpp checked against the attributes) at the first call outside a mode or
     tracer: a call under a TorchFunctionMode leaves it unbuilt; under torch.set_default_device's mode it builds,

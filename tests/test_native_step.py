@@ -412,10 +412,10 @@ def test_runner_falls_back_to_python(monkeypatch, tmp_path, why):
                          ids=["c_runner", "c_runner_attrs", "python_runner"])
 def test_runners_refuse_tensors_without_their_memory(request, runner):
     """A runner returns None (the api then checks again and takes the PyTorch path) for a sparse or mkldnn q, a
-    ZeroTensor, a state whose storage was resized to 0 (as FSDP frees one), and a state that normalize's __bool__
-    shrinks (the scalars are read before the tensors): it never touches memory a tensor does not have. A gc
-    callback that frees the state during a call finds it outside the runner's reads (run under AddressSanitizer
-    by test_native_sanitized)."""
+    ZeroTensor, a functional tensor's wrapper, a state whose storage was resized to 0 (as FSDP frees one), and a
+    state that normalize's __bool__ shrinks (the scalars are read before the tensors): it never touches memory a
+    tensor does not have. A gc callback or torch.set_default_device's mode that frees the state during a call
+    finds it outside the runner's reads (run under AddressSanitizer by test_native_sanitized)."""
     import gc
 
     spy = request.getfixturevalue(runner)
@@ -430,7 +430,8 @@ def test_runners_refuse_tensors_without_their_memory(request, runner):
         assert run(q, k, v, state(), True, 1.0, 1e-6) is not None and len(spy) == 1
         S, z = state()
         S.untyped_storage().resize_(0)
-        cases = [(q.to_sparse(), state()), (torch._efficientzerotensor(2, 3, 8), state()), (q, (S, z))]
+        cases = [(q.to_sparse(), state()), (torch._efficientzerotensor(2, 3, 8), state()), (q, (S, z)),
+                 (torch._to_functional_tensor(q), state())]
         if torch.backends.mkldnn.is_available():
             cases.append((q.to_mkldnn(), state()))
         for qq, st in cases:
@@ -443,20 +444,46 @@ def test_runners_refuse_tensors_without_their_memory(request, runner):
                 return True
 
         assert run(q, k, v, (S, z), Shrinks(), 1.0, 1e-6) is None and len(spy) == 1
+        # torch.set_default_device's mode: its __torch_function__ (Python) stays out of the window (o's allocation)
+        import sys
+
         S, z = state()
+        fired = []
+
+        def tracer(frame, event, arg):
+            if event == "call" and frame.f_code.co_name == "__torch_function__" and "new_empty" in str(
+                    frame.f_locals.get("func")):
+                fired.append(1)
+                S.set_(torch.empty(0))
+            return None
+
+        with torch.device("cpu"):
+            sys.settrace(tracer)
+            try:
+                o = run(q, k, v, (S, z), True, 1.0, 1e-6)
+            finally:
+                sys.settrace(None)
+        assert not fired and o is not None
+        # the state freed at the n-th collection of a call, for each n: one falls between the reads and the
+        # call unless gc is off there (AddressSanitizer sees the write into freed memory)
         threshold = gc.get_threshold()
+        for target in range(1, 40):
+            S, z = state()
+            seen = [0]
 
-        def free(phase, info):
-            S.set_(torch.empty(0))
+            def free(phase, info):
+                if phase == "start":
+                    seen[0] += 1
+                    if seen[0] == target:
+                        S.set_(torch.empty(0))
 
-        gc.callbacks.append(free)
-        gc.set_threshold(1)
-        try:
-            for _ in range(20):
+            gc.callbacks.append(free)
+            gc.set_threshold(1)
+            try:
                 run(q, k, v, (S, z), True, 1.0, 1e-6)
-        finally:
-            gc.callbacks.remove(free)
-            gc.set_threshold(*threshold)
+            finally:
+                gc.set_threshold(*threshold)
+                gc.callbacks.remove(free)
 
 
 @needs_native

@@ -323,7 +323,7 @@ def _runner_module(include: str, from_impl: bool):
     if not path.exists():
         try:
             _build(cc, path, extra, (_RUNNER_SOURCE, _META_SOURCE) if from_impl else (_RUNNER_SOURCE,), cxx, link)
-        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        except RuntimeError as e:  # the compiler refused (not a timeout or an OSError, which may pass)
             if from_impl:  # the attribute build is tried next, in this process and the later ones
                 failed.write_text(str(e))
             raise
@@ -332,7 +332,8 @@ def _runner_module(include: str, from_impl: bool):
     spec = importlib.util.spec_from_file_location("lintx_runner", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    mod.setup(torch.Tensor, torch.float32, torch.strided, _bump, torch.is_grad_enabled, _traced)
+    mod.setup(torch.Tensor, torch.float32, torch.strided, _bump, torch.is_grad_enabled, _traced, _function_modes,
+              torch._C.DisableTorchFunction)
     mod.setup_linear(_PARAMETER, ctypes.cast(_linear, ctypes.c_void_p).value,
                      ctypes.cast(_linear_team, ctypes.c_void_p).value, _autocast, _is_compiling,
                      torch.get_num_threads, _openmp_parallel(), LINEAR_MAX_ROWS, _LINEAR_SPLIT_MIN)
@@ -343,7 +344,7 @@ def _runner_module(include: str, from_impl: bool):
         with _disable_current_modes(), torch._C.DisableTorchFunction():
             samples = _props_samples()
             got, want = [mod.props(t) for t in samples], [_props(t) for t in samples]
-        if got != want or [w[3] for w in want] != [1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1]:
+        if got != want or [w[3] for w in want] != [1] * 5 + [0, 0] + [1] * 5 + [0] * 5:
             raise ValueError(f"it read {got} where the Python attributes give {want}")
     return mod
 
@@ -351,11 +352,17 @@ def _runner_module(include: str, from_impl: bool):
 def _props_samples() -> list:
     """Tensors on which meta.cpp's reads must agree with the Python attributes' (native._runner_module): plain
     ones of 4, 3, 2, 0 and 5 dimensions, strided, transposed, broadcast, empty, a parameter that requires grad;
-    then a negated view and a float64 tensor, which are not plain."""
-    base = torch.arange(120, dtype=torch.float32, device="cpu").reshape(2, 3, 4, 5)
-    return [base, base[:, 1:, ::2], base.transpose(1, 3), base[1, 2], torch.zeros(1, 4).requires_grad_(),
-            torch._neg_view(base), base.double(), base.as_strided((2, 2), (0, 1), 3), torch.empty(0, 3, device="cpu"),
-            torch.tensor(2.0, device="cpu"), base.view(1, 2, 3, 4, 5), torch.nn.Parameter(torch.ones(3))]
+    a negated view and a float64 tensor; then tensors with no memory behind them: a ZeroTensor, a storage resized
+    to 0, a sparse tensor, a functional tensor's wrapper and a meta tensor."""
+    f32, cpu = torch.float32, torch.device("cpu")
+    base = torch.arange(120, dtype=f32, device=cpu).reshape(2, 3, 4, 5)
+    shrunk = base.clone()
+    shrunk.untyped_storage().resize_(0)
+    return [base, base[:, 1:, ::2], base.transpose(1, 3), base[1, 2], torch.zeros(1, 4, dtype=f32).requires_grad_(),
+            torch._neg_view(base), base.double(), base.as_strided((2, 2), (0, 1), 3), torch.empty(0, 3, dtype=f32),
+            torch.tensor(2.0, dtype=f32), base.view(1, 2, 3, 4, 5), torch.nn.Parameter(torch.ones(3, dtype=f32)),
+            torch._efficientzerotensor(2, 3, dtype=f32), shrunk, base.to_sparse(), torch._to_functional_tensor(base),
+            base.to("meta")]
 
 
 def _props(t) -> tuple:
@@ -396,13 +403,14 @@ def _traced() -> bool:
 def _within_storage(t) -> bool:
     """t is strided (not sparse or mkldnn), not a ZeroTensor (no memory behind it), and its storage holds every
     element its shape, strides and offset reach (a parameter whose storage was resized to 0, as FSDP frees one,
-    does not)."""
+    does not), at an address. Read on a CPU tensor."""
     if t.layout != torch.strided or t._is_zerotensor():
         return False
     if t.numel() == 0:
         return True
     end = t.storage_offset() + 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
-    return end * t.element_size() <= t.untyped_storage().nbytes()
+    # and memory behind it (a functional tensor's wrapper has a storage of the right size at address 0)
+    return end * t.element_size() <= t.untyped_storage().nbytes() and t.data_ptr() != 0
 
 
 def _plain(*ts) -> bool:
@@ -656,12 +664,19 @@ _grad_enabled = torch.is_grad_enabled
 _bump = torch._C._increment_version  # the state changed in place: autograd's saved-tensor check must see it
 
 
+def _fits(t, shape) -> bool:
+    """t (a plain torch.Tensor) is a float32 CPU tensor of this shape, contiguous, not a negated view, within its
+    storage: what the C may read and write as ``shape``'s elements from its address."""
+    return (t.shape == shape and t.dtype is torch.float32 and t.is_cpu and _within_storage(t) and not t.is_neg()
+            and t.is_contiguous())
+
+
 def _runner(fn, dims, inplace: bool, state_type: type):
     B, H, HKV, D, DV, _ = dims
     # every shape the api's checks passed, compared again per call with the types, dtypes, devices and contiguity:
     # the runner is also the api's fast path (lintx_triton.api._fast_step), which skips the checks and the key
     q_shape, k_shape, v_shape, S_shape, z_shape = (B, H, D), (B, HKV, D), (B, HKV, DV), (B, HKV, D, DV), (B, HKV, D)
-    f32, T = torch.float32, torch.Tensor
+    T = torch.Tensor
     # o: q.new_empty, never torch.empty, which follows torch's default dtype and device
     o_shape = (B, H, DV)
     # the arrays are per thread: ctypes lets go of the GIL during the call, so two threads may be inside at once
@@ -677,31 +692,32 @@ def _runner(fn, dims, inplace: bool, state_type: type):
             return None
         nz = 1 if normalize else 0  # normalize's __bool__ (Python) before the reads, as runner.c
         grad = _grad_enabled()
-        # the outputs first, then the reads and the call with gc off (runner.c's reasons: nothing may resize a
-        # tensor between its reads and the call)
+        # the reads, the outputs' allocation and the call with gc and torch function modes off (runner.c's
+        # window: nothing may resize a tensor between its reads and the call)
         gc_on = gc.isenabled()
         gc.disable()
         try:
-            o = q.new_empty(o_shape)
-            S, z = (S0, z0) if inplace else (S0.new_empty(S_shape), z0.new_empty(z_shape))
-            ts, shapes = (q, k, v, S0, z0, o, S, z), (q_shape, k_shape, v_shape, S_shape, z_shape, o_shape, S_shape,
-                                                      z_shape)
-            if not all(t.shape == shape and t.dtype is f32 and t.is_cpu and _within_storage(t) and not t.is_neg()
-                       and t.is_contiguous() for t, shape in zip(ts, shapes)):
-                return None
-            if grad and (q.requires_grad or k.requires_grad or v.requires_grad or S0.requires_grad
-                         or z0.requires_grad):
-                return None
-            try:
-                a, se = local.arrays
-            except AttributeError:
-                a, se = local.arrays = args(dims, (0,) * 8, 0.0, 0.0)
-            a[6:14] = (q.data_ptr(), k.data_ptr(), v.data_ptr(), S0.data_ptr(), z0.data_ptr(), S.data_ptr(),
-                       z.data_ptr(), o.data_ptr())
-            se[0] = scale
-            se[1] = eps
-            if fn(a, se, nz):
-                raise MemoryError("lintx_triton.native: the decode step's scratch could not be allocated")
+            with torch._C.DisableTorchFunction():
+                ins = ((q, q_shape), (k, k_shape), (v, v_shape), (S0, S_shape), (z0, z_shape))
+                if not all(_fits(t, shape) for t, shape in ins):
+                    return None
+                if grad and (q.requires_grad or k.requires_grad or v.requires_grad or S0.requires_grad
+                             or z0.requires_grad):
+                    return None
+                o = q.new_empty(o_shape)
+                S, z = (S0, z0) if inplace else (S0.new_empty(S_shape), z0.new_empty(z_shape))
+                if not (_fits(o, o_shape) and _fits(S, S_shape) and _fits(z, z_shape)):
+                    raise RuntimeError("lintx_triton.native: new_empty gave another tensor")
+                try:
+                    a, se = local.arrays
+                except AttributeError:
+                    a, se = local.arrays = args(dims, (0,) * 8, 0.0, 0.0)
+                a[6:14] = (q.data_ptr(), k.data_ptr(), v.data_ptr(), S0.data_ptr(), z0.data_ptr(), S.data_ptr(),
+                           z.data_ptr(), o.data_ptr())
+                se[0] = scale
+                se[1] = eps
+                if fn(a, se, nz):
+                    raise MemoryError("lintx_triton.native: the decode step's scratch could not be allocated")
         finally:
             if gc_on:
                 gc.enable()
@@ -724,6 +740,35 @@ LINEAR_MAX_ROWS = 32
 _PARAMETER = torch.nn.Parameter
 _is_compiling = torch.compiler.is_compiling
 _autocast = torch.is_autocast_enabled
+
+
+def _linear_checked(x, weight, bias, grad: bool, threads: int):
+    """The Python path of :func:`linear` from its reads of the tensors on (within its window): y, or None."""
+    ts = (x, weight) if bias is None else (x, weight, bias)
+    if any(t.dtype != torch.float32 or not t.is_cpu or not _within_storage(t) or t.is_neg() for t in ts):
+        return None  # a negated view's memory holds -x
+    if x.dim() != 2 or weight.dim() != 2:
+        return None
+    (M, K), N = x.shape, weight.shape[0]
+    if not (0 < M <= LINEAR_MAX_ROWS and K > 0 and N > 0 and weight.shape[1] == K and (x.stride(1) == 1 or K == 1)
+            and weight.is_contiguous()):
+        return None
+    if bias is not None and not (bias.shape == (N,) and bias.is_contiguous()):
+        return None
+    if grad and any(t.requires_grad for t in ts):
+        return None
+    y = x.new_empty(M, N)
+    if not (y.shape == (M, N) and y.dtype is torch.float32 and y.is_cpu and _within_storage(y) and y.is_contiguous()):
+        raise RuntimeError("lintx_triton.native.linear: x.new_empty gave another tensor")
+    a = (ctypes.c_int64 * len(_LINEAR_ARGS))(M, N, K, x.data_ptr(), x.stride(0), weight.data_ptr(),
+                                             0 if bias is None else bias.data_ptr(), y.data_ptr(), N)
+    parts = min(threads, (N + 3) // 4) if M * N * K >= _LINEAR_SPLIT_MIN else 1
+    gomp = _openmp_parallel() if parts > 1 else 0
+    if gomp:
+        _linear_team(a, ctypes.c_int64(gomp), ctypes.c_int64(parts))
+    else:
+        _linear(a)
+    return y
 
 
 def linear(x, weight, bias=None):
@@ -757,30 +802,10 @@ def linear(x, weight, bias=None):
         return None  # autocast would give F.linear another dtype
     grad, threads = _grad_enabled(), torch.get_num_threads()
     gc_on = gc.isenabled()
-    gc.disable()  # from the reads to the call, as runner.c: nothing may resize a tensor in between
+    gc.disable()  # from the reads to the call, as runner.c's window: nothing may resize a tensor in between
     try:
-        ts = (x, weight) if bias is None else (x, weight, bias)
-        if any(t.dtype != torch.float32 or not t.is_cpu or not _within_storage(t) or t.is_neg() for t in ts):
-            return None  # a negated view's memory holds -x
-        if x.dim() != 2 or weight.dim() != 2:
-            return None
-        (M, K), N = x.shape, weight.shape[0]
-        if not (0 < M <= LINEAR_MAX_ROWS and K > 0 and N > 0 and weight.shape[1] == K
-                and (x.stride(1) == 1 or K == 1) and weight.is_contiguous()):
-            return None
-        if bias is not None and not (bias.shape == (N,) and bias.is_contiguous()):
-            return None
-        if grad and any(t.requires_grad for t in ts):
-            return None
-        y = x.new_empty(M, N)
-        a = (ctypes.c_int64 * len(_LINEAR_ARGS))(M, N, K, x.data_ptr(), x.stride(0), weight.data_ptr(),
-                                                 0 if bias is None else bias.data_ptr(), y.data_ptr(), N)
-        parts = min(threads, (N + 3) // 4) if M * N * K >= _LINEAR_SPLIT_MIN else 1
-        gomp = _openmp_parallel() if parts > 1 else 0
-        if gomp:
-            _linear_team(a, ctypes.c_int64(gomp), ctypes.c_int64(parts))
-        else:
-            _linear(a)
+        with torch._C.DisableTorchFunction():
+            y = _linear_checked(x, weight, bias, grad, threads)
     finally:
         if gc_on:
             gc.enable()

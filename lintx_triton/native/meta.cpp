@@ -14,7 +14,7 @@ extern "C" int lintx_tensor_meta(const void *impl, int want, lintx_meta *m) {
         auto *t = const_cast<c10::TensorImpl *>(static_cast<const c10::TensorImpl *>(impl));
         m->plain = t->layout() == c10::kStrided && t->device_type() == c10::DeviceType::CPU &&
                    t->dtype() == caffe2::TypeMeta::Make<float>() && !t->is_neg() && t->has_storage() &&
-                   !t->key_set().has(c10::DispatchKey::ZeroTensor);  // a ZeroTensor's storage is empty
+                   !t->key_set().has(c10::DispatchKey::ZeroTensor);  // a ZeroTensor's storage has no memory
         m->ndim = t->dim();
         if (m->plain) {  // sizes and strides of a dense strided tensor (others may have none)
             const auto sizes = t->sizes(), strides = t->strides();
@@ -26,8 +26,10 @@ extern "C" int lintx_tensor_meta(const void *impl, int want, lintx_meta *m) {
                 }
                 end = sizes[i] == 0 || end == 0 ? 0 : end + (sizes[i] - 1) * strides[i];
             }
-            // its storage shrunk under it (resize_, as FSDP frees a parameter's): not plain
-            m->plain = end * (int64_t)sizeof(float) <= (int64_t)t->unsafe_storage().nbytes();
+            // its storage shrunk under it (resize_, as FSDP frees a parameter's), or elements but no memory (a
+            // functional tensor's wrapper): not plain
+            m->plain = end * (int64_t)sizeof(float) <= (int64_t)t->unsafe_storage().nbytes() &&
+                       (end == 0 || t->unsafe_storage().data() != nullptr);
         }
         m->contiguous = m->plain && t->is_contiguous();
         m->requires_grad = m->plain && (want & LINTX_META_GRAD) ? t->requires_grad() : 0;

@@ -6,7 +6,8 @@
  * (bench/NOTES.md, issue #17).
  *
  * Module lintx_runner:
- *   setup(tensor_type, float32, strided, bump, is_grad_enabled, traced)      once, from torch and native
+ *   setup(tensor_type, float32, strided, bump, is_grad_enabled, traced, len_torch_function_stack,
+ *         DisableTorchFunction)                                              once, from torch and native
  *   Runner(step_address, dims, inplace, state_type)                          a planned step; dims = (B, H, HKV,
  *       D, DV, map); calling it as runner(q, k, v, state, normalize, scale, eps) gives o (in place) or
  *       (o, (S, z)) (functional), or None when the arguments are not what it was planned for, autograd has
@@ -36,10 +37,10 @@ typedef int (*step_fn)(const int64_t *a, const float *se, int normalize);
 
 static long long n_calls;                   /* steps run, under the GIL */
 static long long n_linear[2];               /* linear.c's calls: whole, split between threads */
-static PyObject *g_tensor, *g_f32, *g_strided, *g_bump, *g_grad_enabled, *g_traced;
+static PyObject *g_tensor, *g_f32, *g_strided, *g_bump, *g_grad_enabled, *g_traced, *g_tf_len, *g_tf_off;
 static PyObject *s_shape, *s_dtype, *s_is_cpu, *s_is_contiguous, *s_is_neg, *s_data_ptr, *s_requires_grad,
     *s_new_empty, *s_stride, *s_cpu, *s_cdata, *s_layout, *s_is_zerotensor, *s_untyped_storage, *s_nbytes,
-    *s_storage_offset;
+    *s_storage_offset, *s_enter, *s_exit;
 
 /* setup_linear's: linear.c's entry points, and what lintx_triton.native.linear reads besides the tensors */
 typedef int (*linear_fn)(const int64_t *a);
@@ -123,8 +124,8 @@ static int tuple_into(PyObject *x, int64_t *out, Py_ssize_t n)
 
 /* the same from t's Python attributes, read in the order that stops at the first that makes it not plain: its
  * shape, dtype, layout, is_cpu, is_neg(), _is_zerotensor(), then stride(), its storage's size and offset (the
- * extent its shape and strides span must lie in it), is_contiguous(), requires_grad (want LINTX_META_GRAD) and
- * data_ptr() (LINTX_META_DATA) */
+ * extent its shape and strides span must lie in it), data_ptr() (not NULL where it has elements),
+ * is_contiguous(), requires_grad (want LINTX_META_GRAD) */
 static int props(PyObject *t, int want, lintx_meta *m)
 {
     memset(m, 0, sizeof *m);
@@ -152,9 +153,9 @@ static int props(PyObject *t, int want, lintx_meta *m)
         Py_XDECREF(storage);
         return -1;
     }
-    /* the last element's offset + 1 (0: no element), from the full tuples */
+    /* the last element's offset + 1 (0: no element), from the full tuples (both of ndim entries: r == 1) */
     int64_t end = offset + 1;
-    for (Py_ssize_t i = 0; i < m->ndim; i++) {
+    for (Py_ssize_t i = 0; r == 1 && i < m->ndim; i++) {
         const int64_t size = (int64_t)PyLong_AsLongLong(PyTuple_GET_ITEM(shape, i));
         end = size == 0 || end == 0 ? 0 : end + (size - 1) * (int64_t)PyLong_AsLongLong(PyTuple_GET_ITEM(stride, i));
     }
@@ -165,6 +166,10 @@ static int props(PyObject *t, int want, lintx_meta *m)
         return -1;
     if (r == 0 || end * (int64_t)sizeof(float) > nbytes) /* its storage shrunk under it (resize_): not plain */
         return 0;
+    if (int_method(t, s_data_ptr, &m->data) != 0)
+        return -1;
+    if (end > 0 && m->data == 0) /* elements but no memory (a functional tensor's wrapper): not plain */
+        return 0;
     m->plain = 1;
     if ((r = is_and_release(call_method(t, s_is_contiguous), Py_True)) < 0)
         return -1;
@@ -172,11 +177,62 @@ static int props(PyObject *t, int want, lintx_meta *m)
     if ((want & LINTX_META_GRAD) && (m->requires_grad = is_and_release(PyObject_GetAttr(t, s_requires_grad),
                                                                        Py_True)) < 0)
         return -1;
-    if ((want & LINTX_META_DATA) && int_method(t, s_data_ptr, &m->data) != 0)
-        return -1;
+    if (!(want & LINTX_META_DATA))
+        m->data = 0;
     return 0;
 }
 #endif
+
+/* The window from a call's first read of its tensors to its C call, in which no Python code may run (it could
+ * resize a tensor after its shape and address were read): gc off (an allocation could run a finalizer) and
+ * torch function modes off (torch.set_default_device's, which native._traced lets through, would run its
+ * Python __torch_function__ on every read and allocation). Closed before the GIL is let go for the call: another
+ * thread's gc.disable() in the meantime stays. */
+typedef struct {
+    int gc;          /* PyGC_Disable's answer (1: gc was on), -1: closed */
+    PyObject *guard; /* a torch._C.DisableTorchFunction entered, or NULL */
+} window;
+
+static int window_open(window *w)
+{
+    w->gc = PyGC_Disable();
+    w->guard = NULL;
+    PyObject *n = PyObject_CallNoArgs(g_tf_len);
+    if (n == NULL)
+        return -1;
+    const long long modes = PyLong_AsLongLong(n);
+    Py_DECREF(n);
+    if (modes == -1 && PyErr_Occurred())
+        return -1;
+    if (modes > 0) {
+        PyObject *entered = NULL;
+        if ((w->guard = PyObject_CallNoArgs(g_tf_off)) == NULL
+            || (entered = PyObject_CallMethodNoArgs(w->guard, s_enter)) == NULL) {
+            Py_CLEAR(w->guard);
+            return -1;
+        }
+        Py_DECREF(entered);
+    }
+    return 0;
+}
+
+/* idempotent; an exception pending stays pending */
+static void window_close(window *w)
+{
+    if (w->guard != NULL) {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyObject *x = PyObject_CallMethodObjArgs(w->guard, s_exit, Py_None, Py_None, Py_None, NULL);
+        if (x == NULL)
+            PyErr_Clear();
+        Py_XDECREF(x);
+        PyErr_Restore(type, value, tb);
+        Py_CLEAR(w->guard);
+    }
+    if (w->gc == 1)
+        PyGC_Enable();
+    w->gc = -1;
+}
 
 /* 1: t is a plain torch.Tensor, float32, on the CPU, contiguous, not a negated view, within its storage, of shape
  * dims[0..n); 0: not; -1: an error. Its address in *data; with grad, its requires_grad in *requires_grad. */
@@ -247,7 +303,7 @@ static PyObject *runner_call(PyObject *callable, PyObject *const *args, size_t n
     Py_INCREF(S0);
     Py_INCREF(z0);
     PyObject *result = NULL;
-    int gc = -1; /* gc's state before this call disabled it (PyGC_Disable's answer), -1: not disabled here */
+    window win = {-1, NULL};
     /* the scalars before the tensors: normalize's __bool__ is Python code, which could resize one */
     const double scale = PyFloat_AsDouble(args[5]);
     if (scale == -1.0 && PyErr_Occurred())
@@ -263,19 +319,18 @@ static PyObject *runner_call(PyObject *callable, PyObject *const *args, size_t n
     const int grad = ok > 0 ? is_and_release(PyObject_CallNoArgs(g_grad_enabled), Py_True) : 0;
     if (grad < 0)
         ok = -1;
-    /* From here to the call no Python code may run (it could resize a tensor after its shape and address were
-     * read): gc off (an allocation could run a finalizer), the outputs allocated first (shapes from the plan;
-     * checked below with the inputs), then only torch's C getters (meta.cpp, or the attributes) */
-    if (ok > 0) {
-        gc = PyGC_Disable();
-        if ((ts[5] = new_empty(q, o_shape, 3)) == NULL
-            || (!r->inplace && ((ts[6] = new_empty(S0, S_shape, 4)) == NULL
-                                || (ts[7] = new_empty(z0, k_shape, 3)) == NULL)))
-            ok = -1;
-    }
+    /* the inputs read and checked in the window, then the outputs allocated (shapes from the plan) and checked */
+    if (ok > 0 && window_open(&win) != 0)
+        ok = -1;
     int64_t a[14] = {B, H, HKV, D, DV, r->dims[5]};
     const int at[8] = {6, 7, 8, 9, 10, 13, 11, 12}; /* each tensor's address in a */
     for (int i = 0; ok > 0 && i < n; i++) { /* with grad on, no input may need one */
+        if (i == 5 && ((ts[5] = new_empty(q, o_shape, 3)) == NULL
+                       || (!r->inplace && ((ts[6] = new_empty(S0, S_shape, 4)) == NULL
+                                           || (ts[7] = new_empty(z0, k_shape, 3)) == NULL)))) {
+            ok = -1;
+            break;
+        }
         int rg = 0;
         ok = plain_as(ts[i], shapes[i], ndims[i], grad && i < 5, &rg, &a[at[i]]);
         if (ok > 0 && rg)
@@ -293,12 +348,10 @@ static PyObject *runner_call(PyObject *callable, PyObject *const *args, size_t n
     }
     const float se[2] = {(float)scale, (float)eps};
     int err;
+    window_close(&win);
     Py_BEGIN_ALLOW_THREADS
     err = r->fn(a, se, normalize);
     Py_END_ALLOW_THREADS
-    if (gc == 1)
-        PyGC_Enable();
-    gc = -1;
     if (err) {
         PyErr_SetString(PyExc_MemoryError, "lintx_triton.native: the decode step's scratch could not be allocated");
         goto done;
@@ -314,8 +367,7 @@ static PyObject *runner_call(PyObject *callable, PyObject *const *args, size_t n
         result = Py_BuildValue("(O(OO))", ts[5], ts[6], ts[7]);
     }
 done:
-    if (gc == 1)
-        PyGC_Enable();
+    window_close(&win);
     for (int i = 5; i < 8; i++)
         Py_XDECREF(ts[i]);
     Py_DECREF(S0);
@@ -406,17 +458,20 @@ static PyObject *linear(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssi
         || (r = truth_of(g_autocast, s_cpu)) != 0)
         return r < 0 ? NULL : Py_NewRef(Py_None);
     const int grad = truth_of(g_grad_enabled, NULL);
-    PyObject *nt = PyObject_CallNoArgs(g_num_threads);
-    int64_t threads = nt ? (int64_t)PyLong_AsLongLong(nt) : -1;
-    Py_XDECREF(nt);
-    if (grad < 0 || (threads == -1 && PyErr_Occurred()))
+    if (grad < 0)
         return NULL;
-    /* From here to the call no Python code may run (as in runner_call): gc off, then torch's C getters and y's
-     * allocation only */
-    const int gc = PyGC_Disable(), want = LINTX_META_DATA | (grad ? LINTX_META_GRAD : 0);
+    PyObject *nt = PyObject_CallNoArgs(g_num_threads);
+    const int64_t threads = nt ? (int64_t)PyLong_AsLongLong(nt) : -1;
+    Py_XDECREF(nt);
+    if (threads == -1 && PyErr_Occurred())
+        return NULL;
+    /* x, w, b read and checked in the window (runner_call's), then y allocated and checked */
+    const int want = LINTX_META_DATA | (grad ? LINTX_META_GRAD : 0);
     PyObject *y = NULL, *result = NULL;
     lintx_meta mx, mw, mb, my;
-    if (props(x, want, &mx) != 0 || props(w, want, &mw) != 0 || (b && props(b, want, &mb) != 0))
+    window win = {-1, NULL};
+    if (window_open(&win) != 0 || props(x, want, &mx) != 0 || props(w, want, &mw) != 0
+        || (b && props(b, want, &mb) != 0))
         goto done;
     const int64_t M = mx.sizes[0], K = mx.sizes[1], N = mw.sizes[0];
     /* with grad on, nothing may need one */
@@ -438,6 +493,7 @@ static PyObject *linear(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssi
      * native.linear splits them */
     const int64_t parts = M * N * K < g_split_min || !g_gomp ? 1 : threads < (N + 3) / 4 ? threads : (N + 3) / 4;
     const int64_t a[9] = {M, N, K, mx.data, mx.strides[0], mw.data, b ? mb.data : 0, my.data, N}; /* L_M .. */
+    window_close(&win);
     Py_BEGIN_ALLOW_THREADS
     if (parts > 1)
         g_linear_team(a, g_gomp, parts);
@@ -447,8 +503,7 @@ static PyObject *linear(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssi
     n_linear[parts > 1]++;
     result = Py_NewRef(y);
 done:
-    if (gc == 1)
-        PyGC_Enable();
+    window_close(&win);
     Py_XDECREF(y);
     return result;
 }
@@ -480,11 +535,12 @@ static PyObject *setup_linear(PyObject *Py_UNUSED(self), PyObject *args)
 
 static PyObject *setup(PyObject *Py_UNUSED(self), PyObject *args)
 {
-    PyObject *objs[6];
-    if (!PyArg_ParseTuple(args, "OOOOOO", &objs[0], &objs[1], &objs[2], &objs[3], &objs[4], &objs[5]))
+    PyObject *objs[8];
+    if (!PyArg_ParseTuple(args, "OOOOOOOO", &objs[0], &objs[1], &objs[2], &objs[3], &objs[4], &objs[5], &objs[6],
+                          &objs[7]))
         return NULL;
-    PyObject **slots[6] = {&g_tensor, &g_f32, &g_strided, &g_bump, &g_grad_enabled, &g_traced};
-    for (int i = 0; i < 6; i++)
+    PyObject **slots[8] = {&g_tensor, &g_f32, &g_strided, &g_bump, &g_grad_enabled, &g_traced, &g_tf_len, &g_tf_off};
+    for (int i = 0; i < 8; i++)
         Py_XSETREF(*slots[i], Py_NewRef(objs[i]));
     Py_RETURN_NONE;
 }
@@ -544,7 +600,8 @@ static PyMethodDef methods[] = {
      "setup_linear(parameter_type, linear_address, team_address, is_autocast_enabled, is_compiling, "
      "get_num_threads, gomp_parallel_address, max_rows, split_min): what linear() calls"},
     {"setup", setup, METH_VARARGS,
-     "setup(tensor_type, float32, strided, bump, is_grad_enabled, traced): what a runner calls"},
+     "setup(tensor_type, float32, strided, bump, is_grad_enabled, traced, len_torch_function_stack, "
+     "DisableTorchFunction): what a runner calls"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -554,14 +611,14 @@ PyMODINIT_FUNC PyInit_lintx_runner(void)
 {
     if (PyType_Ready(&RunnerType) < 0)
         return NULL;
-    const char *names[16] = {"shape",  "dtype",  "is_cpu", "is_contiguous",  "is_neg",         "data_ptr",
+    const char *names[18] = {"shape",  "dtype",  "is_cpu", "is_contiguous",  "is_neg",         "data_ptr",
                              "requires_grad",  "new_empty", "stride", "cpu", "_cdata", "layout", "_is_zerotensor",
-                             "untyped_storage", "nbytes", "storage_offset"};
-    PyObject **slots[16] = {&s_shape,   &s_dtype,          &s_is_cpu,          &s_is_contiguous, &s_is_neg,
+                             "untyped_storage", "nbytes", "storage_offset", "__enter__", "__exit__"};
+    PyObject **slots[18] = {&s_shape,   &s_dtype,          &s_is_cpu,          &s_is_contiguous, &s_is_neg,
                             &s_data_ptr, &s_requires_grad, &s_new_empty,       &s_stride,        &s_cpu,
                             &s_cdata,    &s_layout,        &s_is_zerotensor,   &s_untyped_storage, &s_nbytes,
-                            &s_storage_offset};
-    for (int i = 0; i < 16; i++)
+                            &s_storage_offset, &s_enter,   &s_exit};
+    for (int i = 0; i < 18; i++)
         if ((*slots[i] = PyUnicode_InternFromString(names[i])) == NULL)
             return NULL;
     PyObject *m = PyModule_Create(&module);
