@@ -102,3 +102,30 @@ def attr_runner():
         ok = native._ext() is not None
         _ATTR_RUNNER.append(native._runner_module(include, from_impl=False) if ok else None)
     return _ATTR_RUNNER[0]
+
+
+@contextlib.contextmanager
+def freed_in_default_device_new_empty(t):
+    """Within: torch.set_default_device("cpu")'s mode, and a trace hook that frees ``t``'s memory (``t.set_`` to
+    an empty tensor) when that mode's Python ``__torch_function__`` is entered for a ``new_empty`` call, as a
+    finalizer or another hook could. Yields the list of times it fired: a native call must allocate its outputs
+    outside the mode (empty list) or it would have read ``t`` before its memory went."""
+    import sys
+
+    import torch
+
+    fired = []
+
+    def tracer(frame, event, arg):
+        if event == "call" and frame.f_code.co_name == "__torch_function__" and "new_empty" in str(
+                frame.f_locals.get("func")):
+            fired.append(1)
+            t.set_(torch.empty(0))
+        return None
+
+    with torch.device("cpu"):
+        sys.settrace(tracer)
+        try:
+            yield fired
+        finally:
+            sys.settrace(None)

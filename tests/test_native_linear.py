@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import lintx_triton as lx
-from helpers import attr_runner, build_variant, cpu_isas, native_off
+from helpers import attr_runner, build_variant, cpu_isas, freed_in_default_device_new_empty, native_off
 from lintx_triton import native
 
 needs_native = pytest.mark.skipif(not native.available(), reason="no working C compiler here: no native code")
@@ -76,9 +76,14 @@ class _Calls:
         self.python = [0, 0]
         if self.ext is None:
             for i, name in enumerate(("_linear", "_linear_team")):
-                fn = getattr(native, name)
-                monkeypatch.setattr(native, name, lambda *a, fn=fn, i=i: (self.python.__setitem__(i, self.python[i] + 1),
-                                                                        fn(*a))[1])
+                monkeypatch.setattr(native, name, self._counted(getattr(native, name), i))
+
+    def _counted(self, fn, i: int):
+        def counted(*args):
+            self.python[i] += 1
+            return fn(*args)
+
+        return counted
 
     def __call__(self) -> tuple:
         if self.ext is None:
@@ -205,26 +210,11 @@ def test_default_device_mode_stays_out_of_the_window(path):
     """Under torch.set_default_device's mode (which linear.c runs under) its Python __torch_function__ does not
     run between the reads of x, w and the call (y's allocation included): a trace hook that would free w there
     never fires, and y is right."""
-    import sys
-
     gen = torch.Generator().manual_seed(0)
     x, w = torch.randn(2, 32768, generator=gen), torch.randn(64, 32768, generator=gen)  # w: 8 MiB, its own mmap
     want = x.double() @ w.double().T
-    fired = []
-
-    def tracer(frame, event, arg):
-        if event == "call" and frame.f_code.co_name == "__torch_function__" and "new_empty" in str(
-                frame.f_locals.get("func")):
-            fired.append(1)
-            w.set_(torch.empty(0))
-        return None
-
-    with _on(path), torch.no_grad(), torch.device("cpu"):
-        sys.settrace(tracer)
-        try:
-            y = native.linear(x, w, None)
-        finally:
-            sys.settrace(None)
+    with _on(path), torch.no_grad(), freed_in_default_device_new_empty(w) as fired:
+        y = native.linear(x, w, None)
     assert not fired and y is not None
     assert (y.double() - want).abs().max() < 1e-3
 

@@ -8,7 +8,7 @@ import torch
 
 import lintx_triton as lx
 from helpers import attr_runner, build_variant, case_id, check_forward, check_state, cpu_isas, decode_steps, \
-    make_inputs, native_off
+    freed_in_default_device_new_empty, make_inputs, native_off
 from lintx_triton import api, native
 from lintx_triton.codegen.cache import cache_dir
 
@@ -445,24 +445,9 @@ def test_runners_refuse_tensors_without_their_memory(request, runner):
 
         assert run(q, k, v, (S, z), Shrinks(), 1.0, 1e-6) is None and len(spy) == 1
         # torch.set_default_device's mode: its __torch_function__ (Python) stays out of the window (o's allocation)
-        import sys
-
         S, z = state()
-        fired = []
-
-        def tracer(frame, event, arg):
-            if event == "call" and frame.f_code.co_name == "__torch_function__" and "new_empty" in str(
-                    frame.f_locals.get("func")):
-                fired.append(1)
-                S.set_(torch.empty(0))
-            return None
-
-        with torch.device("cpu"):
-            sys.settrace(tracer)
-            try:
-                o = run(q, k, v, (S, z), True, 1.0, 1e-6)
-            finally:
-                sys.settrace(None)
+        with freed_in_default_device_new_empty(S) as fired:
+            o = run(q, k, v, (S, z), True, 1.0, 1e-6)
         assert not fired and o is not None
         # the state freed at the n-th collection of a call, for each n: one falls between the reads and the
         # call unless gc is off there (AddressSanitizer sees the write into freed memory)

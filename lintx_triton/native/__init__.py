@@ -112,14 +112,20 @@ def set_enabled(flag: bool) -> None:
     api._STEP_KEYS = {}  # the decode steps cache their plan per key (and api._fast_step the last one, under it)
 
 
-def _compiler() -> "str | None":
-    """The system C compiler: the one Python was built with when it is here, else cc, gcc, clang."""
-    cc = (sysconfig.get_config_var("CC") or "").split()
-    for name in cc[:1] + ["cc", "gcc", "clang"]:
+def _which(config_var: str, names: tuple) -> "str | None":
+    """The first compiler found: the one Python was built with (sysconfig's ``config_var``) when it is here, else
+    the first of ``names`` on the PATH."""
+    built = (sysconfig.get_config_var(config_var) or "").split()
+    for name in built[:1] + list(names):
         path = shutil.which(name)
         if path:
             return path
     return None
+
+
+def _compiler() -> "str | None":
+    """The system C compiler: the one Python was built with when it is here, else cc, gcc, clang."""
+    return _which("CC", ("cc", "gcc", "clang"))
 
 
 def _hash(*parts: bytes) -> str:
@@ -155,12 +161,7 @@ def _library_path(cc: str) -> Path:
 
 def _cxx_compiler() -> "str | None":
     """The system C++ compiler (for meta.cpp): Python's when it is here, else c++, g++, clang++."""
-    cxx = (sysconfig.get_config_var("CXX") or "").split()
-    for name in cxx[:1] + ["c++", "g++", "clang++"]:
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
+    return _which("CXX", ("c++", "g++", "clang++"))
 
 
 def _build(cc: str, path: Path, extra: tuple = (), sources: "tuple | None" = None, cxx: "tuple | None" = None,
@@ -758,7 +759,7 @@ def _linear_checked(x, weight, bias, grad: bool, threads: int):
     if grad and any(t.requires_grad for t in ts):
         return None
     y = x.new_empty(M, N)
-    if not (y.shape == (M, N) and y.dtype is torch.float32 and y.is_cpu and _within_storage(y) and y.is_contiguous()):
+    if not _fits(y, (M, N)):
         raise RuntimeError("lintx_triton.native.linear: x.new_empty gave another tensor")
     a = (ctypes.c_int64 * len(_LINEAR_ARGS))(M, N, K, x.data_ptr(), x.stride(0), weight.data_ptr(),
                                              0 if bias is None else bias.data_ptr(), y.data_ptr(), N)

@@ -424,20 +424,14 @@ LINTX_CAUSAL_VARIANT(causal_base, 4)
 
 typedef int (*causal_fn)(const int64_t *, const float *);
 
-/* the variant for the running CPU, chosen at the first call (two threads racing there store the same pointer) */
-static causal_fn chosen_causal = NULL;
+LINTX_CHOOSER(choose_causal, causal_fn, causal_, lintx_isa_fma)
 
 /* a: A_LEN int64 entries in the order of the enum above (addresses as integers), se = [scale, eps]. Returns 0,
  * 1 when the scratch cannot be allocated; a == NULL: returns -A_LEN (the caller checks it agrees). */
 int lintx_causal_f32(const int64_t *a, const float *se) {
     if (a == NULL)
         return -A_LEN;
-    causal_fn fn = chosen_causal;
-    if (fn == NULL) {
-        static const causal_fn variants[] = LINTX_VARIANTS(causal_);
-        chosen_causal = fn = variants[lintx_isa_fma()];
-    }
-    return fn(a, se);
+    return choose_causal()(a, se);
 }
 
 /* The same split between threads as the caller's pool (lintx_triton/native/__init__.py's _run), on the team of

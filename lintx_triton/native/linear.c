@@ -138,8 +138,7 @@ LINTX_LINEAR_VARIANT(linear_base, 4)
 
 typedef int (*linear_fn)(const int64_t *);
 
-/* the variant for the running CPU, chosen at the first call (two threads racing there store the same pointer) */
-static linear_fn chosen_linear = NULL;
+LINTX_CHOOSER(choose_linear, linear_fn, linear_, lintx_isa_fma)
 
 /* a: L_LEN entries in the order of the enum above: M, N, K, x's address and row stride (in floats; its rows
  * contiguous), w's address (contiguous [N, K]), b's (0: none), y's address and row stride (in floats; its rows
@@ -147,12 +146,7 @@ static linear_fn chosen_linear = NULL;
 int lintx_linear_f32(const int64_t *a) {
     if (a == NULL)
         return -L_LEN;
-    linear_fn fn = chosen_linear;
-    if (fn == NULL) {
-        static const linear_fn variants[] = LINTX_VARIANTS(linear_);
-        chosen_linear = fn = variants[lintx_isa_fma()];
-    }
-    return fn(a);
+    return choose_linear()(a);
 }
 
 /* The columns of y split in `parts` parts (whole tiles of 4) on the team of torch's OpenMP runtime, as causal.c's

@@ -40,6 +40,20 @@ static inline int lintx_isa(void) {
 #endif
 }
 
+/* NAME(): the variant of an entry point (PREFIX##base, PREFIX##avx2, PREFIX##avx512, of type TYPE) for the running
+ * CPU, by ISA() (lintx_isa or lintx_isa_fma), chosen at the first call (two threads racing there store the same
+ * pointer) */
+#define LINTX_CHOOSER(NAME, TYPE, PREFIX, ISA)                 \
+    static TYPE NAME(void) {                                   \
+        static TYPE chosen = NULL;                             \
+        TYPE fn = chosen;                                      \
+        if (fn == NULL) {                                      \
+            static const TYPE variants[] = LINTX_VARIANTS(PREFIX); \
+            chosen = fn = variants[ISA()];                     \
+        }                                                      \
+        return fn;                                             \
+    }
+
 /* lintx_isa() for the entry points whose AVX2 variant also uses FMA (target "avx2,fma": causal.c, linear.c): the
  * baseline on an AVX2 CPU without it. */
 static inline int lintx_isa_fma(void) {

@@ -59,17 +59,6 @@ typedef struct {
     PyObject *state_type;
 } Runner;
 
-/* x (a new reference, or NULL after an error) is want: 1; is not: 0; NULL: -1. Releases x. */
-static int is_and_release(PyObject *x, PyObject *want)
-{
-    if (x == NULL)
-        return -1;
-    int r = x == want;
-    Py_DECREF(x);
-    return r;
-}
-
-
 #ifdef LINTX_TORCH_META
 /* t's properties (want: LINTX_META_* bits) from its TensorImpl: one attribute read (_cdata, the address) and
  * meta.cpp's accessors. 0, or -1 with an exception set. */
@@ -93,6 +82,16 @@ static int props(PyObject *t, int want, lintx_meta *m)
     return 0;
 }
 #else
+/* x (a new reference, or NULL after an error) is want: 1; is not: 0; NULL: -1. Releases x. */
+static int is_and_release(PyObject *x, PyObject *want)
+{
+    if (x == NULL)
+        return -1;
+    int r = x == want;
+    Py_DECREF(x);
+    return r;
+}
+
 /* t.name(), a method without arguments */
 static PyObject *call_method(PyObject *t, PyObject *name)
 {
@@ -268,6 +267,17 @@ done:
     return out;
 }
 
+/* fn() is True: 1; anything else: 0; -1: an error */
+static int truth_of(PyObject *fn, PyObject *arg)
+{
+    PyObject *x = arg == NULL ? PyObject_CallNoArgs(fn) : PyObject_CallOneArg(fn, arg);
+    if (x == NULL)
+        return -1;
+    int r = PyObject_IsTrue(x);
+    Py_DECREF(x);
+    return r;
+}
+
 static PyObject *runner_call(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     Runner *r = (Runner *)callable;
@@ -315,8 +325,9 @@ static PyObject *runner_call(PyObject *callable, PyObject *const *args, size_t n
     if (normalize < 0)
         goto done;
     /* a tracer or mode: under a TorchFunctionMode even the attribute reads are its to answer */
-    int ok = is_and_release(PyObject_CallNoArgs(g_traced), Py_False);
-    const int grad = ok > 0 ? is_and_release(PyObject_CallNoArgs(g_grad_enabled), Py_True) : 0;
+    const int traced = truth_of(g_traced, NULL);
+    int ok = traced < 0 ? -1 : !traced;
+    const int grad = ok > 0 ? truth_of(g_grad_enabled, NULL) : 0;
     if (grad < 0)
         ok = -1;
     /* the inputs read and checked in the window, then the outputs allocated (shapes from the plan) and checked */
@@ -424,16 +435,6 @@ static PyTypeObject RunnerType = {
     .tp_doc = "A planned decode step: runner(q, k, v, state, normalize, scale, eps) -> o, (o, (S, z)) or None",
 };
 
-/* fn() is True: 1; anything else: 0; -1: an error */
-static int truth_of(PyObject *fn, PyObject *arg)
-{
-    PyObject *x = arg == NULL ? PyObject_CallNoArgs(fn) : PyObject_CallOneArg(fn, arg);
-    if (x == NULL)
-        return -1;
-    int r = PyObject_IsTrue(x);
-    Py_DECREF(x);
-    return r;
-}
 
 /* lintx_triton.native.linear's checks, in the order that lets a mode answer none of the reads: y = x w^T + b in
  * linear.c, or None */

@@ -202,18 +202,13 @@ __attribute__((target("avx2"))) LINTX_VARIANT(step_avx2, 8)
 #endif
 LINTX_VARIANT(step_base, 4)
 
-/* the variant for the running CPU, chosen at the first call (two threads racing there store the same pointer) */
-static step_fn chosen = NULL;
+LINTX_CHOOSER(choose_step, step_fn, step_, lintx_isa)
 
 /* The entry point: a = [B, H, HKV, D, DV, map, then the addresses of q, k, v, S0, z0, S, z, o], se = [scale, eps].
  * Two arrays rather than twelve arguments: ctypes converts each argument it is given (about 0.1 us apiece), and
  * the caller refills the same per-thread arrays at each step (lintx_triton/native/__init__.py). */
 int lintx_step_f32(const int64_t *a, const float *se, int normalize) {
-    step_fn fn = chosen;
-    if (fn == NULL) {
-        static const step_fn variants[] = LINTX_VARIANTS(step_);
-        chosen = fn = variants[lintx_isa()];
-    }
+    const step_fn fn = choose_step();
     const float *q = (const float *)(intptr_t)a[6], *k = (const float *)(intptr_t)a[7],
                 *v = (const float *)(intptr_t)a[8], *S0 = (const float *)(intptr_t)a[9],
                 *z0 = (const float *)(intptr_t)a[10];
