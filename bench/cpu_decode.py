@@ -24,6 +24,11 @@ the timing: what the native step's Python costs is ``step_`` minus it), ``module
 outside the timing: what fusing the projections would save), and the dispatch costs that bound what any
 sequence of torch calls can reach: ``empty_op`` (``torch.add`` of two 1-element tensors into a third) and
 ``view``. Without a C compiler the native rows are left out (and ``step_``, ``module`` are the PyTorch path).
+Cold rows (``--evict-mb``, default 64: twice this machine's L3): ``floor_state_cold``, ``floor_module_cold``,
+``step_cold`` and ``module_cold``, one call each right after a copy of that many MB has pushed the state and the
+weights out of the caches and the same call on another state (another layer's, for the module) has brought the
+code back, as in a model whose layers' weights and states do not all fit in the last level: the floors are then
+copies from memory, the rows' figures multiples of their cold floors.
 With ``--compile``: ``compiled_body`` (``torch.compile(fullgraph=True)`` of the body, inductor's C++
 kernel), ``compiled_empty`` (a compiled function of one in-place add: the per-call price of a compiled graph),
 and the first call's compile time. In grad mode the module rows are left out: the in-place state would carry
@@ -77,6 +82,27 @@ def interleaved_us(fns: dict, rounds: int, calls: int, stat: str = "min", before
     return {name: min(ts) if stat == "min" else sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
+def cold_us(fns: dict, rounds: int, evict, stat: str = "min", before: dict = None, sibling: dict = None) -> dict:
+    """The best (``stat="min"``) or median of ``rounds`` single calls of each of ``fns``, each call right after
+    ``evict()`` has pushed the caches' contents out and ``sibling[name]()`` (if given) has run the same code on other
+    data (both untimed: the code hot, the row's data cold, as for a model's layer after the others' steps), the
+    rows interleaved round by round; ``before[name]()`` as in :func:`interleaved_us`."""
+    before, sibling = before or {}, sibling or {}
+    times = {name: [] for name in fns}
+    for name, fn in fns.items():  # warm-up: the first call's planning is not what a cold call costs
+        before.get(name, lambda: None)()
+        fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            before.get(name, lambda: None)()
+            evict()
+            sibling.get(name, lambda: None)()
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e6)
+    return {name: min(ts) if stat == "min" else sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
+
 def _copy_of(numel: int):
     src, dst = torch.randn(numel), torch.empty(numel)
     return lambda: dst.copy_(src)
@@ -127,10 +153,16 @@ def _native_c(q, k, v, S, z):
 
 
 def decode_rows(Bs, H: int, D: int, modes, rounds: int, calls: int, compile_: bool = False,
-                stat: str = "min", backend: str = "auto") -> list[dict]:
+                stat: str = "min", backend: str = "auto", evict_mb: int = 64) -> list[dict]:
     """One dict per (B, grad mode): the floors and the rows of the module docstring, in us per call; ``backend``
-    for the step and the module (the body is the PyTorch path's)."""
+    for the step and the module (the body is the PyTorch path's); ``evict_mb``: the size of the copy that empties
+    the caches before each cold call (0: no cold rows)."""
     rows = []
+    big = torch.empty(evict_mb << 18), torch.empty(evict_mb << 18)  # two buffers of evict_mb MB
+
+    def evict():
+        big[1].copy_(big[0])
+
     fm = lx.feature_maps.get("elu")
     has_native = lx.native.available()
     for B in Bs:
@@ -172,6 +204,13 @@ def decode_rows(Bs, H: int, D: int, modes, rounds: int, calls: int, compile_: bo
                 before[name] = _native(True, fns[name])
             for name in ("step_torch", "module_torch"):
                 before[name] = _native(False, fns[name])
+        cold = {"floor_state_cold": state_copy, "floor_module_cold": fns["floor_module"], "step_cold": fns["step_"],
+                "module_cold": fns["module"]} if evict_mb else {}
+        # the layer before this one in a model: the same code on its own data
+        layer2, q2, k2, v2 = lx.nn.LinearAttention(H * D, H, backend=backend), *(torch.randn(B, H, D) for _ in range(3))
+        S2, z2, state2 = torch.zeros(B, H, M, DV), torch.zeros(B, H, M), layer2.init_state(B)
+        sibling = {"step_cold": lambda: lx.linear_attention_step_(q2, k2, v2, (S2, z2), backend=backend),
+                   "module_cold": lambda: layer2.step(x, state2, inplace=True)}
         extra = {"native": has_native}
         if compile_:
             body = torch.compile(linear_attention_step_torch_, fullgraph=True, dynamic=False)
@@ -194,6 +233,9 @@ def decode_rows(Bs, H: int, D: int, modes, rounds: int, calls: int, compile_: bo
             run = {n: f for n, f in fns.items() if mode != "grad" or not n.startswith("module")}
             with MODES[mode]():
                 us = interleaved_us(run, rounds, calls, stat, before)
+                us.update(cold_us({n: f for n, f in cold.items() if mode != "grad" or not n.startswith("module")},
+                                  rounds, evict, stat, {n: _native(True, cold[n]) for n in cold if has_native
+                                                        and not n.startswith("floor")}, sibling))
             if has_native:
                 lx.native.set_enabled(True)
             rows.append(dict(B=B, H=H, D=D, mode=mode, state_bytes=4 * state_numel,
@@ -213,6 +255,9 @@ def print_rows(rows: list[dict]) -> None:
                 cells.append("-")
             elif k.startswith(("floor", "empty", "view")):
                 cells.append(f"{r[k]:.1f}")
+            elif k.endswith("_cold"):
+                floor = r["floor_module_cold" if k.startswith("module") else "floor_state_cold"]
+                cells.append(f"{r[k]:.1f} ({r[k] / floor:.1f}x)")
             elif k.startswith("module"):
                 cells.append(f"{r[k]:.1f} ({r[k] / r['floor_module']:.1f}x / {r[k] / r['floor_module_gemm']:.1f}x)")
             else:
@@ -236,8 +281,11 @@ def print_rows(rows: list[dict]) -> None:
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "torch", "triton"]),
               help="the step's and the module's backend (auto: the PyTorch path on a CPU, unless TRITON_INTERPRET=1)")
 @click.option("--compile", "compile_", is_flag=True, help="also torch.compile the body (a C++ compiler needed)")
+@click.option("--evict-mb", default=64, show_default=True,
+              help="MB copied before each cold row's call, to empty the caches (at least the last level's size; "
+                   "0: no cold rows)")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="write the rows here")
-def main(Bs, H, D, modes, rounds, calls, stat, threads, backend, compile_, json_out):
+def main(Bs, H, D, modes, rounds, calls, stat, threads, backend, compile_, evict_mb, json_out):
     if threads:
         torch.set_num_threads(threads)
     modes = [m for m in modes.split(",") if m]
@@ -246,7 +294,8 @@ def main(Bs, H, D, modes, rounds, calls, stat, threads, backend, compile_, json_
           f"(x floor: the state's; for the module rows floor_module's / floor_module_gemm's)")
     print(f"native C step: {'built' if lx.native.available() else 'not available (no C compiler?): PyTorch path'}; "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1, 5, 15 min) before")
-    rows = decode_rows([int(b) for b in Bs.split(",")], H, D, modes, rounds, calls, compile_, stat, backend)
+    rows = decode_rows([int(b) for b in Bs.split(",")], H, D, modes, rounds, calls, compile_, stat, backend,
+                       evict_mb)
     print_rows(rows)
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} after")
     if json_out:

@@ -288,7 +288,8 @@ def test_cpu_decode_benchmark_tiny(tmp_path):
     assert res.exit_code == 0, res.output
     rows = json.loads(out.read_text())["rows"]
     assert [(r["B"], r["mode"]) for r in rows] == [(1, "no_grad"), (1, "inference"), (3, "no_grad"), (3, "inference")]
-    assert all(r[k] > 0 for r in rows for k in ("floor_state", "floor_module_gemm", "step_", "module_fused_qkv"))
+    assert all(r[k] > 0 for r in rows for k in ("floor_state", "floor_module_gemm", "step_", "module_fused_qkv",
+                                                "floor_module_cold", "step_cold", "module_cold"))
 
 
 @pytest.mark.parametrize("normalize", [True, False])

@@ -7,7 +7,14 @@
  * each is summed across its lanes (a full AVX-512 tile's 16 at once: sums16), plus the K % W tail, plus the
  * bias. The NB rows of w of a tile stay in L1
  * while the tiles of every row block of x pass them. Compiled with -ffp-contract=fast: an FMA where the ISA has
- * one. */
+ * one.
+ *
+ * While a block's tiles run, they prefetch the next block's rows of w, a few 64-byte lines at each step along K,
+ * in address order: with the weights out of the caches (a model's other layers pass through them between two
+ * steps of this one) a 16 x 512 x 512 projection 187-223 -> 119-136 us and a 1 x 512 x 512 one 97-125 -> 52-65 us;
+ * with the weights in L3 (this layer alone, as bench/cpu_decode.py runs it) 16 rows unchanged (90-110 us), one
+ * row 15-19 -> 20-32 us (bench/NOTES.md, session 11). Prefetching each next row at the step's own offset instead
+ * kept one row's L3 time but lost most of its gain from memory. */
 
 #include "maps.h"
 
@@ -64,10 +71,12 @@ LINTX_INLINE void sums16(const hv16 *a, float *r) {
 
 #define LINTX_LINEAR(W, MB, NB)                                                                                     \
     typedef float lv##W __attribute__((vector_size(W * sizeof(float))));                                           \
-    /* y[i, j] for rows i < rows (<= MB) of x and j < cols (<= NB) of w; b NULL: no bias */                         \
+    /* y[i, j] for rows i < rows (<= MB) of x and j < cols (<= NB) of w; b NULL: no bias. Also prefetches the   \
+     * lines [pf0, pf1) of pf (64 bytes each), a few at each step along K (pf NULL: none) */                    \
     LINTX_INLINE void tile##W(const float *restrict x, int64_t ldx, const float *restrict w, int64_t K,            \
                               const float *restrict b, float *restrict y, int64_t ldy, const int rows,             \
-                              const int cols) {                                                                     \
+                              const int cols, const char *pf, int64_t pf0, const int64_t pf1) {                   \
+        const int64_t steps = K / W, pf_step = steps ? (pf1 - pf0 + steps - 1) / steps : 0; /* lines a step */    \
         lv##W acc[MB][NB];                                                                                          \
         for (int i = 0; i < rows; i++)                                                                              \
             for (int j = 0; j < cols; j++)                                                                          \
@@ -77,6 +86,8 @@ LINTX_INLINE void sums16(const hv16 *a, float *r) {
             lv##W wv[NB], xv;                                                                                       \
             for (int j = 0; j < cols; j++)                                                                          \
                 memcpy(&wv[j], w + j * K + k, sizeof wv[j]);                                                        \
+            for (int64_t p = 0; pf && p < pf_step && pf0 < pf1; p++, pf0++)                                         \
+                __builtin_prefetch(pf + 64 * pf0);                                                                  \
             for (int i = 0; i < rows; i++) {                                                                        \
                 memcpy(&xv, x + i * ldx + k, sizeof xv);                                                            \
                 for (int j = 0; j < cols; j++)                                                                      \
@@ -103,18 +114,25 @@ LINTX_INLINE void sums16(const hv16 *a, float *r) {
         const float *x = (const float *)(intptr_t)a[L_X], *w = (const float *)(intptr_t)a[L_W];                    \
         const float *b = (const float *)(intptr_t)a[L_B];                                                          \
         float *y = (float *)(intptr_t)a[L_Y];                                                                       \
+        const int64_t tiles = (M + MB - 1) / MB;                                                                    \
         for (int64_t n0 = 0; n0 < N; n0 += NB) {                                                                    \
             const float *wn = w + n0 * K, *bn = b ? b + n0 : NULL;                                                  \
-            int64_t m0 = 0;                                                                                         \
-            if (n0 + NB <= N) {                                                                                     \
-                for (; m0 + MB <= M; m0 += MB)                                                                      \
-                    tile##W(x + m0 * ldx, ldx, wn, K, bn, y + m0 * ldy + n0, ldy, MB, NB);                              \
+            /* the next block's rows of w (contiguous), its lines shared out among this block's tiles */           \
+            const int64_t next = N - n0 - NB < NB ? N - n0 - NB : NB;                                               \
+            const char *pf = next > 0 ? (const char *)(wn + NB * K) : NULL;                                         \
+            const int64_t lines = next > 0 ? (next * K * (int64_t)sizeof(float) + 63) / 64 : 0;                     \
+            int64_t m0 = 0, t = 0;                                                                                  \
+            if (n0 + NB <= N) { /* full blocks: the tile's sizes constants (its accumulators stay in registers) */     \
+                for (; m0 + MB <= M; m0 += MB, t++)                                                                 \
+                    tile##W(x + m0 * ldx, ldx, wn, K, bn, y + m0 * ldy + n0, ldy, MB, NB, pf, lines * t / tiles,    \
+                            lines * (t + 1) / tiles);                                                               \
                 if (m0 < M)                                                                                         \
-                    tile##W(x + m0 * ldx, ldx, wn, K, bn, y + m0 * ldy + n0, ldy, (int)(M - m0), NB);                   \
+                    tile##W(x + m0 * ldx, ldx, wn, K, bn, y + m0 * ldy + n0, ldy, (int)(M - m0), NB, pf,            \
+                            lines * t / tiles, lines);                                                              \
             } else {                                                                                                \
                 for (; m0 < M; m0 += MB)                                                                            \
                     tile##W(x + m0 * ldx, ldx, wn, K, bn, y + m0 * ldy + n0, ldy, M - m0 < MB ? (int)(M - m0) : MB, \
-                            (int)(N - n0));                                                                         \
+                            (int)(N - n0), NULL, 0, 0);                                                             \
             }                                                                                                       \
         }                                                                                                           \
         return 0;                                                                                                   \
