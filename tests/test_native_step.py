@@ -125,6 +125,46 @@ def test_other_runners_match_reference(request, runner, shape, inplace):
 
 
 @needs_native
+@pytest.mark.parametrize("runner", ["spy", "attr_spy", "py_spy"], ids=["c_runner", "c_runner_attrs", "python_runner"])
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "functional"])
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[4]], ids=lambda s: "B{}-H{}-HKV{}-D{}-DV{}".format(*s))
+def test_split_between_threads_gives_the_same_bits(request, monkeypatch, runner, threads, inplace, shape):
+    """A step whose kv heads split between torch's threads (step.c's lintx_step_f32_team: from 2^18 state elements;
+    here from any) writes the same bits as on one thread, in ranges that cut batch rows and head groups (G = 5)."""
+    if not native._openmp_parallel():
+        pytest.skip("torch's parallel backend is not OpenMP here: steps run on one thread")
+    count = request.getfixturevalue(runner)
+    c = _case(shape, "elu", True)
+    q, k, v, state = make_inputs(c)
+    with torch.no_grad():
+        o1, st1 = _steps(c, q, k, v, state, inplace)  # below the size: on one thread
+    assert len(count) == 5, case_id(c)
+    ext = native._EXT if runner != "py_spy" else None
+    split0, teams = ext.split_calls() if ext else 0, []
+    if ext is None:  # the Python runner's team, counted
+        team = native._step_team
+
+        def counted(*args):
+            teams.append(args[4].value)
+            return team(*args)
+
+        monkeypatch.setattr(native, "_step_team", counted)
+    monkeypatch.setattr(native, "_STEP_SPLIT_MIN", 0)
+    monkeypatch.setattr(api, "_STEP_KEYS", {})  # planned again, with the team
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            o2, st2 = _steps(c, q, k, v, state, inplace)
+    finally:
+        torch.set_num_threads(old)
+    parts = min(threads, shape[0] * shape[2])
+    assert (ext.split_calls() - split0 if ext else len(teams)) == 5 and teams in ([], [parts] * 5)
+    assert torch.equal(o1, o2) and all(torch.equal(a, b) for a, b in zip(st1, st2))
+
+
+@needs_native
 @pytest.mark.parametrize("scale, eps", [(1.0, 1e-6), (0.125, 0.5), (2.0, 0.0)])
 def test_native_scale_eps(spy, scale, eps):
     c = _case((2, 4, 1, 8, 24), "elu", True, scale=scale, eps=eps, seed=3)

@@ -79,6 +79,7 @@ _lib = None  # the loaded step function, False once it is known not to load, Non
 _causal = None  # causal.c's function, loaded with _lib
 _causal_team = None  # causal.c's split on an OpenMP team (lintx_causal_f32_team), loaded with _lib
 _linear = _linear_team = None  # linear.c's functions (lintx_linear_f32, its split on the OpenMP team), with _lib
+_step_team = None  # step.c's split on the OpenMP team (lintx_step_f32_team), with _lib
 # runner.c, the decode step's runner as a CPython extension (module lintx_runner), built beside the library with
 # Python's headers; _EXT: the module, False when it cannot be built (the Python runner then), None before the try
 _RUNNER_SOURCE = Path(__file__).with_name("runner.c")
@@ -212,7 +213,7 @@ def _build(cc: str, path: Path, extra: tuple = (), sources: "tuple | None" = Non
 
 def _load():
     """The ctypes function of the built library, or None (no compiler, a failed build): tried once."""
-    global _lib, _causal, _causal_team, _linear, _linear_team
+    global _lib, _causal, _causal_team, _linear, _linear_team, _step_team
     if _lib is not None:
         return _lib or None
     with _LOCK:
@@ -230,8 +231,8 @@ def _load():
                 _build(cc, path)
             lib = ctypes.CDLL(str(path))
             fn, causal, team = lib.lintx_step_f32, lib.lintx_causal_f32, lib.lintx_causal_f32_team
-            linear, linear_team = lib.lintx_linear_f32, lib.lintx_linear_f32_team
-            causal.restype = team.restype = linear.restype = linear_team.restype = ctypes.c_int
+            linear, linear_team, step_team = lib.lintx_linear_f32, lib.lintx_linear_f32_team, lib.lintx_step_f32_team
+            causal.restype = team.restype = linear.restype = linear_team.restype = step_team.restype = ctypes.c_int
             if causal(None) != -len(_CAUSAL_ARGS) or linear(None) != -len(_LINEAR_ARGS):
                 raise RuntimeError("causal.c or linear.c takes another argument list than "
                                    "lintx_triton/native/__init__.py")
@@ -242,7 +243,7 @@ def _load():
             return None
         # no argtypes: the arrays pass as pointers, normalize as a C int (see step.c's lintx_step_f32)
         fn.restype = ctypes.c_int
-        _causal, _causal_team, _linear, _linear_team = causal, team, linear, linear_team
+        _causal, _causal_team, _linear, _linear_team, _step_team = causal, team, linear, linear_team, step_team
         _lib = fn
         return fn
 
@@ -441,10 +442,12 @@ def plan(q, k, v, S, z, fm, inplace: bool, state_type: type):
     if 0 in (B, H, D, HKV, DV):  # nothing to compute: the PyTorch path's empty results
         return None
     dims = (B, H, HKV, D, DV, MAPS[fm.name])
+    team = _step_team if B * HKV * D * DV >= _STEP_SPLIT_MIN else None
     ext = _ext() if isinstance(fn, ctypes._CFuncPtr) else None  # (tests wrap fn in Python: the Python runner)
     if ext is not None:
-        return ext.Runner(ctypes.cast(fn, ctypes.c_void_p).value, dims, inplace, state_type)
-    return _runner(fn, dims, inplace, state_type)
+        return ext.Runner(ctypes.cast(fn, ctypes.c_void_p).value, dims, inplace, state_type,
+                          ctypes.cast(team, ctypes.c_void_p).value if team is not None else 0)
+    return _runner(fn, dims, inplace, state_type, team)
 
 
 def _builtin(name: str):
@@ -672,7 +675,13 @@ def _fits(t, shape) -> bool:
             and t.is_contiguous())
 
 
-def _runner(fn, dims, inplace: bool, state_type: type):
+# state elements (B HKV D DV) from which a step's kv heads split between torch.get_num_threads() threads (torch's
+# OpenMP team, step.c's lintx_step_f32_team): at two threads, H = 8, D = DV = 64, B = 8 (2^18) 25 -> 14 us, B = 16
+# 58 -> 41 us; B = 4 lost (15 -> 18 us: the team's start-up)
+_STEP_SPLIT_MIN = 1 << 18
+
+
+def _runner(fn, dims, inplace: bool, state_type: type, team=None):
     B, H, HKV, D, DV, _ = dims
     # every shape the api's checks passed, compared again per call with the types, dtypes, devices and contiguity:
     # the runner is also the api's fast path (lintx_triton.api._fast_step), which skips the checks and the key
@@ -693,6 +702,8 @@ def _runner(fn, dims, inplace: bool, state_type: type):
             return None
         nz = 1 if normalize else 0  # normalize's __bool__ (Python) before the reads, as runner.c
         grad = _grad_enabled()
+        parts = min(torch.get_num_threads(), B * HKV) if team is not None else 1
+        gomp = _openmp_parallel() if parts > 1 else 0
         # the reads, the outputs' allocation and the call with gc and torch function modes off (runner.c's
         # window: nothing may resize a tensor between its reads and the call)
         gc_on = gc.isenabled()
@@ -717,7 +728,7 @@ def _runner(fn, dims, inplace: bool, state_type: type):
                            z.data_ptr(), o.data_ptr())
                 se[0] = scale
                 se[1] = eps
-                if fn(a, se, nz):
+                if team(a, se, nz, ctypes.c_int64(gomp), ctypes.c_int64(parts)) if gomp else fn(a, se, nz):
                     raise MemoryError("lintx_triton.native: the decode step's scratch could not be allocated")
         finally:
             if gc_on:

@@ -8,11 +8,14 @@
  * Module lintx_runner:
  *   setup(tensor_type, float32, strided, bump, is_grad_enabled, traced, len_torch_function_stack,
  *         DisableTorchFunction)                                              once, from torch and native
- *   Runner(step_address, dims, inplace, state_type)                          a planned step; dims = (B, H, HKV,
- *       D, DV, map); calling it as runner(q, k, v, state, normalize, scale, eps) gives o (in place) or
+ *   Runner(step_address, dims, inplace, state_type, team_address=0)          a planned step; dims = (B, H, HKV,
+ *       D, DV, map); team_address: step.c's lintx_step_f32_team, which splits the kv heads between torch's
+ *       threads (setup_linear's get_num_threads and GOMP_parallel), or 0: one thread; calling it as
+ *       runner(q, k, v, state, normalize, scale, eps) gives o (in place) or
  *       (o, (S, z)) (functional), or None when the arguments are not what it was planned for, autograd has
  *       something to record or a tracer is active: the caller then takes its other paths.
- *   calls()                                                                  the steps run so far (for tests)
+ *   calls(), split_calls()                                                   the steps run so far, and those
+ *       split between threads (for tests)
  *   setup_linear(parameter_type, linear_address, team_address, is_autocast_enabled, is_compiling,
  *                get_num_threads, gomp_parallel_address, max_rows, split_min)  once, from native._ext
  *   linear(x, weight, bias)                                                  lintx_triton.native.linear's checks
@@ -34,8 +37,9 @@
 #include "meta.h"
 
 typedef int (*step_fn)(const int64_t *a, const float *se, int normalize);
+typedef int (*step_team_fn)(const int64_t *a, const float *se, int normalize, int64_t gomp_parallel, int64_t parts);
 
-static long long n_calls;                   /* steps run, under the GIL */
+static long long n_calls, n_split;          /* steps run, and those split between threads, under the GIL */
 static long long n_linear[2];               /* linear.c's calls: whole, split between threads */
 static PyObject *g_tensor, *g_f32, *g_strided, *g_bump, *g_grad_enabled, *g_traced, *g_tf_len, *g_tf_off;
 static PyObject *s_shape, *s_dtype, *s_is_cpu, *s_is_contiguous, *s_is_neg, *s_data_ptr, *s_requires_grad,
@@ -54,6 +58,7 @@ typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
     step_fn fn;
+    step_team_fn team; /* NULL: never split between threads (a small state) */
     int64_t dims[6]; /* B, H, HKV, D, DV, map */
     int inplace;
     PyObject *state_type;
@@ -330,6 +335,17 @@ static PyObject *runner_call(PyObject *callable, PyObject *const *args, size_t n
     const int grad = ok > 0 ? truth_of(g_grad_enabled, NULL) : 0;
     if (grad < 0)
         ok = -1;
+    /* the kv heads split between torch's threads (its OpenMP team: setup_linear's) when the plan's state is large */
+    int64_t parts = 1;
+    if (ok > 0 && r->team && g_gomp && g_num_threads) {
+        PyObject *nt = PyObject_CallNoArgs(g_num_threads);
+        const long long threads = nt ? PyLong_AsLongLong(nt) : -1;
+        Py_XDECREF(nt);
+        if (threads == -1 && PyErr_Occurred())
+            ok = -1;
+        else
+            parts = threads < B * HKV ? threads : B * HKV;
+    }
     /* the inputs read and checked in the window, then the outputs allocated (shapes from the plan) and checked */
     if (ok > 0 && window_open(&win) != 0)
         ok = -1;
@@ -361,13 +377,14 @@ static PyObject *runner_call(PyObject *callable, PyObject *const *args, size_t n
     int err;
     window_close(&win);
     Py_BEGIN_ALLOW_THREADS
-    err = r->fn(a, se, normalize);
+    err = parts > 1 ? r->team(a, se, normalize, g_gomp, parts) : r->fn(a, se, normalize);
     Py_END_ALLOW_THREADS
     if (err) {
         PyErr_SetString(PyExc_MemoryError, "lintx_triton.native: the decode step's scratch could not be allocated");
         goto done;
     }
     n_calls++;
+    n_split += parts > 1;
     if (r->inplace) {
         PyObject *b = PyObject_CallOneArg(g_bump, state);
         if (b == NULL)
@@ -395,10 +412,13 @@ static PyObject *runner_new(PyTypeObject *type, PyObject *args, PyObject *Py_UNU
         PyErr_SetString(PyExc_RuntimeError, "lintx_runner.setup() first");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "KO!pO!", &address, &PyTuple_Type, &dims, &inplace, &PyType_Type, &state_type))
+    unsigned long long team = 0;
+    if (!PyArg_ParseTuple(args, "KO!pO!|K", &address, &PyTuple_Type, &dims, &inplace, &PyType_Type, &state_type,
+                          &team))
         return NULL;
     if (PyTuple_GET_SIZE(dims) != 6 || address == 0) {
-        PyErr_SetString(PyExc_ValueError, "Runner(step_address, (B, H, HKV, D, DV, map), inplace, state_type)");
+        PyErr_SetString(PyExc_ValueError,
+                        "Runner(step_address, (B, H, HKV, D, DV, map), inplace, state_type, team_address=0)");
         return NULL;
     }
     Runner *r = (Runner *)type->tp_alloc(type, 0);
@@ -412,6 +432,7 @@ static PyObject *runner_new(PyTypeObject *type, PyObject *args, PyObject *Py_UNU
     }
     r->vectorcall = runner_call;
     r->fn = (step_fn)(uintptr_t)address;
+    r->team = (step_team_fn)(uintptr_t)team;
     r->inplace = inplace;
     r->state_type = Py_NewRef(state_type);
     return (PyObject *)r;
@@ -584,6 +605,11 @@ static PyObject *py_props(PyObject *Py_UNUSED(self), PyObject *t)
                          (int)m.requires_grad);
 }
 
+static PyObject *split_calls(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(args))
+{
+    return PyLong_FromLongLong(n_split);
+}
+
 static PyObject *linear_calls(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(args))
 {
     return Py_BuildValue("(LL)", n_linear[0], n_linear[1]);
@@ -591,6 +617,7 @@ static PyObject *linear_calls(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(arg
 
 static PyMethodDef methods[] = {
     {"calls", calls, METH_NOARGS, "calls(): the native steps the runners have run in this process"},
+    {"split_calls", split_calls, METH_NOARGS, "split_calls(): those of calls() split between threads"},
     {"props", py_props, METH_O,
      "props(t): (sizes, strides, data_ptr, plain, contiguous, requires_grad) as the runners read them"},
     {"linear_calls", linear_calls, METH_NOARGS,

@@ -215,3 +215,47 @@ int lintx_step_f32(const int64_t *a, const float *se, int normalize) {
     float *S = (float *)(intptr_t)a[11], *z = (float *)(intptr_t)a[12], *o = (float *)(intptr_t)a[13];
     return fn(a, q, k, v, S0, z0, S, z, o, normalize, se[0], se[1]);
 }
+
+/* The kv heads of all batch rows (B x HKV of them, each with its G query heads) split in `parts` contiguous
+ * ranges on the team of torch's OpenMP runtime, as causal.c's lintx_causal_f32_team splits its heads
+ * (gomp_parallel: that runtime's GOMP_parallel): each range is a step of its own over B' = its length, H' = G,
+ * HKV' = 1, whose tensors start at the range's first head (every layout is [B, HKV, ...] or [B, HKV, G, ...]).
+ * At two threads, H = 8, D = DV = 64, best of 150 interleaved rounds: B = 16 59 -> 48 us (a two-thread copy of its
+ * 2 MB state: 34 us), B = 8 41 -> 25 us (18); at B = 4 the team's start-up ate the gain (bench/NOTES.md, session
+ * 11; lintx_triton/native/__init__.py's _STEP_SPLIT_MIN). */
+typedef struct {
+    const int64_t *a;
+    const float *se;
+    int normalize;
+    int64_t parts, next;
+    int failed;
+} step_team;
+
+static void step_member(void *p) {
+    step_team *t = (step_team *)p;
+    const int64_t *a = t->a;
+    const int64_t items = a[0] * a[2], G = a[1] / a[2], D = a[3], DV = a[4];
+    /* each tensor's elements per kv head: q, k, v, S0, z0, S, z, o (a[6] .. a[13]) */
+    const int64_t per[8] = {G * D, D, DV, D * DV, D, D * DV, D, G * DV};
+    for (;;) {
+        const int64_t i = __atomic_fetch_add(&t->next, 1, __ATOMIC_RELAXED);
+        if (i >= t->parts)
+            break;
+        const int64_t r0 = items * i / t->parts, r1 = items * (i + 1) / t->parts;
+        if (r1 <= r0)
+            continue;
+        int64_t arr[14] = {r1 - r0, G, 1, D, DV, a[5]};
+        for (int j = 0; j < 8; j++)
+            arr[6 + j] = a[6 + j] + r0 * per[j] * (int64_t)sizeof(float);
+        if (lintx_step_f32(arr, t->se, t->normalize))
+            __atomic_store_n(&t->failed, 1, __ATOMIC_RELAXED);
+    }
+}
+
+/* a, se, normalize as lintx_step_f32; gomp_parallel the address of GOMP_parallel. Returns 0, or 1 when a range's
+ * scratch could not be allocated (the other ranges are written). */
+int lintx_step_f32_team(const int64_t *a, const float *se, int normalize, int64_t gomp_parallel, int64_t parts) {
+    step_team t = {a, se, normalize, parts, 0, 0};
+    ((gomp_parallel_fn)(intptr_t)gomp_parallel)(step_member, &t, (unsigned)parts, 0);
+    return t.failed;
+}
