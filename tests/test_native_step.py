@@ -126,22 +126,26 @@ def test_other_runners_match_reference(request, runner, shape, inplace):
 
 @needs_native
 @pytest.mark.parametrize("runner", ["spy", "attr_spy", "py_spy"], ids=["c_runner", "c_runner_attrs", "python_runner"])
-@pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "functional"])
+@pytest.mark.parametrize("fm, normalize, threads", [("elu", True, 2), ("relu", False, 3)],
+                         ids=["elu-norm-2threads", "relu-raw-3threads"])
 @pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[4]], ids=lambda s: "B{}-H{}-HKV{}-D{}-DV{}".format(*s))
-def test_split_between_threads_gives_the_same_bits(request, monkeypatch, runner, threads, inplace, shape):
+def test_split_between_threads_gives_the_same_bits(request, monkeypatch, runner, threads, inplace, fm, normalize,
+                                                   shape):
     """A step whose kv heads split between torch's threads (step.c's lintx_step_f32_team: from 2^18 state elements;
     here from any) writes the same bits as on one thread, in ranges that cut batch rows and head groups (G = 5)."""
     if not native._openmp_parallel():
         pytest.skip("torch's parallel backend is not OpenMP here: steps run on one thread")
     count = request.getfixturevalue(runner)
-    c = _case(shape, "elu", True)
+    c = _case(shape, fm, normalize)
     q, k, v, state = make_inputs(c)
+    ext = native._EXT if runner != "py_spy" else None
+    split0 = ext.split_calls()[0] if ext else 0
     with torch.no_grad():
         o1, st1 = _steps(c, q, k, v, state, inplace)  # below the size: on one thread
     assert len(count) == 5, case_id(c)
-    ext = native._EXT if runner != "py_spy" else None
-    split0, teams = ext.split_calls() if ext else 0, []
+    assert (ext.split_calls()[0] if ext else 0) == split0
+    teams = []
     if ext is None:  # the Python runner's team, counted
         team = native._step_team
 
@@ -160,8 +164,64 @@ def test_split_between_threads_gives_the_same_bits(request, monkeypatch, runner,
     finally:
         torch.set_num_threads(old)
     parts = min(threads, shape[0] * shape[2])
-    assert (ext.split_calls() - split0 if ext else len(teams)) == 5 and teams in ([], [parts] * 5)
+    if ext:
+        assert ext.split_calls() == (split0 + 5, parts)
+    else:
+        assert teams == [parts] * 5
     assert torch.equal(o1, o2) and all(torch.equal(a, b) for a, b in zip(st1, st2))
+
+
+def _forked_module_step(layer, x, state, queue):
+    with torch.no_grad():
+        queue.put(layer.step(x, state)[0].tolist())
+
+
+@needs_native
+@pytest.mark.parametrize("runner", ["spy", "py_spy"], ids=["c_runner", "python_runner"])
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork here")
+def test_split_step_after_fork(request, monkeypatch, runner):
+    """A process forked after steps and projections split between threads (a DataLoader or server worker) runs its
+    own unsplit at the parent's thread count, to the same bits: GNU OpenMP's team does not survive a fork, and a
+    split there would wait for its threads for ever."""
+    import multiprocessing
+    import queue as queue_module
+
+    if not native._openmp_parallel():
+        pytest.skip("torch's parallel backend is not OpenMP here: steps run on one thread")
+    count, teams = request.getfixturevalue(runner), []
+    if runner == "py_spy":  # the Python runner's team, counted
+        team = native._step_team
+        monkeypatch.setattr(native, "_step_team", lambda *args: teams.append(args[4].value) or team(*args))
+    torch.manual_seed(0)
+    layer = lx.nn.LinearAttention(512, 8, backend="torch")  # B = 16: 2^19 state elements, 4M multiply-adds each
+    x = torch.randn(16, 512)
+    state = tuple(torch.rand_like(t) for t in layer.init_state(16))
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ext = native._ext()
+        splits0 = (ext.split_calls()[0], ext.linear_calls()[1])
+        with torch.no_grad():
+            y = layer.step(x, state)[0]
+        # split in the parent: the step and the four projections
+        assert (ext.split_calls()[0], ext.linear_calls()[1]) == (splits0[0] + (runner == "spy"), splits0[1] + 4)
+        assert len(count) == (runner == "spy") and teams == ([] if runner == "spy" else [2])
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_forked_module_step, args=(layer, x, state, queue))
+        child.start()
+        try:  # read before joining: the child's put waits for the pipe to be read
+            got = queue.get(timeout=60)
+        except queue_module.Empty:
+            got = None
+        child.join(timeout=10)
+        hung = child.is_alive()
+        if hung:
+            child.kill()
+    finally:
+        torch.set_num_threads(old)
+    assert got is not None and not hung and child.exitcode == 0
+    assert torch.equal(torch.tensor(got), y)
 
 
 @needs_native

@@ -468,9 +468,11 @@ _POOL = None  # (ThreadPoolExecutor, the pid that started it)
 
 
 def _after_fork_in_child() -> None:
-    """A child forked while another thread held _LOCK (a build, a pool's start) would wait on it for ever."""
-    global _LOCK, _POOL
-    _LOCK, _POOL = threading.Lock(), None
+    """A child forked while another thread held _LOCK (a build, a pool's start) would wait on it for ever; the
+    parent's OpenMP team is gone (GNU OpenMP's threads do not survive a fork: a parallel region there waits for them
+    for ever), so the child splits nothing on it (runner.c forgets it too, in its own at-fork handler)."""
+    global _LOCK, _POOL, _GOMP
+    _LOCK, _POOL, _GOMP = threading.Lock(), None, 0
 
 
 if hasattr(os, "register_at_fork"):
@@ -676,8 +678,9 @@ def _fits(t, shape) -> bool:
 
 
 # state elements (B HKV D DV) from which a step's kv heads split between torch.get_num_threads() threads (torch's
-# OpenMP team, step.c's lintx_step_f32_team): at two threads, H = 8, D = DV = 64, B = 8 (2^18) 25 -> 14 us, B = 16
-# 58 -> 41 us; B = 4 lost (15 -> 18 us: the team's start-up)
+# OpenMP team, step.c's lintx_step_f32_team): at two threads, H = 8, D = DV = 64, the C step alone B = 8 (2^18)
+# 25 -> 14 us, B = 16 58 -> 41 us; through the runner 41 -> 25 and 59 -> 48 us; B = 4 lost (15 -> 18 us: the team's
+# start-up)
 _STEP_SPLIT_MIN = 1 << 18
 
 

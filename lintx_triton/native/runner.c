@@ -14,8 +14,8 @@
  *       runner(q, k, v, state, normalize, scale, eps) gives o (in place) or
  *       (o, (S, z)) (functional), or None when the arguments are not what it was planned for, autograd has
  *       something to record or a tracer is active: the caller then takes its other paths.
- *   calls(), split_calls()                                                   the steps run so far, and those
- *       split between threads (for tests)
+ *   calls(), split_calls()                                                   the steps run so far, and (those
+ *       split between threads, the last one's parts) (for tests); in a forked child nothing is split
  *   setup_linear(parameter_type, linear_address, team_address, is_autocast_enabled, is_compiling,
  *                get_num_threads, gomp_parallel_address, max_rows, split_min)  once, from native._ext
  *   linear(x, weight, bias)                                                  lintx_triton.native.linear's checks
@@ -31,6 +31,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -39,7 +40,7 @@
 typedef int (*step_fn)(const int64_t *a, const float *se, int normalize);
 typedef int (*step_team_fn)(const int64_t *a, const float *se, int normalize, int64_t gomp_parallel, int64_t parts);
 
-static long long n_calls, n_split;          /* steps run, and those split between threads, under the GIL */
+static long long n_calls, n_split, last_parts; /* steps run, those split between threads, the last split's parts */
 static long long n_linear[2];               /* linear.c's calls: whole, split between threads */
 static PyObject *g_tensor, *g_f32, *g_strided, *g_bump, *g_grad_enabled, *g_traced, *g_tf_len, *g_tf_off;
 static PyObject *s_shape, *s_dtype, *s_is_cpu, *s_is_contiguous, *s_is_neg, *s_data_ptr, *s_requires_grad,
@@ -384,7 +385,10 @@ static PyObject *runner_call(PyObject *callable, PyObject *const *args, size_t n
         goto done;
     }
     n_calls++;
-    n_split += parts > 1;
+    if (parts > 1) {
+        n_split++;
+        last_parts = parts;
+    }
     if (r->inplace) {
         PyObject *b = PyObject_CallOneArg(g_bump, state);
         if (b == NULL)
@@ -607,8 +611,12 @@ static PyObject *py_props(PyObject *Py_UNUSED(self), PyObject *t)
 
 static PyObject *split_calls(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(args))
 {
-    return PyLong_FromLongLong(n_split);
+    return Py_BuildValue("(LL)", n_split, last_parts);
 }
+
+/* In a forked child the parent's OpenMP team is gone (GNU OpenMP's threads do not survive a fork; a parallel
+ * region there waits for them for ever): the child's steps and projections run on its calling thread. */
+static void forked_child(void) { g_gomp = 0; }
 
 static PyObject *linear_calls(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(args))
 {
@@ -617,7 +625,8 @@ static PyObject *linear_calls(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(arg
 
 static PyMethodDef methods[] = {
     {"calls", calls, METH_NOARGS, "calls(): the native steps the runners have run in this process"},
-    {"split_calls", split_calls, METH_NOARGS, "split_calls(): those of calls() split between threads"},
+    {"split_calls", split_calls, METH_NOARGS,
+     "split_calls(): (those of calls() split between threads, the number of parts of the last)"},
     {"props", py_props, METH_O,
      "props(t): (sizes, strides, data_ptr, plain, contiguous, requires_grad) as the runners read them"},
     {"linear_calls", linear_calls, METH_NOARGS,
@@ -649,6 +658,10 @@ PyMODINIT_FUNC PyInit_lintx_runner(void)
     for (int i = 0; i < 18; i++)
         if ((*slots[i] = PyUnicode_InternFromString(names[i])) == NULL)
             return NULL;
+    if (pthread_atfork(NULL, NULL, forked_child) != 0) {
+        PyErr_SetString(PyExc_RuntimeError, "lintx_runner: pthread_atfork failed");
+        return NULL;
+    }
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;

@@ -154,22 +154,22 @@ LINTX_INLINE void head(int src, const float *restrict S0, float *restrict S, con
     }
 }
 
-/* Returns 0, or 1 when the scratch (phi of a head group's queries and of its key) cannot be allocated; nothing
- * is written then. */
-LINTX_INLINE int step(const int64_t *dims, const float *q, const float *k, const float *v, const float *S0,
-                      const float *z0, float *S, float *z, float *o, int normalize, float scale, float eps,
-                      const int64_t W) {
+/* The scratch of a step whose kv heads have G query heads each, M features: den [G + 1] (double), then phi(k) [M]
+ * and phi(q) [G, M] (float); a multiple of 64 bytes, so that scratches laid end to end stay aligned. */
+LINTX_INLINE size_t scratch_bytes(int64_t G, int64_t M) {
+    const size_t n = (size_t)(G + 1) * sizeof(double) + (size_t)((G + 1) * M + 1) * sizeof(float);
+    return (n + 63) / 64 * 64;
+}
+
+/* scratch: scratch_bytes(G, M) bytes (8-byte aligned). */
+LINTX_INLINE void step(const int64_t *dims, const float *q, const float *k, const float *v, const float *S0,
+                       const float *z0, float *S, float *z, float *o, int normalize, float scale, float eps,
+                       void *scratch, const int64_t W) {
     const int64_t B = dims[0], H = dims[1], HKV = dims[2], D = dims[3], DV = dims[4];
     const int map = (int)dims[5];
     const int64_t G = H / HKV, M = D;
-    float *fk = malloc((size_t)((G + 1) * M + 1) * sizeof(float));  /* [M] phi(k), then [G, M] phi(q) */
-    double *den = malloc((size_t)(G + 1) * sizeof(double));
-    if (fk == NULL || den == NULL) {
-        free(fk);
-        free(den);
-        return 1;
-    }
-    float *fq = fk + M;
+    double *den = (double *)scratch;
+    float *fk = (float *)(den + G + 1), *fq = fk + M; /* [M] phi(k), then [G, M] phi(q) */
     for (int64_t bh = 0; bh < B * HKV; bh++) {
         /* the group's G query heads are adjacent in q and o */
         const int64_t st = bh * M * DV;
@@ -183,18 +183,16 @@ LINTX_INLINE int step(const int64_t *dims, const float *q, const float *k, const
         else
             head(SRC_STATE, S0 + st, Sp, z0 + bh * M, zp, vp, fk, fq, den, op, M, DV, G, normalize, scale, eps, W);
     }
-    free(fk);
-    free(den);
-    return 0;
 }
 
-typedef int (*step_fn)(const int64_t *, const float *, const float *, const float *, const float *, const float *,
-                       float *, float *, float *, int, float, float);
+typedef void (*step_fn)(const int64_t *, const float *, const float *, const float *, const float *, const float *,
+                        float *, float *, float *, int, float, float, void *);
 
 #define LINTX_VARIANT(NAME, W)                                                                                      \
-    static int NAME(const int64_t *dims, const float *q, const float *k, const float *v, const float *S0,          \
-                    const float *z0, float *S, float *z, float *o, int normalize, float scale, float eps) {        \
-        return step(dims, q, k, v, S0, z0, S, z, o, normalize, scale, eps, W);                                      \
+    static void NAME(const int64_t *dims, const float *q, const float *k, const float *v, const float *S0,         \
+                     const float *z0, float *S, float *z, float *o, int normalize, float scale, float eps,         \
+                     void *scratch) {                                                                              \
+        step(dims, q, k, v, S0, z0, S, z, o, normalize, scale, eps, scratch, W);                                    \
     }
 #ifdef LINTX_X86
 __attribute__((target("avx512f"))) LINTX_VARIANT(step_avx512, 16)
@@ -207,13 +205,23 @@ LINTX_CHOOSER(choose_step, step_fn, step_, lintx_isa)
 /* The entry point: a = [B, H, HKV, D, DV, map, then the addresses of q, k, v, S0, z0, S, z, o], se = [scale, eps].
  * Two arrays rather than twelve arguments: ctypes converts each argument it is given (about 0.1 us apiece), and
  * the caller refills the same per-thread arrays at each step (lintx_triton/native/__init__.py). */
-int lintx_step_f32(const int64_t *a, const float *se, int normalize) {
-    const step_fn fn = choose_step();
+LINTX_INLINE void run(step_fn fn, const int64_t *a, const float *se, int normalize, void *scratch) {
     const float *q = (const float *)(intptr_t)a[6], *k = (const float *)(intptr_t)a[7],
                 *v = (const float *)(intptr_t)a[8], *S0 = (const float *)(intptr_t)a[9],
                 *z0 = (const float *)(intptr_t)a[10];
     float *S = (float *)(intptr_t)a[11], *z = (float *)(intptr_t)a[12], *o = (float *)(intptr_t)a[13];
-    return fn(a, q, k, v, S0, z0, S, z, o, normalize, se[0], se[1]);
+    fn(a, q, k, v, S0, z0, S, z, o, normalize, se[0], se[1], scratch);
+}
+
+/* Returns 0, or 1 when the scratch (phi of a head group's queries and of its key) cannot be allocated: nothing is
+ * written then. */
+int lintx_step_f32(const int64_t *a, const float *se, int normalize) {
+    void *scratch = malloc(scratch_bytes(a[1] / a[2], a[3]));
+    if (scratch == NULL)
+        return 1;
+    run(choose_step(), a, se, normalize, scratch);
+    free(scratch);
+    return 0;
 }
 
 /* The kv heads of all batch rows (B x HKV of them, each with its G query heads) split in `parts` contiguous
@@ -227,8 +235,10 @@ typedef struct {
     const int64_t *a;
     const float *se;
     int normalize;
+    step_fn fn;     /* chosen before the team starts: its members do not race on the choice */
+    char *scratch;  /* each part's, `bytes` apart, allocated before the team starts */
+    size_t bytes;
     int64_t parts, next;
-    int failed;
 } step_team;
 
 static void step_member(void *p) {
@@ -247,15 +257,18 @@ static void step_member(void *p) {
         int64_t arr[14] = {r1 - r0, G, 1, D, DV, a[5]};
         for (int j = 0; j < 8; j++)
             arr[6 + j] = a[6 + j] + r0 * per[j] * (int64_t)sizeof(float);
-        if (lintx_step_f32(arr, t->se, t->normalize))
-            __atomic_store_n(&t->failed, 1, __ATOMIC_RELAXED);
+        run(t->fn, arr, t->se, t->normalize, t->scratch + (size_t)i * t->bytes);
     }
 }
 
-/* a, se, normalize as lintx_step_f32; gomp_parallel the address of GOMP_parallel. Returns 0, or 1 when a range's
- * scratch could not be allocated (the other ranges are written). */
+/* a, se, normalize as lintx_step_f32; gomp_parallel the address of GOMP_parallel. Returns 0, or 1 when the parts'
+ * scratch cannot be allocated: nothing is written then. */
 int lintx_step_f32_team(const int64_t *a, const float *se, int normalize, int64_t gomp_parallel, int64_t parts) {
-    step_team t = {a, se, normalize, parts, 0, 0};
+    const size_t bytes = scratch_bytes(a[1] / a[2], a[3]);
+    step_team t = {a, se, normalize, choose_step(), malloc((size_t)parts * bytes), bytes, parts, 0};
+    if (t.scratch == NULL)
+        return 1;
     ((gomp_parallel_fn)(intptr_t)gomp_parallel)(step_member, &t, (unsigned)parts, 0);
-    return t.failed;
+    free(t.scratch);
+    return 0;
 }
