@@ -288,9 +288,7 @@ def test_eligibility():
         native.causal_forward(x, x, x, torch.zeros(2, 3, 8, 8))
 
 
-def _forked_forward(q, queue, one_thread):
-    if one_thread:  # what a DataLoader worker sets (torch.set_num_threads(1)), seen through the test's patch
-        torch.get_num_threads = lambda: 1
+def _forked_forward(q, queue):
     with torch.no_grad():
         queue.put(float(lx.linear_attention(q, q, q, backend="torch").sum()))
 
@@ -299,10 +297,9 @@ def _forked_forward(q, queue, one_thread):
 @pytest.mark.parametrize("where", ["team", "pool"])
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork here")
 def test_split_after_fork(monkeypatch, where):
-    """A process forked after a split call (a DataLoader worker, say) runs its calls: split on a pool of its own
-    (with the parent's, whose threads it does not have, it would wait for ever); after a split on torch's OpenMP
-    team, unsplit at one thread, as DataLoader workers set it (GNU OpenMP's team does not survive a fork: torch's
-    own parallel ops hang there too at more than one thread)."""
+    """A process forked after a split call (a DataLoader worker, say) runs its calls, split on a pool of its own:
+    with the parent's pool, or on torch's OpenMP team (GNU OpenMP's team does not survive a fork: torch's own
+    parallel ops hang there at more than one thread), whose threads it does not have, it would wait for ever."""
     import multiprocessing
 
     _split_on(monkeypatch, where)
@@ -311,7 +308,7 @@ def test_split_after_fork(monkeypatch, where):
         o = lx.linear_attention(q, q, q, backend="torch")  # the parent's pool is running
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
-    child = ctx.Process(target=_forked_forward, args=(q, queue, where == "team"))
+    child = ctx.Process(target=_forked_forward, args=(q, queue))
     child.start()
     child.join(timeout=20)
     hung = child.is_alive()
