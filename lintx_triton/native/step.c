@@ -202,9 +202,7 @@ LINTX_VARIANT(step_base, 4)
 
 LINTX_CHOOSER(choose_step, step_fn, step_, lintx_isa)
 
-/* The entry point: a = [B, H, HKV, D, DV, map, then the addresses of q, k, v, S0, z0, S, z, o], se = [scale, eps].
- * Two arrays rather than twelve arguments: ctypes converts each argument it is given (about 0.1 us apiece), and
- * the caller refills the same per-thread arrays at each step (lintx_triton/native/__init__.py). */
+/* fn on the arguments of the entry point below */
 LINTX_INLINE void run(step_fn fn, const int64_t *a, const float *se, int normalize, void *scratch) {
     const float *q = (const float *)(intptr_t)a[6], *k = (const float *)(intptr_t)a[7],
                 *v = (const float *)(intptr_t)a[8], *S0 = (const float *)(intptr_t)a[9],
@@ -213,8 +211,10 @@ LINTX_INLINE void run(step_fn fn, const int64_t *a, const float *se, int normali
     fn(a, q, k, v, S0, z0, S, z, o, normalize, se[0], se[1], scratch);
 }
 
-/* Returns 0, or 1 when the scratch (phi of a head group's queries and of its key) cannot be allocated: nothing is
- * written then. */
+/* The entry point: a = [B, H, HKV, D, DV, map, then the addresses of q, k, v, S0, z0, S, z, o], se = [scale, eps].
+ * Two arrays rather than twelve arguments: ctypes converts each argument it is given (about 0.1 us apiece), and
+ * the caller refills the same per-thread arrays at each step (lintx_triton/native/__init__.py). Returns 0, or 1
+ * when the scratch (phi of a head group's queries and of its key) cannot be allocated: nothing is written then. */
 int lintx_step_f32(const int64_t *a, const float *se, int normalize) {
     void *scratch = malloc(scratch_bytes(a[1] / a[2], a[3]));
     if (scratch == NULL)
