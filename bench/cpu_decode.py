@@ -62,6 +62,11 @@ from lintx_triton.reference import linear_attention_step_torch_  # noqa: E402
 MODES = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference": torch.inference_mode}
 
 
+def _pick(ts: list, stat: str) -> float:
+    """The best (``stat="min"``) or the median of the times ``ts``."""
+    return min(ts) if stat == "min" else sorted(ts)[len(ts) // 2]
+
+
 def interleaved_us(fns: dict, rounds: int, calls: int, stat: str = "min", before: dict = None) -> dict:
     """The best (``stat="min"``) or median round's mean us per call of each of ``fns``, of ``rounds`` rounds of
     ``calls`` calls, the rows interleaved round by round; ``before[name]()`` runs untimed before each of that
@@ -79,7 +84,7 @@ def interleaved_us(fns: dict, rounds: int, calls: int, stat: str = "min", before
             for _ in range(calls):
                 fn()
             times[name].append((time.perf_counter() - t0) / calls * 1e6)
-    return {name: min(ts) if stat == "min" else sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+    return {name: _pick(ts, stat) for name, ts in times.items()}
 
 
 def cold_us(fns: dict, rounds: int, evict, stat: str = "min", before: dict = None, sibling: dict = None) -> dict:
@@ -100,7 +105,7 @@ def cold_us(fns: dict, rounds: int, evict, stat: str = "min", before: dict = Non
             t0 = time.perf_counter()
             fn()
             times[name].append((time.perf_counter() - t0) * 1e6)
-    return {name: min(ts) if stat == "min" else sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+    return {name: _pick(ts, stat) for name, ts in times.items()}
 
 
 def _copy_of(numel: int):
@@ -211,6 +216,7 @@ def decode_rows(Bs, H: int, D: int, modes, rounds: int, calls: int, compile_: bo
         S2, z2, state2 = torch.zeros(B, H, M, DV), torch.zeros(B, H, M), layer2.init_state(B)
         sibling = {"step_cold": lambda: lx.linear_attention_step_(q2, k2, v2, (S2, z2), backend=backend),
                    "module_cold": lambda: layer2.step(x, state2, inplace=True)}
+        cold_before = {n: _native(True, f) for n, f in cold.items() if has_native and not n.startswith("floor")}
         extra = {"native": has_native}
         if compile_:
             body = torch.compile(linear_attention_step_torch_, fullgraph=True, dynamic=False)
@@ -230,12 +236,12 @@ def decode_rows(Bs, H: int, D: int, modes, rounds: int, calls: int, compile_: bo
         for mode in modes:
             # with grad the module's in-place state would take each step's autograd graph into the next: its rows
             # would time a growing graph, so grad mode times the step alone
-            run = {n: f for n, f in fns.items() if mode != "grad" or not n.startswith("module")}
+            def kept(row_fns: dict) -> dict:
+                return {n: f for n, f in row_fns.items() if mode != "grad" or not n.startswith("module")}
+
             with MODES[mode]():
-                us = interleaved_us(run, rounds, calls, stat, before)
-                us.update(cold_us({n: f for n, f in cold.items() if mode != "grad" or not n.startswith("module")},
-                                  rounds, evict, stat, {n: _native(True, cold[n]) for n in cold if has_native
-                                                        and not n.startswith("floor")}, sibling))
+                us = interleaved_us(kept(fns), rounds, calls, stat, before)
+                us.update(cold_us(kept(cold), rounds, evict, stat, cold_before, sibling))
             if has_native:
                 lx.native.set_enabled(True)
             rows.append(dict(B=B, H=H, D=D, mode=mode, state_bytes=4 * state_numel,

@@ -443,31 +443,25 @@ int lintx_causal_f32(const int64_t *a, const float *se) {
 typedef struct {
     const int64_t *a;
     const float *se;
-    int64_t parts, next;
     int failed;
-} team;
+} causal_team;
 
-/* Each member takes parts (contiguous ranges of the items) until none is left. */
-static void team_member(void *p) {
-    team *t = (team *)p;
+/* part i: a contiguous range of the items */
+static void causal_part(void *p, int64_t i, int64_t parts) {
+    causal_team *t = (causal_team *)p;
     int64_t arr[A_LEN];
     memcpy(arr, t->a, sizeof arr);
     const int64_t first = t->a[A_P0], items = t->a[A_P1] - t->a[A_P0];
-    for (;;) {
-        const int64_t i = __atomic_fetch_add(&t->next, 1, __ATOMIC_RELAXED);
-        if (i >= t->parts)
-            break;
-        arr[A_P0] = first + items * i / t->parts;
-        arr[A_P1] = first + items * (i + 1) / t->parts;
-        if (lintx_causal_f32(arr, t->se))
-            __atomic_store_n(&t->failed, 1, __ATOMIC_RELAXED);
-    }
+    arr[A_P0] = first + items * i / parts;
+    arr[A_P1] = first + items * (i + 1) / parts;
+    if (lintx_causal_f32(arr, t->se))
+        __atomic_store_n(&t->failed, 1, __ATOMIC_RELAXED);
 }
 
 /* a, se as lintx_causal_f32 (items a[A_P0] .. a[A_P1] - 1 in `parts` parts), gomp_parallel the address of
  * GOMP_parallel. Returns 0, or 1 when a part's scratch could not be allocated. */
 int lintx_causal_f32_team(const int64_t *a, const float *se, int64_t gomp_parallel, int64_t parts) {
-    team t = {a, se, parts, 0, 0};
-    ((gomp_parallel_fn)(intptr_t)gomp_parallel)(team_member, &t, (unsigned)parts, 0);
+    causal_team t = {a, se, 0};
+    lintx_on_team(gomp_parallel, parts, causal_part, &t);
     return t.failed;
 }

@@ -72,7 +72,7 @@ LINTX_INLINE void sums16(const hv16 *a, float *r) {
 #define LINTX_LINEAR(W, MB, NB)                                                                                     \
     typedef float lv##W __attribute__((vector_size(W * sizeof(float))));                                           \
     /* y[i, j] for rows i < rows (<= MB) of x and j < cols (<= NB) of w; b NULL: no bias. Also prefetches the   \
-     * lines [pf0, pf1) of pf (64 bytes each), a few at each step along K (pf NULL: none) */                    \
+     * lines [pf0, pf1) of pf (64 bytes each), a few at each step along K (none when pf0 == pf1) */           \
     LINTX_INLINE void tile##W(const float *restrict x, int64_t ldx, const float *restrict w, int64_t K,            \
                               const float *restrict b, float *restrict y, int64_t ldy, const int rows,             \
                               const int cols, const char *pf, int64_t pf0, const int64_t pf1) {                   \
@@ -86,7 +86,7 @@ LINTX_INLINE void sums16(const hv16 *a, float *r) {
             lv##W wv[NB], xv;                                                                                       \
             for (int j = 0; j < cols; j++)                                                                          \
                 memcpy(&wv[j], w + j * K + k, sizeof wv[j]);                                                        \
-            for (int64_t p = 0; pf && p < pf_step && pf0 < pf1; p++, pf0++)                                         \
+            for (int64_t p = 0; p < pf_step && pf0 < pf1; p++, pf0++) /* pf NULL: pf0 == pf1 */                   \
                 __builtin_prefetch(pf + 64 * pf0);                                                                  \
             for (int i = 0; i < rows; i++) {                                                                        \
                 memcpy(&xv, x + i * ldx + k, sizeof xv);                                                            \
@@ -170,34 +170,24 @@ int lintx_linear_f32(const int64_t *a) {
 /* The columns of y split in `parts` parts (whole tiles of 4) on the team of torch's OpenMP runtime, as causal.c's
  * lintx_causal_f32_team does (gomp_parallel: that runtime's GOMP_parallel): with two threads torch's matmul runs on
  * both, and one of ours alone was slower than it from 8 rows of 512 x 512 on (bench/NOTES.md). */
-typedef struct {
-    const int64_t *a;
-    int64_t parts, next;
-} linear_team;
-
-static void linear_member(void *p) {
-    linear_team *t = (linear_team *)p;
-    const int64_t N = t->a[L_N], K = t->a[L_K];
-    for (;;) {
-        const int64_t i = __atomic_fetch_add(&t->next, 1, __ATOMIC_RELAXED);
-        if (i >= t->parts)
-            break;
-        const int64_t n0 = N * i / t->parts / 4 * 4, n1 = i + 1 == t->parts ? N : N * (i + 1) / t->parts / 4 * 4;
-        if (n1 <= n0)
-            continue;
-        int64_t arr[L_LEN];
-        memcpy(arr, t->a, sizeof arr);
-        arr[L_N] = n1 - n0;
-        arr[L_W] += n0 * K * (int64_t)sizeof(float);
-        arr[L_B] += arr[L_B] ? n0 * (int64_t)sizeof(float) : 0;
-        arr[L_Y] += n0 * (int64_t)sizeof(float);
-        lintx_linear_f32(arr);
-    }
+/* part i: columns [n0, n1) of y (a: lintx_linear_f32's) */
+static void linear_part(void *a_, int64_t i, int64_t parts) {
+    const int64_t *a = (const int64_t *)a_;
+    const int64_t N = a[L_N], K = a[L_K];
+    const int64_t n0 = N * i / parts / 4 * 4, n1 = i + 1 == parts ? N : N * (i + 1) / parts / 4 * 4;
+    if (n1 <= n0)
+        return;
+    int64_t arr[L_LEN];
+    memcpy(arr, a, sizeof arr);
+    arr[L_N] = n1 - n0;
+    arr[L_W] += n0 * K * (int64_t)sizeof(float);
+    arr[L_B] += arr[L_B] ? n0 * (int64_t)sizeof(float) : 0;
+    arr[L_Y] += n0 * (int64_t)sizeof(float);
+    lintx_linear_f32(arr);
 }
 
 /* a as lintx_linear_f32; returns 0 */
 int lintx_linear_f32_team(const int64_t *a, int64_t gomp_parallel, int64_t parts) {
-    linear_team t = {a, parts, 0};
-    ((gomp_parallel_fn)(intptr_t)gomp_parallel)(linear_member, &t, (unsigned)parts, 0);
+    lintx_on_team(gomp_parallel, parts, linear_part, (void *)a);
     return 0;
 }

@@ -66,8 +66,30 @@ static inline int lintx_isa_fma(void) {
 }
 
 /* GOMP_parallel's type: the entry of the OpenMP runtime torch runs its parallel ops on, whose address the caller
- * finds (lintx_triton/native/__init__.py's _openmp_parallel); causal.c and linear.c split their work on its team. */
+ * finds (lintx_triton/native/__init__.py's _openmp_parallel); causal.c, linear.c and step.c split their work on
+ * its team. */
 typedef void (*gomp_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
+
+/* Work split in `parts` parts on that team: each member takes the next part not yet taken until none is left
+ * (part(ctx, i, parts) for every i < parts, each once; causal.c, linear.c and step.c say what a part is). */
+typedef void (*lintx_part_fn)(void *ctx, int64_t part, int64_t parts);
+typedef struct {
+    lintx_part_fn part;
+    void *ctx;
+    int64_t parts, next;
+} lintx_team;
+
+static inline void lintx_team_member(void *p) {
+    lintx_team *t = (lintx_team *)p;
+    for (int64_t i; (i = __atomic_fetch_add(&t->next, 1, __ATOMIC_RELAXED)) < t->parts;)
+        t->part(t->ctx, i, t->parts);
+}
+
+/* gomp_parallel: the address of GOMP_parallel; returns when every part is done */
+static inline void lintx_on_team(int64_t gomp_parallel, int64_t parts, lintx_part_fn part, void *ctx) {
+    lintx_team t = {part, ctx, parts, 0};
+    ((gomp_parallel_fn)(intptr_t)gomp_parallel)(lintx_team_member, &t, (unsigned)parts, 0);
+}
 
 /* The maps, as lintx_triton/feature_maps/builtin.py defines them (the Triton expression in the comment). */
 enum { LINTX_MAP_ELU = 1, LINTX_MAP_RELU = 2, LINTX_MAP_IDENTITY = 3 };

@@ -55,6 +55,10 @@ static linear_team_fn g_linear_team;
 static PyObject *g_parameter, *g_autocast, *g_compiling, *g_num_threads;
 static int64_t g_max_rows, g_split_min, g_gomp;
 
+/* In a forked child the parent's OpenMP team is gone (GNU OpenMP's threads do not survive a fork; a parallel
+ * region there waits for them for ever): the child's steps and projections run on its calling thread. */
+static void forked_child(void) { g_gomp = 0; }
+
 typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
@@ -273,6 +277,15 @@ done:
     return out;
 }
 
+/* torch.get_num_threads() (setup_linear's), or -1 with an exception set */
+static int64_t num_threads(void)
+{
+    PyObject *nt = PyObject_CallNoArgs(g_num_threads);
+    const int64_t threads = nt ? (int64_t)PyLong_AsLongLong(nt) : -1;
+    Py_XDECREF(nt);
+    return threads < 0 && !PyErr_Occurred() ? 0 : threads; /* a count below 1: one thread */
+}
+
 /* fn() is True: 1; anything else: 0; -1: an error */
 static int truth_of(PyObject *fn, PyObject *arg)
 {
@@ -338,11 +351,9 @@ static PyObject *runner_call(PyObject *callable, PyObject *const *args, size_t n
         ok = -1;
     /* the kv heads split between torch's threads (its OpenMP team: setup_linear's) when the plan's state is large */
     int64_t parts = 1;
-    if (ok > 0 && r->team && g_gomp && g_num_threads) {
-        PyObject *nt = PyObject_CallNoArgs(g_num_threads);
-        const long long threads = nt ? PyLong_AsLongLong(nt) : -1;
-        Py_XDECREF(nt);
-        if (threads == -1 && PyErr_Occurred())
+    if (ok > 0 && r->team && g_gomp) { /* g_gomp set: setup_linear has run */
+        const int64_t threads = num_threads();
+        if (threads < 0)
             ok = -1;
         else
             parts = threads < B * HKV ? threads : B * HKV;
@@ -486,10 +497,8 @@ static PyObject *linear(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssi
     const int grad = truth_of(g_grad_enabled, NULL);
     if (grad < 0)
         return NULL;
-    PyObject *nt = PyObject_CallNoArgs(g_num_threads);
-    const int64_t threads = nt ? (int64_t)PyLong_AsLongLong(nt) : -1;
-    Py_XDECREF(nt);
-    if (threads == -1 && PyErr_Occurred())
+    const int64_t threads = num_threads();
+    if (threads < 0)
         return NULL;
     /* x, w, b read and checked in the window (runner_call's), then y allocated and checked */
     const int want = LINTX_META_DATA | (grad ? LINTX_META_GRAD : 0);
@@ -613,10 +622,6 @@ static PyObject *split_calls(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(args
 {
     return Py_BuildValue("(LL)", n_split, last_parts);
 }
-
-/* In a forked child the parent's OpenMP team is gone (GNU OpenMP's threads do not survive a fork; a parallel
- * region there waits for them for ever): the child's steps and projections run on its calling thread. */
-static void forked_child(void) { g_gomp = 0; }
 
 static PyObject *linear_calls(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(args))
 {

@@ -238,37 +238,32 @@ typedef struct {
     step_fn fn;     /* chosen before the team starts: its members do not race on the choice */
     char *scratch;  /* each part's, `bytes` apart, allocated before the team starts */
     size_t bytes;
-    int64_t parts, next;
 } step_team;
 
-static void step_member(void *p) {
+/* part i: kv heads [r0, r1) */
+static void step_part(void *p, int64_t i, int64_t parts) {
     step_team *t = (step_team *)p;
     const int64_t *a = t->a;
     const int64_t items = a[0] * a[2], G = a[1] / a[2], D = a[3], DV = a[4];
+    const int64_t r0 = items * i / parts, r1 = items * (i + 1) / parts;
+    if (r1 <= r0)
+        return;
     /* each tensor's elements per kv head: q, k, v, S0, z0, S, z, o (a[6] .. a[13]) */
     const int64_t per[8] = {G * D, D, DV, D * DV, D, D * DV, D, G * DV};
-    for (;;) {
-        const int64_t i = __atomic_fetch_add(&t->next, 1, __ATOMIC_RELAXED);
-        if (i >= t->parts)
-            break;
-        const int64_t r0 = items * i / t->parts, r1 = items * (i + 1) / t->parts;
-        if (r1 <= r0)
-            continue;
-        int64_t arr[14] = {r1 - r0, G, 1, D, DV, a[5]};
-        for (int j = 0; j < 8; j++)
-            arr[6 + j] = a[6 + j] + r0 * per[j] * (int64_t)sizeof(float);
-        run(t->fn, arr, t->se, t->normalize, t->scratch + (size_t)i * t->bytes);
-    }
+    int64_t arr[14] = {r1 - r0, G, 1, D, DV, a[5]};
+    for (int j = 0; j < 8; j++)
+        arr[6 + j] = a[6 + j] + r0 * per[j] * (int64_t)sizeof(float);
+    run(t->fn, arr, t->se, t->normalize, t->scratch + (size_t)i * t->bytes);
 }
 
 /* a, se, normalize as lintx_step_f32; gomp_parallel the address of GOMP_parallel. Returns 0, or 1 when the parts'
  * scratch cannot be allocated: nothing is written then. */
 int lintx_step_f32_team(const int64_t *a, const float *se, int normalize, int64_t gomp_parallel, int64_t parts) {
     const size_t bytes = scratch_bytes(a[1] / a[2], a[3]);
-    step_team t = {a, se, normalize, choose_step(), malloc((size_t)parts * bytes), bytes, parts, 0};
+    step_team t = {a, se, normalize, choose_step(), malloc((size_t)parts * bytes), bytes};
     if (t.scratch == NULL)
         return 1;
-    ((gomp_parallel_fn)(intptr_t)gomp_parallel)(step_member, &t, (unsigned)parts, 0);
+    lintx_on_team(gomp_parallel, parts, step_part, &t);
     free(t.scratch);
     return 0;
 }
